@@ -1,0 +1,78 @@
+//! The one interface through which generation and evaluation reach a compute backend.
+//!
+//! A backend owns the model weights and a KV cache for one sequence. Callers append
+//! tokens and get logits back; they may also cut the cache back to a prefix, which is how
+//! chat reuses the conversation so far and how evaluation scores several answer choices
+//! after one pass over the shared question.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::model::{KvCache, Logits, Phi, PhiConfig};
+
+pub trait Backend {
+    /// A short description for the user ("cpu", "webgpu: <adapter>", …).
+    fn name(&self) -> String;
+    fn config(&self) -> &PhiConfig;
+    /// How many positions the cache can hold.
+    fn capacity(&self) -> usize;
+    /// Number of positions currently cached.
+    fn cached(&self) -> usize;
+    /// Forgets cached positions from `len` on.
+    fn truncate(&mut self, len: usize);
+    /// Runs `tokens` after the cached positions and caches them. Returns row-major logits,
+    /// one row of `vocab_size` per token (`Logits::All`) or for the last token only.
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
+}
+
+/// The candle CPU path (natively, and in wasm with simd128).
+pub struct CpuBackend {
+    model: Phi,
+    cache: KvCache,
+}
+
+impl CpuBackend {
+    /// `context` caps the cache (and so the memory) below the model's full context length.
+    pub fn new(model: Phi, context: Option<usize>) -> Result<Self> {
+        let capacity = context
+            .unwrap_or(usize::MAX)
+            .min(model.config().max_position_embeddings);
+        let cache = model.new_cache(1, capacity)?;
+        Ok(Self { model, cache })
+    }
+
+    pub fn model(&self) -> &Phi {
+        &self.model
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".to_string()
+    }
+
+    fn config(&self) -> &PhiConfig {
+        self.model.config()
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let input = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
+        Ok(logits
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+}

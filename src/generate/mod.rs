@@ -1,0 +1,303 @@
+//! Text generation: prefill the prompt in one forward, then sample token by token,
+//! streaming whole characters and stopping at EOS, a stop string or the token budget.
+
+mod prompt;
+mod sampling;
+
+use serde::{Deserialize, Serialize};
+use web_time::Instant;
+
+pub use prompt::{PromptFormat, Turn};
+pub use sampling::{argmax, Sampler, SamplingParams};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::Logits;
+use crate::tokenizer::{PhiTokenizer, TokenStream};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends before any of these strings; they are not part of the output.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    StopString,
+    ContextFull,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Generation {
+    pub input_ids: Vec<u32>,
+    /// Generated ids, EOS excluded.
+    pub output_ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Prompt tokens served from the KV cache of an earlier call (chat history).
+    pub reused_tokens: usize,
+}
+
+/// A backend plus the ids its KV cache holds, so a new prompt that extends the previous
+/// conversation only computes the new part.
+pub struct Session<B: Backend> {
+    backend: B,
+    cached_ids: Vec<u32>,
+}
+
+impl<B: Backend> Session<B> {
+    pub fn new(backend: B) -> Self {
+        Self {
+            backend,
+            cached_ids: Vec::new(),
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        self.cached_ids.clear();
+        self.backend.truncate(0);
+        &mut self.backend
+    }
+
+    pub fn reset(&mut self) {
+        self.cached_ids.clear();
+        self.backend.truncate(0);
+    }
+
+    /// Makes the cache hold exactly `ids` and returns the logits after the last one.
+    /// Returns how many ids were reused from the cache.
+    fn prefill(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
+        let mut common = self
+            .cached_ids
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the last prompt token must run to produce logits.
+        common = common.min(ids.len() - 1);
+        self.backend.truncate(common);
+        self.cached_ids.truncate(common);
+        let logits = self.backend.forward(&ids[common..], Logits::Last)?;
+        self.cached_ids.extend_from_slice(&ids[common..]);
+        Ok((logits, common))
+    }
+
+    fn step(&mut self, id: u32) -> Result<Vec<f32>> {
+        let logits = self.backend.forward(&[id], Logits::Last)?;
+        self.cached_ids.push(id);
+        Ok(logits)
+    }
+
+    /// Generates a continuation of `input_ids`. `on_text` receives each new piece of
+    /// text as it is completed and returns `false` to cancel.
+    pub fn generate(
+        &mut self,
+        tokenizer: &PhiTokenizer,
+        input_ids: &[u32],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let capacity = self.backend.capacity();
+        if input_ids.is_empty() {
+            return Err(Error::input("the prompt is empty"));
+        }
+        if input_ids.len() >= capacity {
+            return Err(Error::input(format!(
+                "the prompt is {} tokens, longer than the context of {capacity} tokens",
+                input_ids.len()
+            )));
+        }
+        let mut sampler = Sampler::new(opts.sampling.clone())?;
+        let vocab_limit = tokenizer
+            .vocab_limit()
+            .min(self.backend.config().vocab_size);
+        let eos = tokenizer
+            .eos_token_id()
+            .or(self.backend.config().eos_token_id);
+        let mut history = input_ids.to_vec();
+        let mut stream = TokenStream::new(tokenizer);
+        let mut stops = StopMatcher::new(&opts.stop);
+
+        let t0 = Instant::now();
+        let (mut logits, reused) = self.prefill(input_ids)?;
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut output_ids = Vec::new();
+        let mut stop_reason = StopReason::MaxTokens;
+        let mut decoded = 0usize;
+        while output_ids.len() < opts.max_new_tokens {
+            let id = sampler.sample(&mut logits[..vocab_limit], &history)?;
+            if Some(id) == eos {
+                stop_reason = StopReason::Eos;
+                break;
+            }
+            output_ids.push(id);
+            history.push(id);
+            if let Some(piece) = stream.push(id)? {
+                let (emit, hit) = stops.push(&piece);
+                if !emit.is_empty() && !on_text(&emit) {
+                    stop_reason = StopReason::Cancelled;
+                    break;
+                }
+                if hit {
+                    stop_reason = StopReason::StopString;
+                    break;
+                }
+            }
+            if output_ids.len() == opts.max_new_tokens {
+                break;
+            }
+            if self.backend.cached() + 1 > capacity {
+                stop_reason = StopReason::ContextFull;
+                break;
+            }
+            logits = self.step(id)?;
+            decoded += 1;
+        }
+        if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
+            if let Some(rest) = stream.finish()? {
+                stops.push(&rest);
+            }
+            let tail = stops.flush();
+            if !tail.is_empty() {
+                on_text(&tail);
+            }
+        }
+        let decode_secs = t1.elapsed().as_secs_f64();
+        Ok(Generation {
+            input_ids: input_ids.to_vec(),
+            output_ids,
+            text: stops.text,
+            stop_reason,
+            prefill_tok_s: rate(input_ids.len() - reused, prefill_secs),
+            decode_tok_s: rate(decoded, decode_secs),
+            reused_tokens: reused,
+        })
+    }
+}
+
+fn rate(tokens: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        tokens as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Holds back text that might be the start of a stop string, and cuts the output at the
+/// first complete one.
+struct StopMatcher<'a> {
+    stops: &'a [String],
+    /// All text accepted so far (what the caller sees in the end).
+    text: String,
+    /// Bytes of `text` already handed to the caller.
+    emitted: usize,
+}
+
+impl<'a> StopMatcher<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds `piece`; returns the text now safe to show, and whether a stop string was hit.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        let search_from = self.emitted;
+        self.text.push_str(piece);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(at);
+            return (self.take(at), true);
+        }
+        let held = self
+            .stops
+            .iter()
+            .map(|s| longest_suffix_prefix(&self.text[self.emitted..], s))
+            .max()
+            .unwrap_or(0);
+        let safe = self.text.len() - held;
+        (self.take(safe), false)
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let out = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        out
+    }
+
+    fn flush(&mut self) -> String {
+        self.take(self.text.len())
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`, on char boundaries.
+fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            stop.is_char_boundary(n)
+                && text.is_char_boundary(text.len() - n)
+                && text.ends_with(&stop[..n])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_cut_output_across_pieces() {
+        let stops = vec!["\nUser:".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("Hello"), ("Hello".to_string(), false));
+        assert_eq!(m.push(" there\nUs"), (" there".to_string(), false));
+        assert_eq!(m.push("er: more"), (String::new(), true));
+        assert_eq!(m.text, "Hello there");
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_is_not_a_stop() {
+        let stops = vec!["\nUser:".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("a\nU"), ("a".to_string(), false));
+        assert_eq!(m.push("nder"), ("\nUnder".to_string(), false));
+        assert_eq!(m.flush(), "");
+        assert_eq!(m.text, "a\nUnder");
+    }
+}

@@ -1,0 +1,19 @@
+//! medphi: Phi-2-family language models, in the browser (WebGPU or wasm CPU) and natively.
+//!
+//! Layers, from the inside out (see ARCHITECTURE.md):
+//! - [`model`]: the Phi-2 configuration and forward pass on candle tensors;
+//! - [`weights`]: safetensors and GGUF readers that hand tensors to the model by name;
+//! - [`tokenizer`]: byte-level BPE and a UTF-8-safe streaming detokenizer;
+//! - [`backend`]: the small interface generation and evaluation use to run a model;
+//! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
+//! - [`checkpoint`]: finding and opening a model folder or GGUF file.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,439 @@
+//! The Phi-2 forward pass (transformers' `PhiForCausalLM`), written out in full.
+//!
+//! ```text
+//! tokens → embed → [ block × L ] → final LayerNorm → lm_head → logits
+//! block(x):  h = LayerNorm(x)                      (one norm shared by both branches)
+//!            x + Attention(h) + MLP(h)             (parallel, not sequential)
+//! Attention: q,k,v = Linear(h) (with bias); partial NeoX rotary on the first
+//!            `rotary_dim` dims of each head; causal softmax(q·kᵀ/√d)·v; dense
+//! MLP:       fc2(gelu_new(fc1(h)))
+//! ```
+//!
+//! With `fused = true` (inference) LayerNorm, rotary and softmax use candle's fused CPU
+//! kernels. Those record no backward pass, so training builds the model with
+//! `fused = false`, where the same math is composed from differentiable primitives.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::{Activation, PhiConfig};
+use super::kv_cache::KvCache;
+use crate::error::{Error, Result};
+use crate::weights::{TensorSource, Weight};
+
+/// Which positions to compute logits for: all (scoring, parity) or the last (generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Linear {
+    fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = src.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(src.tensor(&format!("{prefix}.bias"), &[out_dim])?.dense()?)
+        } else {
+            None
+        };
+        Ok(match weight {
+            Weight::Dense(w) => Linear::Dense(candle_nn::Linear::new(w, bias)),
+            Weight::Quantized(q) => Linear::Quantized {
+                weight: QMatMul::from_arc(q)?,
+                bias,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense(l) => l.forward(x)?,
+            Linear::Quantized { weight, bias } => {
+                let y = weight.forward(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(src: &dyn TensorSource, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: src.tensor(&format!("{prefix}.weight"), &[dim])?.dense()?,
+            bias: src.tensor(&format!("{prefix}.bias"), &[dim])?.dense()?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused && x.is_contiguous() {
+            return Ok(candle_nn::ops::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?);
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// cos/sin tables for every position, `(max_positions, rotary_dim / 2)`.
+struct Rotary {
+    dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &PhiConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.rotary_dim();
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            dim,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates the first `dim` features of `x` `(batch, heads, seq, head_dim)`, NeoX style
+    /// (first half paired with second half), for positions `start..start+seq`.
+    fn apply(&self, x: &Tensor, start: usize, fused: bool) -> Result<Tensor> {
+        let (_, _, seq, head_dim) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, seq)?;
+        let sin = self.sin.narrow(0, start, seq)?;
+        let rot = x.narrow(D::Minus1, 0, self.dim)?.contiguous()?;
+        let rot = if fused {
+            candle_nn::rotary_emb::rope(&rot, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_slow(&rot, &cos, &sin)?
+        };
+        if self.dim == head_dim {
+            return Ok(rot);
+        }
+        let pass = x.narrow(D::Minus1, self.dim, head_dim - self.dim)?;
+        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
+    }
+}
+
+struct Block {
+    norm: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    dense: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn load(src: &dyn TensorSource, cfg: &PhiConfig, i: usize) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let (h, kv) = (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim());
+        Ok(Self {
+            norm: LayerNorm::load(src, &format!("{p}.input_layernorm"), h, cfg.layer_norm_eps)?,
+            q: Linear::load(src, &format!("{p}.self_attn.q_proj"), h, h, true)?,
+            k: Linear::load(src, &format!("{p}.self_attn.k_proj"), kv, h, true)?,
+            v: Linear::load(src, &format!("{p}.self_attn.v_proj"), kv, h, true)?,
+            dense: Linear::load(src, &format!("{p}.self_attn.dense"), h, h, true)?,
+            fc1: Linear::load(src, &format!("{p}.mlp.fc1"), cfg.intermediate_size, h, true)?,
+            fc2: Linear::load(src, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, true)?,
+        })
+    }
+}
+
+pub struct Phi {
+    cfg: PhiConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: LayerNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    fused: bool,
+}
+
+/// Every tensor a `PhiForCausalLM` checkpoint must hold, with its shape (HF names).
+pub fn expected_tensors(cfg: &PhiConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let kv = cfg.num_key_value_heads * cfg.head_dim();
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("input_layernorm.weight", vec![h]),
+            ("input_layernorm.bias", vec![h]),
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.q_proj.bias", vec![h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.k_proj.bias", vec![kv]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.bias", vec![kv]),
+            ("self_attn.dense.weight", vec![h, h]),
+            ("self_attn.dense.bias", vec![h]),
+            ("mlp.fc1.weight", vec![i, h]),
+            ("mlp.fc1.bias", vec![i]),
+            ("mlp.fc2.weight", vec![h, i]),
+            ("mlp.fc2.bias", vec![h]),
+        ] {
+            out.push((format!("{p}.{name}"), shape));
+        }
+    }
+    out.push(("model.final_layernorm.weight".to_string(), vec![h]));
+    out.push(("model.final_layernorm.bias".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out.push(("lm_head.bias".to_string(), vec![v]));
+    out
+}
+
+impl Phi {
+    /// Loads every tensor from `src` after checking all names and shapes against `cfg`.
+    pub fn load(cfg: &PhiConfig, src: &dyn TensorSource, fused: bool) -> Result<Self> {
+        cfg.validate()?;
+        src.check(&expected_tensors(cfg))?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = src.tensor("model.embed_tokens.weight", &[v, h])?.dense()?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(src, cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = LayerNorm::load(src, "model.final_layernorm", h, cfg.layer_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            let bias = src.tensor("lm_head.bias", &[v])?.dense()?;
+            Linear::Dense(candle_nn::Linear::new(embed.clone(), Some(bias)))
+        } else {
+            Linear::load(src, "lm_head", v, h, true)?
+        };
+        let rotary = Rotary::new(cfg, embed.dtype(), embed.device())?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            rotary,
+            fused,
+        })
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// A cache for `batch` sequences of up to `capacity` tokens (at most the context length).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.min(self.cfg.max_position_embeddings);
+        KvCache::new(
+            self.cfg.num_hidden_layers,
+            batch,
+            self.cfg.num_key_value_heads,
+            capacity,
+            self.cfg.head_dim(),
+            self.dtype(),
+            self.device(),
+        )
+    }
+
+    /// `tokens` is `(batch, seq)` u32. With a cache, the tokens continue the cached
+    /// sequence and are appended to it; without one, they are a whole sequence from
+    /// position 0 (the training path). Returns `(batch, seq or 1, vocab)` logits.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        cache: Option<&mut KvCache>,
+        which: Logits,
+    ) -> Result<Tensor> {
+        let (_, seq) = tokens.dims2()?;
+        if seq == 0 {
+            return Err(Error::input("forward called with no tokens"));
+        }
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        if start + seq > self.cfg.max_position_embeddings {
+            return Err(Error::input(format!(
+                "sequence of {} tokens exceeds the model's context length {}",
+                start + seq,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(c) = &cache {
+            c.reserve(seq)?;
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = tokens
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&t| t >= vocab)
+        {
+            return Err(Error::input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let mask = causal_mask(seq, start, self.dtype(), self.device())?;
+        let mut x =
+            self.embed
+                .embedding(&tokens.flatten_all()?)?
+                .reshape((tokens.dim(0)?, seq, ()))?;
+        let mut cache = cache;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(
+                block,
+                &x,
+                start,
+                mask.as_ref(),
+                cache.as_deref_mut().map(|c| (c, i)),
+            )?;
+        }
+        if let Some(c) = cache {
+            c.advance(seq);
+        }
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, seq - 1, 1)?,
+        };
+        let x = self.final_norm.forward(&x, self.fused)?;
+        self.lm_head.forward(&x)
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        start: usize,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let h = block.norm.forward(x, self.fused)?;
+        let attn = self.attention(block, &h, start, mask, cache)?;
+        let mlp = block.fc1.forward(&h)?;
+        let mlp = match self.cfg.hidden_act {
+            Activation::GeluTanh => mlp.gelu()?,
+            Activation::GeluErf => mlp.gelu_erf()?,
+        };
+        let mlp = block.fc2.forward(&mlp)?;
+        Ok(((x + attn)? + mlp)?)
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        h: &Tensor,
+        start: usize,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, seq, _) = h.dims3()?;
+        let (heads, kv_heads, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim(),
+        );
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?)
+        };
+        let q = split(block.q.forward(h)?, heads)?;
+        let k = split(block.k.forward(h)?, kv_heads)?;
+        let v = split(block.v.forward(h)?, kv_heads)?;
+        let q = self.rotary.apply(&q, start, self.fused)?;
+        let k = self.rotary.apply(&k, start, self.fused)?.contiguous()?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let k = repeat_kv(k, heads / kv_heads)?;
+        let v = repeat_kv(v, heads / kv_heads)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = if self.fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, seq, heads * hd))?;
+        block.dense.forward(&out)
+    }
+}
+
+/// Additive mask `(seq, start+seq)`: query i (at absolute position start+i) sees keys ≤ start+i.
+fn causal_mask(seq: usize, start: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let total = start + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(mask, (seq, total), device)?.to_dtype(dtype)?,
+    ))
+}
+
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n, t, hd))?
+        .reshape((b, kv * n, t, hd))?)
+}

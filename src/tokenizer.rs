@@ -1,0 +1,164 @@
+//! Phi-2's tokenizer (GPT-2/CodeGen byte-level BPE) through the `tokenizers` crate, and a
+//! streaming detokenizer that only ever emits whole UTF-8 characters.
+
+use crate::error::{Error, Result};
+
+pub struct PhiTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// One past the largest id the tokenizer can produce. The model's embedding table is
+    /// padded beyond this (51200 vs 50295 for Phi-2); those ids are never sampled.
+    vocab_limit: usize,
+    eos: Option<u32>,
+}
+
+impl PhiTokenizer {
+    /// Parses a `tokenizer.json`; `source` names it in errors.
+    pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(Error::file(source, "file is empty"));
+        }
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::file(source, format!("not a valid tokenizer.json: {e}")))?;
+        let vocab = inner.get_vocab(true);
+        let vocab_limit = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        if vocab_limit == 0 {
+            return Err(Error::file(source, "tokenizer has an empty vocabulary"));
+        }
+        let eos = vocab.get("<|endoftext|>").copied();
+        Ok(Self {
+            inner,
+            vocab_limit,
+            eos,
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::file(path.display(), e))?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::input(format!("cannot tokenize the text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::input(format!("cannot decode token ids: {e}")))
+    }
+
+    pub fn vocab_limit(&self) -> usize {
+        self.vocab_limit
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The string form of one token (for inspecting tokenizations).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+/// Turns a stream of token ids into text pieces, holding back a piece while it ends in a
+/// partial UTF-8 character (a byte-level token can carry half of an emoji).
+pub struct TokenStream<'a> {
+    tokenizer: &'a PhiTokenizer,
+    ids: Vec<u32>,
+    /// `ids[prefix..emitted]` is the already-emitted tail kept as context for decoding.
+    prefix: usize,
+    emitted: usize,
+}
+
+impl<'a> TokenStream<'a> {
+    pub fn new(tokenizer: &'a PhiTokenizer) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: 0,
+            emitted: 0,
+        }
+    }
+
+    /// Adds one id; returns newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.emitted])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            if let Some(piece) = now.get(before.len()..) {
+                let piece = piece.to_string();
+                self.prefix = self.emitted;
+                self.emitted = self.ids.len();
+                return Ok(Some(piece));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whatever is still held back (a genuinely incomplete character decodes as U+FFFD).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.emitted])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.emitted = self.ids.len();
+        Ok(now
+            .get(before.len()..)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string))
+    }
+}
+
+/// A `tokenizer.json` for a GPT-2 style byte-level BPE given as GGUF stores it: token
+/// strings by id, token types (1 normal, 3 control, 4 user-defined, 5 unused, 6 byte)
+/// and merges as "left right" strings.
+pub fn byte_level_bpe_json(tokens: &[String], types: &[i64], merges: &[String]) -> Result<String> {
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        match types.get(id).copied().unwrap_or(1) {
+            5 => continue,
+            kind @ (3 | 4) => added.push(serde_json::json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": kind == 3,
+            })),
+            _ => {}
+        }
+        vocab.insert(token.clone(), serde_json::json!(id));
+    }
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| serde_json::json!([a, b]))
+                .ok_or_else(|| Error::input(format!("merge {m:?} is not \"left right\"")))
+        })
+        .collect::<Result<_>>()?;
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    })
+    .to_string())
+}

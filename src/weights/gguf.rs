@@ -1,0 +1,396 @@
+//! GGUF files of the `phi2` architecture, as llama.cpp's `convert_hf_to_gguf.py` and
+//! `llama-quantize` write them. Tensors keep their GGML block layout (q4_0, q8_0, k-quants…)
+//! and are multiplied by candle's quantized matmul; names are mapped to Hugging Face's.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device};
+
+use super::{Bytes, StoredTensor, TensorSource, Weight};
+use crate::error::{Error, Result};
+use crate::model::{Activation, PhiConfig};
+
+pub struct Gguf {
+    name: String,
+    bytes: Bytes,
+    content: gguf_file::Content,
+    dtype: DType,
+}
+
+/// Maps a Hugging Face tensor name to llama.cpp's phi2 name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let (stem, suffix) = hf.rsplit_once('.')?;
+    let mapped = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.final_layernorm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("model.layers.")?;
+            let (layer, part) = rest.split_once('.')?;
+            let part = match part {
+                "input_layernorm" => "attn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.dense" => "attn_output",
+                "mlp.fc1" => "ffn_up",
+                "mlp.fc2" => "ffn_down",
+                _ => return None,
+            };
+            format!("blk.{layer}.{part}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+impl Gguf {
+    pub fn from_bytes(name: String, bytes: Bytes, dtype: DType) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(Error::file(&name, "file is empty"));
+        }
+        let content = gguf_file::Content::read(&mut Cursor::new(&bytes[..]))
+            .map_err(|e| Error::file(&name, format!("not a valid GGUF file: {e}")))?;
+        let gguf = Self {
+            name,
+            bytes,
+            content,
+            dtype,
+        };
+        let arch = gguf.meta_str("general.architecture")?;
+        if arch != "phi2" {
+            return Err(Error::file(
+                &gguf.name,
+                format!("GGUF architecture is {arch:?}, only \"phi2\" is supported"),
+            ));
+        }
+        Ok(gguf)
+    }
+
+    fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_str(&self, key: &str) -> Result<&str> {
+        match self.meta(key) {
+            Some(gguf_file::Value::String(s)) => Ok(s),
+            Some(_) => Err(Error::file(
+                &self.name,
+                format!("metadata {key} is not a string"),
+            )),
+            None => Err(Error::file(
+                &self.name,
+                format!("metadata {key} is missing"),
+            )),
+        }
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        let Some(value) = self.meta(key) else {
+            return Ok(None);
+        };
+        let n = value
+            .to_u64()
+            .or_else(|_| value.to_u32().map(u64::from))
+            .or_else(|_| {
+                value
+                    .to_i32()
+                    .and_then(|v| u64::try_from(v).map_err(candle_core::Error::wrap))
+            })
+            .map_err(|_| {
+                Error::file(
+                    &self.name,
+                    format!("metadata {key} is not a non-negative integer"),
+                )
+            })?;
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| Error::file(&self.name, format!("metadata {key} = {n} is too large")))
+    }
+
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(gguf_file::Value::F32(v)) => Ok(Some(f64::from(*v))),
+            Some(gguf_file::Value::F64(v)) => Ok(Some(*v)),
+            Some(_) => Err(Error::file(
+                &self.name,
+                format!("metadata {key} is not a float"),
+            )),
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<usize> {
+        self.meta_usize(key)?
+            .ok_or_else(|| Error::file(&self.name, format!("metadata {key} is missing")))
+    }
+
+    /// The model configuration recorded in the `phi2.*` metadata.
+    pub fn config(&self) -> Result<PhiConfig> {
+        let hidden_size = self.required("phi2.embedding_length")?;
+        let heads = self.required("phi2.attention.head_count")?;
+        let rope_dims = self.required("phi2.rope.dimension_count")?;
+        let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+            None => {
+                return Err(Error::file(
+                    &self.name,
+                    "tensor token_embd.weight is missing",
+                ))
+            }
+        };
+        let head_dim = if heads == 0 { 0 } else { hidden_size / heads };
+        let config = PhiConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.required("phi2.feed_forward_length")?,
+            num_hidden_layers: self.required("phi2.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: self
+                .meta_usize("phi2.attention.head_count_kv")?
+                .unwrap_or(heads),
+            max_position_embeddings: self.required("phi2.context_length")?,
+            layer_norm_eps: self
+                .meta_f64("phi2.attention.layer_norm_epsilon")?
+                .unwrap_or(1e-5),
+            rope_theta: self.meta_f64("phi2.rope.freq_base")?.unwrap_or(10_000.0),
+            partial_rotary_factor: if head_dim == 0 {
+                0.0
+            } else {
+                rope_dims as f64 / head_dim as f64
+            },
+            hidden_act: Activation::GeluTanh,
+            tie_word_embeddings: false,
+            bos_token_id: self
+                .meta_usize("tokenizer.ggml.bos_token_id")?
+                .map(|v| v as u32),
+            eos_token_id: self
+                .meta_usize("tokenizer.ggml.eos_token_id")?
+                .map(|v| v as u32),
+        };
+        config
+            .validate()
+            .map_err(|e| Error::file(&self.name, format!("GGUF metadata: {e}")))?;
+        if config.rotary_dim() != rope_dims {
+            return Err(Error::file(
+                &self.name,
+                format!("phi2.rope.dimension_count {rope_dims} does not fit head size {head_dim}"),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The embedded GPT-2 style tokenizer, if the converter stored one.
+    pub fn tokenizer_json(&self) -> Result<Option<String>> {
+        let Some(model) = self.meta("tokenizer.ggml.model") else {
+            return Ok(None);
+        };
+        if !matches!(model, gguf_file::Value::String(s) if s == "gpt2") {
+            return Err(Error::file(
+                &self.name,
+                "only the gpt2 (byte-level BPE) GGUF tokenizer is supported",
+            ));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let values = self
+                .meta(key)
+                .ok_or_else(|| Error::file(&self.name, format!("metadata {key} is missing")))?
+                .to_vec()
+                .map_err(|_| Error::file(&self.name, format!("metadata {key} is not an array")))?;
+            values
+                .iter()
+                .map(|v| {
+                    v.to_string().cloned().map_err(|_| {
+                        Error::file(&self.name, format!("metadata {key} holds a non-string"))
+                    })
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|_| {
+                    Error::file(
+                        &self.name,
+                        "metadata tokenizer.ggml.token_type is not an array",
+                    )
+                })?
+                .iter()
+                .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        crate::tokenizer::byte_level_bpe_json(&tokens, &types, &merges)
+            .map(Some)
+            .map_err(|e| Error::file(&self.name, format!("embedded tokenizer: {e}")))
+    }
+
+    fn read(&self, gguf: &str) -> Result<QTensor> {
+        self.content
+            .tensor(&mut Cursor::new(&self.bytes[..]), gguf, &Device::Cpu)
+            .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))
+    }
+
+    /// Resolves a Hugging Face name. Old phi2 GGUFs (from the original `Wqkv` layout) store
+    /// q, k and v fused as `attn_qkv`; those are split by rows, which keeps GGML blocks whole.
+    fn locate(&self, hf: &str, shape: &[usize]) -> Result<Located> {
+        let name = gguf_name(hf)
+            .ok_or_else(|| Error::file(&self.name, format!("no GGUF name for tensor {hf}")))?;
+        if self.content.tensor_infos.contains_key(&name) {
+            return Ok(Located::Whole(name));
+        }
+        for (i, part) in ["attn_q.", "attn_k.", "attn_v."].iter().enumerate() {
+            if let Some((prefix, suffix)) = name.split_once(part) {
+                let fused = format!("{prefix}attn_qkv.{suffix}");
+                if self.content.tensor_infos.contains_key(&fused) {
+                    let rows = shape.first().copied().unwrap_or(0);
+                    return Ok(Located::Rows {
+                        name: fused,
+                        start: i * rows,
+                        rows,
+                    });
+                }
+            }
+        }
+        Err(Error::file(
+            &self.name,
+            format!("tensor {name} (for {hf}) is missing"),
+        ))
+    }
+
+    fn check_one(&self, hf: &str, shape: &[usize]) -> Result<()> {
+        let located = self.locate(hf, shape)?;
+        let (name, expected) = match &located {
+            Located::Whole(name) => (name, shape.to_vec()),
+            Located::Rows { name, rows, .. } => {
+                let mut s = shape.to_vec();
+                s[0] = rows * 3;
+                (name, s)
+            }
+        };
+        let info = &self.content.tensor_infos[name];
+        if info.shape.dims() != expected.as_slice() {
+            return Err(Error::file(
+                &self.name,
+                format!(
+                    "tensor {name} has shape {:?}, the config implies {expected:?}",
+                    info.shape.dims()
+                ),
+            ));
+        }
+        let cols = *expected.last().unwrap_or(&1);
+        if cols % info.ggml_dtype.block_size() != 0 {
+            return Err(Error::file(
+                &self.name,
+                format!(
+                    "tensor {name}: row length {cols} is not a multiple of the {:?} block size",
+                    info.ggml_dtype
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+enum Located {
+    Whole(String),
+    Rows {
+        name: String,
+        start: usize,
+        rows: usize,
+    },
+}
+
+/// Rows `start..start+rows` of a 2-D quantized tensor, as a new tensor of the same type.
+fn slice_rows(q: &QTensor, start: usize, rows: usize) -> candle_core::Result<QTensor> {
+    let (total, cols) = q.shape().dims2()?;
+    let dtype: GgmlDType = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    if start + rows > total || data.len() != total * row_bytes {
+        candle_core::bail!(
+            "cannot take rows {start}..{} of a {total}-row tensor",
+            start + rows
+        )
+    }
+    let bytes = &data[start * row_bytes..(start + rows) * row_bytes];
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        bytes,
+        vec![rows, cols],
+        &Device::Cpu,
+    )
+}
+
+impl TensorSource for Gguf {
+    fn tensor(&self, hf: &str, shape: &[usize]) -> Result<Weight> {
+        self.check_one(hf, shape)?;
+        let q = match self.locate(hf, shape)? {
+            Located::Whole(name) => self.read(&name)?,
+            Located::Rows { name, start, rows } => {
+                let whole = self.read(&name)?;
+                if shape.len() == 1 {
+                    let t = whole.dequantize(&Device::Cpu)?.narrow(0, start, rows)?;
+                    return Ok(Weight::Dense(t.to_dtype(self.dtype)?));
+                }
+                slice_rows(&whole, start, rows)
+                    .map_err(|e| Error::file(&self.name, format!("tensor {name}: {e}")))?
+            }
+        };
+        // Matrices stay quantized; 1-D tensors (norms, biases) are tiny and used densely.
+        if shape.len() == 1 || matches!(q.dtype(), GgmlDType::F32) {
+            Ok(Weight::Dense(
+                q.dequantize(&Device::Cpu)?.to_dtype(self.dtype)?,
+            ))
+        } else {
+            Ok(Weight::Quantized(Arc::new(q)))
+        }
+    }
+
+    fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        expected
+            .iter()
+            .try_for_each(|(name, shape)| self.check_one(name, shape))
+    }
+
+    fn stored_tensors(&self) -> Vec<StoredTensor> {
+        let mut out: Vec<StoredTensor> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| StoredTensor {
+                name: name.clone(),
+                shape: info.shape.dims().to_vec(),
+                dtype: format!("{:?}", info.ggml_dtype),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn maps_hf_names_to_llama_cpp_names() {
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").unwrap(),
+            "token_embd.weight"
+        );
+        assert_eq!(gguf_name("lm_head.bias").unwrap(), "output.bias");
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.fc2.weight").unwrap(),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.dense.bias").unwrap(),
+            "blk.0.attn_output.bias"
+        );
+        assert!(gguf_name("model.layers.0.unknown.weight").is_none());
+    }
+}

@@ -1,0 +1,70 @@
+//! Shared helpers for integration tests: fixture paths and the transformers reference.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use medphi::backend::CpuBackend;
+use medphi::checkpoint::Checkpoint;
+use medphi::generate::Session;
+use medphi::tokenizer::PhiTokenizer;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// What transformers computed for the fixture checkpoint (scripts/fixtures/make_tiny_phi.py).
+pub struct Reference {
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    /// `(seq, vocab)` logits at every prompt position.
+    pub logits: Tensor,
+    pub json: serde_json::Value,
+}
+
+pub fn reference() -> Reference {
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = |name: &str| -> Vec<u32> {
+        tensors[name]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+    };
+    let json = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
+    Reference {
+        input_ids: ids("input_ids"),
+        greedy_ids: ids("greedy_ids"),
+        logits: tensors["logits"].clone(),
+        json: serde_json::from_str(&json).unwrap(),
+    }
+}
+
+pub fn open(path: &str) -> Checkpoint {
+    Checkpoint::open(&fixtures().join(path), None, DType::F32).unwrap()
+}
+
+pub fn session(path: &str) -> (Session<CpuBackend>, PhiTokenizer) {
+    let (model, tokenizer) = open(path).into_model(true).unwrap();
+    (
+        Session::new(CpuBackend::new(model, None).unwrap()),
+        tokenizer,
+    )
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
