@@ -20,6 +20,9 @@ pub struct Reference {
     pub greedy_ids: Vec<u32>,
     /// `(seq, vocab)` logits at every prompt position.
     pub logits: Tensor,
+    /// Every tensor of reference.safetensors, including `logits_q8_0` etc.: transformers'
+    /// logits for the weights of each GGUF file as llama.cpp's gguf-py dequantizes them.
+    pub tensors: HashMap<String, Tensor>,
     pub json: serde_json::Value,
 }
 
@@ -39,6 +42,7 @@ pub fn reference() -> Reference {
         input_ids: ids("input_ids"),
         greedy_ids: ids("greedy_ids"),
         logits: tensors["logits"].clone(),
+        tensors: tensors.clone(),
         json: serde_json::from_str(&json).unwrap(),
     }
 }

@@ -1,0 +1,262 @@
+//! GGUF checkpoints written by llama.cpp's `gguf` package (and one k-quant file written
+//! with candle's GGML quantizer) against the f32 transformers reference.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use medphi::checkpoint::Checkpoint;
+use medphi::generate::GenerateOptions;
+use medphi::model::{Logits, Phi};
+use medphi::weights::{TensorSource, Weight};
+
+fn logits_of(ckpt: Checkpoint, ids: &[u32]) -> Tensor {
+    let (model, _) = ckpt.into_model(true).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&input, None, Logits::All)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+/// Max |Δlogit| against `reference` (a tensor of reference.safetensors), relative to the
+/// largest reference logit.
+fn relative_error(file: &str, reference_name: &str) -> f32 {
+    let mut r = reference();
+    r.logits = r.tensors[reference_name].clone();
+    let tok = fixtures().join("tiny-phi/tokenizer.json");
+    let ckpt = Checkpoint::open(&fixtures().join(file), Some(&tok), DType::F32).unwrap();
+    let diff = max_abs_diff(&logits_of(ckpt, &r.input_ids), &r.logits);
+    let scale = r
+        .logits
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!(
+        "{file} vs {reference_name}: max |Δlogit| = {diff}, relative to max |logit| {scale}: {}",
+        diff / scale
+    );
+    diff / scale
+}
+
+#[test]
+fn f16_gguf_matches_reference() {
+    // bf16-exact weights are f16-exact except for tiny subnormals: f32 parity.
+    assert!(relative_error("tiny-phi-f16.gguf", "logits_f16") < 1e-5);
+    assert!(relative_error("tiny-phi-f16.gguf", "logits") < 1e-5);
+}
+
+// Quantized files: tight against transformers run on the same dequantized weights (the
+// rest is GGML's q8 rounding of activations inside the matmul), and loose against the
+// f32 model (the quantization error itself, stated for the record).
+
+#[test]
+fn q8_0_gguf_matches_dequantized_reference() {
+    assert!(relative_error("tiny-phi-q8_0.gguf", "logits_q8_0") < 0.02);
+    assert!(relative_error("tiny-phi-q8_0.gguf", "logits") < 0.05);
+}
+
+#[test]
+fn q4_0_gguf_matches_dequantized_reference() {
+    assert!(relative_error("tiny-phi-q4_0.gguf", "logits_q4_0") < 0.02);
+    assert!(relative_error("tiny-phi-q4_0.gguf", "logits") < 0.3);
+}
+
+/// Reads every tensor densely, so the only difference from transformers on gguf-py's
+/// dequantized weights is float rounding: proves block layouts and names exactly.
+struct Dequantized(Box<dyn TensorSource>);
+
+impl TensorSource for Dequantized {
+    fn tensor(&self, name: &str, shape: &[usize]) -> medphi::Result<Weight> {
+        Ok(Weight::Dense(self.0.tensor(name, shape)?.dense()?))
+    }
+    fn check(&self, expected: &[(String, Vec<usize>)]) -> medphi::Result<()> {
+        self.0.check(expected)
+    }
+    fn stored_tensors(&self) -> Vec<medphi::weights::StoredTensor> {
+        self.0.stored_tensors()
+    }
+}
+
+#[test]
+fn quantized_blocks_decode_exactly_like_gguf_py() {
+    let r = reference();
+    let tok = fixtures().join("tiny-phi/tokenizer.json");
+    for (file, name) in [
+        ("tiny-phi-q8_0.gguf", "logits_q8_0"),
+        ("tiny-phi-q4_0.gguf", "logits_q4_0"),
+    ] {
+        let ckpt = Checkpoint::open(&fixtures().join(file), Some(&tok), DType::F32).unwrap();
+        let model = Phi::load(&ckpt.config, &Dequantized(ckpt.weights), true).unwrap();
+        let input = Tensor::new(r.input_ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let ours = model
+            .forward(&input, None, Logits::All)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let diff = max_abs_diff(&ours, &r.tensors[name]);
+        eprintln!("{file} dequantized: max |Δlogit| = {diff}");
+        assert!(diff < 1e-4, "{file}: max |Δlogit| = {diff}");
+    }
+}
+
+#[test]
+fn gguf_config_and_embedded_tokenizer_match_the_hf_checkpoint() {
+    let hf = open("tiny-phi");
+    let gguf = open("tiny-phi-q8_0.gguf");
+    let mut expected = hf.config.clone();
+    expected.tie_word_embeddings = false;
+    assert_eq!(gguf.config.hidden_size, expected.hidden_size);
+    assert_eq!(gguf.config.rotary_dim(), expected.rotary_dim());
+    assert_eq!(gguf.config.num_hidden_layers, expected.num_hidden_layers);
+    assert_eq!(gguf.config.vocab_size, expected.vocab_size);
+    assert_eq!(gguf.config.eos_token_id, Some(50256));
+    let r = reference();
+    let prompt = r.json["prompt"].as_str().unwrap();
+    assert_eq!(gguf.tokenizer.encode(prompt).unwrap(), r.input_ids);
+    let text = r.json["utf8_text"].as_str().unwrap();
+    let ids: Vec<u32> = serde_json::from_value(r.json["utf8_ids"].clone()).unwrap();
+    assert_eq!(gguf.tokenizer.encode(text).unwrap(), ids);
+    assert_eq!(gguf.tokenizer.vocab_limit(), 50295);
+}
+
+#[test]
+fn gguf_without_tokenizer_needs_one() {
+    let path = fixtures().join("tiny-phi-q4_0.gguf");
+    let err = Checkpoint::open(&path, None, DType::F32)
+        .err()
+        .expect("no tokenizer available");
+    assert!(err.to_string().contains("--tokenizer"), "{err}");
+    let tok = fixtures().join("tiny-phi/tokenizer.json");
+    let ckpt = Checkpoint::open(&path, Some(&tok), DType::F32).unwrap();
+    assert_eq!(ckpt.format, "gguf");
+}
+
+#[test]
+fn q8_0_greedy_generation_follows_the_reference_for_a_while() {
+    let r = reference();
+    let (mut session, tokenizer) = session("tiny-phi-q8_0.gguf");
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let g = session
+        .generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)
+        .unwrap();
+    let agree = g
+        .output_ids
+        .iter()
+        .zip(&r.greedy_ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        agree >= 4,
+        "q8_0 greedy agrees with f32 for only {agree} tokens"
+    );
+}
+
+/// Writes the f32 fixture as a GGUF with k-quant (q4_k) matrices where rows allow it,
+/// using llama.cpp's tensor names and metadata keys.
+fn write_q4k_gguf(path: &std::path::Path) {
+    let ckpt = open("tiny-phi");
+    let cfg = ckpt.config.clone();
+    let st =
+        candle_core::safetensors::load(fixtures().join("tiny-phi/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in &st {
+        let gguf = name
+            .replace("model.embed_tokens", "token_embd")
+            .replace("model.final_layernorm", "output_norm")
+            .replace("lm_head", "output")
+            .replace("model.layers.", "blk.")
+            .replace("input_layernorm", "attn_norm")
+            .replace("self_attn.q_proj", "attn_q")
+            .replace("self_attn.k_proj", "attn_k")
+            .replace("self_attn.v_proj", "attn_v")
+            .replace("self_attn.dense", "attn_output")
+            .replace("mlp.fc1", "ffn_up")
+            .replace("mlp.fc2", "ffn_down");
+        let dtype = if t.rank() == 2 && t.dim(1).unwrap() % 256 == 0 {
+            GgmlDType::Q4K
+        } else {
+            GgmlDType::F32
+        };
+        tensors.push((gguf, QTensor::quantize(t, dtype).unwrap()));
+    }
+    assert!(tensors.iter().any(|(_, q)| q.dtype() == GgmlDType::Q4K));
+    let meta: HashMap<&str, gguf_file::Value> = HashMap::from([
+        (
+            "general.architecture",
+            gguf_file::Value::String("phi2".into()),
+        ),
+        (
+            "phi2.context_length",
+            gguf_file::Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        (
+            "phi2.embedding_length",
+            gguf_file::Value::U32(cfg.hidden_size as u32),
+        ),
+        (
+            "phi2.feed_forward_length",
+            gguf_file::Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            "phi2.block_count",
+            gguf_file::Value::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            "phi2.attention.head_count",
+            gguf_file::Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "phi2.attention.head_count_kv",
+            gguf_file::Value::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            "phi2.attention.layer_norm_epsilon",
+            gguf_file::Value::F32(cfg.layer_norm_eps as f32),
+        ),
+        (
+            "phi2.rope.dimension_count",
+            gguf_file::Value::U32(cfg.rotary_dim() as u32),
+        ),
+    ]);
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let qt: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta, &qt).unwrap();
+}
+
+#[test]
+fn q4_k_gguf_is_close_to_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-q4k.gguf");
+    write_q4k_gguf(&path);
+    let tok = fixtures().join("tiny-phi/tokenizer.json");
+    let r = reference();
+    let ours = logits_of(
+        Checkpoint::open(&path, Some(&tok), DType::F32).unwrap(),
+        &r.input_ids,
+    );
+    let diff = max_abs_diff(&ours, &r.logits);
+    eprintln!("q4_k: max |Δlogit| = {diff}");
+    assert!(diff < 1.0, "max |Δlogit| = {diff}");
+    assert!(diff > 0.0, "q4_k cannot be lossless");
+}
