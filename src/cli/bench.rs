@@ -1,0 +1,198 @@
+//! `medphi bench`: load time, prefill and decode speed, peak memory; optionally the same
+//! decode loop on candle-transformers' `phi` model over the same checkpoint, interleaved
+//! in the same process so the ratio is fair.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use medphi::backend::Backend;
+use medphi::generate::argmax;
+use medphi::model::{Logits, PhiConfig};
+use medphi::weights::Safetensors;
+
+use super::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens (prefill).
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(long, default_value_t = 64)]
+    gen: usize,
+    /// Measurement rounds; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also run candle-transformers' phi model on the same (safetensors) checkpoint.
+    #[arg(long)]
+    compare_candle: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A prompt of exactly `len` tokens: clinical text, repeated as needed.
+fn prompt_ids(tokenizer: &medphi::tokenizer::PhiTokenizer, len: usize) -> Result<Vec<u32>> {
+    const TEXT: &str = "A 45-year-old man presents with crushing substernal chest pain radiating to the left arm, \
+        diaphoresis and nausea for two hours. ECG shows ST elevation in leads II, III and aVF. ";
+    let base = tokenizer.encode(TEXT)?;
+    Ok(base.iter().copied().cycle().take(len).collect())
+}
+
+#[derive(Default, Clone, Copy)]
+struct Speed {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs prefill then greedy decode through `step` (tokens in, last-position logits out).
+fn measure(
+    ids: &[u32],
+    gen: usize,
+    mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<Speed> {
+    let t = Instant::now();
+    let mut logits = step(ids)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..gen {
+        let next = argmax(&logits);
+        logits = step(&[next])?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    Ok(Speed {
+        prefill_tok_s: ids.len() as f64 / prefill,
+        decode_tok_s: gen as f64 / decode,
+    })
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let json = std::fs::read_to_string(&index).with_context(|| {
+        format!(
+            "--compare-candle needs a safetensors model folder; {}",
+            index.display()
+        )
+    })?;
+    Ok(
+        Safetensors::shard_names(&json, &index.display().to_string())?
+            .into_iter()
+            .map(|n| dir.join(n))
+            .collect(),
+    )
+}
+
+fn candle_reference(
+    dir: &Path,
+    cfg: &PhiConfig,
+) -> Result<candle_transformers::models::phi::Model> {
+    use candle_transformers::models::phi;
+    let config: phi::Config = serde_json::from_value(cfg.to_hf_json())?;
+    let files = safetensors_files(dir)?;
+    // SAFETY: read-only map of files we just validated through our own loader.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)?
+    };
+    Ok(phi::Model::new(&config, vb)?)
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.prompt_len == 0 || args.rounds == 0 {
+        bail!("--prompt-len and --rounds must be at least 1");
+    }
+    let t = Instant::now();
+    let (mut backend, tokenizer, format) = args.model.load()?;
+    let load_s = t.elapsed().as_secs_f64();
+    let cfg = backend.config().clone();
+    if args.prompt_len + args.gen > backend.capacity() {
+        bail!(
+            "--prompt-len {} + --gen {} exceeds the context of {} tokens",
+            args.prompt_len,
+            args.gen,
+            backend.capacity()
+        );
+    }
+    let ids = prompt_ids(&tokenizer, args.prompt_len)?;
+    let mut reference = if args.compare_candle {
+        Some(candle_reference(&args.model.model, &cfg)?)
+    } else {
+        None
+    };
+
+    let pb = ProgressBar::new(args.rounds as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg}").expect("static template"),
+    );
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        backend.truncate(0);
+        ours.push(measure(&ids, args.gen, |t| {
+            Ok(backend.forward(t, Logits::Last)?)
+        })?);
+        if let Some(model) = reference.as_mut() {
+            model.clear_kv_cache();
+            theirs.push(measure(&ids, args.gen, |t| {
+                let input = Tensor::new(t, &Device::Cpu)?.unsqueeze(0)?;
+                Ok(model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?)
+            })?);
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let summarize = |v: &[Speed]| Speed {
+        prefill_tok_s: median(v.iter().map(|s| s.prefill_tok_s).collect()),
+        decode_tok_s: median(v.iter().map(|s| s.decode_tok_s).collect()),
+    };
+    let ours = summarize(&ours);
+    let mut out = serde_json::json!({
+        "model": args.model.model.display().to_string(),
+        "format": format,
+        "backend": backend.name(),
+        "load_s": load_s,
+        "prompt_len": args.prompt_len,
+        "gen": args.gen,
+        "rounds": args.rounds,
+        "prefill_tok_s": ours.prefill_tok_s,
+        "decode_tok_s": ours.decode_tok_s,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if !theirs.is_empty() {
+        let theirs = summarize(&theirs);
+        out["candle_transformers_phi"] = serde_json::json!({
+            "prefill_tok_s": theirs.prefill_tok_s,
+            "decode_tok_s": theirs.decode_tok_s,
+        });
+        out["decode_speedup_vs_candle"] =
+            serde_json::json!(ours.decode_tok_s / theirs.decode_tok_s);
+        out["prefill_speedup_vs_candle"] =
+            serde_json::json!(ours.prefill_tok_s / theirs.prefill_tok_s);
+    }
+    if args.json {
+        super::print_line(out)?;
+    } else {
+        super::print_line(serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Argument parsing and the shared plumbing of the subcommands: opening a model with a
+//! spinner, building a backend, and turning every error into one line and exit code 1.
+
+mod bench;
+mod chat;
+mod generate;
+mod info;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use medphi::backend::CpuBackend;
+use medphi::checkpoint::Checkpoint;
+use medphi::generate::SamplingParams;
+use medphi::tokenizer::PhiTokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "medphi",
+    version,
+    about = "Phi-2-family medical language models: chat, generate, inspect, benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Print the logits at every position of a token sequence (JSON).
+    Logits(generate::LogitsArgs),
+    /// Interactive chat with streaming output and conversation history.
+    Chat(chat::ChatArgs),
+    /// Describe a model: architecture, parameter count, dtypes, size on disk.
+    Info(info::InfoArgs),
+    /// Measure load time, prefill and decode speed and peak memory.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BackendKind {
+    Cpu,
+}
+
+/// How to find and run a model; shared by every subcommand.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A model folder (config.json, tokenizer.json, safetensors) or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json to use instead of the model's own (needed for GGUF files without one).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// Cap the KV cache at this many tokens (default: the model's context length).
+    #[arg(long)]
+    context: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Opens the checkpoint, checks it and builds the backend, with a spinner meanwhile.
+    /// Also returns the checkpoint's format ("safetensors" or "gguf").
+    pub fn load(&self) -> Result<(CpuBackend, PhiTokenizer, &'static str)> {
+        let spinner = spinner(&format!("loading {}", self.model.display()));
+        let ckpt = Checkpoint::open(&self.model, self.tokenizer.as_deref(), DType::F32)?;
+        let format = ckpt.format;
+        let (model, tokenizer) = ckpt.into_model(true)?;
+        let backend = match self.backend {
+            BackendKind::Cpu => CpuBackend::new(model, self.context)?,
+        };
+        spinner.finish_and_clear();
+        Ok((backend, tokenizer, format))
+    }
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Prints a line to stdout; a closed pipe (`medphi … | head`) is not an error.
+pub fn print_line(line: impl std::fmt::Display) -> Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// A spinner on stderr, hidden when stderr is not a terminal.
+pub fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"),
+    );
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::generate(a),
+        Command::Logits(a) => generate::logits(a),
+        Command::Chat(a) => chat::chat(a),
+        Command::Info(a) => info::info(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
