@@ -18,6 +18,9 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
 
+echo "== benches compile (cargo bench runs them)"
+cargo build --locked --benches
+
 echo "== wasm32 library build (the browser build must never rot)"
 cargo build --locked --lib --target wasm32-unknown-unknown --no-default-features
 

@@ -27,7 +27,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     gen: usize,
     /// Measurement rounds; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Also run candle-transformers' phi model on the same (safetensors) checkpoint.
     #[arg(long)]
@@ -146,17 +146,21 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg}").expect("static template"),
     );
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for _ in 0..args.rounds {
-        backend.truncate(0);
-        ours.push(measure(&ids, args.gen, |t| {
-            Ok(backend.forward(t, Logits::Last)?)
-        })?);
-        if let Some(model) = reference.as_mut() {
-            model.clear_kv_cache();
-            theirs.push(measure(&ids, args.gen, |t| {
-                let input = Tensor::new(t, &Device::Cpu)?.unsqueeze(0)?;
-                Ok(model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?)
-            })?);
+    for round in 0..args.rounds {
+        // Alternate which implementation goes first, so warm caches favour neither.
+        for turn in [round % 2, 1 - round % 2] {
+            if turn == 0 {
+                backend.truncate(0);
+                ours.push(measure(&ids, args.gen, |t| {
+                    Ok(backend.forward(t, Logits::Last)?)
+                })?);
+            } else if let Some(model) = reference.as_mut() {
+                model.clear_kv_cache();
+                theirs.push(measure(&ids, args.gen, |t| {
+                    let input = Tensor::new(t, &Device::Cpu)?.unsqueeze(0)?;
+                    Ok(model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?)
+                })?);
+            }
         }
         pb.inc(1);
     }

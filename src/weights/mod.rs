@@ -7,6 +7,7 @@
 
 mod bytes;
 mod gguf;
+mod random;
 mod safetensors;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use candle_core::Tensor;
 
 pub use self::bytes::Bytes;
 pub use self::gguf::Gguf;
+pub use self::random::RandomWeights;
 pub use self::safetensors::Safetensors;
 use crate::error::Result;
 
