@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat;
+mod eval;
 mod generate;
 mod info;
 
@@ -42,6 +43,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure load time, prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// Score benchmark files (MedQA, PubMedQA, MedMCQA, MMLU, MedExQA) like lm-eval.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -137,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Chat(a) => chat::chat(a),
         Command::Info(a) => info::info(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Eval(a) => eval::eval(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,118 @@
+//! Benchmark evaluation with lm-evaluation-harness's items, prompts, scoring and output
+//! files: `tasks` reads the original files and builds prompts, `scoring` computes
+//! log-likelihoods (sharing each question across its choices), this module aggregates
+//! `acc` / `acc_norm` with lm-eval's standard errors and writes `results.json` and
+//! `samples_<task>.jsonl`, and `generative` scores free-text answers.
+
+mod generative;
+mod scoring;
+mod tasks;
+
+use serde_json::{json, Value};
+
+pub use generative::{extract_choice, GenerativeResult};
+pub use scoring::{score_item, ChoiceScore};
+pub use tasks::{Item, Task, MMLU_MEDICAL};
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::tokenizer::PhiTokenizer;
+
+/// One scored item, ready to be written as a line of `samples_<task>.jsonl`.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub doc_id: usize,
+    pub scores: Vec<ChoiceScore>,
+    pub acc: bool,
+    pub acc_norm: bool,
+}
+
+/// First index of the maximum, as `numpy.argmax`.
+fn first_argmax(values: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, v) in values.enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0
+}
+
+/// Scores one item and decides `acc` (argmax of log-likelihood) and `acc_norm` (argmax of
+/// log-likelihood per character of the choice).
+pub fn evaluate_item(
+    backend: &mut dyn Backend,
+    tokenizer: &PhiTokenizer,
+    doc_id: usize,
+    item: &Item,
+    share_prefix: bool,
+) -> Result<Sample> {
+    let scores = score_item(backend, tokenizer, item, share_prefix)?;
+    let pred = first_argmax(scores.iter().map(|s| s.loglikelihood));
+    let pred_norm = first_argmax(
+        scores
+            .iter()
+            .zip(&item.choices)
+            .map(|(s, c)| s.loglikelihood / c.chars().count() as f64),
+    );
+    Ok(Sample {
+        doc_id,
+        scores,
+        acc: pred == item.gold,
+        acc_norm: pred_norm == item.gold,
+    })
+}
+
+/// Mean and lm-eval's `mean_stderr` (sample standard deviation / √n); no stderr for n < 2.
+pub fn mean_stderr(values: &[f64]) -> (f64, Option<f64>) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, None);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, Some((var / n).sqrt()))
+}
+
+/// The `results[task]` entry of lm-eval's results.json.
+pub fn task_metrics(task: &str, samples: &[Sample]) -> Value {
+    let bools = |f: fn(&Sample) -> bool| {
+        samples
+            .iter()
+            .map(|s| f64::from(u8::from(f(s))))
+            .collect::<Vec<_>>()
+    };
+    let (acc, acc_se) = mean_stderr(&bools(|s| s.acc));
+    let (norm, norm_se) = mean_stderr(&bools(|s| s.acc_norm));
+    json!({
+        "alias": task,
+        "acc,none": acc,
+        "acc_stderr,none": acc_se.map_or(json!("N/A"), |v| json!(v)),
+        "acc_norm,none": norm,
+        "acc_norm_stderr,none": norm_se.map_or(json!("N/A"), |v| json!(v)),
+    })
+}
+
+/// One line of lm-eval's `samples_<task>.jsonl`.
+pub fn sample_json(item: &Item, sample: &Sample) -> Value {
+    let resps: Vec<Value> = sample
+        .scores
+        .iter()
+        .map(|s| json!([s.loglikelihood, s.is_greedy]))
+        .collect();
+    let arguments: Vec<Value> = item
+        .choices
+        .iter()
+        .map(|c| json!([item.context, format!(" {c}")]))
+        .collect();
+    json!({
+        "doc_id": sample.doc_id,
+        "doc": item.doc,
+        "target": item.gold,
+        "arguments": arguments,
+        "resps": resps.iter().map(|r| json!([r])).collect::<Vec<_>>(),
+        "filtered_resps": resps,
+        "acc": f64::from(u8::from(sample.acc)),
+        "acc_norm": f64::from(u8::from(sample.acc_norm)),
+    })
+}

@@ -1,0 +1,289 @@
+//! lm-evaluation-harness parity: prompts, per-choice log-likelihoods, predictions and
+//! aggregate metrics against lm-eval's own run (tests/fixtures/lm_eval, made by
+//! scripts/fixtures/make_lm_eval_reference.py) on the real benchmark samples in
+//! ../shared/data/benchmarks.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{fixtures, session};
+use medphi::eval::{evaluate_item, task_metrics, Item, Task};
+use serde_json::Value;
+
+fn benchmarks() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/benchmarks")
+}
+
+const TASKS: [(&str, &str); 9] = [
+    ("medqa_4options", "medqa_us_4options.sample.jsonl"),
+    ("pubmedqa", "pubmedqa_test.sample.json"),
+    ("medmcqa", "medmcqa_dev.sample.json"),
+    ("mmlu_anatomy", "mmlu_anatomy_test.sample.csv"),
+    (
+        "mmlu_clinical_knowledge",
+        "mmlu_clinical_knowledge_test.sample.csv",
+    ),
+    (
+        "mmlu_college_biology",
+        "mmlu_college_biology_test.sample.csv",
+    ),
+    (
+        "mmlu_college_medicine",
+        "mmlu_college_medicine_test.sample.csv",
+    ),
+    (
+        "mmlu_medical_genetics",
+        "mmlu_medical_genetics_test.sample.csv",
+    ),
+    (
+        "mmlu_professional_medicine",
+        "mmlu_professional_medicine_test.sample.csv",
+    ),
+];
+
+fn load(task: &str, file: &str) -> Vec<Item> {
+    let path = benchmarks().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    task.parse::<Task>().unwrap().load(&text, file).unwrap()
+}
+
+fn lm_eval_samples(task: &str) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(fixtures().join(format!("lm_eval/samples_{task}.jsonl"))).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn lm_eval_results() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("lm_eval/results.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn prompts_and_targets_are_lm_evals_byte_for_byte() {
+    for (task, file) in TASKS {
+        let items = load(task, file);
+        let theirs = lm_eval_samples(task);
+        assert_eq!(items.len(), theirs.len(), "{task}");
+        for (item, s) in items.iter().zip(&theirs) {
+            // lm-eval keeps PubMedQA's target as the answer string, the others as an index.
+            match &s["target"] {
+                Value::String(answer) => assert_eq!(&item.choices[item.gold], answer),
+                index => assert_eq!(
+                    item.gold as u64,
+                    index.as_u64().unwrap(),
+                    "{task} doc {}",
+                    s["doc_id"]
+                ),
+            }
+            let args = s["arguments"].as_array().unwrap();
+            assert_eq!(args.len(), item.choices.len());
+            for (arg, choice) in args.iter().zip(&item.choices) {
+                assert_eq!(
+                    arg[0].as_str().unwrap(),
+                    item.context,
+                    "{task} doc {}",
+                    s["doc_id"]
+                );
+                assert_eq!(arg[1].as_str().unwrap(), format!(" {choice}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn loglikelihoods_predictions_and_metrics_match_lm_eval() {
+    let (mut session, tokenizer) = session("tiny-phi");
+    let results = lm_eval_results();
+    let mut worst = 0f64;
+    for (task, file) in TASKS {
+        let items = load(task, file);
+        let theirs = lm_eval_samples(task);
+        let mut samples = Vec::new();
+        for (doc_id, (item, s)) in items.iter().zip(&theirs).enumerate() {
+            let ours =
+                evaluate_item(session.backend_mut(), &tokenizer, doc_id, item, true).unwrap();
+            for (mine, resp) in ours
+                .scores
+                .iter()
+                .zip(s["filtered_resps"].as_array().unwrap())
+            {
+                let ll = resp[0].as_f64().unwrap();
+                worst = worst.max((mine.loglikelihood - ll).abs());
+                assert!(
+                    (mine.loglikelihood - ll).abs() < 1e-3,
+                    "{task} doc {doc_id}: {} vs {ll}",
+                    mine.loglikelihood
+                );
+                assert_eq!(
+                    mine.is_greedy,
+                    resp[1].as_bool().unwrap(),
+                    "{task} doc {doc_id}"
+                );
+            }
+            assert_eq!(
+                f64::from(u8::from(ours.acc)),
+                s["acc"].as_f64().unwrap(),
+                "{task} doc {doc_id}"
+            );
+            if let Some(norm) = s["acc_norm"].as_f64() {
+                assert_eq!(
+                    f64::from(u8::from(ours.acc_norm)),
+                    norm,
+                    "{task} doc {doc_id}"
+                );
+            }
+            samples.push(ours);
+        }
+        let ours = task_metrics(task, &samples);
+        let theirs = &results["results"][task];
+        for key in [
+            "acc,none",
+            "acc_stderr,none",
+            "acc_norm,none",
+            "acc_norm_stderr,none",
+        ] {
+            if let Some(v) = theirs[key].as_f64() {
+                let mine = ours[key].as_f64().unwrap();
+                assert!((mine - v).abs() < 1e-12, "{task} {key}: {mine} vs {v}");
+            }
+        }
+    }
+    eprintln!("worst |Δ loglikelihood| vs lm-eval: {worst:e}");
+}
+
+#[test]
+fn scoring_choices_from_scratch_gives_the_same_numbers() {
+    // PubMedQA abstracts overflow the tiny model's 256-token context: this also covers
+    // lm-eval's left truncation.
+    let (mut session, tokenizer) = session("tiny-phi");
+    for (task, file) in [TASKS[0], TASKS[1]] {
+        for (doc_id, item) in load(task, file).iter().enumerate().take(6) {
+            let shared =
+                evaluate_item(session.backend_mut(), &tokenizer, doc_id, item, true).unwrap();
+            let scratch =
+                evaluate_item(session.backend_mut(), &tokenizer, doc_id, item, false).unwrap();
+            for (a, b) in shared.scores.iter().zip(&scratch.scores) {
+                assert!(
+                    (a.loglikelihood - b.loglikelihood).abs() < 1e-4,
+                    "{task} {doc_id}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_files_name_the_file_and_line() {
+    let cases = [
+        ("medqa_4options", "{\"question\": \"q\", \"options\": {\"A\": \"a\"}, \"answer_idx\": \"A\"}\n", "x.jsonl:1", "options"),
+        ("medqa_4options", "\n{not json\n", "x.jsonl:2", "not valid JSON"),
+        ("medmcqa", "{\"question\":\"q\",\"opa\":\"a\",\"opb\":\"b\",\"opc\":\"c\",\"opd\":\"d\",\"cop\":0}\n", "x.jsonl:1", "cop 0"),
+        ("pubmedqa", "{\"1\": {\"QUESTION\": \"q\", \"CONTEXTS\": [\"c\"], \"final_decision\": \"perhaps\"}}", "PMID 1", "final_decision"),
+        ("pubmedqa", "[1, 2]", "x.jsonl", "PubMedQA"),
+        ("mmlu_anatomy", "q,a,b,c,d,A\nq2,a,b,c,d\n", "x.jsonl:2", "expected 6 columns"),
+        ("mmlu_anatomy", "q,a,b,c,d,E\n", "x.jsonl:1", "not one of A, B, C, D"),
+        ("medexqa_cardiology", "q\ta\tb\tc\td\te1\te2\tZ\n", "x.jsonl:1", "not one of"),
+        ("medqa_4options", "", "x.jsonl", "no questions"),
+    ];
+    for (task, text, place, what) in cases {
+        let err = task
+            .parse::<Task>()
+            .unwrap()
+            .load(text, "x.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(place) && err.contains(what), "{task}: {err}");
+    }
+    assert!("mmlu_astrology".parse::<Task>().is_err());
+}
+
+#[test]
+fn medexqa_tsv_uses_mmlus_template() {
+    let text = "Which valve?\tMitral\tAortic\tTricuspid\tPulmonary\tThe mitral…\tBecause…\tA\n";
+    let items = "medexqa_biomedical_engineer"
+        .parse::<Task>()
+        .unwrap()
+        .load(text, "t.tsv")
+        .unwrap();
+    assert_eq!(
+        items[0].context,
+        "The following are multiple choice questions (with answers) about biomedical engineer.\n\n\
+         Which valve?\nA. Mitral\nB. Aortic\nC. Tricuspid\nD. Pulmonary\nAnswer:"
+    );
+    assert_eq!(items[0].gold, 0);
+}
+
+#[test]
+fn cli_writes_lm_eval_results_and_samples() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["eval", "--model"])
+        .arg(fixtures().join("tiny-phi"))
+        .args(["--task", "medqa_4options", "--data"])
+        .arg(benchmarks().join(TASKS[0].1))
+        .args(["--task", "mmlu_anatomy", "--data"])
+        .arg(benchmarks().join(TASKS[3].1))
+        .args(["--limit", "5", "--output"])
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results["n-samples"]["medqa_4options"]["original"], 20);
+    assert_eq!(results["n-samples"]["medqa_4options"]["effective"], 5);
+    assert_eq!(results["n-samples"]["mmlu_anatomy"]["original"], 8);
+    for key in ["acc,none", "acc_stderr,none", "acc_norm,none"] {
+        assert!(
+            results["results"]["medqa_4options"][key].is_number(),
+            "{key}"
+        );
+    }
+    let samples = std::fs::read_to_string(out.path().join("samples_medqa_4options.jsonl")).unwrap();
+    let lines: Vec<Value> = samples
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let theirs = lm_eval_samples("medqa_4options");
+    for (mine, theirs) in lines.iter().zip(&theirs) {
+        assert_eq!(mine["doc_id"], theirs["doc_id"]);
+        assert_eq!(mine["target"], theirs["target"]);
+        assert_eq!(mine["acc"], theirs["acc"]);
+        assert_eq!(mine["filtered_resps"].as_array().unwrap().len(), 4);
+        assert!(mine["filtered_resps"][0][1].is_boolean());
+    }
+}
+
+#[test]
+fn generative_mode_reports_exact_match() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args([
+            "eval",
+            "--mode",
+            "generate",
+            "--max-new-tokens",
+            "4",
+            "--model",
+        ])
+        .arg(fixtures().join("tiny-phi"))
+        .args(["--task", "mmlu_anatomy", "--data"])
+        .arg(benchmarks().join(TASKS[3].1))
+        .args(["--limit", "3", "--output"])
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
+            .unwrap();
+    assert!(results["results"]["mmlu_anatomy"]["exact_match,none"].is_number());
+    let samples = std::fs::read_to_string(out.path().join("samples_mmlu_anatomy.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 3);
+}
