@@ -287,3 +287,37 @@ fn generative_mode_reports_exact_match() {
     let samples = std::fs::read_to_string(out.path().join("samples_mmlu_anatomy.jsonl")).unwrap();
     assert_eq!(samples.lines().count(), 3);
 }
+
+#[test]
+fn eval_report_draws_runs_beside_published_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("report.png");
+    let published = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/published/zero_shot_medical_qa.csv");
+    let output = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .arg("eval-report")
+        .arg(fixtures().join("lm_eval"))
+        .arg("--published")
+        .arg(&published)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8(output.stdout).unwrap();
+    // lm-eval's own run: PubMedQA 0/20, MedQA 7/20, MedMCQA 3/20, MMLU 14/48 pooled.
+    assert!(
+        table.contains("| lm_eval | 0.00 | 35.00 | 15.00 | 29.17 | 19.79 |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("MedPhi-2 2.7B (published) | 65.60 | 34.33 | 38.39 | 55.59 | 48.48 |"),
+        "{table}"
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}

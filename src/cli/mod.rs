@@ -4,6 +4,7 @@
 mod bench;
 mod chat;
 mod eval;
+mod eval_report;
 mod generate;
 mod info;
 
@@ -45,6 +46,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Score benchmark files (MedQA, PubMedQA, MedMCQA, MMLU, MedExQA) like lm-eval.
     Eval(eval::EvalArgs),
+    /// Table and bar chart (PNG) comparing eval runs with published scores.
+    EvalReport(eval_report::EvalReportArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,6 +144,7 @@ pub fn main() -> ExitCode {
         Command::Info(a) => info::info(a),
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
+        Command::EvalReport(a) => eval_report::eval_report(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 //! `samples_<task>.jsonl`, and `generative` scores free-text answers.
 
 mod generative;
+pub mod report;
 mod scoring;
 mod tasks;
 
