@@ -217,24 +217,40 @@ fn medexqa_tsv_uses_mmlus_template() {
     assert_eq!(items[0].gold, 0);
 }
 
-#[test]
-fn cli_writes_lm_eval_results_and_samples() {
+/// Runs `medphi eval` with `args` into a fresh folder; returns it and its results.json.
+fn run_eval(args: &[&str]) -> (tempfile::TempDir, Value) {
     let out = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_medphi"))
         .args(["eval", "--model"])
         .arg(fixtures().join("tiny-phi"))
-        .args(["--task", "medqa_4options", "--data"])
-        .arg(benchmarks().join(TASKS[0].1))
-        .args(["--task", "mmlu_anatomy", "--data"])
-        .arg(benchmarks().join(TASKS[3].1))
-        .args(["--limit", "5", "--output"])
+        .args(args)
+        .arg("--output")
         .arg(out.path())
         .status()
         .unwrap();
-    assert!(status.success());
-    let results: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
-            .unwrap();
+    assert!(status.success(), "{args:?}");
+    let results = std::fs::read_to_string(out.path().join("results.json")).unwrap();
+    (out, serde_json::from_str(&results).unwrap())
+}
+
+fn data(i: usize) -> String {
+    benchmarks().join(TASKS[i].1).display().to_string()
+}
+
+#[test]
+fn cli_writes_lm_eval_results_and_samples() {
+    let (out, results) = run_eval(&[
+        "--task",
+        "medqa_4options",
+        "--data",
+        &data(0),
+        "--task",
+        "mmlu_anatomy",
+        "--data",
+        &data(3),
+        "--limit",
+        "5",
+    ]);
     assert_eq!(results["n-samples"]["medqa_4options"]["original"], 20);
     assert_eq!(results["n-samples"]["medqa_4options"]["effective"], 5);
     assert_eq!(results["n-samples"]["mmlu_anatomy"]["original"], 8);
@@ -262,27 +278,18 @@ fn cli_writes_lm_eval_results_and_samples() {
 
 #[test]
 fn generative_mode_reports_exact_match() {
-    let out = tempfile::tempdir().unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args([
-            "eval",
-            "--mode",
-            "generate",
-            "--max-new-tokens",
-            "4",
-            "--model",
-        ])
-        .arg(fixtures().join("tiny-phi"))
-        .args(["--task", "mmlu_anatomy", "--data"])
-        .arg(benchmarks().join(TASKS[3].1))
-        .args(["--limit", "3", "--output"])
-        .arg(out.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let results: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
-            .unwrap();
+    let (out, results) = run_eval(&[
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "4",
+        "--task",
+        "mmlu_anatomy",
+        "--data",
+        &data(3),
+        "--limit",
+        "3",
+    ]);
     assert!(results["results"]["mmlu_anatomy"]["exact_match,none"].is_number());
     let samples = std::fs::read_to_string(out.path().join("samples_mmlu_anatomy.jsonl")).unwrap();
     assert_eq!(samples.lines().count(), 3);

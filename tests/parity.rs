@@ -12,15 +12,7 @@ use medphi::tokenizer::TokenStream;
 
 fn all_logits(path: &str, fused: bool, ids: &[u32]) -> Tensor {
     let (model, _) = open(path).into_model(fused).unwrap();
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model
-        .forward(&input, None, Logits::All)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
+    forward_all(&model, ids)
 }
 
 #[test]

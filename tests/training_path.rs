@@ -21,7 +21,7 @@ impl TensorSource for Vars {
         self.0.borrow_mut().push((name.to_string(), var.clone()));
         Ok(Weight::Dense(var.as_tensor().clone()))
     }
-    fn check(&self, _: &[(String, Vec<usize>)]) -> medphi::Result<()> {
+    fn check_tensor(&self, _: &str, _: &[usize]) -> medphi::Result<()> {
         Ok(())
     }
     fn stored_tensors(&self) -> Vec<StoredTensor> {

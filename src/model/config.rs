@@ -190,13 +190,16 @@ impl PhiConfig {
                 self.num_hidden_layers
             )));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::config(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::config(format!(
                 "num_attention_heads {} is not divisible by num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
@@ -209,7 +212,7 @@ impl PhiConfig {
             )));
         }
         let rotary_dim = self.rotary_dim();
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(Error::config(format!(
                 "rotary dimension {rotary_dim} (partial_rotary_factor × head_dim) must be even and positive"
             )));

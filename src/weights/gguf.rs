@@ -140,7 +140,7 @@ impl Gguf {
                 ))
             }
         };
-        let head_dim = if heads == 0 { 0 } else { hidden_size / heads };
+        let head_dim = hidden_size.checked_div(heads).unwrap_or(0);
         let config = PhiConfig {
             vocab_size,
             hidden_size,
@@ -260,39 +260,6 @@ impl Gguf {
             format!("tensor {name} (for {hf}) is missing"),
         ))
     }
-
-    fn check_one(&self, hf: &str, shape: &[usize]) -> Result<()> {
-        let located = self.locate(hf, shape)?;
-        let (name, expected) = match &located {
-            Located::Whole(name) => (name, shape.to_vec()),
-            Located::Rows { name, rows, .. } => {
-                let mut s = shape.to_vec();
-                s[0] = rows * 3;
-                (name, s)
-            }
-        };
-        let info = &self.content.tensor_infos[name];
-        if info.shape.dims() != expected.as_slice() {
-            return Err(Error::file(
-                &self.name,
-                format!(
-                    "tensor {name} has shape {:?}, the config implies {expected:?}",
-                    info.shape.dims()
-                ),
-            ));
-        }
-        let cols = *expected.last().unwrap_or(&1);
-        if cols % info.ggml_dtype.block_size() != 0 {
-            return Err(Error::file(
-                &self.name,
-                format!(
-                    "tensor {name}: row length {cols} is not a multiple of the {:?} block size",
-                    info.ggml_dtype
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 enum Located {
@@ -327,7 +294,7 @@ fn slice_rows(q: &QTensor, start: usize, rows: usize) -> candle_core::Result<QTe
 
 impl TensorSource for Gguf {
     fn tensor(&self, hf: &str, shape: &[usize]) -> Result<Weight> {
-        self.check_one(hf, shape)?;
+        self.check_tensor(hf, shape)?;
         let q = match self.locate(hf, shape)? {
             Located::Whole(name) => self.read(&name)?,
             Located::Rows { name, start, rows } => {
@@ -350,10 +317,37 @@ impl TensorSource for Gguf {
         }
     }
 
-    fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
-        expected
-            .iter()
-            .try_for_each(|(name, shape)| self.check_one(name, shape))
+    fn check_tensor(&self, hf: &str, shape: &[usize]) -> Result<()> {
+        let located = self.locate(hf, shape)?;
+        let (name, expected) = match &located {
+            Located::Whole(name) => (name, shape.to_vec()),
+            Located::Rows { name, rows, .. } => {
+                let mut s = shape.to_vec();
+                s[0] = rows * 3;
+                (name, s)
+            }
+        };
+        let info = &self.content.tensor_infos[name];
+        if info.shape.dims() != expected.as_slice() {
+            return Err(Error::file(
+                &self.name,
+                format!(
+                    "tensor {name} has shape {:?}, the config implies {expected:?}",
+                    info.shape.dims()
+                ),
+            ));
+        }
+        let cols = *expected.last().unwrap_or(&1);
+        if cols % info.ggml_dtype.block_size() != 0 {
+            return Err(Error::file(
+                &self.name,
+                format!(
+                    "tensor {name}: row length {cols} is not a multiple of the {:?} block size",
+                    info.ggml_dtype
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn stored_tensors(&self) -> Vec<StoredTensor> {

@@ -49,9 +49,14 @@ pub struct StoredTensor {
 pub trait TensorSource {
     /// The tensor `name` (Hugging Face naming), checked to have exactly `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight>;
-    /// Checks that every `(name, shape)` exists with that shape and a usable dtype,
-    /// reading headers only, so a bad checkpoint fails before any tensor is loaded.
-    fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()>;
+    /// Checks that `name` exists with exactly `shape` and a usable dtype, from headers only.
+    fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()>;
+    /// Checks every `(name, shape)`, so a bad checkpoint fails before any tensor is loaded.
+    fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        expected
+            .iter()
+            .try_for_each(|(name, shape)| self.check_tensor(name, shape))
+    }
     /// What the file holds, for `medphi info`.
     fn stored_tensors(&self) -> Vec<StoredTensor>;
 }

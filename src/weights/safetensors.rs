@@ -113,8 +113,20 @@ impl Safetensors {
         let files: Vec<_> = self.shards.iter().map(|s| s.name.as_str()).collect();
         Error::file(files.join(", "), format!("tensor {name} is missing"))
     }
+}
 
-    fn check_one(&self, name: &str, shape: &[usize]) -> Result<()> {
+impl TensorSource for Safetensors {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.check_tensor(name, shape)?;
+        let (shard, view) = self.view(name)?;
+        let tensor = view
+            .load(&Device::Cpu)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(|e| Error::file(&shard.name, format!("tensor {name}: {e}")))?;
+        Ok(Weight::Dense(tensor))
+    }
+
+    fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
         let (shard, view) = self.view(name)?;
         if view.shape() != shape {
             return Err(Error::file(
@@ -132,24 +144,6 @@ impl Safetensors {
                 format!("tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported"),
             )),
         }
-    }
-}
-
-impl TensorSource for Safetensors {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        self.check_one(name, shape)?;
-        let (shard, view) = self.view(name)?;
-        let tensor = view
-            .load(&Device::Cpu)
-            .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(|e| Error::file(&shard.name, format!("tensor {name}: {e}")))?;
-        Ok(Weight::Dense(tensor))
-    }
-
-    fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
-        expected
-            .iter()
-            .try_for_each(|(name, shape)| self.check_one(name, shape))
     }
 
     fn stored_tensors(&self) -> Vec<StoredTensor> {

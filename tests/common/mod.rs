@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use medphi::backend::CpuBackend;
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::Session;
+use medphi::model::{Logits, Phi};
 use medphi::tokenizer::PhiTokenizer;
 
 pub fn fixtures() -> PathBuf {
@@ -59,16 +60,32 @@ pub fn session(path: &str) -> (Session<CpuBackend>, PhiTokenizer) {
     )
 }
 
-/// Largest absolute difference between two tensors of the same shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// Largest absolute value in a tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
         .max(0)
         .unwrap()
         .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+/// `(seq, vocab)` logits of one sequence at every position, without a cache.
+pub fn forward_all(model: &Phi, ids: &[u32]) -> Tensor {
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&input, None, Logits::All)
+        .unwrap()
+        .squeeze(0)
         .unwrap()
 }
