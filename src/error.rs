@@ -14,6 +14,9 @@ pub enum Error {
     /// A request the model cannot serve (prompt too long, bad sampling options, …).
     #[error("{0}")]
     Input(String),
+    /// The GPU is missing, too small, or failed.
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// A tensor operation failed; this indicates a bug rather than bad input.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
@@ -31,6 +34,10 @@ impl Error {
 
     pub fn config(msg: impl Display) -> Self {
         Error::Config(msg.to_string())
+    }
+
+    pub fn gpu(msg: impl Display) -> Self {
+        Error::Gpu(msg.to_string())
     }
 
     pub fn input(msg: impl Display) -> Self {

@@ -4,6 +4,7 @@
 //! - [`model`]: the Phi-2 configuration and forward pass on candle tensors;
 //! - [`weights`]: safetensors and GGUF readers that hand tensors to the model by name;
 //! - [`tokenizer`]: byte-level BPE and a UTF-8-safe streaming detokenizer;
+//! - [`gpu`]: the wgpu/WebGPU compute kernels (WGSL);
 //! - [`backend`]: the small interface generation and evaluation use to run a model;
 //! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
 //! - [`checkpoint`]: finding and opening a model folder or GGUF file.
@@ -13,6 +14,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gpu;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

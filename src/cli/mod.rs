@@ -6,6 +6,7 @@ mod chat;
 mod eval;
 mod eval_report;
 mod generate;
+mod gpu_info;
 mod info;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure load time, prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// Show the GPU adapter wgpu finds, with its limits and features.
+    GpuInfo,
     /// Score benchmark files (MedQA, PubMedQA, MedMCQA, MMLU, MedExQA) like lm-eval.
     Eval(eval::EvalArgs),
     /// Table and bar chart (PNG) comparing eval runs with published scores.
@@ -144,6 +147,7 @@ pub fn main() -> ExitCode {
         Command::Info(a) => info::info(a),
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
+        Command::GpuInfo => gpu_info::gpu_info(),
         Command::EvalReport(a) => eval_report::eval_report(a),
     };
     match result {

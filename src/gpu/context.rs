@@ -1,0 +1,167 @@
+//! Acquiring a GPU and moving bytes to and from it.
+
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+
+/// What the adapter is and offers, for `medphi gpu-info` and the page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuInfo {
+    pub adapter: String,
+    pub backend: String,
+    pub device_type: String,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+}
+
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: GpuInfo,
+    /// The first validation or out-of-memory error the device reported. wgpu's default
+    /// handler panics, which would kill the wasm module; we turn it into an `Error` at the
+    /// next readback instead.
+    fault: Arc<Mutex<Option<String>>>,
+}
+
+impl GpuContext {
+    /// Requests the best adapter and a device with the adapter's own limits: a 2.7B model
+    /// needs far more than WebGPU's 128/256 MiB defaults.
+    pub async fn new() -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::gpu(format!("no GPU adapter: {e}")))?;
+        let limits = adapter.limits();
+        let optional = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & optional;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("medphi"),
+                required_features: features,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::gpu(format!("cannot open the GPU device: {e}")))?;
+        let a = adapter.get_info();
+        let info = GpuInfo {
+            adapter: a.name,
+            backend: format!("{:?}", a.backend),
+            device_type: format!("{:?}", a.device_type),
+            max_buffer_size: limits.max_buffer_size,
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+        };
+        let fault = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&fault);
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut slot) = sink.lock() {
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }));
+        Ok(Self {
+            device,
+            queue,
+            info,
+            fault,
+        })
+    }
+
+    /// The device's first uncaptured error, if any, as an `Error`.
+    pub fn check_fault(&self) -> Result<()> {
+        match self.fault.lock().ok().and_then(|mut f| f.take()) {
+            Some(msg) => Err(Error::gpu(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Errors, naming `what` and the limit, if `bytes` cannot be bound as one storage buffer.
+    pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let limit = self
+            .info
+            .max_storage_buffer_binding_size
+            .min(self.info.max_buffer_size);
+        if bytes > limit {
+            return Err(Error::gpu(format!(
+                "{what} needs {bytes} bytes in one buffer, the adapter allows {limit} (max_storage_buffer_binding_size)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn upload(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
+        self.check_binding(label, std::mem::size_of_val(data) as u64)?;
+        Ok(self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            }))
+    }
+
+    /// An uninitialised storage buffer of `len` f32s.
+    pub fn storage(&self, label: &str, len: usize) -> Result<wgpu::Buffer> {
+        let size = (len.max(1) * 4) as u64;
+        self.check_binding(label, size)?;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// Copies `len` f32s back from `buffer`. Awaits the map in the browser; natively the
+    /// same future is driven by blocking on the device.
+    pub async fn read(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+        let size = (len * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::gpu(format!("waiting for the GPU failed: {e}")))?;
+        rx.await
+            .map_err(|_| Error::gpu("the GPU readback was dropped"))?
+            .map_err(|e| Error::gpu(format!("cannot map the readback buffer: {e}")))?;
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::gpu(format!("cannot read the mapped buffer: {e:?}")))?;
+        let data = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        self.check_fault()?;
+        Ok(data)
+    }
+}

@@ -1,0 +1,11 @@
+//! The WebGPU compute backend (wgpu): the same code natively (Vulkan, Metal, DX12; Mesa's
+//! lavapipe in CI) and in the browser (WebGPU).
+//!
+//! - `context`: adapter and device with the adapter's own limits, async readback;
+//! - `kernels`: compute pipelines built once from the `.wgsl` files in `shaders/`.
+
+mod context;
+mod kernels;
+
+pub use context::{GpuContext, GpuInfo};
+pub use kernels::{Kernels, MatmulParams};

@@ -1,0 +1,54 @@
+// y = x · wᵀ + b, with x (m × k), w (n × k) in Hugging Face's (out, in) layout, b (n).
+// 16 × 16 output tiles; x and w tiles of 16 along k are staged in workgroup memory.
+// Serves prefill (m = tokens) and decode (m = 1) until a dedicated GEMV lands.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    has_bias: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+const T: u32 = 16u;
+var<workgroup> xs: array<array<f32, 16>, 16>;
+var<workgroup> ws: array<array<f32, 16>, 16>;
+
+@compute @workgroup_size(16, 16)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: vec3<u32>) {
+    let row = wg.y * T + l.y;
+    let col = wg.x * T + l.x;
+    // The w row this thread stages: output column wg.x * T + l.y.
+    let w_row = wg.x * T + l.y;
+    var acc = 0.0;
+    let tiles = (p.k + T - 1u) / T;
+    for (var t = 0u; t < tiles; t++) {
+        let kk = t * T + l.x;
+        var xv = 0.0;
+        if (row < p.m && kk < p.k) {
+            xv = x[row * p.k + kk];
+        }
+        xs[l.y][l.x] = xv;
+        var wv = 0.0;
+        if (w_row < p.n && kk < p.k) {
+            wv = w[w_row * p.k + kk];
+        }
+        ws[l.y][l.x] = wv;
+        workgroupBarrier();
+        for (var i = 0u; i < T; i++) {
+            acc += xs[l.y][i] * ws[l.x][i];
+        }
+        workgroupBarrier();
+    }
+    if (row < p.m && col < p.n) {
+        if (p.has_bias == 1u) {
+            acc += b[col];
+        }
+        y[row * p.n + col] = acc;
+    }
+}
