@@ -165,3 +165,214 @@ fn device_errors_become_errors_not_panics() {
         .to_string();
     assert!(err.starts_with("GPU:"), "{err}");
 }
+
+fn run(ctx: &GpuContext, record: impl FnOnce(&mut wgpu::CommandEncoder)) {
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    record(&mut enc);
+    ctx.queue.submit([enc.finish()]);
+}
+
+fn u32_buffer(ctx: &GpuContext, data: &[u32]) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("u32"),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+#[test]
+fn embedding_gathers_rows_across_table_chunks() {
+    let (ctx, k) = ctx();
+    let (rows, dim) = (50, 7);
+    let table = rand(&[rows, dim], 1.0);
+    let ids = [3u32, 0, 49, 3, 25, 24];
+    let expected = table
+        .index_select(&Tensor::new(&ids, &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let out = ctx.storage("out", ids.len() * dim).unwrap();
+    let idb = u32_buffer(&ctx, &ids);
+    let all = values(&table);
+    // The table bound as two row chunks, as for an embedding larger than one binding.
+    for (start, count) in [(0usize, 25usize), (25, 25)] {
+        let chunk = ctx
+            .upload("chunk", &all[start * dim..(start + count) * dim])
+            .unwrap();
+        run(&ctx, |enc| {
+            k.embedding(
+                &ctx,
+                enc,
+                ids.len() as u32,
+                dim as u32,
+                (start as u32, count as u32),
+                (&idb, &chunk, &out),
+            )
+            .unwrap()
+        });
+    }
+    let got = pollster::block_on(ctx.read(&out, ids.len() * dim)).unwrap();
+    assert_eq!(got, values(&expected));
+}
+
+#[test]
+fn residual_and_argmax() {
+    let (ctx, k) = ctx();
+    let n = 70_001;
+    let (a, b, c) = (
+        values(&rand(&[n], 1.0)),
+        values(&rand(&[n], 1.0)),
+        values(&rand(&[n], 1.0)),
+    );
+    let xb = ctx.upload("x", &a).unwrap();
+    let (bb, cb) = (
+        ctx.upload("attn", &b).unwrap(),
+        ctx.upload("mlp", &c).unwrap(),
+    );
+    run(&ctx, |enc| {
+        k.residual(&ctx, enc, n as u32, (&xb, &bb, &cb)).unwrap()
+    });
+    let got = pollster::block_on(ctx.read(&xb, n)).unwrap();
+    let expected: Vec<f32> = (0..n).map(|i| a[i] + b[i] + c[i]).collect();
+    assert!(max_diff(&got, &expected) < 1e-6);
+
+    let mut logits = values(&rand(&[51_200], 2.0));
+    logits[40_000] = 50.0;
+    logits[777] = 50.0; // a tie: the first index wins
+    let lb = ctx.upload("logits", &logits).unwrap();
+    let out = u32_buffer(&ctx, &[0]);
+    run(&ctx, |enc| {
+        k.argmax(&ctx, enc, 50_295, (&lb, &out)).unwrap()
+    });
+    let got = pollster::block_on(ctx.read(&out, 1)).unwrap();
+    assert_eq!(got[0].to_bits(), 777);
+    assert_eq!(medphi::generate::argmax(&logits[..50_295]), 777);
+}
+
+/// Plain-loop reference: NeoX rotary on the first `rd` dims, causal softmax attention.
+#[allow(clippy::too_many_arguments)]
+fn attention_reference(
+    q: &[f32],
+    ks: &[Vec<f32>],
+    vs: &[Vec<f32>],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    rd: usize,
+    start: usize,
+    theta: f64,
+) -> Vec<f32> {
+    let rotate = |x: &[f32], pos: usize| -> Vec<f64> {
+        let half = rd / 2;
+        (0..hd)
+            .map(|d| {
+                if d >= rd {
+                    return f64::from(x[d]);
+                }
+                let j = d % half;
+                let angle = pos as f64 / theta.powf(2.0 * j as f64 / rd as f64);
+                let (s, c) = angle.sin_cos();
+                if d < half {
+                    f64::from(x[d]) * c - f64::from(x[d + half]) * s
+                } else {
+                    f64::from(x[d]) * c + f64::from(x[d - half]) * s
+                }
+            })
+            .collect()
+    };
+    let seq = q.len() / (heads * hd);
+    let mut out = vec![0f32; q.len()];
+    for t in 0..seq {
+        let pos = start + t;
+        for h in 0..heads {
+            let kv = h / (heads / kv_heads);
+            let qr = rotate(&q[(t * heads + h) * hd..][..hd], pos);
+            let scores: Vec<f64> = (0..=pos)
+                .map(|j| {
+                    let kr = rotate(&ks[j][kv * hd..][..hd], j);
+                    qr.iter().zip(&kr).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for d in 0..hd {
+                let o: f64 = (0..=pos)
+                    .map(|j| w[j] * f64::from(vs[j][kv * hd + d]))
+                    .sum::<f64>()
+                    / sum;
+                out[(t * heads + h) * hd + d] = o as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rotary_kv_cache_and_attention_match_a_plain_reference() {
+    let (ctx, k) = ctx();
+    // Phi-2's head (80 dims, 32 rotary) with grouped kv heads, prefill then decode.
+    let (heads, kv_heads, hd, rd, cap, theta) =
+        (4usize, 2usize, 80usize, 32usize, 64usize, 10_000f64);
+    let half = rd / 2;
+    let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cap)
+        .flat_map(|p| (0..half).map(move |j| (p, j)))
+        .map(|(p, j)| {
+            let inv = 1.0 / theta.powf(2.0 * j as f64 / rd as f64) as f32;
+            let a = p as f32 * inv;
+            (a.cos(), a.sin())
+        })
+        .unzip();
+    let (cos_b, sin_b) = (
+        ctx.upload("cos", &cos).unwrap(),
+        ctx.upload("sin", &sin).unwrap(),
+    );
+    let k_cache = ctx.storage("k_cache", kv_heads * cap * hd).unwrap();
+    let v_cache = ctx.storage("v_cache", kv_heads * cap * hd).unwrap();
+    let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+    for (start, seq) in [(0usize, 9usize), (9, 1), (10, 3)] {
+        let q = values(&rand(&[seq, heads * hd], 1.0));
+        let kk = values(&rand(&[seq, kv_heads * hd], 1.0));
+        let v = values(&rand(&[seq, kv_heads * hd], 1.0));
+        for t in 0..seq {
+            all_k.push(kk[t * kv_heads * hd..][..kv_heads * hd].to_vec());
+            all_v.push(v[t * kv_heads * hd..][..kv_heads * hd].to_vec());
+        }
+        let (qb, kb, vb) = (
+            ctx.upload("q", &q).unwrap(),
+            ctx.upload("k", &kk).unwrap(),
+            ctx.upload("v", &v).unwrap(),
+        );
+        let q_out = ctx.storage("q_rot", q.len()).unwrap();
+        let out = ctx.storage("attn", q.len()).unwrap();
+        let shape = medphi::gpu::AttentionShape {
+            seq: seq as u32,
+            heads: heads as u32,
+            kv_heads: kv_heads as u32,
+            head_dim: hd as u32,
+            rotary_dim: rd as u32,
+            start: start as u32,
+            capacity: cap as u32,
+        };
+        run(&ctx, |enc| {
+            let b = medphi::gpu::RopeKvBuffers {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+                cos: &cos_b,
+                sin: &sin_b,
+                q_out: &q_out,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
+            };
+            k.rope_kv(&ctx, enc, shape, b).unwrap();
+            k.attention(&ctx, enc, shape, (&q_out, &k_cache, &v_cache, &out))
+                .unwrap();
+        });
+        let got = pollster::block_on(ctx.read(&out, q.len())).unwrap();
+        let expected =
+            attention_reference(&q, &all_k, &all_v, heads, kv_heads, hd, rd, start, theta);
+        let diff = max_diff(&got, &expected);
+        assert!(diff < 1e-4, "start {start}, seq {seq}: max diff {diff}");
+    }
+}

@@ -27,10 +27,63 @@ struct LayerNormParams {
     _pad: u32,
 }
 
+/// Shapes for `rope_kv` and `attention`: `seq` new tokens at positions `start..`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttentionShape {
+    pub seq: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub rotary_dim: u32,
+    pub start: u32,
+    pub capacity: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttentionParams {
+    seq: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    start: u32,
+    capacity: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// Buffers of `rope_kv`: projections in, rotated queries and the KV cache out.
+pub struct RopeKvBuffers<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub cos: &'a wgpu::Buffer,
+    pub sin: &'a wgpu::Buffer,
+    pub q_out: &'a wgpu::Buffer,
+    pub k_cache: &'a wgpu::Buffer,
+    pub v_cache: &'a wgpu::Buffer,
+}
+
 pub struct Kernels {
     matmul: wgpu::ComputePipeline,
     layer_norm: wgpu::ComputePipeline,
     gelu_new: wgpu::ComputePipeline,
+    embedding: wgpu::ComputePipeline,
+    residual: wgpu::ComputePipeline,
+    argmax: wgpu::ComputePipeline,
+    rope_kv: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
+}
+
+/// Workgroups for `len` threads of 256, spread over two dimensions past the per-dimension cap.
+fn elementwise_groups(len: u32) -> (u32, u32) {
+    let groups = len.div_ceil(256).max(1);
+    if groups > MAX_GROUPS {
+        (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
+    } else {
+        (groups, 1)
+    }
 }
 
 fn pipeline(device: &wgpu::Device, label: &str, source: &str) -> wgpu::ComputePipeline {
@@ -55,6 +108,11 @@ impl Kernels {
             matmul: pipeline(d, "matmul", include_str!("shaders/matmul.wgsl")),
             layer_norm: pipeline(d, "layer_norm", include_str!("shaders/layer_norm.wgsl")),
             gelu_new: pipeline(d, "gelu_new", include_str!("shaders/gelu_new.wgsl")),
+            embedding: pipeline(d, "embedding", include_str!("shaders/embedding.wgsl")),
+            residual: pipeline(d, "residual", include_str!("shaders/residual.wgsl")),
+            argmax: pipeline(d, "argmax", include_str!("shaders/argmax.wgsl")),
+            rope_kv: pipeline(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
+            attention: pipeline(d, "attention", include_str!("shaders/attention.wgsl")),
         }
     }
 
@@ -65,9 +123,9 @@ impl Kernels {
         pipeline: &wgpu::ComputePipeline,
         params: &[u8],
         buffers: &[&wgpu::Buffer],
-        groups: (u32, u32),
+        groups: (u32, u32, u32),
     ) -> Result<()> {
-        if groups.0 > MAX_GROUPS || groups.1 > MAX_GROUPS {
+        if groups.0 > MAX_GROUPS || groups.1 > MAX_GROUPS || groups.2 > MAX_GROUPS {
             return Err(Error::gpu(format!(
                 "dispatch of {groups:?} workgroups exceeds {MAX_GROUPS} per dimension"
             )));
@@ -97,7 +155,7 @@ impl Kernels {
         let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(groups.0, groups.1, 1);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         Ok(())
     }
 
@@ -109,7 +167,7 @@ impl Kernels {
         p: MatmulParams,
         (x, w, bias, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
-        let groups = (p.n.div_ceil(16), p.m.div_ceil(16));
+        let groups = (p.n.div_ceil(16), p.m.div_ceil(16), 1);
         self.dispatch(
             ctx,
             encoder,
@@ -143,7 +201,7 @@ impl Kernels {
             &self.layer_norm,
             bytemuck::bytes_of(&p),
             &[x, gamma, beta, y],
-            (rows, 1),
+            (rows, 1, 1),
         )
     }
 
@@ -155,13 +213,7 @@ impl Kernels {
         len: u32,
         x: &wgpu::Buffer,
     ) -> Result<()> {
-        let groups = len.div_ceil(256);
-        // Spread over two dimensions when one would exceed the per-dimension cap.
-        let (gx, gy) = if groups > MAX_GROUPS {
-            (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
-        } else {
-            (groups.max(1), 1)
-        };
+        let (gx, gy) = elementwise_groups(len);
         // Uniform blocks are padded to 16 bytes.
         let params = [len, 0, 0, 0];
         self.dispatch(
@@ -170,7 +222,131 @@ impl Kernels {
             &self.gelu_new,
             bytemuck::cast_slice(&params),
             &[x],
-            (gx, gy),
+            (gx, gy, 1),
+        )
+    }
+
+    /// `out[t] = table[ids[t]]` for the ids within rows `row_start..row_start+row_count`
+    /// of the table, which `table` holds (one chunk of a table split by rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        tokens: u32,
+        dim: u32,
+        (row_start, row_count): (u32, u32),
+        (ids, table, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    ) -> Result<()> {
+        let (gx, gy) = elementwise_groups(tokens * dim);
+        let params = [tokens, dim, row_start, row_count];
+        self.dispatch(
+            ctx,
+            encoder,
+            &self.embedding,
+            bytemuck::cast_slice(&params),
+            &[ids, table, out],
+            (gx, gy, 1),
+        )
+    }
+
+    /// `x += attn + mlp` over `len` values.
+    pub fn residual(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        len: u32,
+        (x, attn, mlp): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    ) -> Result<()> {
+        let (gx, gy) = elementwise_groups(len);
+        let params = [len, 0, 0, 0];
+        self.dispatch(
+            ctx,
+            encoder,
+            &self.residual,
+            bytemuck::cast_slice(&params),
+            &[x, attn, mlp],
+            (gx, gy, 1),
+        )
+    }
+
+    /// `out[0]` = index of the largest of the first `len` values of `x`.
+    pub fn argmax(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        len: u32,
+        (x, out): (&wgpu::Buffer, &wgpu::Buffer),
+    ) -> Result<()> {
+        let params = [len, 0, 0, 0];
+        self.dispatch(
+            ctx,
+            encoder,
+            &self.argmax,
+            bytemuck::cast_slice(&params),
+            &[x, out],
+            (1, 1, 1),
+        )
+    }
+
+    /// Rotary embedding of queries into `q_out`; rotated keys and values into the cache.
+    pub fn rope_kv(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: AttentionShape,
+        b: RopeKvBuffers<'_>,
+    ) -> Result<()> {
+        let mut params = [0u32; 8];
+        params[..7].copy_from_slice(bytemuck::cast_slice(&[shape]));
+        let groups = (
+            shape.head_dim.div_ceil(64),
+            shape.heads + shape.kv_heads,
+            shape.seq,
+        );
+        let buffers = [b.q, b.k, b.v, b.cos, b.sin, b.q_out, b.k_cache, b.v_cache];
+        self.dispatch(
+            ctx,
+            encoder,
+            &self.rope_kv,
+            bytemuck::cast_slice(&params),
+            &buffers,
+            groups,
+        )
+    }
+
+    /// Causal attention of the `seq` new (rotated) queries over the cache.
+    pub fn attention(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        shape: AttentionShape,
+        (q, k_cache, v_cache, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    ) -> Result<()> {
+        if shape.head_dim > 128 {
+            return Err(Error::gpu(format!(
+                "head_dim {} exceeds the attention kernel's 128",
+                shape.head_dim
+            )));
+        }
+        let params = AttentionParams {
+            seq: shape.seq,
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            start: shape.start,
+            capacity: shape.capacity,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            _pad: 0,
+        };
+        let groups = (shape.heads, shape.seq, 1);
+        self.dispatch(
+            ctx,
+            encoder,
+            &self.attention,
+            bytemuck::bytes_of(&params),
+            &[q, k_cache, v_cache, out],
+            groups,
         )
     }
 }

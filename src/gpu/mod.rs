@@ -8,4 +8,4 @@ mod context;
 mod kernels;
 
 pub use context::{GpuContext, GpuInfo};
-pub use kernels::{Kernels, MatmulParams};
+pub use kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers};
