@@ -52,12 +52,7 @@ fn matmul_with_bias_matches_candle() {
         );
         let y = ctx.storage("y", m * n).unwrap();
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let p = MatmulParams {
-            m: m as u32,
-            n: n as u32,
-            k: kk as u32,
-            has_bias: 1,
-        };
+        let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
         k.matmul(&ctx, &mut enc, p, (&xb, &wb, &bb, &y)).unwrap();
         ctx.queue.submit([enc.finish()]);
         let got = pollster::block_on(ctx.read(&y, m * n)).unwrap();
@@ -152,12 +147,7 @@ fn device_errors_become_errors_not_panics() {
         mapped_at_creation: false,
     });
     let mut enc = ctx.device.create_command_encoder(&Default::default());
-    let p = MatmulParams {
-        m: 1,
-        n: 1,
-        k: 4,
-        has_bias: 0,
-    };
+    let p = MatmulParams::new(1, 1, 4, false);
     k.matmul(&ctx, &mut enc, p, (&x, &x, &x, &tiny)).unwrap();
     ctx.queue.submit([enc.finish()]);
     let err = pollster::block_on(ctx.read(&tiny, 1))

@@ -16,6 +16,31 @@ pub struct MatmulParams {
     pub n: u32,
     pub k: u32,
     pub has_bias: u32,
+    /// Row stride of the output (≥ n).
+    pub ldy: u32,
+    /// First output column written.
+    pub col_offset: u32,
+    _pad: [u32; 2],
+}
+
+impl MatmulParams {
+    /// A plain `(m × k) · (n × k)ᵀ` into a dense `(m × n)` output.
+    pub fn new(m: u32, n: u32, k: u32, bias: bool) -> Self {
+        Self::into_columns(m, n, k, bias, n, 0)
+    }
+
+    /// The same, writing columns `col_offset..col_offset+n` of an output with rows of `ldy`.
+    pub fn into_columns(m: u32, n: u32, k: u32, bias: bool, ldy: u32, col_offset: u32) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            has_bias: u32::from(bias),
+            ldy,
+            col_offset,
+            _pad: [0; 2],
+        }
+    }
 }
 
 #[repr(C)]

@@ -1,4 +1,6 @@
 // y = x · wᵀ + b, with x (m × k), w (n × k) in Hugging Face's (out, in) layout, b (n).
+// y has row stride `ldy` and the n columns start at `col_offset`, so a weight split by rows
+// (an lm_head larger than one binding) writes its slice of the full logits row.
 // 16 × 16 output tiles; x and w tiles of 16 along k are staged in workgroup memory.
 // Serves prefill (m = tokens) and decode (m = 1) until a dedicated GEMV lands.
 
@@ -7,6 +9,10 @@ struct Params {
     n: u32,
     k: u32,
     has_bias: u32,
+    ldy: u32,
+    col_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -49,6 +55,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: v
         if (p.has_bias == 1u) {
             acc += b[col];
         }
-        y[row * p.n + col] = acc;
+        y[row * p.ldy + p.col_offset + col] = acc;
     }
 }

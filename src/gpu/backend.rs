@@ -1,0 +1,394 @@
+//! The whole Phi-2 forward pass on the GPU: weights, KV cache and activations stay in GPU
+//! buffers; one command encoder per forward records every dispatch, and only the logits
+//! rows asked for come back.
+//!
+//! Dense f32 weights for now: quantized GGUF matrices are dequantized at load.
+
+use candle_core::DType;
+use wgpu::Buffer;
+
+use super::context::GpuContext;
+use super::kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers};
+use crate::error::{Error, Result};
+use crate::model::{Activation, Logits, PhiConfig};
+use crate::weights::TensorSource;
+
+/// Tokens processed per recorded pass; longer prompts run in several.
+const CHUNK: usize = 256;
+
+struct Linear {
+    w: Buffer,
+    b: Buffer,
+    out: u32,
+    inp: u32,
+}
+
+struct Layer {
+    ln_w: Buffer,
+    ln_b: Buffer,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    dense: Linear,
+    fc1: Linear,
+    fc2: Linear,
+    k_cache: Buffer,
+    v_cache: Buffer,
+}
+
+/// Activations for up to `CHUNK` tokens, allocated once.
+struct Scratch {
+    ids: Buffer,
+    x: Buffer,
+    h: Buffer,
+    q: Buffer,
+    k: Buffer,
+    v: Buffer,
+    q_rot: Buffer,
+    attn: Buffer,
+    proj: Buffer,
+    mlp_hidden: Buffer,
+    mlp: Buffer,
+    last: Buffer,
+}
+
+/// A matrix split into row ranges that each fit one storage binding.
+struct RowChunks {
+    chunks: Vec<(u32, u32, Buffer, Option<Buffer>)>,
+}
+
+pub struct GpuBackend {
+    ctx: GpuContext,
+    kernels: Kernels,
+    cfg: PhiConfig,
+    embed: RowChunks,
+    layers: Vec<Layer>,
+    final_ln_w: Buffer,
+    final_ln_b: Buffer,
+    lm_head: RowChunks,
+    cos: Buffer,
+    sin: Buffer,
+    scratch: Scratch,
+    capacity: usize,
+    len: usize,
+}
+
+fn host(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = src.tensor(name, shape)?.dense()?;
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+impl GpuBackend {
+    /// Uploads a checkpoint's weights to a new GPU device and preallocates the KV cache for
+    /// `context` tokens (default: the model's context length).
+    pub async fn load(
+        cfg: &PhiConfig,
+        src: &dyn TensorSource,
+        context: Option<usize>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.hidden_act != Activation::GeluTanh {
+            return Err(Error::gpu("only the gelu_new activation has a GPU kernel"));
+        }
+        if cfg.head_dim() > 128 {
+            return Err(Error::gpu(format!(
+                "head_dim {} exceeds the attention kernel's 128",
+                cfg.head_dim()
+            )));
+        }
+        src.check(&crate::model::expected_tensors(cfg))?;
+        let ctx = GpuContext::new().await?;
+        let kernels = Kernels::new(&ctx);
+        let capacity = context
+            .unwrap_or(usize::MAX)
+            .min(cfg.max_position_embeddings);
+        let (h, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let kv = cfg.num_key_value_heads * cfg.head_dim();
+        let upload = |name: &str, shape: &[usize]| -> Result<Buffer> {
+            ctx.upload(name, &host(src, name, shape)?)
+        };
+        let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                w: upload(&format!("{prefix}.weight"), &[out, inp])?,
+                b: upload(&format!("{prefix}.bias"), &[out])?,
+                out: out as u32,
+                inp: inp as u32,
+            })
+        };
+        let embed = Self::row_chunks(&ctx, src, "model.embed_tokens.weight", None, vocab, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let cache = cfg.num_key_value_heads * capacity * cfg.head_dim();
+            layers.push(Layer {
+                ln_w: upload(&format!("{p}.input_layernorm.weight"), &[h])?,
+                ln_b: upload(&format!("{p}.input_layernorm.bias"), &[h])?,
+                q: linear(&format!("{p}.self_attn.q_proj"), h, h)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
+                dense: linear(&format!("{p}.self_attn.dense"), h, h)?,
+                fc1: linear(&format!("{p}.mlp.fc1"), inter, h)?,
+                fc2: linear(&format!("{p}.mlp.fc2"), h, inter)?,
+                k_cache: ctx.storage(&format!("{p} k cache"), cache)?,
+                v_cache: ctx.storage(&format!("{p} v cache"), cache)?,
+            });
+        }
+        let head_name = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = Self::row_chunks(&ctx, src, head_name, Some("lm_head.bias"), vocab, h)?;
+        let rd = cfg.rotary_dim();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cfg.max_position_embeddings)
+            .flat_map(|p| (0..rd / 2).map(move |j| (p, j)))
+            .map(|(p, j)| {
+                // The CPU path's table: f32 inverse frequency times f32 position.
+                let inv = 1.0 / cfg.rope_theta.powf((2 * j) as f64 / rd as f64) as f32;
+                let a = p as f32 * inv;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        let rows = CHUNK.min(capacity);
+        let scratch = Scratch {
+            ids: ctx.storage("ids", rows)?,
+            x: ctx.storage("x", rows * h)?,
+            h: ctx.storage("h", rows * h)?,
+            q: ctx.storage("q", rows * h)?,
+            k: ctx.storage("k", rows * kv)?,
+            v: ctx.storage("v", rows * kv)?,
+            q_rot: ctx.storage("q_rot", rows * h)?,
+            attn: ctx.storage("attn", rows * h)?,
+            proj: ctx.storage("proj", rows * h)?,
+            mlp_hidden: ctx.storage("mlp_hidden", rows * inter)?,
+            mlp: ctx.storage("mlp", rows * h)?,
+            last: ctx.storage("last", h)?,
+        };
+        Ok(Self {
+            cos: ctx.upload("cos", &cos)?,
+            sin: ctx.upload("sin", &sin)?,
+            final_ln_w: upload("model.final_layernorm.weight", &[h])?,
+            final_ln_b: upload("model.final_layernorm.bias", &[h])?,
+            ctx,
+            kernels,
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            lm_head,
+            scratch,
+            capacity,
+            len: 0,
+        })
+    }
+
+    /// Uploads `name` (rows × cols) as row ranges that each fit one binding.
+    fn row_chunks(
+        ctx: &GpuContext,
+        src: &dyn TensorSource,
+        name: &str,
+        bias: Option<&str>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<RowChunks> {
+        let data = host(src, name, &[rows, cols])?;
+        let bias = bias.map(|b| host(src, b, &[rows])).transpose()?;
+        let limit = ctx
+            .info
+            .max_storage_buffer_binding_size
+            .min(ctx.info.max_buffer_size);
+        let per_chunk = ((limit / (cols as u64 * 4)) as usize).min(rows);
+        if per_chunk == 0 {
+            return Err(Error::gpu(format!(
+                "one row of {name} ({cols} values) exceeds the adapter's binding limit {limit}"
+            )));
+        }
+        let mut chunks = Vec::new();
+        for start in (0..rows).step_by(per_chunk) {
+            let n = per_chunk.min(rows - start);
+            let w = ctx.upload(name, &data[start * cols..(start + n) * cols])?;
+            let b = bias
+                .as_ref()
+                .map(|b| ctx.upload("bias", &b[start..start + n]))
+                .transpose()?;
+            chunks.push((start as u32, n as u32, w, b));
+        }
+        Ok(RowChunks { chunks })
+    }
+
+    pub fn info(&self) -> &super::GpuInfo {
+        &self.ctx.info
+    }
+
+    fn linear(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        l: &Linear,
+        m: u32,
+        x: &Buffer,
+        y: &Buffer,
+    ) -> Result<()> {
+        let p = MatmulParams::new(m, l.out, l.inp, true);
+        self.kernels.matmul(&self.ctx, enc, p, (x, &l.w, &l.b, y))
+    }
+
+    /// Runs `tokens` (at most `CHUNK`) after the cached positions; returns the logits rows.
+    async fn forward_chunk(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (seq, h) = (tokens.len() as u32, cfg.hidden_size as u32);
+        let shape = AttentionShape {
+            seq,
+            heads: cfg.num_attention_heads as u32,
+            kv_heads: cfg.num_key_value_heads as u32,
+            head_dim: cfg.head_dim() as u32,
+            rotary_dim: cfg.rotary_dim() as u32,
+            start: self.len as u32,
+            capacity: self.capacity as u32,
+        };
+        let s = &self.scratch;
+        let (k, ctx) = (&self.kernels, &self.ctx);
+        ctx.queue
+            .write_buffer(&s.ids, 0, bytemuck::cast_slice(tokens));
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        for (start, count, table, _) in &self.embed.chunks {
+            k.embedding(
+                ctx,
+                &mut enc,
+                seq,
+                h,
+                (*start, *count),
+                (&s.ids, table, &s.x),
+            )?;
+        }
+        let eps = cfg.layer_norm_eps as f32;
+        for layer in &self.layers {
+            k.layer_norm(
+                ctx,
+                &mut enc,
+                seq,
+                h,
+                eps,
+                (&s.x, &layer.ln_w, &layer.ln_b, &s.h),
+            )?;
+            self.linear(&mut enc, &layer.q, seq, &s.h, &s.q)?;
+            self.linear(&mut enc, &layer.k, seq, &s.h, &s.k)?;
+            self.linear(&mut enc, &layer.v, seq, &s.h, &s.v)?;
+            let b = RopeKvBuffers {
+                q: &s.q,
+                k: &s.k,
+                v: &s.v,
+                cos: &self.cos,
+                sin: &self.sin,
+                q_out: &s.q_rot,
+                k_cache: &layer.k_cache,
+                v_cache: &layer.v_cache,
+            };
+            k.rope_kv(ctx, &mut enc, shape, b)?;
+            k.attention(
+                ctx,
+                &mut enc,
+                shape,
+                (&s.q_rot, &layer.k_cache, &layer.v_cache, &s.attn),
+            )?;
+            self.linear(&mut enc, &layer.dense, seq, &s.attn, &s.proj)?;
+            self.linear(&mut enc, &layer.fc1, seq, &s.h, &s.mlp_hidden)?;
+            k.gelu_new(ctx, &mut enc, seq * layer.fc1.out, &s.mlp_hidden)?;
+            self.linear(&mut enc, &layer.fc2, seq, &s.mlp_hidden, &s.mlp)?;
+            k.residual(ctx, &mut enc, seq * h, (&s.x, &s.proj, &s.mlp))?;
+        }
+        let (rows, input) = match which {
+            Logits::All => (seq, &s.x),
+            Logits::Last => {
+                let row = u64::from(h) * 4;
+                enc.copy_buffer_to_buffer(&s.x, u64::from(seq - 1) * row, &s.last, 0, row);
+                (1, &s.last)
+            }
+        };
+        k.layer_norm(
+            ctx,
+            &mut enc,
+            rows,
+            h,
+            eps,
+            (input, &self.final_ln_w, &self.final_ln_b, &s.h),
+        )?;
+        let vocab = cfg.vocab_size as u32;
+        let logits = ctx.storage("logits", (rows * vocab) as usize)?;
+        for (start, count, w, b) in &self.lm_head.chunks {
+            let bias = b
+                .as_ref()
+                .ok_or_else(|| Error::gpu("lm_head bias missing"))?;
+            let p = MatmulParams::into_columns(rows, *count, h, true, vocab, *start);
+            k.matmul(ctx, &mut enc, p, (&s.h, w, bias, &logits))?;
+        }
+        ctx.queue.submit([enc.finish()]);
+        self.len += tokens.len();
+        ctx.read(&logits, (rows * vocab) as usize).await
+    }
+
+    /// The GPU forward, usable from async code (the browser).
+    pub async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::input("forward called with no tokens"));
+        }
+        if self.len + tokens.len() > self.capacity {
+            return Err(Error::input(format!(
+                "context length exceeded: {} tokens already, {} more, the context is {}",
+                self.len,
+                tokens.len(),
+                self.capacity
+            )));
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(Error::input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let mut out = Vec::new();
+        let pieces: Vec<&[u32]> = tokens.chunks(CHUNK.min(self.capacity)).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let last_piece = i + 1 == pieces.len();
+            let rows = match which {
+                Logits::All => self.forward_chunk(piece, Logits::All).await?,
+                Logits::Last if last_piece => self.forward_chunk(piece, Logits::Last).await?,
+                // Earlier pieces of a prompt only fill the cache; their one logits row is dropped.
+                Logits::Last => {
+                    self.forward_chunk(piece, Logits::Last).await?;
+                    continue;
+                }
+            };
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl crate::backend::Backend for GpuBackend {
+    fn name(&self) -> String {
+        format!(
+            "wgpu: {} ({})",
+            self.ctx.info.adapter, self.ctx.info.backend
+        )
+    }
+
+    fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn cached(&self) -> usize {
+        self.len
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        pollster::block_on(self.forward_async(tokens, which))
+    }
+}
