@@ -25,6 +25,27 @@ pub trait Backend {
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
 }
 
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn config(&self) -> &PhiConfig {
+        (**self).config()
+    }
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+    fn cached(&self) -> usize {
+        (**self).cached()
+    }
+    fn truncate(&mut self, len: usize) {
+        (**self).truncate(len)
+    }
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        (**self).forward(tokens, which)
+    }
+}
+
 /// The candle CPU path (natively, and in wasm with simd128).
 pub struct CpuBackend {
     model: Phi,

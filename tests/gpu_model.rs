@@ -12,8 +12,14 @@ use medphi::model::Logits;
 
 fn gpu(path: &str, tokenizer: Option<&str>) -> (GpuBackend, medphi::tokenizer::PhiTokenizer) {
     let tok = tokenizer.map(|t| fixtures().join(t));
-    let ckpt = Checkpoint::open(&fixtures().join(path), tok.as_deref(), candle_core::DType::F32).unwrap();
-    let backend = pollster::block_on(GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)).unwrap();
+    let ckpt = Checkpoint::open(
+        &fixtures().join(path),
+        tok.as_deref(),
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let backend =
+        pollster::block_on(GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)).unwrap();
     (backend, ckpt.tokenizer)
 }
 
@@ -49,7 +55,9 @@ fn greedy_generation_matches_transformers_for_64_tokens() {
         max_new_tokens: 64,
         ..Default::default()
     };
-    let g = session.generate(&tokenizer, &r.input_ids, &opts, &mut |_| true).unwrap();
+    let g = session
+        .generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)
+        .unwrap();
     assert_eq!(g.output_ids, r.greedy_ids);
 }
 
@@ -67,6 +75,14 @@ fn dequantized_gguf_matches_transformers_on_the_same_weights() {
 fn rejects_overlong_input_and_bad_ids() {
     let (mut backend, _) = gpu("tiny-phi", None);
     let too_long = vec![1u32; backend.capacity() + 1];
-    assert!(backend.forward(&too_long, Logits::Last).unwrap_err().to_string().contains("context"));
-    assert!(backend.forward(&[60_000], Logits::Last).unwrap_err().to_string().contains("vocabulary"));
+    assert!(backend
+        .forward(&too_long, Logits::Last)
+        .unwrap_err()
+        .to_string()
+        .contains("context"));
+    assert!(backend
+        .forward(&[60_000], Logits::Last)
+        .unwrap_err()
+        .to_string()
+        .contains("vocabulary"));
 }

@@ -17,9 +17,10 @@ use anyhow::Result;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use medphi::backend::CpuBackend;
+use medphi::backend::{Backend, CpuBackend};
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::SamplingParams;
+use medphi::gpu::GpuBackend;
 use medphi::tokenizer::PhiTokenizer;
 
 #[derive(Parser)]
@@ -55,7 +56,10 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BackendKind {
+    /// candle on the CPU.
     Cpu,
+    /// The WGSL kernels through wgpu (Vulkan/Metal/DX12; lavapipe without a GPU).
+    Wgpu,
 }
 
 /// How to find and run a model; shared by every subcommand.
@@ -77,13 +81,23 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Opens the checkpoint, checks it and builds the backend, with a spinner meanwhile.
     /// Also returns the checkpoint's format ("safetensors" or "gguf").
-    pub fn load(&self) -> Result<(CpuBackend, PhiTokenizer, &'static str)> {
+    pub fn load(&self) -> Result<(Box<dyn Backend>, PhiTokenizer, &'static str)> {
         let spinner = spinner(&format!("loading {}", self.model.display()));
         let ckpt = Checkpoint::open(&self.model, self.tokenizer.as_deref(), DType::F32)?;
         let format = ckpt.format;
-        let (model, tokenizer) = ckpt.into_model(true)?;
-        let backend = match self.backend {
-            BackendKind::Cpu => CpuBackend::new(model, self.context)?,
+        let (backend, tokenizer): (Box<dyn Backend>, PhiTokenizer) = match self.backend {
+            BackendKind::Cpu => {
+                let (model, tokenizer) = ckpt.into_model(true)?;
+                (Box::new(CpuBackend::new(model, self.context)?), tokenizer)
+            }
+            BackendKind::Wgpu => {
+                let gpu = pollster::block_on(GpuBackend::load(
+                    &ckpt.config,
+                    ckpt.weights.as_ref(),
+                    self.context,
+                ))?;
+                (Box::new(gpu), ckpt.tokenizer)
+            }
         };
         spinner.finish_and_clear();
         Ok((backend, tokenizer, format))

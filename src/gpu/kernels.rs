@@ -92,6 +92,7 @@ pub struct RopeKvBuffers<'a> {
 
 pub struct Kernels {
     matmul: wgpu::ComputePipeline,
+    gemv: wgpu::ComputePipeline,
     layer_norm: wgpu::ComputePipeline,
     gelu_new: wgpu::ComputePipeline,
     embedding: wgpu::ComputePipeline,
@@ -131,6 +132,7 @@ impl Kernels {
         let d = &ctx.device;
         Self {
             matmul: pipeline(d, "matmul", include_str!("shaders/matmul.wgsl")),
+            gemv: pipeline(d, "gemv", include_str!("shaders/gemv.wgsl")),
             layer_norm: pipeline(d, "layer_norm", include_str!("shaders/layer_norm.wgsl")),
             gelu_new: pipeline(d, "gelu_new", include_str!("shaders/gelu_new.wgsl")),
             embedding: pipeline(d, "embedding", include_str!("shaders/embedding.wgsl")),
@@ -185,6 +187,7 @@ impl Kernels {
     }
 
     /// `y = x · wᵀ + b` for `x` (m × k), `w` (n × k); `bias` may be any buffer when absent.
+    /// A single row (decode) takes the GEMV kernel, more rows (prefill) the tiled GEMM.
     pub fn matmul(
         &self,
         ctx: &GpuContext,
@@ -192,6 +195,17 @@ impl Kernels {
         p: MatmulParams,
         (x, w, bias, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
+        if p.m == 1 {
+            let (gx, gy) = elementwise_groups(p.n);
+            return self.dispatch(
+                ctx,
+                encoder,
+                &self.gemv,
+                bytemuck::bytes_of(&p),
+                &[x, w, bias, y],
+                (gx, gy, 1),
+            );
+        }
         let groups = (p.n.div_ceil(16), p.m.div_ceil(16), 1);
         self.dispatch(
             ctx,
