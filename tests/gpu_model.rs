@@ -86,3 +86,35 @@ fn rejects_overlong_input_and_bad_ids() {
         .to_string()
         .contains("vocabulary"));
 }
+
+#[test]
+fn cli_generates_the_reference_tokens_on_wgpu() {
+    let r = reference();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-phi"))
+        .args([
+            "--prompt",
+            r.json["prompt"].as_str().unwrap(),
+            "--max-new-tokens",
+            "64",
+        ])
+        .args(["--temperature", "0", "--backend", "wgpu", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(v["output_ids"].clone()).unwrap();
+    assert_eq!(ids, r.greedy_ids);
+    let info = std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .arg("gpu-info")
+        .output()
+        .unwrap();
+    assert!(info.status.success());
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);
+}
