@@ -23,6 +23,15 @@ pub trait Backend {
     /// Runs `tokens` after the cached positions and caches them. Returns row-major logits,
     /// one row of `vocab_size` per token (`Logits::All`) or for the last token only.
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
+    /// Runs `tokens` like `forward` and returns the most likely next token among ids below
+    /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
+    /// greedy decoding moves one id instead of a row of logits.
+    fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+        let logits = self.forward(tokens, Logits::Last)?;
+        Ok(crate::generate::argmax(
+            &logits[..vocab_limit.min(logits.len())],
+        ))
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -43,6 +52,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         (**self).forward(tokens, which)
+    }
+    fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+        (**self).forward_greedy(tokens, vocab_limit)
     }
 }
 

@@ -57,6 +57,12 @@ pub struct Generation {
     pub reused_tokens: usize,
 }
 
+/// What a forward hands back to the decoding loop.
+enum Next {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
 /// A backend plus the ids its KV cache holds, so a new prompt that extends the previous
 /// conversation only computes the new part.
 pub struct Session<B: Backend> {
@@ -87,9 +93,20 @@ impl<B: Backend> Session<B> {
         self.backend.truncate(0);
     }
 
-    /// Makes the cache hold exactly `ids` and returns the logits after the last one.
-    /// Returns how many ids were reused from the cache.
-    fn prefill(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
+    /// Runs `ids` after the cache; `greedy = Some(limit)` asks the backend for the argmax
+    /// below `limit` (on the device where it can) instead of a row of logits.
+    fn run(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<Next> {
+        let next = match greedy {
+            Some(limit) => Next::Token(self.backend.forward_greedy(ids, limit)?),
+            None => Next::Logits(self.backend.forward(ids, Logits::Last)?),
+        };
+        self.cached_ids.extend_from_slice(ids);
+        Ok(next)
+    }
+
+    /// Makes the cache hold exactly `ids` and returns what follows the last one, and how
+    /// many ids were reused from the cache.
+    fn prefill(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<(Next, usize)> {
         let mut common = self
             .cached_ids
             .iter()
@@ -100,15 +117,7 @@ impl<B: Backend> Session<B> {
         common = common.min(ids.len() - 1);
         self.backend.truncate(common);
         self.cached_ids.truncate(common);
-        let logits = self.backend.forward(&ids[common..], Logits::Last)?;
-        self.cached_ids.extend_from_slice(&ids[common..]);
-        Ok((logits, common))
-    }
-
-    fn step(&mut self, id: u32) -> Result<Vec<f32>> {
-        let logits = self.backend.forward(&[id], Logits::Last)?;
-        self.cached_ids.push(id);
-        Ok(logits)
+        Ok((self.run(&ids[common..], greedy)?, common))
     }
 
     /// Generates a continuation of `input_ids`. `on_text` receives each new piece of
@@ -142,14 +151,20 @@ impl<B: Backend> Session<B> {
         let mut stops = StopMatcher::new(&opts.stop);
 
         let t0 = Instant::now();
-        let (mut logits, reused) = self.prefill(input_ids)?;
+        // Plain greedy decoding needs no logits on the host.
+        let greedy = (opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0)
+            .then_some(vocab_limit);
+        let (mut next, reused) = self.prefill(input_ids, greedy)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut output_ids = Vec::new();
         let mut stop_reason = StopReason::MaxTokens;
         let mut decoded = 0usize;
         while output_ids.len() < opts.max_new_tokens {
-            let id = sampler.sample(&mut logits[..vocab_limit], &history)?;
+            let id = match &mut next {
+                Next::Token(id) => *id,
+                Next::Logits(logits) => sampler.sample(&mut logits[..vocab_limit], &history)?,
+            };
             if Some(id) == eos {
                 stop_reason = StopReason::Eos;
                 break;
@@ -174,7 +189,7 @@ impl<B: Backend> Session<B> {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            logits = self.step(id)?;
+            next = self.run(&[id], greedy)?;
             decoded += 1;
         }
         if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {

@@ -50,6 +50,8 @@ struct Scratch {
     mlp_hidden: Buffer,
     mlp: Buffer,
     last: Buffer,
+    /// The greedy token, when the argmax runs on the GPU.
+    token: Buffer,
 }
 
 /// A matrix split into row ranges that each fit one storage binding.
@@ -163,6 +165,7 @@ impl GpuBackend {
             mlp_hidden: ctx.storage("mlp_hidden", rows * inter)?,
             mlp: ctx.storage("mlp", rows * h)?,
             last: ctx.storage("last", h)?,
+            token: ctx.storage("token", 1)?,
         };
         Ok(Self {
             cos: ctx.upload("cos", &cos)?,
@@ -231,8 +234,16 @@ impl GpuBackend {
         self.kernels.matmul(&self.ctx, enc, p, (x, &l.w, &l.b, y))
     }
 
-    /// Runs `tokens` (at most `CHUNK`) after the cached positions; returns the logits rows.
-    async fn forward_chunk(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    /// Records and submits the pass for `tokens` (at most `CHUNK`) after the cached
+    /// positions, in one encoder; with `argmax = Some(limit)` it ends with the argmax of the
+    /// last logits row over ids below `limit`, left in `scratch.token`. Returns the logits
+    /// buffer and its row count.
+    fn forward_chunk(
+        &mut self,
+        tokens: &[u32],
+        which: Logits,
+        argmax: Option<u32>,
+    ) -> Result<(Buffer, u32)> {
         let cfg = &self.cfg;
         let (seq, h) = (tokens.len() as u32, cfg.hidden_size as u32);
         let shape = AttentionShape {
@@ -320,13 +331,15 @@ impl GpuBackend {
             let p = MatmulParams::into_columns(rows, *count, h, true, vocab, *start);
             k.matmul(ctx, &mut enc, p, (&s.h, w, bias, &logits))?;
         }
+        if let Some(limit) = argmax {
+            k.argmax(ctx, &mut enc, limit.min(vocab), (&logits, &s.token))?;
+        }
         ctx.queue.submit([enc.finish()]);
         self.len += tokens.len();
-        ctx.read(&logits, (rows * vocab) as usize).await
+        Ok((logits, rows))
     }
 
-    /// The GPU forward, usable from async code (the browser).
-    pub async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    fn check_input(&self, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::input("forward called with no tokens"));
         }
@@ -339,27 +352,52 @@ impl GpuBackend {
             )));
         }
         let vocab = self.cfg.vocab_size as u32;
-        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
-            return Err(Error::input(format!(
+        match tokens.iter().find(|&&t| t >= vocab) {
+            Some(bad) => Err(Error::input(format!(
                 "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// Runs all but the last `CHUNK`-sized piece of `tokens` into the cache; returns the rest.
+    fn fill_cache<'t>(&mut self, tokens: &'t [u32]) -> Result<&'t [u32]> {
+        let step = CHUNK.min(self.capacity);
+        let mut rest = tokens;
+        while rest.len() > step {
+            self.forward_chunk(&rest[..step], Logits::Last, None)?;
+            rest = &rest[step..];
+        }
+        Ok(rest)
+    }
+
+    /// The GPU forward, usable from async code (the browser).
+    pub async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        self.check_input(tokens)?;
+        let vocab = self.cfg.vocab_size;
         let mut out = Vec::new();
-        let pieces: Vec<&[u32]> = tokens.chunks(CHUNK.min(self.capacity)).collect();
-        for (i, piece) in pieces.iter().enumerate() {
-            let last_piece = i + 1 == pieces.len();
-            let rows = match which {
-                Logits::All => self.forward_chunk(piece, Logits::All).await?,
-                Logits::Last if last_piece => self.forward_chunk(piece, Logits::Last).await?,
-                // Earlier pieces of a prompt only fill the cache; their one logits row is dropped.
-                Logits::Last => {
-                    self.forward_chunk(piece, Logits::Last).await?;
-                    continue;
-                }
-            };
-            out.extend(rows);
+        let rest = match which {
+            Logits::Last => self.fill_cache(tokens)?,
+            Logits::All => tokens,
+        };
+        for piece in rest.chunks(CHUNK.min(self.capacity)) {
+            let (logits, rows) = self.forward_chunk(piece, which, None)?;
+            out.extend(self.ctx.read(&logits, rows as usize * vocab).await?);
         }
         Ok(out)
+    }
+
+    /// Greedy next token, with the argmax taken on the GPU: 4 bytes come back.
+    pub async fn forward_greedy_async(
+        &mut self,
+        tokens: &[u32],
+        vocab_limit: usize,
+    ) -> Result<u32> {
+        self.check_input(tokens)?;
+        let rest = self.fill_cache(tokens)?;
+        let limit = vocab_limit.min(self.cfg.vocab_size) as u32;
+        self.forward_chunk(rest, Logits::Last, Some(limit))?;
+        Ok(self.ctx.read_as::<u32>(&self.scratch.token, 1).await?[0])
     }
 }
 
@@ -390,5 +428,9 @@ impl crate::backend::Backend for GpuBackend {
 
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         pollster::block_on(self.forward_async(tokens, which))
+    }
+
+    fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+        pollster::block_on(self.forward_greedy_async(tokens, vocab_limit))
     }
 }

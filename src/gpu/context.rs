@@ -133,7 +133,16 @@ impl GpuContext {
     /// Copies `len` f32s back from `buffer`. Awaits the map in the browser; natively the
     /// same future is driven by blocking on the device.
     pub async fn read(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
-        let size = (len * 4) as u64;
+        self.read_as::<f32>(buffer, len).await
+    }
+
+    /// Copies `len` values of type `T` (f32, u32) back from `buffer`.
+    pub async fn read_as<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let size = (len * std::mem::size_of::<T>()) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
@@ -158,7 +167,7 @@ impl GpuContext {
             .slice(..)
             .get_mapped_range()
             .map_err(|e| Error::gpu(format!("cannot read the mapped buffer: {e:?}")))?;
-        let data = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        let data = bytemuck::pod_collect_to_vec::<u8, T>(&view);
         drop(view);
         staging.unmap();
         self.check_fault()?;
