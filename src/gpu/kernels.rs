@@ -186,6 +186,28 @@ impl Kernels {
         Ok(())
     }
 
+    /// One invocation per element over `threads` elements, with four u32 parameters
+    /// (uniform blocks are padded to 16 bytes).
+    fn elementwise(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        pipeline: &wgpu::ComputePipeline,
+        threads: u32,
+        params: [u32; 4],
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<()> {
+        let (gx, gy) = elementwise_groups(threads);
+        self.dispatch(
+            ctx,
+            encoder,
+            pipeline,
+            bytemuck::cast_slice(&params),
+            buffers,
+            (gx, gy, 1),
+        )
+    }
+
     /// `y = x · wᵀ + b` for `x` (m × k), `w` (n × k); `bias` may be any buffer when absent.
     /// A single row (decode) takes the GEMV kernel, more rows (prefill) the tiled GEMM.
     pub fn matmul(
@@ -252,17 +274,7 @@ impl Kernels {
         len: u32,
         x: &wgpu::Buffer,
     ) -> Result<()> {
-        let (gx, gy) = elementwise_groups(len);
-        // Uniform blocks are padded to 16 bytes.
-        let params = [len, 0, 0, 0];
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.gelu_new,
-            bytemuck::cast_slice(&params),
-            &[x],
-            (gx, gy, 1),
-        )
+        self.elementwise(ctx, encoder, &self.gelu_new, len, [len, 0, 0, 0], &[x])
     }
 
     /// `out[t] = table[ids[t]]` for the ids within rows `row_start..row_start+row_count`
@@ -277,15 +289,14 @@ impl Kernels {
         (row_start, row_count): (u32, u32),
         (ids, table, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
-        let (gx, gy) = elementwise_groups(tokens * dim);
         let params = [tokens, dim, row_start, row_count];
-        self.dispatch(
+        self.elementwise(
             ctx,
             encoder,
             &self.embedding,
-            bytemuck::cast_slice(&params),
+            tokens * dim,
+            params,
             &[ids, table, out],
-            (gx, gy, 1),
         )
     }
 
@@ -297,15 +308,13 @@ impl Kernels {
         len: u32,
         (x, attn, mlp): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
-        let (gx, gy) = elementwise_groups(len);
-        let params = [len, 0, 0, 0];
-        self.dispatch(
+        self.elementwise(
             ctx,
             encoder,
             &self.residual,
-            bytemuck::cast_slice(&params),
+            len,
+            [len, 0, 0, 0],
             &[x, attn, mlp],
-            (gx, gy, 1),
         )
     }
 
