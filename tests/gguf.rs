@@ -148,6 +148,19 @@ fn q8_0_greedy_generation_follows_the_reference_for_a_while() {
 /// Writes the f32 fixture as a GGUF with k-quant (q4_k) matrices where rows allow it,
 /// using llama.cpp's tensor names and metadata keys.
 fn write_q4k_gguf(path: &std::path::Path) {
+    write_gguf(path, false, |t| {
+        if t.rank() == 2 && t.dim(1).unwrap() % 256 == 0 {
+            GgmlDType::Q4K
+        } else {
+            GgmlDType::F32
+        }
+    });
+}
+
+/// The f32 fixture as a phi2 GGUF with llama.cpp's names and metadata; `fuse_qkv` stores
+/// q, k, v as one `attn_qkv` tensor per layer (old phi2 GGUFs from the `Wqkv` layout);
+/// `dtype` picks each tensor's GGML type.
+fn write_gguf(path: &std::path::Path, fuse_qkv: bool, dtype: fn(&Tensor) -> GgmlDType) {
     let ckpt = open("tiny-phi");
     let cfg = ckpt.config.clone();
     let st =
@@ -167,14 +180,24 @@ fn write_q4k_gguf(path: &std::path::Path) {
             .replace("self_attn.dense", "attn_output")
             .replace("mlp.fc1", "ffn_up")
             .replace("mlp.fc2", "ffn_down");
-        let dtype = if t.rank() == 2 && t.dim(1).unwrap() % 256 == 0 {
-            GgmlDType::Q4K
-        } else {
-            GgmlDType::F32
-        };
-        tensors.push((gguf, QTensor::quantize(t, dtype).unwrap()));
+        if fuse_qkv && name.contains("self_attn.q_proj") {
+            let parts: Vec<Tensor> = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|p| st[&name.replace("q_proj", p)].clone())
+                .collect();
+            let fused = Tensor::cat(&parts, 0).unwrap();
+            let fused_name = gguf.replace("attn_q", "attn_qkv");
+            tensors.push((
+                fused_name,
+                QTensor::quantize(&fused, dtype(&fused)).unwrap(),
+            ));
+            continue;
+        }
+        if fuse_qkv && (name.contains("self_attn.k_proj") || name.contains("self_attn.v_proj")) {
+            continue;
+        }
+        tensors.push((gguf, QTensor::quantize(t, dtype(t)).unwrap()));
     }
-    assert!(tensors.iter().any(|(_, q)| q.dtype() == GgmlDType::Q4K));
     let meta: HashMap<&str, gguf_file::Value> = HashMap::from([
         (
             "general.architecture",
@@ -226,12 +249,44 @@ fn q4_k_gguf_is_close_to_reference() {
     write_q4k_gguf(&path);
     let tok = fixtures().join("tiny-phi/tokenizer.json");
     let r = reference();
-    let ours = logits_of(
-        Checkpoint::open(&path, Some(&tok), DType::F32).unwrap(),
-        &r.input_ids,
+    let ckpt = Checkpoint::open(&path, Some(&tok), DType::F32).unwrap();
+    assert!(
+        ckpt.weights
+            .stored_tensors()
+            .iter()
+            .any(|t| t.dtype == "Q4K"),
+        "no q4_k tensor written"
     );
+    let ours = logits_of(ckpt, &r.input_ids);
     let diff = max_abs_diff(&ours, &r.logits);
     eprintln!("q4_k: max |Δlogit| = {diff}");
     assert!(diff < 1.0, "max |Δlogit| = {diff}");
     assert!(diff > 0.0, "q4_k cannot be lossless");
+}
+
+#[test]
+fn fused_attn_qkv_is_split_by_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = fixtures().join("tiny-phi/tokenizer.json");
+    let r = reference();
+    let logits = |fuse: bool, dtype: fn(&Tensor) -> GgmlDType| {
+        let path = dir.path().join(format!("fused-{fuse}.gguf"));
+        write_gguf(&path, fuse, dtype);
+        logits_of(
+            Checkpoint::open(&path, Some(&tok), DType::F32).unwrap(),
+            &r.input_ids,
+        )
+    };
+    // f32: the split must give back exactly the reference model.
+    let f32_fused = logits(true, |_| GgmlDType::F32);
+    assert!(max_abs_diff(&f32_fused, &r.logits) < 1e-4);
+    // q8_0: splitting whole rows keeps the blocks, so fused and separate files agree exactly.
+    let q8 = |t: &Tensor| {
+        if t.rank() == 2 {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        }
+    };
+    assert!(max_abs_diff(&logits(true, q8), &logits(false, q8)) < 1e-6);
 }
