@@ -73,10 +73,6 @@ impl CpuBackend {
         let cache = model.new_cache(1, capacity)?;
         Ok(Self { model, cache })
     }
-
-    pub fn model(&self) -> &Phi {
-        &self.model
-    }
 }
 
 impl Backend for CpuBackend {

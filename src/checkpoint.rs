@@ -27,7 +27,7 @@ pub struct NamedBytes {
 }
 
 impl Checkpoint {
-    /// Builds the model, converting dense weights to `dtype` for compute.
+    /// Builds the CPU model (`fused`: inference kernels; `false`: the differentiable path).
     pub fn into_model(self, fused: bool) -> Result<(Phi, PhiTokenizer)> {
         let model = Phi::load(&self.config, self.weights.as_ref(), fused)?;
         Ok((model, self.tokenizer))
@@ -96,7 +96,6 @@ impl Checkpoint {
         dtype: DType,
     ) -> Result<Self> {
         use std::path::Path;
-        let read_tokenizer = |p: &Path| PhiTokenizer::from_file(p);
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
                 return Err(Error::file(
@@ -131,7 +130,7 @@ impl Checkpoint {
         let config_json = std::fs::read_to_string(&config_path)
             .map_err(|e| Error::file(config_path.display(), e))?;
         let config = PhiConfig::from_json(&config_json, &config_path.display().to_string())?;
-        let tokenizer = read_tokenizer(
+        let tokenizer = PhiTokenizer::from_file(
             &tokenizer
                 .map(Path::to_path_buf)
                 .unwrap_or(path.join("tokenizer.json")),

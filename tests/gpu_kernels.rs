@@ -1,7 +1,7 @@
 //! WGSL kernels against the candle CPU path on random inputs, natively on whatever GPU
 //! wgpu finds (Mesa's lavapipe in CI), including sizes that are not multiples of a tile.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use medphi::gpu::{GpuContext, Kernels, MatmulParams};
 
 fn ctx() -> (GpuContext, Kernels) {
@@ -90,8 +90,6 @@ fn layer_norm_matches_candle() {
         let got = pollster::block_on(ctx.read(&y, rows * dim)).unwrap();
         let diff = max_diff(&got, &values(&expected));
         assert!(diff < 1e-4, "{rows}×{dim}: max diff {diff}");
-        let mean_check = expected.mean_keepdim(D::Minus1).unwrap();
-        assert!(values(&mean_check).iter().all(|m| m.is_finite()));
     }
 }
 
@@ -234,8 +232,8 @@ fn residual_and_argmax() {
     run(&ctx, |enc| {
         k.argmax(&ctx, enc, 50_295, (&lb, &out)).unwrap()
     });
-    let got = pollster::block_on(ctx.read(&out, 1)).unwrap();
-    assert_eq!(got[0].to_bits(), 777);
+    let got = pollster::block_on(ctx.read_as::<u32>(&out, 1)).unwrap();
+    assert_eq!(got[0], 777);
     assert_eq!(medphi::generate::argmax(&logits[..50_295]), 777);
 }
 

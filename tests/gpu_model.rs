@@ -118,3 +118,22 @@ fn cli_generates_the_reference_tokens_on_wgpu() {
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert!(info["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn long_prompts_run_in_several_passes_like_the_cpu_path() {
+    // 200 tokens: two 128-token passes on the GPU, one forward on the CPU.
+    let r = reference();
+    let ids: Vec<u32> = r.input_ids.iter().copied().cycle().take(200).collect();
+    let (model, _) = open("tiny-phi").into_model(true).unwrap();
+    let cpu = forward_all(&model, &ids);
+    let (mut backend, _) = gpu("tiny-phi", None);
+    let rows = backend.forward(&ids, Logits::All).unwrap();
+    let ours = Tensor::from_vec(rows, cpu.shape(), &Device::Cpu).unwrap();
+    let diff = max_abs_diff(&ours, &cpu);
+    assert!(diff < 1e-3, "max |Δlogit| vs CPU = {diff}");
+    backend.truncate(0);
+    let last = cpu.get(199).unwrap().to_vec1::<f32>().unwrap();
+    let greedy = backend.forward_greedy(&ids, 50_295).unwrap();
+    assert_eq!(greedy, medphi::generate::argmax(&last[..50_295]));
+    assert_eq!(backend.cached(), 200);
+}

@@ -82,6 +82,8 @@ impl<B: Backend> Session<B> {
         &self.backend
     }
 
+    /// The backend for direct use (scoring). Its cache is emptied first, since whatever the
+    /// caller runs makes `cached_ids` stale.
     pub fn backend_mut(&mut self) -> &mut B {
         self.cached_ids.clear();
         self.backend.truncate(0);

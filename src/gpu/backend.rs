@@ -14,7 +14,7 @@ use crate::model::{Activation, Logits, PhiConfig};
 use crate::weights::TensorSource;
 
 /// Tokens processed per recorded pass; longer prompts run in several.
-const CHUNK: usize = 256;
+const CHUNK: usize = 128;
 
 struct Linear {
     w: Buffer,
@@ -52,6 +52,8 @@ struct Scratch {
     last: Buffer,
     /// The greedy token, when the argmax runs on the GPU.
     token: Buffer,
+    /// Logits of the last position: the per-token output, so allocated once.
+    last_logits: Buffer,
 }
 
 /// A matrix split into row ranges that each fit one storage binding.
@@ -166,6 +168,7 @@ impl GpuBackend {
             mlp: ctx.storage("mlp", rows * h)?,
             last: ctx.storage("last", h)?,
             token: ctx.storage("token", 1)?,
+            last_logits: ctx.storage("last logits", vocab)?,
         };
         Ok(Self {
             cos: ctx.upload("cos", &cos)?,
@@ -323,7 +326,10 @@ impl GpuBackend {
             (input, &self.final_ln_w, &self.final_ln_b, &s.h),
         )?;
         let vocab = cfg.vocab_size as u32;
-        let logits = ctx.storage("logits", (rows * vocab) as usize)?;
+        let logits = match which {
+            Logits::Last => s.last_logits.clone(),
+            Logits::All => ctx.storage("logits", (rows * vocab) as usize)?,
+        };
         for (start, count, w, b) in &self.lm_head.chunks {
             let bias = b
                 .as_ref()
