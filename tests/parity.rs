@@ -152,3 +152,32 @@ fn matches_candle_transformers_phi() {
         );
     }
 }
+
+#[test]
+fn f16_safetensors_match_the_f32_reference() {
+    // The fixture's bf16-exact weights survive f16 except for subnormals (|w| < 6e-5).
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("f16");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("tiny-phi").join(f), model.join(f)).unwrap();
+    }
+    let f32_weights =
+        candle_core::safetensors::load(fixtures().join("tiny-phi/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let f16_weights: std::collections::HashMap<String, Tensor> = f32_weights
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&f16_weights, model.join("model.safetensors")).unwrap();
+    let r = reference();
+    let ckpt = medphi::checkpoint::Checkpoint::open(&model, None, DType::F32).unwrap();
+    assert!(ckpt
+        .weights
+        .stored_tensors()
+        .iter()
+        .all(|t| t.dtype == "F16"));
+    let (m, _) = ckpt.into_model(true).unwrap();
+    let diff = max_abs_diff(&forward_all(&m, &r.input_ids), &r.logits);
+    assert!(diff < 1e-3, "max |Δlogit| = {diff}");
+}

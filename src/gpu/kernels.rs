@@ -131,13 +131,48 @@ impl Kernels {
     pub fn new(ctx: &GpuContext) -> Self {
         let d = &ctx.device;
         Self {
-            matmul: pipeline(d, "matmul", include_str!("shaders/matmul.wgsl")),
-            gemv: pipeline(d, "gemv", include_str!("shaders/gemv.wgsl")),
+            matmul: pipeline(
+                d,
+                "matmul",
+                concat!(
+                    include_str!("shaders/matmul_params.wgsl"),
+                    include_str!("shaders/matmul.wgsl")
+                ),
+            ),
+            gemv: pipeline(
+                d,
+                "gemv",
+                concat!(
+                    include_str!("shaders/matmul_params.wgsl"),
+                    include_str!("shaders/gemv.wgsl")
+                ),
+            ),
             layer_norm: pipeline(d, "layer_norm", include_str!("shaders/layer_norm.wgsl")),
-            gelu_new: pipeline(d, "gelu_new", include_str!("shaders/gelu_new.wgsl")),
+            gelu_new: pipeline(
+                d,
+                "gelu_new",
+                concat!(
+                    include_str!("shaders/len_params.wgsl"),
+                    include_str!("shaders/gelu_new.wgsl")
+                ),
+            ),
             embedding: pipeline(d, "embedding", include_str!("shaders/embedding.wgsl")),
-            residual: pipeline(d, "residual", include_str!("shaders/residual.wgsl")),
-            argmax: pipeline(d, "argmax", include_str!("shaders/argmax.wgsl")),
+            residual: pipeline(
+                d,
+                "residual",
+                concat!(
+                    include_str!("shaders/len_params.wgsl"),
+                    include_str!("shaders/residual.wgsl")
+                ),
+            ),
+            argmax: pipeline(
+                d,
+                "argmax",
+                concat!(
+                    include_str!("shaders/len_params.wgsl"),
+                    include_str!("shaders/argmax.wgsl")
+                ),
+            ),
             rope_kv: pipeline(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
             attention: pipeline(d, "attention", include_str!("shaders/attention.wgsl")),
         }

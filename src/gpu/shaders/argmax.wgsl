@@ -1,12 +1,6 @@
 // Index of the largest of the first `len` values (the first one on ties, as torch.argmax),
 // so greedy decoding reads back one u32 instead of a vocabulary of logits.
-
-struct Params {
-    len: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// Params: len_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;

@@ -2,24 +2,7 @@
 // y has row stride `ldy` and the n columns start at `col_offset`, so a weight split by rows
 // (an lm_head larger than one binding) writes its slice of the full logits row.
 // 16 × 16 output tiles; x and w tiles of 16 along k are staged in workgroup memory.
-// Serves prefill (m = tokens) and decode (m = 1) until a dedicated GEMV lands.
-
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    has_bias: u32,
-    ldy: u32,
-    col_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+// Used for prefill (m > 1); a single row goes to gemv.wgsl. Parameters: matmul_params.wgsl.
 
 const T: u32 = 16u;
 var<workgroup> xs: array<array<f32, 16>, 16>;

@@ -1,11 +1,5 @@
 // Phi's parallel block output: x ← x + attn + mlp.
-
-struct Params {
-    len: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// Params: len_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
