@@ -4,11 +4,20 @@
 //! tokens and get logits back; they may also cut the cache back to a prefix, which is how
 //! chat reuses the conversation so far and how evaluation scores several answer choices
 //! after one pass over the shared question.
+//!
+//! The forward calls return futures because in the browser a GPU readback can only be
+//! awaited, never waited for; natively the callers drive them with `pollster`.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::model::{KvCache, Logits, Phi, PhiConfig};
+
+/// A future borrowed from its backend (boxed so `dyn Backend` stays possible).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 pub trait Backend {
     /// A short description for the user ("cpu", "webgpu: <adapter>", …).
@@ -22,15 +31,25 @@ pub trait Backend {
     fn truncate(&mut self, len: usize);
     /// Runs `tokens` after the cached positions and caches them. Returns row-major logits,
     /// one row of `vocab_size` per token (`Logits::All`) or for the last token only.
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        which: Logits,
+    ) -> BoxFuture<'a, Result<Vec<f32>>>;
     /// Runs `tokens` like `forward` and returns the most likely next token among ids below
     /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
     /// greedy decoding moves one id instead of a row of logits.
-    fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
-        let logits = self.forward(tokens, Logits::Last)?;
-        Ok(crate::generate::argmax(
-            &logits[..vocab_limit.min(logits.len())],
-        ))
+    fn forward_greedy<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        vocab_limit: usize,
+    ) -> BoxFuture<'a, Result<u32>> {
+        Box::pin(async move {
+            let logits = self.forward(tokens, Logits::Last).await?;
+            Ok(crate::generate::argmax(
+                &logits[..vocab_limit.min(logits.len())],
+            ))
+        })
     }
 }
 
@@ -50,10 +69,18 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn truncate(&mut self, len: usize) {
         (**self).truncate(len)
     }
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        which: Logits,
+    ) -> BoxFuture<'a, Result<Vec<f32>>> {
         (**self).forward(tokens, which)
     }
-    fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+    fn forward_greedy<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        vocab_limit: usize,
+    ) -> BoxFuture<'a, Result<u32>> {
         (**self).forward_greedy(tokens, vocab_limit)
     }
 }
@@ -96,7 +123,17 @@ impl Backend for CpuBackend {
         self.cache.truncate(len);
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        which: Logits,
+    ) -> BoxFuture<'a, Result<Vec<f32>>> {
+        Box::pin(async move { self.forward_now(tokens, which) })
+    }
+}
+
+impl CpuBackend {
+    fn forward_now(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let input = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
         Ok(logits

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use common::{fixtures, session};
 use medphi::eval::{evaluate_item, task_metrics, Item, Task};
+use pollster::block_on;
 use serde_json::Value;
 
 fn benchmarks() -> PathBuf {
@@ -104,8 +105,14 @@ fn loglikelihoods_predictions_and_metrics_match_lm_eval() {
         let theirs = lm_eval_samples(task);
         let mut samples = Vec::new();
         for (doc_id, (item, s)) in items.iter().zip(&theirs).enumerate() {
-            let ours =
-                evaluate_item(session.backend_mut(), &tokenizer, doc_id, item, true).unwrap();
+            let ours = block_on(evaluate_item(
+                session.backend_mut(),
+                &tokenizer,
+                doc_id,
+                item,
+                true,
+            ))
+            .unwrap();
             for (mine, resp) in ours
                 .scores
                 .iter()
@@ -162,10 +169,22 @@ fn scoring_choices_from_scratch_gives_the_same_numbers() {
     let (mut session, tokenizer) = session("tiny-phi");
     for (task, file) in [TASKS[0], TASKS[1]] {
         for (doc_id, item) in load(task, file).iter().enumerate().take(6) {
-            let shared =
-                evaluate_item(session.backend_mut(), &tokenizer, doc_id, item, true).unwrap();
-            let scratch =
-                evaluate_item(session.backend_mut(), &tokenizer, doc_id, item, false).unwrap();
+            let shared = block_on(evaluate_item(
+                session.backend_mut(),
+                &tokenizer,
+                doc_id,
+                item,
+                true,
+            ))
+            .unwrap();
+            let scratch = block_on(evaluate_item(
+                session.backend_mut(),
+                &tokenizer,
+                doc_id,
+                item,
+                false,
+            ))
+            .unwrap();
             for (a, b) in shared.scores.iter().zip(&scratch.scores) {
                 assert!(
                     (a.loglikelihood - b.loglikelihood).abs() < 1e-4,

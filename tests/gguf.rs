@@ -12,6 +12,7 @@ use medphi::checkpoint::Checkpoint;
 use medphi::generate::GenerateOptions;
 use medphi::model::Phi;
 use medphi::weights::{TensorSource, Weight};
+use pollster::block_on;
 
 fn logits_of(ckpt: Checkpoint, ids: &[u32]) -> Tensor {
     let (model, _) = ckpt.into_model(true).unwrap();
@@ -130,9 +131,7 @@ fn q8_0_greedy_generation_follows_the_reference_for_a_while() {
         max_new_tokens: 8,
         ..Default::default()
     };
-    let g = session
-        .generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)
-        .unwrap();
+    let g = block_on(session.generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)).unwrap();
     let agree = g
         .output_ids
         .iter()

@@ -9,6 +9,7 @@ use medphi::checkpoint::Checkpoint;
 use medphi::generate::{GenerateOptions, Session};
 use medphi::gpu::GpuBackend;
 use medphi::model::Logits;
+use pollster::block_on;
 
 fn gpu(path: &str, tokenizer: Option<&str>) -> (GpuBackend, medphi::tokenizer::PhiTokenizer) {
     let tok = tokenizer.map(|t| fixtures().join(t));
@@ -18,8 +19,7 @@ fn gpu(path: &str, tokenizer: Option<&str>) -> (GpuBackend, medphi::tokenizer::P
         candle_core::DType::F32,
     )
     .unwrap();
-    let backend =
-        pollster::block_on(GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)).unwrap();
+    let backend = block_on(GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)).unwrap();
     (backend, ckpt.tokenizer)
 }
 
@@ -27,7 +27,7 @@ fn gpu(path: &str, tokenizer: Option<&str>) -> (GpuBackend, medphi::tokenizer::P
 fn logits_match_transformers_at_every_position() {
     let r = reference();
     let (mut backend, _) = gpu("tiny-phi", None);
-    let rows = backend.forward(&r.input_ids, Logits::All).unwrap();
+    let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &r.logits);
     eprintln!("wgpu f32: max |Δlogit| = {diff}");
@@ -38,9 +38,9 @@ fn logits_match_transformers_at_every_position() {
 fn cached_decode_matches_full_forward() {
     let r = reference();
     let (mut backend, _) = gpu("tiny-phi", None);
-    let mut rows = backend.forward(&r.input_ids[..4], Logits::All).unwrap();
+    let mut rows = block_on(backend.forward(&r.input_ids[..4], Logits::All)).unwrap();
     for &t in &r.input_ids[4..] {
-        rows.extend(backend.forward(&[t], Logits::Last).unwrap());
+        rows.extend(block_on(backend.forward(&[t], Logits::Last)).unwrap());
     }
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     assert!(max_abs_diff(&ours, &r.logits) < 1e-3);
@@ -55,9 +55,7 @@ fn greedy_generation_matches_transformers_for_64_tokens() {
         max_new_tokens: 64,
         ..Default::default()
     };
-    let g = session
-        .generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)
-        .unwrap();
+    let g = block_on(session.generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)).unwrap();
     assert_eq!(g.output_ids, r.greedy_ids);
 }
 
@@ -65,7 +63,7 @@ fn greedy_generation_matches_transformers_for_64_tokens() {
 fn dequantized_gguf_matches_transformers_on_the_same_weights() {
     let r = reference();
     let (mut backend, _) = gpu("tiny-phi-q4_0.gguf", Some("tiny-phi/tokenizer.json"));
-    let rows = backend.forward(&r.input_ids, Logits::All).unwrap();
+    let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &r.tensors["logits_q4_0"]);
     assert!(diff < 1e-3, "max |Δlogit| = {diff}");
@@ -75,13 +73,11 @@ fn dequantized_gguf_matches_transformers_on_the_same_weights() {
 fn rejects_overlong_input_and_bad_ids() {
     let (mut backend, _) = gpu("tiny-phi", None);
     let too_long = vec![1u32; backend.capacity() + 1];
-    assert!(backend
-        .forward(&too_long, Logits::Last)
+    assert!(block_on(backend.forward(&too_long, Logits::Last))
         .unwrap_err()
         .to_string()
         .contains("context"));
-    assert!(backend
-        .forward(&[60_000], Logits::Last)
+    assert!(block_on(backend.forward(&[60_000], Logits::Last))
         .unwrap_err()
         .to_string()
         .contains("vocabulary"));
@@ -127,13 +123,13 @@ fn long_prompts_run_in_several_passes_like_the_cpu_path() {
     let (model, _) = open("tiny-phi").into_model(true).unwrap();
     let cpu = forward_all(&model, &ids);
     let (mut backend, _) = gpu("tiny-phi", None);
-    let rows = backend.forward(&ids, Logits::All).unwrap();
+    let rows = block_on(backend.forward(&ids, Logits::All)).unwrap();
     let ours = Tensor::from_vec(rows, cpu.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &cpu);
     assert!(diff < 1e-3, "max |Δlogit| vs CPU = {diff}");
     backend.truncate(0);
     let last = cpu.get(199).unwrap().to_vec1::<f32>().unwrap();
-    let greedy = backend.forward_greedy(&ids, 50_295).unwrap();
+    let greedy = block_on(backend.forward_greedy(&ids, 50_295)).unwrap();
     assert_eq!(greedy, medphi::generate::argmax(&last[..50_295]));
     assert_eq!(backend.cached(), 200);
 }

@@ -9,6 +9,7 @@ use medphi::backend::{Backend, CpuBackend};
 use medphi::generate::{GenerateOptions, SamplingParams};
 use medphi::model::Logits;
 use medphi::tokenizer::TokenStream;
+use pollster::block_on;
 
 fn all_logits(path: &str, fused: bool, ids: &[u32]) -> Tensor {
     let (model, _) = open(path).into_model(fused).unwrap();
@@ -40,9 +41,9 @@ fn kv_cache_decode_matches_full_forward() {
     let (model, _) = open("tiny-phi").into_model(true).unwrap();
     let mut backend = CpuBackend::new(model, None).unwrap();
     let split = 5;
-    let mut rows = backend.forward(&r.input_ids[..split], Logits::All).unwrap();
+    let mut rows = block_on(backend.forward(&r.input_ids[..split], Logits::All)).unwrap();
     for &t in &r.input_ids[split..] {
-        rows.extend(backend.forward(&[t], Logits::Last).unwrap());
+        rows.extend(block_on(backend.forward(&[t], Logits::Last)).unwrap());
     }
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &r.logits);
@@ -105,12 +106,11 @@ fn greedy_generation_matches_transformers_for_64_tokens() {
         stop: vec![],
     };
     let mut streamed = String::new();
-    let g = session
-        .generate(&tokenizer, &r.input_ids, &opts, &mut |t| {
-            streamed.push_str(t);
-            true
-        })
-        .unwrap();
+    let g = block_on(session.generate(&tokenizer, &r.input_ids, &opts, &mut |t| {
+        streamed.push_str(t);
+        true
+    }))
+    .unwrap();
     assert_eq!(g.output_ids, r.greedy_ids);
     assert_eq!(g.text, streamed);
     assert_eq!(g.text, r.json["greedy_text"].as_str().unwrap());
@@ -143,8 +143,11 @@ fn matches_candle_transformers_phi() {
             .unsqueeze(0)
             .unwrap();
         let theirs_row = theirs.forward(&input).unwrap().squeeze(0).unwrap();
-        let ours_row =
-            Tensor::new(ours.forward(&[t], Logits::Last).unwrap(), &Device::Cpu).unwrap();
+        let ours_row = Tensor::new(
+            block_on(ours.forward(&[t], Logits::Last)).unwrap(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let diff = max_abs_diff(&ours_row, &theirs_row);
         assert!(
             diff < 1e-4,

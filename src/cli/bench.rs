@@ -152,7 +152,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             if turn == 0 {
                 backend.truncate(0);
                 ours.push(measure(&ids, args.gen, |t| {
-                    Ok(backend.forward(t, Logits::Last)?)
+                    Ok(pollster::block_on(backend.forward(t, Logits::Last))?)
                 })?);
             } else if let Some(model) = reference.as_mut() {
                 model.clear_kv_cache();

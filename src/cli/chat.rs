@@ -59,11 +59,11 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         }
         let prompt = args.prompt_format.render(&history, message);
         let ids = tokenizer.encode(&prompt)?;
-        let result = session.generate(&tokenizer, &ids, &opts, &mut |piece| {
+        let result = pollster::block_on(session.generate(&tokenizer, &ids, &opts, &mut |piece| {
             write!(stdout, "{piece}")
                 .and_then(|_| stdout.flush())
                 .is_ok()
-        });
+        }));
         match result {
             Ok(g) => {
                 writeln!(stdout)?;

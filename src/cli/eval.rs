@@ -97,13 +97,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             Mode::Loglikelihood => {
                 let mut samples = Vec::with_capacity(task.items.len());
                 for (doc_id, item) in task.items.iter().enumerate() {
-                    let s = eval::evaluate_item(
+                    let s = pollster::block_on(eval::evaluate_item(
                         session.backend_mut(),
                         &tokenizer,
                         doc_id,
                         item,
                         !args.no_share_prefix,
-                    )?;
+                    ))?;
                     lines.push(eval::sample_json(item, &s));
                     samples.push(s);
                     pb.inc(1);
@@ -119,7 +119,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 let mut correct = Vec::with_capacity(task.items.len());
                 for (doc_id, item) in task.items.iter().enumerate() {
                     let ids = tokenizer.encode(&item.context)?;
-                    let g = session.generate(&tokenizer, &ids, &opts, &mut |_| true)?;
+                    let g =
+                        pollster::block_on(
+                            session.generate(&tokenizer, &ids, &opts, &mut |_| true),
+                        )?;
                     let extracted = extract_choice(&g.text, item);
                     let ok = extracted == Some(item.gold);
                     correct.push(f64::from(u8::from(ok)));

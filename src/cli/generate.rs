@@ -45,15 +45,17 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let mut session = Session::new(backend);
     let mut stdout = std::io::stdout();
     let json = args.json;
-    let g = session.generate(&tokenizer, &input_ids, &opts, &mut |piece| {
-        if !json {
-            // A closed pipe (`| head`) ends generation rather than the process.
-            return write!(stdout, "{piece}")
-                .and_then(|_| stdout.flush())
-                .is_ok();
-        }
-        true
-    })?;
+    let g = pollster::block_on(
+        session.generate(&tokenizer, &input_ids, &opts, &mut |piece| {
+            if !json {
+                // A closed pipe (`| head`) ends generation rather than the process.
+                return write!(stdout, "{piece}")
+                    .and_then(|_| stdout.flush())
+                    .is_ok();
+            }
+            true
+        }),
+    )?;
     if json {
         let out = serde_json::json!({
             "input_ids": g.input_ids,
@@ -99,7 +101,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let (mut backend, _, _) = args.model.load()?;
     let vocab = backend.config().vocab_size;
-    let flat = backend.forward(&ids, Logits::All)?;
+    let flat = pollster::block_on(backend.forward(&ids, Logits::All))?;
     let rows: Vec<&[f32]> = flat.chunks(vocab).collect();
     super::print_line(serde_json::json!({ "input_ids": ids, "logits": rows }))?;
     Ok(())

@@ -41,14 +41,14 @@ fn first_argmax(values: impl Iterator<Item = f64>) -> usize {
 
 /// Scores one item and decides `acc` (argmax of log-likelihood) and `acc_norm` (argmax of
 /// log-likelihood per character of the choice).
-pub fn evaluate_item(
+pub async fn evaluate_item(
     backend: &mut dyn Backend,
     tokenizer: &PhiTokenizer,
     doc_id: usize,
     item: &Item,
     share_prefix: bool,
 ) -> Result<Sample> {
-    let scores = score_item(backend, tokenizer, item, share_prefix)?;
+    let scores = score_item(backend, tokenizer, item, share_prefix).await?;
     let pred = first_argmax(scores.iter().map(|s| s.loglikelihood));
     let pred_norm = first_argmax(
         scores

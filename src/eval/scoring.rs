@@ -84,7 +84,7 @@ fn score_rows(rows: &[f32], vocab: usize, tokens: &[u32]) -> ChoiceScore {
 /// Scores every choice of `item`. With `share_prefix`, the context runs once and each
 /// choice continues from its KV cache; without, each choice runs from scratch, as lm-eval
 /// does (kept as the reference path and for measuring the gain).
-pub fn score_item(
+pub async fn score_item(
     backend: &mut dyn Backend,
     tokenizer: &PhiTokenizer,
     item: &Item,
@@ -110,14 +110,18 @@ pub fn score_item(
             let reuse = matches!(&prefix, Some((ids, _)) if ids == ctx);
             if !reuse {
                 backend.truncate(0);
-                let last = backend.forward(ctx, Logits::Last)?;
+                let last = backend.forward(ctx, Logits::Last).await?;
                 prefix = Some((ctx.clone(), last));
             }
             let (_, last) = prefix.as_ref().expect("set above");
             let mut rows = last.clone();
             if cont.len() > 1 {
                 backend.truncate(ctx.len());
-                rows.extend(backend.forward(&cont[..cont.len() - 1], Logits::All)?);
+                rows.extend(
+                    backend
+                        .forward(&cont[..cont.len() - 1], Logits::All)
+                        .await?,
+                );
             }
             scores.push(score_rows(&rows, vocab, cont));
         } else {
@@ -132,7 +136,7 @@ pub fn score_item(
                 )));
             }
             backend.truncate(0);
-            let rows = backend.forward(&all, Logits::All)?;
+            let rows = backend.forward(&all, Logits::All).await?;
             let skip = (all.len() - cont.len()) * vocab;
             scores.push(score_rows(&rows[skip..], vocab, cont));
         }

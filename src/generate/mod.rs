@@ -97,10 +97,10 @@ impl<B: Backend> Session<B> {
 
     /// Runs `ids` after the cache; `greedy = Some(limit)` asks the backend for the argmax
     /// below `limit` (on the device where it can) instead of a row of logits.
-    fn run(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<Next> {
+    async fn run(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<Next> {
         let next = match greedy {
-            Some(limit) => Next::Token(self.backend.forward_greedy(ids, limit)?),
-            None => Next::Logits(self.backend.forward(ids, Logits::Last)?),
+            Some(limit) => Next::Token(self.backend.forward_greedy(ids, limit).await?),
+            None => Next::Logits(self.backend.forward(ids, Logits::Last).await?),
         };
         self.cached_ids.extend_from_slice(ids);
         Ok(next)
@@ -108,7 +108,7 @@ impl<B: Backend> Session<B> {
 
     /// Makes the cache hold exactly `ids` and returns what follows the last one, and how
     /// many ids were reused from the cache.
-    fn prefill(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<(Next, usize)> {
+    async fn prefill(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<(Next, usize)> {
         let mut common = self
             .cached_ids
             .iter()
@@ -119,12 +119,12 @@ impl<B: Backend> Session<B> {
         common = common.min(ids.len() - 1);
         self.backend.truncate(common);
         self.cached_ids.truncate(common);
-        Ok((self.run(&ids[common..], greedy)?, common))
+        Ok((self.run(&ids[common..], greedy).await?, common))
     }
 
     /// Generates a continuation of `input_ids`. `on_text` receives each new piece of
     /// text as it is completed and returns `false` to cancel.
-    pub fn generate(
+    pub async fn generate(
         &mut self,
         tokenizer: &PhiTokenizer,
         input_ids: &[u32],
@@ -156,7 +156,7 @@ impl<B: Backend> Session<B> {
         // Plain greedy decoding needs no logits on the host.
         let greedy = (opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0)
             .then_some(vocab_limit);
-        let (mut next, reused) = self.prefill(input_ids, greedy)?;
+        let (mut next, reused) = self.prefill(input_ids, greedy).await?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut output_ids = Vec::new();
@@ -191,7 +191,7 @@ impl<B: Backend> Session<B> {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            next = self.run(&[id], greedy)?;
+            next = self.run(&[id], greedy).await?;
             decoded += 1;
         }
         if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {

@@ -9,6 +9,7 @@ use wgpu::Buffer;
 
 use super::context::GpuContext;
 use super::kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers};
+use crate::backend::BoxFuture;
 use crate::error::{Error, Result};
 use crate::model::{Activation, Logits, PhiConfig};
 use crate::weights::TensorSource;
@@ -377,8 +378,7 @@ impl GpuBackend {
         Ok(rest)
     }
 
-    /// The GPU forward, usable from async code (the browser).
-    pub async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         self.check_input(tokens)?;
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::new();
@@ -394,11 +394,7 @@ impl GpuBackend {
     }
 
     /// Greedy next token, with the argmax taken on the GPU: 4 bytes come back.
-    pub async fn forward_greedy_async(
-        &mut self,
-        tokens: &[u32],
-        vocab_limit: usize,
-    ) -> Result<u32> {
+    async fn forward_greedy_async(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
         self.check_input(tokens)?;
         let rest = self.fill_cache(tokens)?;
         let limit = vocab_limit.min(self.cfg.vocab_size) as u32;
@@ -407,7 +403,6 @@ impl GpuBackend {
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 impl crate::backend::Backend for GpuBackend {
     fn name(&self) -> String {
         format!(
@@ -432,11 +427,19 @@ impl crate::backend::Backend for GpuBackend {
         self.len = self.len.min(len);
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        pollster::block_on(self.forward_async(tokens, which))
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        which: Logits,
+    ) -> BoxFuture<'a, Result<Vec<f32>>> {
+        Box::pin(self.forward_async(tokens, which))
     }
 
-    fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
-        pollster::block_on(self.forward_greedy_async(tokens, vocab_limit))
+    fn forward_greedy<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        vocab_limit: usize,
+    ) -> BoxFuture<'a, Result<u32>> {
+        Box::pin(self.forward_greedy_async(tokens, vocab_limit))
     }
 }
