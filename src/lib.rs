@@ -7,7 +7,8 @@
 //! - [`gpu`]: the wgpu/WebGPU compute kernels (WGSL);
 //! - [`backend`]: the small interface generation and evaluation use to run a model;
 //! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
-//! - [`checkpoint`]: finding and opening a model folder or GGUF file.
+//! - [`checkpoint`]: finding and opening a model folder or GGUF file;
+//! - `web` (wasm32 only): the JavaScript API the browser page's worker calls.
 
 pub mod backend;
 pub mod checkpoint;
@@ -17,6 +18,8 @@ pub mod generate;
 pub mod gpu;
 pub mod model;
 pub mod tokenizer;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Every kind of bad input ends in a clear error naming the file, never a panic, and never
 //! an allocation sized by an unchecked length from the file. Checked through the library
 //! and through the `medphi` binary (one line on stderr, exit code 1).
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The `medphi` binary end to end on the fixtures, in the exact forms other tools rely on.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! aggregate metrics against lm-eval's own run (tests/fixtures/lm_eval, made by
 //! scripts/fixtures/make_lm_eval_reference.py) on the real benchmark samples in
 //! ../shared/data/benchmarks.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 mod common;
 

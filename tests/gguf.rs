@@ -1,5 +1,6 @@
 //! GGUF checkpoints written by llama.cpp's `gguf` package (and one k-quant file written
 //! with candle's GGML quantizer) against the f32 transformers reference.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 mod common;
 

@@ -1,11 +1,46 @@
-//! WGSL kernels against the candle CPU path on random inputs, natively on whatever GPU
-//! wgpu finds (Mesa's lavapipe in CI), including sizes that are not multiples of a tile.
+//! WGSL kernels against the candle CPU path on random inputs, including sizes that are
+//! not multiples of a tile. Every test runs twice in CI: natively on whatever GPU wgpu
+//! finds (Mesa's lavapipe) under `cargo test`, and in headless Chromium's WebGPU under
+//! `wasm-pack test`.
 
 use candle_core::{Device, Tensor};
 use medphi::gpu::{GpuContext, Kernels, MatmulParams};
 
-fn ctx() -> (GpuContext, Kernels) {
-    let ctx = pollster::block_on(GpuContext::new())
+/// Declares each async test body as a native `#[test]` and a browser test.
+macro_rules! native_and_browser {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(not(target_arch = "wasm32"))]
+        mod native {
+            $(#[test]
+            fn $name() {
+                pollster::block_on(super::$name())
+            })*
+        }
+        #[cfg(target_arch = "wasm32")]
+        mod browser {
+            wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+            $(#[wasm_bindgen_test::wasm_bindgen_test]
+            async fn $name() {
+                super::$name().await
+            })*
+        }
+    };
+}
+
+native_and_browser!(
+    matmul_with_bias_matches_candle,
+    layer_norm_matches_candle,
+    gelu_new_matches_candle_and_stays_finite_for_large_inputs,
+    reports_adapter_limits_and_refuses_oversized_bindings,
+    device_errors_become_errors_not_panics,
+    embedding_gathers_rows_across_table_chunks,
+    residual_and_argmax,
+    rotary_kv_cache_and_attention_match_a_plain_reference,
+);
+
+async fn ctx() -> (GpuContext, Kernels) {
+    let ctx = GpuContext::new()
+        .await
         .expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)");
     let kernels = Kernels::new(&ctx);
     (ctx, kernels)
@@ -27,9 +62,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn matmul_with_bias_matches_candle() {
-    let (ctx, k) = ctx();
+async fn matmul_with_bias_matches_candle() {
+    let (ctx, k) = ctx().await;
     for (m, n, kk) in [
         (1, 19, 37),
         (3, 64, 128),
@@ -55,15 +89,14 @@ fn matmul_with_bias_matches_candle() {
         let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
         k.matmul(&ctx, &mut enc, p, (&xb, &wb, &bb, &y)).unwrap();
         ctx.queue.submit([enc.finish()]);
-        let got = pollster::block_on(ctx.read(&y, m * n)).unwrap();
+        let got = ctx.read(&y, m * n).await.unwrap();
         let diff = max_diff(&got, &values(&expected));
         assert!(diff < 1e-4, "({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}");
     }
 }
 
-#[test]
-fn layer_norm_matches_candle() {
-    let (ctx, k) = ctx();
+async fn layer_norm_matches_candle() {
+    let (ctx, k) = ctx().await;
     for (rows, dim) in [(1, 32), (5, 37), (3, 2560)] {
         // An offset mean checks that the variance is computed around it.
         let x = (rand(&[rows, dim], 2.0) + 3.0).unwrap();
@@ -87,15 +120,14 @@ fn layer_norm_matches_candle() {
         )
         .unwrap();
         ctx.queue.submit([enc.finish()]);
-        let got = pollster::block_on(ctx.read(&y, rows * dim)).unwrap();
+        let got = ctx.read(&y, rows * dim).await.unwrap();
         let diff = max_diff(&got, &values(&expected));
         assert!(diff < 1e-4, "{rows}×{dim}: max diff {diff}");
     }
 }
 
-#[test]
-fn gelu_new_matches_candle_and_stays_finite_for_large_inputs() {
-    let (ctx, k) = ctx();
+async fn gelu_new_matches_candle_and_stays_finite_for_large_inputs() {
+    let (ctx, k) = ctx().await;
     let mut input = values(&rand(&[1001], 3.0));
     input.extend([-1e4, -80.0, -20.0, 20.0, 80.0, 1e4]);
     let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap();
@@ -105,7 +137,7 @@ fn gelu_new_matches_candle_and_stays_finite_for_large_inputs() {
     k.gelu_new(&ctx, &mut enc, input.len() as u32, &buf)
         .unwrap();
     ctx.queue.submit([enc.finish()]);
-    let got = pollster::block_on(ctx.read(&buf, input.len())).unwrap();
+    let got = ctx.read(&buf, input.len()).await.unwrap();
     assert!(got.iter().all(|v| v.is_finite()), "gelu produced NaN/inf");
     // Relative for the huge inputs (where gelu(x) = x), absolute elsewhere.
     for (g, e) in got.iter().zip(&expected) {
@@ -113,9 +145,8 @@ fn gelu_new_matches_candle_and_stays_finite_for_large_inputs() {
     }
 }
 
-#[test]
-fn reports_adapter_limits_and_refuses_oversized_bindings() {
-    let (ctx, _) = ctx();
+async fn reports_adapter_limits_and_refuses_oversized_bindings() {
+    let (ctx, _) = ctx().await;
     assert!(
         ctx.info.max_storage_buffer_binding_size >= 128 << 20,
         "{:?}",
@@ -132,9 +163,8 @@ fn reports_adapter_limits_and_refuses_oversized_bindings() {
     );
 }
 
-#[test]
-fn device_errors_become_errors_not_panics() {
-    let (ctx, k) = ctx();
+async fn device_errors_become_errors_not_panics() {
+    let (ctx, k) = ctx().await;
     // Reading back a buffer created without COPY_SRC is a validation error, which wgpu
     // would turn into a panic by default.
     let x = ctx.upload("x", &[1.0; 4]).unwrap();
@@ -148,9 +178,7 @@ fn device_errors_become_errors_not_panics() {
     let p = MatmulParams::new(1, 1, 4, false);
     k.matmul(&ctx, &mut enc, p, (&x, &x, &x, &tiny)).unwrap();
     ctx.queue.submit([enc.finish()]);
-    let err = pollster::block_on(ctx.read(&tiny, 1))
-        .unwrap_err()
-        .to_string();
+    let err = ctx.read(&tiny, 1).await.unwrap_err().to_string();
     assert!(err.starts_with("GPU:"), "{err}");
 }
 
@@ -170,9 +198,8 @@ fn u32_buffer(ctx: &GpuContext, data: &[u32]) -> wgpu::Buffer {
         })
 }
 
-#[test]
-fn embedding_gathers_rows_across_table_chunks() {
-    let (ctx, k) = ctx();
+async fn embedding_gathers_rows_across_table_chunks() {
+    let (ctx, k) = ctx().await;
     let (rows, dim) = (50, 7);
     let table = rand(&[rows, dim], 1.0);
     let ids = [3u32, 0, 49, 3, 25, 24];
@@ -199,13 +226,12 @@ fn embedding_gathers_rows_across_table_chunks() {
             .unwrap()
         });
     }
-    let got = pollster::block_on(ctx.read(&out, ids.len() * dim)).unwrap();
+    let got = ctx.read(&out, ids.len() * dim).await.unwrap();
     assert_eq!(got, values(&expected));
 }
 
-#[test]
-fn residual_and_argmax() {
-    let (ctx, k) = ctx();
+async fn residual_and_argmax() {
+    let (ctx, k) = ctx().await;
     let n = 70_001;
     let (a, b, c) = (
         values(&rand(&[n], 1.0)),
@@ -220,7 +246,7 @@ fn residual_and_argmax() {
     run(&ctx, |enc| {
         k.residual(&ctx, enc, n as u32, (&xb, &bb, &cb)).unwrap()
     });
-    let got = pollster::block_on(ctx.read(&xb, n)).unwrap();
+    let got = ctx.read(&xb, n).await.unwrap();
     let expected: Vec<f32> = (0..n).map(|i| a[i] + b[i] + c[i]).collect();
     assert!(max_diff(&got, &expected) < 1e-6);
 
@@ -232,7 +258,7 @@ fn residual_and_argmax() {
     run(&ctx, |enc| {
         k.argmax(&ctx, enc, 50_295, (&lb, &out)).unwrap()
     });
-    let got = pollster::block_on(ctx.read_as::<u32>(&out, 1)).unwrap();
+    let got = ctx.read_as::<u32>(&out, 1).await.unwrap();
     assert_eq!(got[0], 777);
     assert_eq!(medphi::generate::argmax(&logits[..50_295]), 777);
 }
@@ -296,9 +322,8 @@ fn attention_reference(
     out
 }
 
-#[test]
-fn rotary_kv_cache_and_attention_match_a_plain_reference() {
-    let (ctx, k) = ctx();
+async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
+    let (ctx, k) = ctx().await;
     // Phi-2's head (80 dims, 32 rotary) with grouped kv heads, prefill then decode.
     let (heads, kv_heads, hd, rd, cap, theta) =
         (4usize, 2usize, 80usize, 32usize, 64usize, 10_000f64);
@@ -357,7 +382,7 @@ fn rotary_kv_cache_and_attention_match_a_plain_reference() {
             k.attention(&ctx, enc, shape, (&q_out, &k_cache, &v_cache, &out))
                 .unwrap();
         });
-        let got = pollster::block_on(ctx.read(&out, q.len())).unwrap();
+        let got = ctx.read(&out, q.len()).await.unwrap();
         let expected =
             attention_reference(&q, &all_k, &all_v, heads, kv_heads, hd, rd, start, theta);
         let diff = max_diff(&got, &expected);

@@ -1,4 +1,5 @@
 //! The whole model on the GPU (lavapipe in CI) against the transformers fixtures.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Parity with independent implementations on the committed tiny checkpoints:
 //! Hugging Face transformers (reference logits and greedy ids) and candle-transformers.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The model built with `fused = false` is the training path: every weight must receive a
 //! gradient, and the gradient must agree with a finite difference.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 use std::cell::RefCell;
 

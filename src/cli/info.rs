@@ -25,10 +25,7 @@ pub fn info(args: InfoArgs) -> Result<()> {
     let cfg = &ckpt.config;
     let expected = expected_tensors(cfg);
     ckpt.weights.check(&expected)?;
-    let params: usize = expected
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum();
+    let params = cfg.parameter_count();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     for t in ckpt.weights.stored_tensors() {
         *dtypes.entry(t.dtype).or_default() += t.shape.iter().product::<usize>();

@@ -24,6 +24,9 @@ use crate::tokenizer::PhiTokenizer;
 pub struct Sample {
     pub doc_id: usize,
     pub scores: Vec<ChoiceScore>,
+    /// The choice with the highest log-likelihood, and with the highest per character.
+    pub pred: usize,
+    pub pred_norm: usize,
     pub acc: bool,
     pub acc_norm: bool,
 }
@@ -59,6 +62,8 @@ pub async fn evaluate_item(
     Ok(Sample {
         doc_id,
         scores,
+        pred,
+        pred_norm,
         acc: pred == item.gold,
         acc_norm: pred_norm == item.gold,
     })

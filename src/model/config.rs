@@ -243,6 +243,14 @@ impl PhiConfig {
 
     /// The config in the classic (transformers 4 / microsoft/phi-2) layout, which both
     /// transformers 4 and 5 read.
+    /// Parameters of the model this config describes (tied embeddings counted once).
+    pub fn parameter_count(&self) -> usize {
+        super::expected_tensors(self)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
     pub fn to_hf_json(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["PhiForCausalLM"],

@@ -13,7 +13,9 @@ var<workgroup> best_i: array<u32, 256>;
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
     let l = lid.x;
-    var v = -3.4028235e38;
+    // The lowest finite f32, written so that Tint (Chrome) accepts it: -3.4028235e38 is
+    // out of range for its exact literal check.
+    var v = -3.40282346e38;
     var bi = 0xffffffffu;
     for (var i = l; i < p.len; i += N) {
         if (x[i] > v || bi == 0xffffffffu) {

@@ -35,7 +35,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let kv = h / (p.heads / p.kv_heads);
     let q_base = (t * p.heads + h) * hd;
     let keys = p.start + t + 1u;
-    var m = -3.4028235e38;
+    var m = -3.40282346e38; // lowest finite f32 (see argmax.wgsl)
     var sum = 0.0;
     var acc: array<f32, 128>;
     for (var d = 0u; d < hd; d++) {

@@ -1,0 +1,342 @@
+//! The `Model` class and `parseBenchmark` function that the wasm package exports.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+use web_time::Instant;
+
+use super::pacing::Paced;
+use super::{from_js, js_error, to_js};
+use crate::backend::{Backend, CpuBackend};
+use crate::checkpoint::{Checkpoint, NamedBytes};
+use crate::error::Error;
+use crate::eval::{evaluate_item, Item, Task};
+use crate::generate::{GenerateOptions, PromptFormat, SamplingParams, Session, Turn};
+use crate::gpu::{GpuBackend, GpuInfo};
+use crate::tokenizer::PhiTokenizer;
+
+type Shared = Rc<RefCell<Option<Inner>>>;
+
+struct Inner {
+    session: Session<Paced<Box<dyn Backend>>>,
+    tokenizer: PhiTokenizer,
+}
+
+/// A loaded model on one backend. Calls run one at a time: a call made while another is
+/// running fails with an `InputError` instead of interleaving with it.
+#[wasm_bindgen]
+pub struct Model {
+    inner: Shared,
+    info: ModelInfo,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelInfo {
+    /// "webgpu" or "cpu".
+    backend: String,
+    /// The backend's own description (adapter name for WebGPU).
+    device: String,
+    gpu: Option<GpuInfo>,
+    format: &'static str,
+    weight_bytes: u64,
+    parameters: usize,
+    layers: usize,
+    hidden: usize,
+    vocab: usize,
+    context: usize,
+    load_ms: f64,
+}
+
+/// What `generate` accepts: the prompt, its format and earlier turns, and sampling options.
+#[derive(Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct GenerateRequest {
+    prompt: String,
+    format: PromptFormat,
+    history: Vec<Turn>,
+    max_new_tokens: usize,
+    stop: Vec<String>,
+    #[serde(flatten)]
+    sampling: SamplingParams,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            format: PromptFormat::Raw,
+            history: Vec::new(),
+            max_new_tokens: GenerateOptions::default().max_new_tokens,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+
+/// One multiple-choice question as the page sees it.
+#[derive(Serialize, Deserialize)]
+struct Question {
+    context: String,
+    choices: Vec<String>,
+    gold: usize,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Scored {
+    loglikelihoods: Vec<f64>,
+    is_greedy: Vec<bool>,
+    pred: usize,
+    pred_norm: usize,
+    acc: bool,
+    acc_norm: bool,
+}
+
+fn busy() -> JsValue {
+    js_error(Error::input(
+        "the model is busy with another request; wait for it or stop it first",
+    ))
+}
+
+/// Runs `f` with the model taken out of its cell, so no borrow is held across an await.
+async fn with_inner<T, F>(shared: &Shared, f: impl FnOnce(Inner) -> F) -> Result<T, JsValue>
+where
+    F: std::future::Future<Output = (Inner, Result<T, JsValue>)>,
+{
+    let inner = shared.borrow_mut().take().ok_or_else(busy)?;
+    let (inner, result) = f(inner).await;
+    *shared.borrow_mut() = Some(inner);
+    result
+}
+
+/// Sorts the page's files into config, tokenizer and weights by their names, and opens
+/// them as a checkpoint.
+fn open_files(files: js_sys::Array) -> Result<Checkpoint, JsValue> {
+    let (mut config, mut tokenizer, mut weights) = (None, None, Vec::new());
+    for file in files.iter() {
+        let name = js_sys::Reflect::get(&file, &"name".into())
+            .ok()
+            .and_then(|n| n.as_string())
+            .ok_or_else(|| js_error(Error::input("each file needs a string `name`")))?;
+        let bytes = js_sys::Reflect::get(&file, &"bytes".into())
+            .ok()
+            .and_then(|b| b.dyn_into::<js_sys::Uint8Array>().ok())
+            .ok_or_else(|| {
+                js_error(Error::input(format!(
+                    "{name}: `bytes` must be a Uint8Array"
+                )))
+            })?
+            .to_vec();
+        let base = name.rsplit('/').next().unwrap_or(&name).to_string();
+        let named = NamedBytes { name, bytes };
+        match base.as_str() {
+            "config.json" => config = Some(named),
+            "tokenizer.json" => tokenizer = Some(named),
+            "model.safetensors.index.json" => {}
+            b if b.ends_with(".safetensors") || b.ends_with(".gguf") => weights.push(named),
+            _ => return Err(js_error(Error::file(
+                &named.name,
+                "not a model file (expected config.json, tokenizer.json, *.safetensors or *.gguf)",
+            ))),
+        }
+    }
+    if weights.is_empty() {
+        return Err(js_error(Error::input(
+            "no weights: give a model.safetensors (or its shards) or a .gguf file",
+        )));
+    }
+    Checkpoint::from_bytes(config, tokenizer, weights, DType::F32).map_err(js_error)
+}
+
+#[wasm_bindgen]
+impl Model {
+    /// Loads a model from `files` (an array of `{name, bytes: Uint8Array}`) onto `backend`
+    /// ("webgpu" or "cpu"), with the KV cache capped at `context` tokens if given.
+    pub async fn load(
+        files: js_sys::Array,
+        backend: String,
+        context: Option<u32>,
+    ) -> Result<Model, JsValue> {
+        let t0 = Instant::now();
+        let ckpt = open_files(files)?;
+        let context = context.map(|c| c as usize);
+        let (format, weight_bytes) = (ckpt.format, ckpt.weight_bytes);
+        let parameters = ckpt.config.parameter_count();
+        let (runner, tokenizer, gpu): (Box<dyn Backend>, PhiTokenizer, Option<GpuInfo>) =
+            match backend.as_str() {
+                "webgpu" => {
+                    let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), context)
+                        .await
+                        .map_err(js_error)?;
+                    let info = gpu.info().clone();
+                    (Box::new(gpu), ckpt.tokenizer, Some(info))
+                }
+                "cpu" => {
+                    let (model, tokenizer) = ckpt.into_model(true).map_err(js_error)?;
+                    let cpu = CpuBackend::new(model, context).map_err(js_error)?;
+                    (Box::new(cpu), tokenizer, None)
+                }
+                other => {
+                    return Err(js_error(Error::input(format!(
+                        "unknown backend {other:?} (expected \"webgpu\" or \"cpu\")"
+                    ))))
+                }
+            };
+        let cfg = runner.config();
+        let info = ModelInfo {
+            backend,
+            device: runner.name(),
+            gpu,
+            format,
+            weight_bytes,
+            parameters,
+            layers: cfg.num_hidden_layers,
+            hidden: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            context: runner.capacity(),
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        let inner = Inner {
+            session: Session::new(Paced::new(runner)),
+            tokenizer,
+        };
+        Ok(Model {
+            inner: Rc::new(RefCell::new(Some(inner))),
+            info,
+        })
+    }
+
+    /// `{backend, device, gpu, format, weightBytes, parameters, layers, hidden, vocab,
+    /// context, loadMs}`.
+    pub fn info(&self) -> Result<JsValue, JsValue> {
+        to_js(&self.info)
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, JsValue> {
+        let inner = self.inner.borrow();
+        let inner = inner.as_ref().ok_or_else(busy)?;
+        inner.tokenizer.encode(text).map_err(js_error)
+    }
+
+    /// Forgets the cached conversation.
+    pub fn reset(&self) -> Result<(), JsValue> {
+        let mut inner = self.inner.borrow_mut();
+        inner.as_mut().ok_or_else(busy)?.session.reset();
+        Ok(())
+    }
+
+    /// Generates a reply to `request` (`{prompt, format: "raw"|"instruct"|"chat", history:
+    /// [{user, assistant}], maxNewTokens, temperature, topP, topK, repetitionPenalty, seed,
+    /// stop}`), calling `on_text(piece)` as text arrives; `on_text` returns `false` to stop.
+    /// Resolves to `{input_ids, output_ids, text, stop_reason, prefill_tok_s, decode_tok_s,
+    /// reused_tokens}`, the object `medphi generate --json` prints.
+    pub fn generate(&self, request: JsValue, on_text: js_sys::Function) -> js_sys::Promise {
+        let shared = Rc::clone(&self.inner);
+        future_to_promise(async move {
+            let req: GenerateRequest = from_js(request, "generate request")?;
+            with_inner(&shared, |mut inner| async move {
+                let result = generate(&mut inner, req, &on_text).await;
+                (inner, result)
+            })
+            .await
+        })
+    }
+
+    /// Scores a multiple-choice question `{context, choices, gold}` as lm-eval does.
+    /// Resolves to `{loglikelihoods, isGreedy, pred, predNorm, acc, accNorm}`.
+    pub fn score(&self, question: JsValue) -> js_sys::Promise {
+        let shared = Rc::clone(&self.inner);
+        future_to_promise(async move {
+            let q: Question = from_js(question, "question")?;
+            if q.choices.len() < 2 || q.gold >= q.choices.len() {
+                return Err(js_error(Error::input(format!(
+                    "a question needs at least two choices and a gold index below their count (got {} choices, gold {})",
+                    q.choices.len(),
+                    q.gold
+                ))));
+            }
+            let item = Item {
+                doc: serde_json::Value::Null,
+                context: q.context,
+                choices: q.choices,
+                gold: q.gold,
+            };
+            with_inner(&shared, |mut inner| async move {
+                let Inner { session, tokenizer } = &mut inner;
+                let result = evaluate_item(session.backend_mut(), tokenizer, 0, &item, true)
+                    .await
+                    .map_err(js_error)
+                    .and_then(|s| {
+                        to_js(&Scored {
+                            loglikelihoods: s.scores.iter().map(|c| c.loglikelihood).collect(),
+                            is_greedy: s.scores.iter().map(|c| c.is_greedy).collect(),
+                            pred: s.pred,
+                            pred_norm: s.pred_norm,
+                            acc: s.acc,
+                            acc_norm: s.acc_norm,
+                        })
+                    });
+                (inner, result)
+            })
+            .await
+        })
+    }
+}
+
+async fn generate(
+    inner: &mut Inner,
+    req: GenerateRequest,
+    on_text: &js_sys::Function,
+) -> Result<JsValue, JsValue> {
+    let prompt = req.format.render(&req.history, &req.prompt);
+    let ids = inner.tokenizer.encode(&prompt).map_err(js_error)?;
+    let mut stop = req.format.stop_strings();
+    stop.extend(req.stop);
+    let opts = GenerateOptions {
+        max_new_tokens: req.max_new_tokens,
+        sampling: req.sampling,
+        stop,
+    };
+    let mut callback_error = None;
+    let g = inner
+        .session
+        .generate(&inner.tokenizer, &ids, &opts, &mut |piece| match on_text
+            .call1(&JsValue::NULL, &JsValue::from_str(piece))
+        {
+            Ok(keep_going) => keep_going.as_bool() != Some(false),
+            Err(e) => {
+                callback_error = Some(e);
+                false
+            }
+        })
+        .await
+        .map_err(js_error)?;
+    match callback_error {
+        Some(e) => Err(e),
+        None => to_js(&g),
+    }
+}
+
+/// Parses a benchmark file in its original format (`task`: an lm-eval task name such as
+/// `medqa_4options`, `pubmedqa`, `medmcqa`, `mmlu_anatomy`) into `[{context, choices,
+/// gold}]`, with lm-eval's prompts. `file` names the file in errors.
+#[wasm_bindgen(js_name = parseBenchmark)]
+pub fn parse_benchmark(task: &str, text: &str, file: &str) -> Result<JsValue, JsValue> {
+    let task: Task = task.parse().map_err(js_error)?;
+    let items = task.load(text, file).map_err(js_error)?;
+    let questions: Vec<Question> = items
+        .into_iter()
+        .map(|i| Question {
+            context: i.context,
+            choices: i.choices,
+            gold: i.gold,
+        })
+        .collect();
+    to_js(&questions)
+}

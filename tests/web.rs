@@ -1,0 +1,285 @@
+//! Browser tests (`wasm-pack test --headless --chrome`): the fixture checkpoint through
+//! the wasm package's own API, on the wasm CPU path and on the browser's WebGPU, against
+//! what transformers computed (tests/fixtures/reference.*).
+#![cfg(target_arch = "wasm32")]
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use medphi::backend::{Backend, CpuBackend};
+use medphi::checkpoint::{Checkpoint, NamedBytes};
+use medphi::generate::{GenerateOptions, Session};
+use medphi::gpu::GpuBackend;
+use medphi::model::Logits;
+use medphi::web::{parse_benchmark, Model};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+const CONFIG: &[u8] = include_bytes!("fixtures/tiny-phi/config.json");
+const TOKENIZER: &[u8] = include_bytes!("fixtures/tiny-phi/tokenizer.json");
+const WEIGHTS: &[u8] = include_bytes!("fixtures/tiny-phi/model.safetensors");
+const Q8_GGUF: &[u8] = include_bytes!("fixtures/tiny-phi-q8_0.gguf");
+const REFERENCE: &[u8] = include_bytes!("fixtures/reference.safetensors");
+const PROMPT: &str = "Instruct: What is macrocephaly?\nOutput:";
+
+struct Reference {
+    input_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    logits: Vec<f32>,
+    q8_logits: Vec<f32>,
+}
+
+fn reference() -> Reference {
+    let t: HashMap<String, Tensor> =
+        candle_core::safetensors::load_buffer(REFERENCE, &Device::Cpu).unwrap();
+    let ids = |n: &str| t[n].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    let flat = |n: &str| t[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    Reference {
+        input_ids: ids("input_ids"),
+        greedy_ids: ids("greedy_ids"),
+        logits: flat("logits"),
+        q8_logits: flat("logits_q8_0"),
+    }
+}
+
+fn named(name: &str, bytes: &[u8]) -> NamedBytes {
+    NamedBytes {
+        name: name.into(),
+        bytes: bytes.to_vec(),
+    }
+}
+
+fn checkpoint() -> Checkpoint {
+    Checkpoint::from_bytes(
+        Some(named("config.json", CONFIG)),
+        Some(named("tokenizer.json", TOKENIZER)),
+        vec![named("model.safetensors", WEIGHTS)],
+        DType::F32,
+    )
+    .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+async fn check_against_reference(backend: impl Backend, limit: f32) {
+    let r = reference();
+    let mut session = Session::new(backend);
+    let rows = session
+        .backend_mut()
+        .forward(&r.input_ids, Logits::All)
+        .await
+        .unwrap();
+    let diff = max_abs_diff(&rows, &r.logits);
+    assert!(diff < limit, "logits differ from transformers by {diff}");
+    let tokenizer = checkpoint().tokenizer;
+    let opts = GenerateOptions {
+        max_new_tokens: r.greedy_ids.len(),
+        ..Default::default()
+    };
+    let g = session
+        .generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)
+        .await
+        .unwrap();
+    assert_eq!(g.output_ids, r.greedy_ids);
+}
+
+#[wasm_bindgen_test]
+fn tokenizer_matches_the_reference_ids() {
+    let ckpt = checkpoint();
+    assert_eq!(
+        ckpt.tokenizer.encode(PROMPT).unwrap(),
+        reference().input_ids
+    );
+}
+
+#[wasm_bindgen_test]
+async fn cpu_forward_matches_transformers() {
+    let (model, _) = checkpoint().into_model(true).unwrap();
+    check_against_reference(CpuBackend::new(model, None).unwrap(), 1e-4).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_forward_matches_transformers() {
+    let ckpt = checkpoint();
+    let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)
+        .await
+        .expect("WebGPU in the browser (Chrome needs --enable-unsafe-webgpu, see webdriver.json)");
+    check_against_reference(gpu, 1e-3).await;
+}
+
+#[wasm_bindgen_test]
+async fn gguf_q8_0_loads_with_its_embedded_tokenizer() {
+    let ckpt = Checkpoint::from_bytes(
+        None,
+        None,
+        vec![named("tiny-phi-q8_0.gguf", Q8_GGUF)],
+        DType::F32,
+    )
+    .unwrap();
+    let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)
+        .await
+        .unwrap();
+    let r = reference();
+    let mut session = Session::new(gpu);
+    let rows = session
+        .backend_mut()
+        .forward(&r.input_ids, Logits::All)
+        .await
+        .unwrap();
+    // Dequantized q8_0 weights, so the reference is transformers on the same dequantized
+    // weights (exact up to f32 rounding).
+    let diff = max_abs_diff(&rows, &r.q8_logits);
+    assert!(diff < 1e-3, "q8_0 logits differ by {diff}");
+}
+
+fn files(list: &[(&str, &[u8])]) -> js_sys::Array {
+    list.iter()
+        .map(|(name, bytes)| {
+            let o = js_sys::Object::new();
+            js_sys::Reflect::set(&o, &"name".into(), &(*name).into()).unwrap();
+            js_sys::Reflect::set(&o, &"bytes".into(), &js_sys::Uint8Array::from(*bytes)).unwrap();
+            JsValue::from(o)
+        })
+        .collect()
+}
+
+fn fixture_files() -> js_sys::Array {
+    files(&[
+        ("config.json", CONFIG),
+        ("tokenizer.json", TOKENIZER),
+        ("model.safetensors", WEIGHTS),
+    ])
+}
+
+fn get(v: &JsValue, key: &str) -> JsValue {
+    js_sys::Reflect::get(v, &key.into()).unwrap()
+}
+
+fn error_name(e: JsValue) -> (String, String) {
+    let e: js_sys::Error = e.dyn_into().expect("a JS Error");
+    (e.name().into(), e.message().into())
+}
+
+#[wasm_bindgen_test]
+async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
+    for backend in ["cpu", "webgpu"] {
+        let model = Model::load(fixture_files(), backend.into(), None)
+            .await
+            .unwrap();
+        let info = model.info().unwrap();
+        assert_eq!(get(&info, "backend").as_string().unwrap(), backend);
+        let r = reference();
+        let request = serde_wasm_bindgen::to_value(&serde_json::json!({
+            "prompt": PROMPT, "maxNewTokens": 16, "temperature": 0.0
+        }))
+        .unwrap();
+        let streamed = std::rc::Rc::new(std::cell::RefCell::new(String::new()));
+        let sink = streamed.clone();
+        let on_text = Closure::<dyn FnMut(String) -> bool>::new(move |piece: String| {
+            sink.borrow_mut().push_str(&piece);
+            true
+        });
+        let g = JsFuture::from(model.generate(request, on_text.as_ref().clone().into()))
+            .await
+            .unwrap();
+        let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "output_ids")).unwrap();
+        assert_eq!(ids, r.greedy_ids[..16], "{backend}");
+        assert_eq!(get(&g, "text").as_string().unwrap(), *streamed.borrow());
+    }
+}
+
+#[wasm_bindgen_test]
+async fn returning_false_from_the_callback_stops_generation() {
+    let model = Model::load(fixture_files(), "cpu".into(), None)
+        .await
+        .unwrap();
+    let request = serde_wasm_bindgen::to_value(&serde_json::json!({
+        "prompt": PROMPT, "maxNewTokens": 50
+    }))
+    .unwrap();
+    let on_text = Closure::<dyn FnMut(String) -> bool>::new(|_: String| false);
+    let g = JsFuture::from(model.generate(request, on_text.as_ref().clone().into()))
+        .await
+        .unwrap();
+    assert_eq!(get(&g, "stop_reason").as_string().unwrap(), "cancelled");
+    let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "output_ids")).unwrap();
+    assert!(ids.len() < 50);
+}
+
+#[wasm_bindgen_test]
+async fn scores_a_parsed_medqa_question() {
+    let line = r#"{"question": "Which vitamin deficiency causes scurvy?", "answer": "Vitamin C", "options": {"A": "Vitamin A", "B": "Vitamin C", "C": "Vitamin D", "D": "Vitamin K"}, "meta_info": "step1", "answer_idx": "B"}"#;
+    let questions = parse_benchmark("medqa_4options", line, "sample.jsonl").unwrap();
+    let q = js_sys::Array::from(&questions).get(0);
+    assert_eq!(get(&q, "gold").as_f64(), Some(1.0));
+    let model = Model::load(fixture_files(), "cpu".into(), None)
+        .await
+        .unwrap();
+    let scored = JsFuture::from(model.score(q)).await.unwrap();
+    let ll: Vec<f64> = serde_wasm_bindgen::from_value(get(&scored, "loglikelihoods")).unwrap();
+    assert_eq!(ll.len(), 4);
+    assert!(ll.iter().all(|v| v.is_finite() && *v < 0.0), "{ll:?}");
+}
+
+#[wasm_bindgen_test]
+async fn bad_files_are_js_errors_not_aborts() {
+    let cases: Vec<(js_sys::Array, &str, &str)> = vec![
+        (
+            files(&[
+                ("config.json", CONFIG),
+                ("tokenizer.json", TOKENIZER),
+                ("model.safetensors", &WEIGHTS[..1000]),
+            ]),
+            "FileError",
+            "model.safetensors",
+        ),
+        (
+            files(&[
+                ("config.json", b"{not json"),
+                ("tokenizer.json", TOKENIZER),
+                ("model.safetensors", WEIGHTS),
+            ]),
+            "FileError",
+            "config.json",
+        ),
+        (
+            files(&[("config.json", CONFIG), ("tokenizer.json", TOKENIZER)]),
+            "InputError",
+            "no weights",
+        ),
+        (files(&[("notes.txt", b"hello")]), "FileError", "notes.txt"),
+        (
+            files(&[("model.gguf", b"GGUF\x03\x00\x00\x00garbage")]),
+            "FileError",
+            "model.gguf",
+        ),
+    ];
+    for (list, name, needle) in cases {
+        let err = Model::load(list, "cpu".into(), None)
+            .await
+            .err()
+            .expect("bad files must not load");
+        let (got_name, message) = error_name(err);
+        assert_eq!(got_name, name, "{message}");
+        assert!(message.contains(needle), "{message}");
+    }
+    let err = Model::load(fixture_files(), "tpu".into(), None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(error_name(err).0, "InputError");
+    // The module is still alive after all of that.
+    assert!(Model::load(fixture_files(), "cpu".into(), None)
+        .await
+        .is_ok());
+}
