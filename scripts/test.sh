@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test medphi has: formatting, native unit and integration tests (parity with
-# transformers and candle-transformers, GGUF, bad input, CLI), and the wasm32 build.
-# Installs what it needs (the wasm32 target); reuses a shared cargo target dir.
+# Runs every test medphi has: formatting, clippy, native unit and integration tests (parity
+# with transformers and candle-transformers, GGUF, bad input, CLI, wgpu on lavapipe), the
+# browser tests (`wasm-pack test` in headless Chromium: kernels, model parity, the wasm API)
+# and end-to-end tests of the page (playwright-core driving Debian's Chromium).
+# Installs what it needs (apt packages as root, the wasm32 target, wasm-bindgen-cli,
+# wasm-pack, npm packages); reuses a shared cargo target dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medphi-target}"
@@ -13,18 +16,20 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
-rustup target add wasm32-unknown-unknown >/dev/null
 
-# The wgpu tests run on Mesa's lavapipe (a CPU Vulkan driver) when no GPU is present.
-if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+# The wgpu tests run on Mesa's lavapipe (a CPU Vulkan driver) when no GPU is present; the
+# browser tests on Debian's Chromium and ChromeDriver.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! command -v chromedriver >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing mesa-vulkan-drivers (lavapipe)"
+    echo "== installing mesa-vulkan-drivers (lavapipe), chromium, chromium-driver"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 chromium chromium-driver >/dev/null
   else
-    echo "warning: no lavapipe ICD found; the GPU tests need a Vulkan driver (apt install mesa-vulkan-drivers)" >&2
+    echo "error: need mesa-vulkan-drivers, chromium and chromium-driver (apt install them as root)" >&2
+    exit 1
   fi
 fi
+source scripts/wasm-tools.sh
 
 echo "== cargo fmt --check"
 cargo fmt --check
@@ -40,7 +45,17 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== benches compile (cargo bench runs them)"
 cargo build --locked --benches
 
-echo "== wasm32 library build (the browser build must never rot)"
-cargo build --locked --lib --target wasm32-unknown-unknown --no-default-features
+echo "== clippy for wasm32 (the browser-only code)"
+cargo clippy --locked --lib --target wasm32-unknown-unknown --no-default-features -- -D warnings
 
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+echo "== browser tests: wasm-pack test in headless Chromium (WebGPU on SwiftShader)"
+wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
+  --no-default-features --test web --test gpu_kernels -- --locked 2>&1 | tee -a "$log"
+
+echo "== page end-to-end tests (playwright-core, Debian's chromium)"
+scripts/build-web.sh
+npm ci --no-audit --no-fund --silent
+npm run -s test:e2e 2>&1 | tee -a "$log"
+
+awk '/^test result:/ { p += $4; f += $6 } /^# pass / { p += $3 } /^# fail / { f += $3 }
+  END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,198 @@
+// End-to-end tests of the page (www/, served as static files like scripts/serve.sh does) in
+// Debian's headless Chromium, driven by playwright-core. Needs www/pkg built
+// (scripts/build-web.sh). Screenshots and measurements go to target/e2e/.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chromium } from 'playwright-core';
+
+const root = new URL('../../', import.meta.url).pathname;
+const out = `${root}target/e2e`;
+const reference = JSON.parse(readFileSync(`${root}tests/fixtures/reference.json`, 'utf8'));
+const PROMPT = reference.prompt;
+const metrics = {};
+
+let server;
+let base;
+let browser;
+
+before(async () => {
+  mkdirSync(out, { recursive: true });
+  server = spawn('python3', ['-u', '-m', 'http.server', '0', '--bind', '127.0.0.1', '--directory', `${root}www`], {
+    stdio: ['ignore', 'pipe', 'ignore'], // its request log would drown the test report
+  });
+  base = await new Promise((resolve, reject) => {
+    server.stdout.on('data', (d) => {
+      const m = String(d).match(/port (\d+)/);
+      if (m) resolve(`http://127.0.0.1:${m[1]}/`);
+    });
+    server.on('exit', (code) => reject(new Error(`http.server exited with ${code}`)));
+  });
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [
+      '--no-sandbox',
+      '--enable-unsafe-webgpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+      '--disable-quic',
+      '--disable-dev-shm-usage',
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill();
+  writeFileSync(`${out}/metrics.json`, JSON.stringify(metrics, null, 2));
+  console.log('page metrics:', JSON.stringify(metrics));
+});
+
+/** A fresh page that records console errors; `ready` waits for the bundled model. */
+async function openPage({ viewport = { width: 1100, height: 900 }, ready = true } = {}) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  const errors = [];
+  page.on('console', (m) => {
+    if (m.type() === 'error') errors.push(m.text());
+  });
+  page.on('pageerror', (e) => errors.push(String(e)));
+  const t0 = Date.now();
+  await page.goto(base);
+  if (ready) await page.waitForSelector('#status:has-text("Ready")', { timeout: 120_000 });
+  return { page, errors, context, loadMs: Date.now() - t0 };
+}
+
+test('the bundled model loads on WebGPU by default and chat streams an answer', async () => {
+  const { page, errors, context, loadMs } = await openPage();
+  const status = await page.textContent('#status');
+  assert.match(status, /on WebGPU/, status);
+  metrics.page_load_to_ready_ms = loadMs;
+  const t0 = Date.now();
+  await page.fill('#prompt', 'What is macrocephaly?');
+  await page.press('#prompt', 'Enter');
+  await page.waitForFunction(() => document.querySelector('.msg.model')?.textContent.length > 0);
+  metrics.prompt_to_first_token_ms_webgpu = Date.now() - t0;
+  metrics.page_load_to_first_token_ms = loadMs + metrics.prompt_to_first_token_ms_webgpu;
+  await page.waitForSelector('#speed:has-text("tok/s")', { timeout: 120_000 });
+  const reply = await page.textContent('.msg.model');
+  assert.ok(reply.trim().length > 0, 'the model wrote something');
+  await page.screenshot({ path: `${out}/chat.png`, fullPage: true });
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('window.medphi gives the reference ids on both backends (same as medphi generate --json)', async () => {
+  const { page, errors, context } = await openPage();
+  for (const backend of ['webgpu', 'cpu']) {
+    const info = await page.evaluate((b) => window.medphi.load({ url: 'models/tiny-phi/', backend: b }), backend);
+    assert.equal(info.backend, backend);
+    const g = await page.evaluate(
+      (prompt) => window.medphi.generate({ prompt, maxNewTokens: 64, temperature: 0 }),
+      PROMPT,
+    );
+    assert.deepEqual(g.inputIds, reference.input_ids, backend);
+    assert.deepEqual(g.outputIds, reference.greedy_ids.slice(0, g.outputIds.length), backend);
+    assert.equal(g.outputIds.length, 64, backend);
+    metrics[`decode_tok_s_${backend}`] = Number(g.decodeTokS.toFixed(1));
+    metrics[`prefill_tok_s_${backend}`] = Number(g.prefillTokS.toFixed(1));
+  }
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('Stop ends a generation on each backend, from the API and from the button', async () => {
+  const { page, errors, context } = await openPage();
+  for (const backend of ['webgpu', 'cpu']) {
+    await page.evaluate((b) => window.medphi.load({ url: 'models/tiny-phi/', backend: b }), backend);
+    const g = await page.evaluate((prompt) => {
+      let pieces = 0;
+      return window.medphi.generate({
+        prompt,
+        maxNewTokens: 240,
+        onText: () => {
+          pieces += 1;
+          if (pieces === 2) window.medphi.stop();
+        },
+      });
+    }, PROMPT);
+    assert.equal(g.stopReason, 'cancelled', backend);
+    assert.ok(g.outputIds.length < 240, `${backend}: ${g.outputIds.length} tokens`);
+  }
+  await page.fill('#max-tokens', '240');
+  await page.fill('#prompt', 'Tell me about the heart.');
+  await page.press('#prompt', 'Enter');
+  await page.waitForFunction(() => document.querySelector('.msg.model')?.textContent.length > 0);
+  await page.click('#stop');
+  await page.waitForSelector('#speed:has-text("stopped")', { timeout: 60_000 });
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('the MedQA panel scores the bundled sample questions with bars and exports JSON', async () => {
+  const { page, errors, context } = await openPage();
+  await page.click('#tab-medqa');
+  await page.click('#run-samples');
+  await page.waitForSelector('#bench-summary:has-text("12 of 12")', { timeout: 120_000 });
+  assert.equal(await page.locator('#bench-results > li').count(), 12);
+  assert.equal(await page.locator('#bench-results > li').first().locator('.option').count(), 4);
+  const summary = await page.textContent('#bench-summary');
+  assert.match(summary, /accuracy ± \d+\.\d \(stderr\) on 12 of 12/);
+  const widths = await page.$$eval('#bench-results > li:first-child .option .bar > span', (s) =>
+    s.map((e) => parseFloat(e.style.width)),
+  );
+  assert.ok(Math.abs(widths.reduce((a, b) => a + b, 0) - 100) < 0.5, `probabilities sum to 100%: ${widths}`);
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export')]);
+  const exported = JSON.parse(readFileSync(await download.path(), 'utf8'));
+  assert.equal(exported.n, 12);
+  assert.equal(exported.items.length, 12);
+  await page.screenshot({ path: `${out}/medqa.png`, fullPage: true });
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('an original-format benchmark upload is scored; invalid files give readable errors', async () => {
+  const { page, errors, context } = await openPage();
+  await page.click('#tab-medqa');
+  const csv = 'What is the largest organ of the body?,Liver,Skin,Heart,Lung,B\n';
+  await page.setInputFiles('#bench-file', { name: 'anatomy_test.csv', mimeType: 'text/csv', buffer: Buffer.from(csv) });
+  await page.waitForSelector('#bench-summary:has-text("1 of 1")', { timeout: 60_000 });
+  assert.equal(await page.inputValue('#bench-task'), 'mmlu_anatomy');
+
+  await page.setInputFiles('#bench-file', { name: 'broken.jsonl', mimeType: 'text/plain', buffer: Buffer.from('{"question": 1}\n') });
+  await page.waitForSelector('#status.error', { timeout: 30_000 });
+  assert.match(await page.textContent('#status'), /broken\.jsonl:1/);
+
+  await page.click('#model-panel summary');
+  await page.setInputFiles('#model-files', [
+    { name: 'config.json', mimeType: 'application/json', buffer: readFileSync(`${root}models/tiny-phi/config.json`) },
+    { name: 'tokenizer.json', mimeType: 'application/json', buffer: readFileSync(`${root}models/tiny-phi/tokenizer.json`) },
+    { name: 'model.safetensors', mimeType: 'application/octet-stream', buffer: Buffer.from('not a safetensors file') },
+  ]);
+  await page.click('#load-button');
+  await page.waitForSelector('#status:has-text("Could not load the model")', { timeout: 30_000 });
+  assert.match(await page.textContent('#status'), /model\.safetensors/);
+  // The worker survived: the bundled model loads and answers again.
+  const info = await page.evaluate(() => window.medphi.load({ url: 'models/tiny-phi/', backend: 'cpu' }));
+  assert.equal(info.backend, 'cpu');
+  const g = await page.evaluate((prompt) => window.medphi.generate({ prompt, maxNewTokens: 4 }), PROMPT);
+  assert.equal(g.outputIds.length, 4);
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('phone width: nothing overflows sideways, controls are reachable by keyboard', async () => {
+  const { page, errors, context } = await openPage({ viewport: { width: 390, height: 844 } });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `page is ${overflow}px wider than the screen`);
+  await page.focus('#tab-chat');
+  await page.keyboard.press('ArrowRight');
+  assert.equal(await page.getAttribute('#tab-medqa', 'aria-selected'), 'true');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'tab-medqa');
+  await page.screenshot({ path: `${out}/phone.png`, fullPage: true });
+  assert.deepEqual(errors, []);
+  await context.close();
+});

@@ -1,0 +1,469 @@
+// The page: wires the controls to `window.medphi` (medphi-api.js). Model work happens in
+// the worker, so nothing here blocks; this file only renders.
+import { MedphiApi } from './medphi-api.js';
+
+const BUNDLED_MODEL = 'models/tiny-phi/';
+const SAMPLES = 'samples/medqa-sample.jsonl';
+
+const $ = (id) => document.getElementById(id);
+const api = new MedphiApi();
+window.medphi = api;
+
+let gpu = { webgpu: false };
+let busy = false;
+
+// ---- status line -------------------------------------------------------------------
+
+function status(text, kind = '') {
+  const el = $('status');
+  el.textContent = text;
+  el.className = `status ${kind}`;
+}
+
+api.addEventListener('warning', (e) => status(e.detail, 'warning'));
+
+function describe(info, src) {
+  const name = src.files ? src.files.map((f) => f.name).join(', ') : src.url.replace(/\/$/, '').split('/').pop();
+  const params = info.parameters >= 1e9 ? `${(info.parameters / 1e9).toFixed(2)} B` : `${(info.parameters / 1e6).toFixed(1)} M`;
+  const where = info.backend === 'webgpu' ? `WebGPU (${info.gpu?.adapter || gpu.adapter || 'adapter'})` : 'CPU (WebAssembly)';
+  return `Ready: ${name}, ${params} parameters, ${info.format}, context ${info.context} — on ${where}, loaded in ${(info.loadMs / 1000).toFixed(1)} s`;
+}
+
+// ---- loading -------------------------------------------------------------------------
+
+function chosen(name) {
+  return document.querySelector(`input[name=${name}]:checked`)?.value;
+}
+
+let pickedFiles = [];
+
+function source() {
+  const kind = chosen('source');
+  if (kind === 'url') {
+    const url = $('model-url').value.trim();
+    if (!url) throw Object.assign(new Error('enter a model URL first'), { name: 'InputError' });
+    return { url };
+  }
+  if (kind === 'files') {
+    if (!pickedFiles.length) throw Object.assign(new Error('choose or drop model files first'), { name: 'InputError' });
+    return { files: pickedFiles };
+  }
+  return { url: BUNDLED_MODEL };
+}
+
+async function load(src, backend) {
+  setBusy(true);
+  const bar = $('load-progress');
+  bar.hidden = false;
+  bar.value = 0;
+  const sizes = new Map();
+  status(`Loading the model on ${backend === 'webgpu' ? 'WebGPU' : 'the CPU'}…`);
+  try {
+    const info = await api.load({
+      ...src,
+      backend,
+      onProgress: (p) => {
+        sizes.set(p.file, p);
+        const loaded = [...sizes.values()].reduce((a, f) => a + f.loaded, 0);
+        const total = [...sizes.values()].reduce((a, f) => a + (f.total || f.loaded), 0);
+        bar.value = total ? loaded / total : 0;
+        $('load-detail').textContent = `${p.file}: ${mb(p.loaded)}${p.total ? ` of ${mb(p.total)}` : ''}${p.cached ? ' (from the offline cache)' : ''}`;
+      },
+    });
+    bar.value = 1;
+    $('load-detail').textContent = `${info.device}`;
+    document.querySelector(`input[name=backend][value=${info.backend}]`).checked = true;
+    status(describe(info, src));
+    return info;
+  } catch (e) {
+    status(`Could not load the model: ${e.message}`, 'error');
+    throw e;
+  } finally {
+    bar.hidden = true;
+    setBusy(false);
+  }
+}
+
+function mb(bytes) {
+  return `${(bytes / 1048576).toFixed(1)} MB`;
+}
+
+// Runs `task`; if the GPU fails under it, reloads the same model on the CPU and retries once.
+async function withGpuFallback(task) {
+  try {
+    return await task();
+  } catch (e) {
+    if (e.name !== 'GpuError' || api.info?.backend !== 'webgpu') throw e;
+    status(`The GPU failed (${e.message}); switching to the CPU…`, 'warning');
+    await load(api.source, 'cpu');
+    status(`The GPU failed (${e.message}); now running on the CPU.`, 'warning');
+    return task();
+  }
+}
+
+$('load-button').addEventListener('click', async () => {
+  try {
+    await load(source(), chosen('backend'));
+  } catch (e) {
+    status(`Could not load the model: ${e.message}`, 'error');
+  }
+});
+
+$('clear-cache').addEventListener('click', async () => {
+  const removed = await api.clearCache();
+  status(removed ? 'Downloaded models removed from this browser.' : 'There were no downloaded models to remove.');
+});
+
+function pick(files) {
+  pickedFiles = [...files];
+  $('picked-files').textContent = pickedFiles.map((f) => `${f.name} (${mb(f.size)})`).join(', ');
+  document.querySelector('input[name=source][value=files]').checked = true;
+}
+
+$('model-files').addEventListener('change', (e) => pick(e.target.files));
+const drop = $('drop-zone');
+drop.addEventListener('dragover', (e) => {
+  e.preventDefault();
+  drop.classList.add('over');
+});
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', (e) => {
+  e.preventDefault();
+  drop.classList.remove('over');
+  pick(e.dataTransfer.files);
+});
+drop.addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' || e.key === ' ') {
+    e.preventDefault();
+    $('model-files').click();
+  }
+});
+
+// ---- tabs ----------------------------------------------------------------------------
+
+const tabs = [$('tab-chat'), $('tab-medqa')];
+function selectTab(tab) {
+  for (const t of tabs) {
+    const on = t === tab;
+    t.setAttribute('aria-selected', String(on));
+    t.tabIndex = on ? 0 : -1;
+    $(t.getAttribute('aria-controls')).hidden = !on;
+  }
+  tab.focus();
+}
+tabs.forEach((t, i) => {
+  t.addEventListener('click', () => selectTab(t));
+  t.addEventListener('keydown', (e) => {
+    if (e.key === 'ArrowRight' || e.key === 'ArrowLeft') selectTab(tabs[(i + (e.key === 'ArrowRight' ? 1 : tabs.length - 1)) % tabs.length]);
+  });
+});
+
+function setBusy(on) {
+  busy = on;
+  for (const id of ['send', 'load-button', 'run-samples', 'clear']) $(id).disabled = on;
+  $('bench-file').disabled = on;
+}
+
+// ---- chat ----------------------------------------------------------------------------
+
+let history = [];
+
+function bubble(kind, text) {
+  const div = document.createElement('div');
+  div.className = `msg ${kind}`;
+  div.textContent = text;
+  $('transcript').append(div);
+  div.scrollIntoView({ block: 'end' });
+  return div;
+}
+
+function number(id, fallback) {
+  const v = Number($(id).value);
+  return Number.isFinite(v) ? v : fallback;
+}
+
+async function send() {
+  const message = $('prompt').value.trim();
+  if (!message || busy) return;
+  if (!api.info) {
+    status('Load a model first.', 'error');
+    return;
+  }
+  $('prompt').value = '';
+  bubble('user', message);
+  const reply = bubble('model streaming', '');
+  const format = $('format').value;
+  setBusy(true);
+  $('stop').disabled = false;
+  try {
+    const g = await withGpuFallback(() => {
+      reply.textContent = '';
+      return api.generate({
+        prompt: message,
+        format,
+        history: format === 'raw' ? [] : history,
+        maxNewTokens: Math.max(1, Math.round(number('max-tokens', 128))),
+        temperature: Math.max(0, number('temperature', 0)),
+        topP: Math.min(1, Math.max(0.01, number('top-p', 1))),
+        onText: (piece) => {
+          reply.textContent += piece;
+          reply.scrollIntoView({ block: 'end' });
+        },
+      });
+    });
+    reply.textContent = g.text;
+    history.push({ user: message, assistant: g.text });
+    const why = { eos: 'end of text', max_tokens: 'token limit', stop_string: 'end of turn', context_full: 'context full', cancelled: 'stopped' }[g.stopReason] || g.stopReason;
+    $('speed').textContent = `${g.outputIds.length} tokens · ${g.decodeTokS.toFixed(1)} tok/s · prompt ${g.prefillTokS.toFixed(0)} tok/s · ${why}`;
+  } catch (e) {
+    reply.remove();
+    status(e.name === 'InputError' ? `${e.message}. Clear the chat to start over.` : `Generation failed: ${e.message}`, 'error');
+  } finally {
+    reply.classList.remove('streaming');
+    $('stop').disabled = true;
+    setBusy(false);
+  }
+}
+
+$('chat-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  send();
+});
+$('prompt').addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey) {
+    e.preventDefault();
+    send();
+  }
+});
+$('stop').addEventListener('click', () => api.stop());
+$('clear').addEventListener('click', async () => {
+  history = [];
+  $('transcript').replaceChildren();
+  $('speed').textContent = '';
+  if (api.info) await api.reset();
+});
+$('copy').addEventListener('click', async () => {
+  const text = [...$('transcript').children].map((m) => `${m.classList.contains('user') ? 'You' : 'Model'}: ${m.textContent}`).join('\n\n');
+  try {
+    await navigator.clipboard.writeText(text);
+    status('Conversation copied.');
+  } catch {
+    status('The browser refused clipboard access; select the text to copy it.', 'warning');
+  }
+});
+
+// ---- MedQA panel ---------------------------------------------------------------------
+
+let benchStop = false;
+let lastRun = null;
+
+function softmax(xs) {
+  const m = Math.max(...xs);
+  const e = xs.map((x) => Math.exp(x - m));
+  const s = e.reduce((a, b) => a + b, 0);
+  return e.map((x) => x / s);
+}
+
+/** lm-eval's mean and standard error (sample standard deviation / √n). */
+function meanStderr(values) {
+  const n = values.length;
+  const mean = values.reduce((a, b) => a + b, 0) / n;
+  if (n < 2) return [mean, null];
+  const variance = values.reduce((a, v) => a + (v - mean) ** 2, 0) / (n - 1);
+  return [mean, Math.sqrt(variance / n)];
+}
+
+function renderQuestion(q, r, index) {
+  const li = document.createElement('li');
+  const text = document.createElement('div');
+  text.className = 'question-text';
+  text.textContent = q.context;
+  li.append(text);
+  r.probs.forEach((p, i) => {
+    const row = document.createElement('div');
+    row.className = `option${i === r.pred ? ' pick' : ''}${i === q.gold ? ' key' : ''}`;
+    const mark = document.createElement('span');
+    mark.className = 'mark';
+    mark.textContent = i === q.gold ? '✓' : '';
+    mark.title = i === q.gold ? 'the key' : '';
+    const label = document.createElement('span');
+    label.textContent = q.choices[i];
+    const bar = document.createElement('span');
+    bar.className = 'bar';
+    bar.setAttribute('role', 'img');
+    bar.setAttribute('aria-label', `probability ${(100 * p).toFixed(1)} percent`);
+    const fill = document.createElement('span');
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    bar.append(fill);
+    const pct = document.createElement('span');
+    pct.textContent = `${(100 * p).toFixed(1)}%`;
+    row.append(mark, label, bar, pct);
+    li.append(row);
+  });
+  const verdict = document.createElement('div');
+  verdict.className = `verdict ${r.acc ? 'right' : 'wrong'}`;
+  verdict.textContent = r.acc ? `Model picked the key (${q.choices[r.pred]})` : `Model picked “${q.choices[r.pred]}”; the key is “${q.choices[q.gold]}”`;
+  li.append(verdict);
+  li.dataset.index = String(index);
+  return li;
+}
+
+function renderSummary(results, total, label) {
+  const accs = results.map((r) => (r.acc ? 1 : 0));
+  const [acc, se] = meanStderr(accs);
+  const chance = results.length ? results.reduce((a, r) => a + 1 / r.probs.length, 0) / results.length : 0.25;
+  const el = $('bench-summary');
+  el.replaceChildren();
+  const head = document.createElement('div');
+  head.innerHTML = `<span class="big"></span> <span class="detail"></span>`;
+  head.querySelector('.big').textContent = `${(100 * acc).toFixed(1)}%`;
+  head.querySelector('.detail').textContent = ` accuracy${se === null ? '' : ` ± ${(100 * se).toFixed(1)} (stderr)`} on ${results.length} of ${total} ${label} questions; chance is ${(100 * chance).toFixed(0)}%`;
+  const bar = document.createElement('div');
+  bar.className = 'accuracy-bar';
+  bar.setAttribute('role', 'img');
+  bar.setAttribute('aria-label', `accuracy ${(100 * acc).toFixed(1)} percent, chance ${(100 * chance).toFixed(0)} percent`);
+  const fill = document.createElement('span');
+  fill.style.width = `${100 * acc}%`;
+  const line = document.createElement('i');
+  line.style.left = `${100 * chance}%`;
+  line.title = 'chance';
+  bar.append(fill, line);
+  el.append(head, bar);
+  return { acc, acc_stderr: se, chance };
+}
+
+async function runBenchmark(questions, label) {
+  if (!api.info) {
+    status('Load a model first.', 'error');
+    return;
+  }
+  setBusy(true);
+  benchStop = false;
+  $('bench-stop').disabled = false;
+  $('export').disabled = true;
+  const list = $('bench-results');
+  list.replaceChildren();
+  const bar = $('bench-progress');
+  bar.hidden = false;
+  bar.value = 0;
+  const results = [];
+  const t0 = performance.now();
+  try {
+    for (const [i, q] of questions.entries()) {
+      if (benchStop) break;
+      const r = await withGpuFallback(() => api.score(q));
+      r.probs = softmax(r.loglikelihoods);
+      results.push(r);
+      list.append(renderQuestion(q, r, i));
+      bar.value = (i + 1) / questions.length;
+      renderSummary(results, questions.length, label);
+    }
+    const summary = renderSummary(results, questions.length, label);
+    const secs = (performance.now() - t0) / 1000;
+    status(`Scored ${results.length} ${label} questions in ${secs.toFixed(1)} s.`);
+    lastRun = {
+      task: label,
+      model: api.info,
+      n: results.length,
+      ...summary,
+      items: questions.slice(0, results.length).map((q, i) => ({
+        context: q.context,
+        choices: q.choices,
+        gold: q.gold,
+        loglikelihoods: results[i].loglikelihoods,
+        probabilities: results[i].probs,
+        pred: results[i].pred,
+        pred_norm: results[i].predNorm,
+        acc: results[i].acc,
+        acc_norm: results[i].accNorm,
+      })),
+    };
+    $('export').disabled = false;
+  } catch (e) {
+    status(`Scoring failed: ${e.message}`, 'error');
+  } finally {
+    bar.hidden = true;
+    $('bench-stop').disabled = true;
+    setBusy(false);
+  }
+}
+
+$('run-samples').addEventListener('click', async () => {
+  try {
+    const text = await (await fetch(SAMPLES)).text();
+    const questions = await api.parseBenchmark('medqa_4options', text, SAMPLES);
+    await runBenchmark(questions, 'sample MedQA');
+  } catch (e) {
+    status(`Could not read the sample questions: ${e.message}`, 'error');
+  }
+});
+
+/** The lm-eval task a file most likely is, from its name and first bytes. */
+function guessTask(name, text) {
+  const lower = name.toLowerCase();
+  const mmlu = lower.match(/(anatomy|clinical_knowledge|college_biology|college_medicine|medical_genetics|professional_medicine)/);
+  if (lower.endsWith('.csv') && mmlu) return `mmlu_${mmlu[1]}`;
+  if (lower.includes('pubmedqa') || /^\s*\{\s*"\d+"\s*:/.test(text)) return 'pubmedqa';
+  if (lower.includes('medmcqa') || /"cop"\s*:/.test(text.slice(0, 5000))) return 'medmcqa';
+  if (lower.endsWith('.tsv')) {
+    const specialty = lower.replace(/\.tsv$/, '').replace(/_(test|dev)$/, '').replace(/[^a-z0-9_]/g, '_');
+    return `medexqa_${specialty}`;
+  }
+  return $('bench-task').value;
+}
+
+$('bench-file').addEventListener('change', async (e) => {
+  const file = e.target.files[0];
+  if (!file) return;
+  e.target.value = '';
+  try {
+    const text = await file.text();
+    const task = guessTask(file.name, text);
+    const select = $('bench-task');
+    if (![...select.options].some((o) => o.value === task)) select.add(new Option(task, task));
+    select.value = task;
+    const questions = await api.parseBenchmark(task, text, file.name);
+    await runBenchmark(questions, `${task} (${file.name})`);
+  } catch (err) {
+    status(`Could not use ${file.name}: ${err.message}`, 'error');
+  }
+});
+
+$('bench-stop').addEventListener('click', () => {
+  benchStop = true;
+});
+
+$('export').addEventListener('click', () => {
+  if (!lastRun) return;
+  const blob = new Blob([JSON.stringify(lastRun, null, 2)], { type: 'application/json' });
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(blob);
+  a.download = 'medphi-medqa-results.json';
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+});
+
+// ---- start ---------------------------------------------------------------------------
+
+async function start() {
+  try {
+    gpu = await api.probe();
+  } catch {
+    gpu = { webgpu: false, reason: 'WebGPU probe failed' };
+  }
+  const webgpuRadio = document.querySelector('input[name=backend][value=webgpu]');
+  webgpuRadio.disabled = !gpu.webgpu;
+  $('adapter-name').textContent = gpu.webgpu ? `(${gpu.adapter})` : `(unavailable: ${gpu.reason})`;
+  const backend = gpu.webgpu ? 'webgpu' : 'cpu';
+  document.querySelector(`input[name=backend][value=${backend}]`).checked = true;
+  try {
+    await load({ url: BUNDLED_MODEL }, backend);
+  } catch (e) {
+    if (backend === 'webgpu' && e.name === 'GpuError') {
+      status(`WebGPU could not take the model (${e.message}); using the CPU.`, 'warning');
+      await load({ url: BUNDLED_MODEL }, 'cpu').catch(() => {});
+    }
+  }
+}
+
+start();
