@@ -50,7 +50,7 @@ cargo clippy --locked --lib --target wasm32-unknown-unknown --no-default-feature
 
 echo "== browser tests: wasm-pack test in headless Chromium (WebGPU on SwiftShader)"
 wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
-  --no-default-features --test web --test gpu_kernels -- --locked 2>&1 | tee -a "$log"
+  --no-default-features --test web --test gpu_kernels 2>&1 | tee -a "$log"
 
 echo "== page end-to-end tests (playwright-core, Debian's chromium)"
 scripts/build-web.sh
