@@ -3,8 +3,9 @@
 //! finds (Mesa's lavapipe) under `cargo test`, and in headless Chromium's WebGPU under
 //! `wasm-pack test`.
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use medphi::gpu::{GpuContext, Kernels, MatmulParams};
+use medphi::gpu::{GpuContext, Kernels, MatmulParams, WeightFormat};
 
 /// Declares each async test body as a native `#[test]` and a browser test.
 macro_rules! native_and_browser {
@@ -29,6 +30,8 @@ macro_rules! native_and_browser {
 
 native_and_browser!(
     matmul_with_bias_matches_candle,
+    matmul_reads_f16_q8_0_and_q4_0_weights_in_place,
+    embedding_gathers_from_quantized_tables,
     layer_norm_matches_candle,
     gelu_new_matches_candle_and_stays_finite_for_large_inputs,
     reports_adapter_limits_and_refuses_oversized_bindings,
@@ -87,11 +90,92 @@ async fn matmul_with_bias_matches_candle() {
         let y = ctx.storage("y", m * n).unwrap();
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
-        k.matmul(&ctx, &mut enc, p, (&xb, &wb, &bb, &y)).unwrap();
+        k.matmul(&ctx, &mut enc, p, WeightFormat::F32, (&xb, &wb, &bb, &y))
+            .unwrap();
         ctx.queue.submit([enc.finish()]);
         let got = ctx.read(&y, m * n).await.unwrap();
         let diff = max_diff(&got, &values(&expected));
         assert!(diff < 1e-4, "({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}");
+    }
+}
+
+/// `w` (n × k) in `format` as the GPU holds it, and the values those bytes decode to.
+fn encode(w: &Tensor, format: WeightFormat) -> (Vec<u8>, Tensor) {
+    let ggml = match format {
+        WeightFormat::F32 => return (bytemuck::cast_slice(&values(w)).to_vec(), w.clone()),
+        WeightFormat::F16 => GgmlDType::F16,
+        WeightFormat::Q8_0 => GgmlDType::Q8_0,
+        WeightFormat::Q4_0 => GgmlDType::Q4_0,
+    };
+    let q = QTensor::quantize(w, ggml).unwrap();
+    (
+        q.data().unwrap().into_owned(),
+        q.dequantize(&Device::Cpu).unwrap(),
+    )
+}
+
+async fn matmul_reads_f16_q8_0_and_q4_0_weights_in_place() {
+    let (ctx, k) = ctx().await;
+    for format in [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0] {
+        // GEMV (m = 1) and tiled GEMM, output counts that are not tile multiples, and
+        // Phi-2's k = 2560 (80 blocks a row).
+        for (m, n, kk) in [(1, 19, 64), (1, 300, 2560), (5, 33, 96), (17, 70, 2560)] {
+            let x = rand(&[m, kk], 1.0);
+            let w = rand(&[n, kk], 0.05);
+            let (bytes, decoded) = encode(&w, format);
+            assert_eq!(bytes.len(), n * format.row_bytes(kk));
+            let b = rand(&[n], 0.1);
+            let expected = x
+                .matmul(&decoded.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let (xb, wb, bb) = (
+                ctx.upload("x", &values(&x)).unwrap(),
+                ctx.upload_bytes("w", &bytes).unwrap(),
+                ctx.upload("b", &values(&b)).unwrap(),
+            );
+            let y = ctx.storage("y", m * n).unwrap();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
+            k.matmul(&ctx, &mut enc, p, format, (&xb, &wb, &bb, &y))
+                .unwrap();
+            ctx.queue.submit([enc.finish()]);
+            let got = ctx.read(&y, m * n).await.unwrap();
+            let diff = max_diff(&got, &values(&expected));
+            assert!(
+                diff < 1e-4,
+                "{format:?} ({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}"
+            );
+        }
+    }
+}
+
+async fn embedding_gathers_from_quantized_tables() {
+    let (ctx, k) = ctx().await;
+    let (rows, dim) = (40, 64);
+    let ids = [3u32, 0, 39, 3, 17];
+    for format in [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0] {
+        let (bytes, decoded) = encode(&rand(&[rows, dim], 1.0), format);
+        let expected = decoded
+            .index_select(&Tensor::new(&ids, &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let table = ctx.upload_bytes("table", &bytes).unwrap();
+        let out = ctx.storage("out", ids.len() * dim).unwrap();
+        let idb = u32_buffer(&ctx, &ids);
+        run(&ctx, |enc| {
+            k.embedding(
+                &ctx,
+                enc,
+                ids.len() as u32,
+                dim as u32,
+                (0, rows as u32, format),
+                (&idb, &table, &out),
+            )
+            .unwrap()
+        });
+        let got = ctx.read(&out, ids.len() * dim).await.unwrap();
+        assert!(max_diff(&got, &values(&expected)) < 1e-6, "{format:?}");
     }
 }
 
@@ -176,7 +260,8 @@ async fn device_errors_become_errors_not_panics() {
     });
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     let p = MatmulParams::new(1, 1, 4, false);
-    k.matmul(&ctx, &mut enc, p, (&x, &x, &x, &tiny)).unwrap();
+    k.matmul(&ctx, &mut enc, p, WeightFormat::F32, (&x, &x, &x, &tiny))
+        .unwrap();
     ctx.queue.submit([enc.finish()]);
     let err = ctx.read(&tiny, 1).await.unwrap_err().to_string();
     assert!(err.starts_with("GPU:"), "{err}");
@@ -220,7 +305,7 @@ async fn embedding_gathers_rows_across_table_chunks() {
                 enc,
                 ids.len() as u32,
                 dim as u32,
-                (start as u32, count as u32),
+                (start as u32, count as u32, WeightFormat::F32),
                 (&idb, &chunk, &out),
             )
             .unwrap()

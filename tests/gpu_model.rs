@@ -8,7 +8,7 @@ use common::*;
 use medphi::backend::Backend;
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::{GenerateOptions, Session};
-use medphi::gpu::GpuBackend;
+use medphi::gpu::{GpuBackend, WeightFormat};
 use medphi::model::Logits;
 use pollster::block_on;
 
@@ -61,13 +61,64 @@ fn greedy_generation_matches_transformers_for_64_tokens() {
 }
 
 #[test]
-fn dequantized_gguf_matches_transformers_on_the_same_weights() {
+fn gguf_blocks_are_read_in_place_and_match_transformers_on_the_same_weights() {
     let r = reference();
-    let (mut backend, _) = gpu("tiny-phi-q4_0.gguf", Some("tiny-phi/tokenizer.json"));
+    for (file, reference) in [
+        ("tiny-phi-f16.gguf", "logits_f16"),
+        ("tiny-phi-q8_0.gguf", "logits_q8_0"),
+        ("tiny-phi-q4_0.gguf", "logits_q4_0"),
+    ] {
+        let (mut backend, _) = gpu(file, Some("tiny-phi/tokenizer.json"));
+        let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
+        let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
+        // The GPU decodes the blocks exactly and multiplies in f32, as transformers does on
+        // gguf-py's dequantized weights.
+        let diff = max_abs_diff(&ours, &r.tensors[reference]);
+        eprintln!("wgpu {file}: max |Δlogit| vs transformers = {diff}");
+        assert!(diff < 1e-3, "{file}: max |Δlogit| = {diff}");
+        // candle's CPU path also quantizes the activations to 8 bits (GGML's q8 dot
+        // products), so it differs from both by the activation rounding.
+        let (cpu, _) = Checkpoint::open(
+            &fixtures().join(file),
+            Some(&fixtures().join("tiny-phi/tokenizer.json")),
+            candle_core::DType::F32,
+        )
+        .unwrap()
+        .into_model(true)
+        .unwrap();
+        let cpu = forward_all(&cpu, &r.input_ids);
+        let scale = cpu
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let rel = max_abs_diff(&ours, &cpu) / scale;
+        eprintln!(
+            "wgpu {file}: max |Δlogit| vs candle CPU quantized matmul = {rel:.4} of max |logit|"
+        );
+        assert!(rel < 0.02, "{file}: {rel}");
+    }
+}
+
+#[test]
+fn f16_safetensors_stay_f16_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = f16_copy_of_tiny_phi(dir.path());
+    let r = reference();
+    let ckpt = Checkpoint::open(&model, None, candle_core::DType::F32).unwrap();
+    let mut backend =
+        block_on(GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)).unwrap();
+    assert_eq!(backend.weight_formats(), vec![WeightFormat::F16]);
     let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
-    let diff = max_abs_diff(&ours, &r.tensors["logits_q4_0"]);
-    assert!(diff < 1e-3, "max |Δlogit| = {diff}");
+    let (cpu, _) = ckpt.into_model(true).unwrap();
+    let diff = max_abs_diff(&ours, &forward_all(&cpu, &r.input_ids));
+    assert!(
+        diff < 1e-4,
+        "packed f16 vs the same weights upcast on the CPU: {diff}"
+    );
 }
 
 #[test]

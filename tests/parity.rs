@@ -161,19 +161,7 @@ fn matches_candle_transformers_phi() {
 fn f16_safetensors_match_the_f32_reference() {
     // The fixture's bf16-exact weights survive f16 except for subnormals (|w| < 6e-5).
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("f16");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(fixtures().join("tiny-phi").join(f), model.join(f)).unwrap();
-    }
-    let f32_weights =
-        candle_core::safetensors::load(fixtures().join("tiny-phi/model.safetensors"), &Device::Cpu)
-            .unwrap();
-    let f16_weights: std::collections::HashMap<String, Tensor> = f32_weights
-        .into_iter()
-        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
-        .collect();
-    candle_core::safetensors::save(&f16_weights, model.join("model.safetensors")).unwrap();
+    let model = f16_copy_of_tiny_phi(dir.path());
     let r = reference();
     let ckpt = medphi::checkpoint::Checkpoint::open(&model, None, DType::F32).unwrap();
     assert!(ckpt

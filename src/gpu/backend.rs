@@ -2,23 +2,29 @@
 //! buffers; one command encoder per forward records every dispatch, and only the logits
 //! rows asked for come back.
 //!
-//! Dense f32 weights for now: quantized GGUF matrices are dequantized at load.
+//! Weight matrices stay in their stored format: f32, f16 (packed pairs) or GGUF q8_0/q4_0
+//! blocks, uploaded as-is and dequantized inside the kernels; other GGUF block types are
+//! dequantized to f32 at load. Norms and biases are f32.
 
+use std::collections::HashSet;
+
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use wgpu::Buffer;
 
 use super::context::GpuContext;
-use super::kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers};
+use super::kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat};
 use crate::backend::BoxFuture;
 use crate::error::{Error, Result};
 use crate::model::{Activation, Logits, PhiConfig};
-use crate::weights::TensorSource;
+use crate::weights::{TensorSource, Weight};
 
 /// Tokens processed per recorded pass; longer prompts run in several.
 const CHUNK: usize = 128;
 
 struct Linear {
     w: Buffer,
+    format: WeightFormat,
     b: Buffer,
     out: u32,
     inp: u32,
@@ -59,7 +65,66 @@ struct Scratch {
 
 /// A matrix split into row ranges that each fit one storage binding.
 struct RowChunks {
+    format: WeightFormat,
     chunks: Vec<(u32, u32, Buffer, Option<Buffer>)>,
+}
+
+/// A weight matrix read from the checkpoint, as the bytes the GPU will hold.
+struct HostMatrix {
+    bytes: Vec<u8>,
+    format: WeightFormat,
+    cols: usize,
+}
+
+impl HostMatrix {
+    /// `stored_f16`: the checkpoint holds this matrix as f16 (the source hands it over
+    /// upcast to f32, so packing it back to f16 is exact).
+    fn read(
+        src: &dyn TensorSource,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        stored_f16: bool,
+    ) -> Result<Self> {
+        let dense = |t: candle_core::Tensor, f16: bool| -> Result<(Vec<u8>, WeightFormat)> {
+            let t = t.flatten_all()?;
+            Ok(if f16 {
+                let halves = t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?;
+                (
+                    halves.iter().flat_map(|h| h.to_le_bytes()).collect(),
+                    WeightFormat::F16,
+                )
+            } else {
+                let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                (bytemuck::cast_slice(&values).to_vec(), WeightFormat::F32)
+            })
+        };
+        let (bytes, format) = match src.tensor(name, &[rows, cols])? {
+            Weight::Quantized(q) => match q.dtype() {
+                GgmlDType::Q8_0 => (q.data()?.into_owned(), WeightFormat::Q8_0),
+                GgmlDType::Q4_0 => (q.data()?.into_owned(), WeightFormat::Q4_0),
+                GgmlDType::F16 => (q.data()?.into_owned(), WeightFormat::F16),
+                _ => dense(q.dequantize(&candle_core::Device::Cpu)?, false)?,
+            },
+            Weight::Dense(t) => dense(t, stored_f16)?,
+        };
+        if bytes.len() != rows * format.row_bytes(cols) {
+            return Err(Error::file(
+                name,
+                format!("{} bytes for {rows}×{cols} in {format:?}", bytes.len()),
+            ));
+        }
+        Ok(Self {
+            bytes,
+            format,
+            cols,
+        })
+    }
+
+    fn rows(&self, start: usize, count: usize) -> &[u8] {
+        let row = self.format.row_bytes(self.cols);
+        &self.bytes[start * row..(start + count) * row]
+    }
 }
 
 pub struct GpuBackend {
@@ -112,15 +177,34 @@ impl GpuBackend {
         let upload = |name: &str, shape: &[usize]| -> Result<Buffer> {
             ctx.upload(name, &host(src, name, shape)?)
         };
+        let stored_f16: HashSet<String> = src
+            .stored_tensors()
+            .into_iter()
+            .filter(|t| t.dtype == "F16")
+            .map(|t| t.name)
+            .collect();
+        let matrix = |name: &str, rows: usize, cols: usize| {
+            HostMatrix::read(src, name, rows, cols, stored_f16.contains(name))
+        };
         let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear> {
+            let name = format!("{prefix}.weight");
+            let w = matrix(&name, out, inp)?;
             Ok(Linear {
-                w: upload(&format!("{prefix}.weight"), &[out, inp])?,
+                w: ctx.upload_bytes(&name, &w.bytes)?,
+                format: w.format,
                 b: upload(&format!("{prefix}.bias"), &[out])?,
                 out: out as u32,
                 inp: inp as u32,
             })
         };
-        let embed = Self::row_chunks(&ctx, src, "model.embed_tokens.weight", None, vocab, h)?;
+        let embed_name = "model.embed_tokens.weight";
+        let embed = Self::row_chunks(
+            &ctx,
+            &matrix(embed_name, vocab, h)?,
+            embed_name,
+            None,
+            vocab,
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -143,7 +227,14 @@ impl GpuBackend {
         } else {
             "lm_head.weight"
         };
-        let lm_head = Self::row_chunks(&ctx, src, head_name, Some("lm_head.bias"), vocab, h)?;
+        let head_bias = host(src, "lm_head.bias", &[vocab])?;
+        let lm_head = Self::row_chunks(
+            &ctx,
+            &matrix(head_name, vocab, h)?,
+            head_name,
+            Some(&head_bias),
+            vocab,
+        )?;
         let rd = cfg.rotary_dim();
         let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cfg.max_position_embeddings)
             .flat_map(|p| (0..rd / 2).map(move |j| (p, j)))
@@ -188,42 +279,66 @@ impl GpuBackend {
         })
     }
 
-    /// Uploads `name` (rows × cols) as row ranges that each fit one binding.
+    /// Uploads matrix `name` (`rows` rows) as row ranges that each fit one binding.
     fn row_chunks(
         ctx: &GpuContext,
-        src: &dyn TensorSource,
+        m: &HostMatrix,
         name: &str,
-        bias: Option<&str>,
+        bias: Option<&[f32]>,
         rows: usize,
-        cols: usize,
     ) -> Result<RowChunks> {
-        let data = host(src, name, &[rows, cols])?;
-        let bias = bias.map(|b| host(src, b, &[rows])).transpose()?;
         let limit = ctx
             .info
             .max_storage_buffer_binding_size
             .min(ctx.info.max_buffer_size);
-        let per_chunk = ((limit / (cols as u64 * 4)) as usize).min(rows);
+        let row_bytes = m.format.row_bytes(m.cols) as u64;
+        // Each chunk is its own buffer, indexed from 0, so any row count works.
+        let per_chunk = ((limit / row_bytes) as usize).min(rows);
         if per_chunk == 0 {
             return Err(Error::gpu(format!(
-                "one row of {name} ({cols} values) exceeds the adapter's binding limit {limit}"
+                "one row of {name} ({row_bytes} bytes) exceeds the adapter's binding limit {limit}"
             )));
         }
         let mut chunks = Vec::new();
         for start in (0..rows).step_by(per_chunk) {
             let n = per_chunk.min(rows - start);
-            let w = ctx.upload(name, &data[start * cols..(start + n) * cols])?;
+            let w = ctx.upload_bytes(name, m.rows(start, n))?;
             let b = bias
                 .as_ref()
                 .map(|b| ctx.upload("bias", &b[start..start + n]))
                 .transpose()?;
             chunks.push((start as u32, n as u32, w, b));
         }
-        Ok(RowChunks { chunks })
+        Ok(RowChunks {
+            format: m.format,
+            chunks,
+        })
     }
 
     pub fn info(&self) -> &super::GpuInfo {
         &self.ctx.info
+    }
+
+    /// The formats the weight matrices are held in on the GPU, each once.
+    pub fn weight_formats(&self) -> Vec<WeightFormat> {
+        let mut formats = vec![self.embed.format, self.lm_head.format];
+        for l in &self.layers {
+            formats.extend([
+                l.q.format,
+                l.k.format,
+                l.v.format,
+                l.dense.format,
+                l.fc1.format,
+                l.fc2.format,
+            ]);
+        }
+        let mut seen = Vec::new();
+        for f in formats {
+            if !seen.contains(&f) {
+                seen.push(f);
+            }
+        }
+        seen
     }
 
     fn linear(
@@ -235,7 +350,8 @@ impl GpuBackend {
         y: &Buffer,
     ) -> Result<()> {
         let p = MatmulParams::new(m, l.out, l.inp, true);
-        self.kernels.matmul(&self.ctx, enc, p, (x, &l.w, &l.b, y))
+        self.kernels
+            .matmul(&self.ctx, enc, p, l.format, (x, &l.w, &l.b, y))
     }
 
     /// Records and submits the pass for `tokens` (at most `CHUNK`) after the cached
@@ -270,7 +386,7 @@ impl GpuBackend {
                 &mut enc,
                 seq,
                 h,
-                (*start, *count),
+                (*start, *count, self.embed.format),
                 (&s.ids, table, &s.x),
             )?;
         }
@@ -336,7 +452,8 @@ impl GpuBackend {
                 .as_ref()
                 .ok_or_else(|| Error::gpu("lm_head bias missing"))?;
             let p = MatmulParams::into_columns(rows, *count, h, true, vocab, *start);
-            k.matmul(ctx, &mut enc, p, (&s.h, w, bias, &logits))?;
+            let format = self.lm_head.format;
+            k.matmul(ctx, &mut enc, p, format, (&s.h, w, bias, &logits))?;
         }
         if let Some(limit) = argmax {
             k.argmax(ctx, &mut enc, limit.min(vocab), (&logits, &s.token))?;

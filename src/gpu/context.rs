@@ -104,12 +104,18 @@ impl GpuContext {
 
     /// A storage buffer holding `data`.
     pub fn upload(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
-        self.check_binding(label, std::mem::size_of_val(data) as u64)?;
+        self.upload_bytes(label, bytemuck::cast_slice(data))
+    }
+
+    /// A storage buffer holding `bytes` (wgpu zero-pads it to whole u32 words: GGML blocks
+    /// come in 18- and 34-byte units).
+    pub fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        self.check_binding(label, bytes.len().next_multiple_of(4) as u64)?;
         Ok(self
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents: bytemuck::cast_slice(data),
+                contents: bytes,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,

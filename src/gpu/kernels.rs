@@ -9,6 +9,44 @@ use crate::error::{Error, Result};
 /// Largest workgroup count per dispatch dimension that WebGPU guarantees.
 const MAX_GROUPS: u32 = 65_535;
 
+/// How a weight matrix sits in GPU memory. Each format has its own shader snippet
+/// (`weights_*.wgsl`) defining `w_at(i)`, compiled into its own matmul, GEMV and embedding
+/// pipelines, so the kernels read every format in place: GGUF blocks are uploaded as-is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+    /// f16 pairs packed in u32 (no `shader-f16` needed).
+    F16,
+    /// GGML q8_0 blocks (34 bytes per 32 values).
+    Q8_0,
+    /// GGML q4_0 blocks (18 bytes per 32 values).
+    Q4_0,
+}
+
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 4] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0];
+
+    /// Bytes of one row of `cols` values (`cols` a multiple of 32 for the block formats).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Self::F32 => cols * 4,
+            Self::F16 => cols * 2,
+            Self::Q8_0 => cols / 32 * 34,
+            Self::Q4_0 => cols / 32 * 18,
+        }
+    }
+
+    fn shader(self) -> String {
+        let ggml = include_str!("shaders/weights_ggml.wgsl");
+        match self {
+            Self::F32 => include_str!("shaders/weights_f32.wgsl").to_string(),
+            Self::F16 => include_str!("shaders/weights_f16.wgsl").to_string(),
+            Self::Q8_0 => format!("{ggml}{}", include_str!("shaders/weights_q8_0.wgsl")),
+            Self::Q4_0 => format!("{ggml}{}", include_str!("shaders/weights_q4_0.wgsl")),
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct MatmulParams {
@@ -90,12 +128,15 @@ pub struct RopeKvBuffers<'a> {
     pub v_cache: &'a wgpu::Buffer,
 }
 
+/// One pipeline per weight format, indexed by `WeightFormat as usize`.
+type PerFormat = [wgpu::ComputePipeline; 4];
+
 pub struct Kernels {
-    matmul: wgpu::ComputePipeline,
-    gemv: wgpu::ComputePipeline,
+    matmul: PerFormat,
+    gemv: PerFormat,
     layer_norm: wgpu::ComputePipeline,
     gelu_new: wgpu::ComputePipeline,
-    embedding: wgpu::ComputePipeline,
+    embedding: PerFormat,
     residual: wgpu::ComputePipeline,
     argmax: wgpu::ComputePipeline,
     rope_kv: wgpu::ComputePipeline,
@@ -127,26 +168,30 @@ fn pipeline(device: &wgpu::Device, label: &str, source: &str) -> wgpu::ComputePi
     })
 }
 
+const MATMUL_PARAMS: &str = include_str!("shaders/matmul_params.wgsl");
+
+/// `kernel` compiled once per weight format: `head`, then the format's `w_at`, then `kernel`.
+fn per_format(device: &wgpu::Device, label: &str, head: &str, kernel: &str) -> PerFormat {
+    WeightFormat::ALL.map(|f| {
+        pipeline(
+            device,
+            &format!("{label} {f:?}"),
+            &format!("{head}{}{kernel}", f.shader()),
+        )
+    })
+}
+
 impl Kernels {
     pub fn new(ctx: &GpuContext) -> Self {
         let d = &ctx.device;
         Self {
-            matmul: pipeline(
+            matmul: per_format(
                 d,
                 "matmul",
-                concat!(
-                    include_str!("shaders/matmul_params.wgsl"),
-                    include_str!("shaders/matmul.wgsl")
-                ),
+                MATMUL_PARAMS,
+                include_str!("shaders/matmul.wgsl"),
             ),
-            gemv: pipeline(
-                d,
-                "gemv",
-                concat!(
-                    include_str!("shaders/matmul_params.wgsl"),
-                    include_str!("shaders/gemv.wgsl")
-                ),
-            ),
+            gemv: per_format(d, "gemv", MATMUL_PARAMS, include_str!("shaders/gemv.wgsl")),
             layer_norm: pipeline(d, "layer_norm", include_str!("shaders/layer_norm.wgsl")),
             gelu_new: pipeline(
                 d,
@@ -156,7 +201,7 @@ impl Kernels {
                     include_str!("shaders/gelu_new.wgsl")
                 ),
             ),
-            embedding: pipeline(d, "embedding", include_str!("shaders/embedding.wgsl")),
+            embedding: per_format(d, "embedding", "", include_str!("shaders/embedding.wgsl")),
             residual: pipeline(
                 d,
                 "residual",
@@ -243,13 +288,15 @@ impl Kernels {
         )
     }
 
-    /// `y = x · wᵀ + b` for `x` (m × k), `w` (n × k); `bias` may be any buffer when absent.
-    /// A single row (decode) takes the GEMV kernel, more rows (prefill) the tiled GEMM.
+    /// `y = x · wᵀ + b` for `x` (m × k), `w` (n × k) stored in `format`; `bias` may be any
+    /// buffer when absent. A single row (decode) takes the GEMV kernel, more rows (prefill)
+    /// the tiled GEMM.
     pub fn matmul(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
         p: MatmulParams,
+        format: WeightFormat,
         (x, w, bias, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
         if p.m == 1 {
@@ -257,7 +304,7 @@ impl Kernels {
             return self.dispatch(
                 ctx,
                 encoder,
-                &self.gemv,
+                &self.gemv[format as usize],
                 bytemuck::bytes_of(&p),
                 &[x, w, bias, y],
                 (gx, gy, 1),
@@ -267,7 +314,7 @@ impl Kernels {
         self.dispatch(
             ctx,
             encoder,
-            &self.matmul,
+            &self.matmul[format as usize],
             bytemuck::bytes_of(&p),
             &[x, w, bias, y],
             groups,
@@ -321,14 +368,14 @@ impl Kernels {
         encoder: &mut wgpu::CommandEncoder,
         tokens: u32,
         dim: u32,
-        (row_start, row_count): (u32, u32),
+        (row_start, row_count, format): (u32, u32, WeightFormat),
         (ids, table, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
         let params = [tokens, dim, row_start, row_count];
         self.elementwise(
             ctx,
             encoder,
-            &self.embedding,
+            &self.embedding[format as usize],
             tokens * dim,
             params,
             &[ids, table, out],

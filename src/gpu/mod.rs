@@ -11,4 +11,4 @@ mod kernels;
 
 pub use backend::GpuBackend;
 pub use context::{GpuContext, GpuInfo};
-pub use kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers};
+pub use kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat};

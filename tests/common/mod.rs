@@ -89,3 +89,21 @@ pub fn forward_all(model: &Phi, ids: &[u32]) -> Tensor {
         .squeeze(0)
         .unwrap()
 }
+
+/// The tiny-phi fixture saved with f16 weights in `dir`; returns the model folder.
+pub fn f16_copy_of_tiny_phi(dir: &std::path::Path) -> PathBuf {
+    let model = dir.join("f16");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("tiny-phi").join(f), model.join(f)).unwrap();
+    }
+    let f32_weights =
+        candle_core::safetensors::load(fixtures().join("tiny-phi/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let f16_weights: HashMap<String, Tensor> = f32_weights
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&f16_weights, model.join("model.safetensors")).unwrap();
+    model
+}

@@ -1,6 +1,6 @@
-// out[t, :] = table[ids[t], :] for the ids that fall in this chunk of the table.
-// A table larger than one storage binding (Phi-2's 51200 × 2560) is bound in row chunks,
-// one dispatch per chunk.
+// out[t, :] = table[ids[t], :] for the ids that fall in this chunk of the table (the
+// weights `w`, in any format: a weights_*.wgsl is prepended). A table larger than one
+// storage binding (Phi-2's 51200 × 2560) is bound in row chunks, one dispatch per chunk.
 
 struct Params {
     tokens: u32,
@@ -11,7 +11,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-@group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
@@ -23,6 +22,6 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) n
     let t = i / p.dim;
     let row = ids[t];
     if (row >= p.row_start && row < p.row_start + p.row_count) {
-        out[i] = table[(row - p.row_start) * p.dim + i % p.dim];
+        out[i] = w_at((row - p.row_start) * p.dim + i % p.dim);
     }
 }

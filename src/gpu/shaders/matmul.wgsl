@@ -25,7 +25,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l: v
         xs[l.y][l.x] = xv;
         var wv = 0.0;
         if (w_row < p.n && kk < p.k) {
-            wv = w[w_row * p.k + kk];
+            wv = w_at(w_row * p.k + kk);
         }
         ws[l.y][l.x] = wv;
         workgroupBarrier();
