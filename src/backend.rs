@@ -19,6 +19,17 @@ use crate::model::{KvCache, Logits, Phi, PhiConfig};
 /// A future borrowed from its backend (boxed so `dyn Backend` stays possible).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
+/// What the last forward cost on a device (for `medphi bench`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct DeviceStats {
+    /// Compute dispatches recorded.
+    pub dispatches: usize,
+    /// Command buffers submitted.
+    pub submissions: usize,
+    /// Bytes copied back to the host.
+    pub bytes_read: usize,
+}
+
 pub trait Backend {
     /// A short description for the user ("cpu", "webgpu: <adapter>", …).
     fn name(&self) -> String;
@@ -39,6 +50,10 @@ pub trait Backend {
     /// Runs `tokens` like `forward` and returns the most likely next token among ids below
     /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
     /// greedy decoding moves one id instead of a row of logits.
+    /// The device work of the last `forward`/`forward_greedy`; `None` for the CPU.
+    fn device_stats(&self) -> Option<DeviceStats> {
+        None
+    }
     fn forward_greedy<'a>(
         &'a mut self,
         tokens: &'a [u32],
@@ -82,6 +97,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         vocab_limit: usize,
     ) -> BoxFuture<'a, Result<u32>> {
         (**self).forward_greedy(tokens, vocab_limit)
+    }
+    fn device_stats(&self) -> Option<DeviceStats> {
+        (**self).device_stats()
     }
 }
 

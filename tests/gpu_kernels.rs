@@ -411,7 +411,7 @@ async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
     let (ctx, k) = ctx().await;
     // Phi-2's head (80 dims, 32 rotary) with grouped kv heads, prefill then decode.
     let (heads, kv_heads, hd, rd, cap, theta) =
-        (4usize, 2usize, 80usize, 32usize, 64usize, 10_000f64);
+        (4usize, 2usize, 80usize, 32usize, 600usize, 10_000f64);
     let half = rd / 2;
     let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cap)
         .flat_map(|p| (0..half).map(move |j| (p, j)))
@@ -428,7 +428,24 @@ async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
     let k_cache = ctx.storage("k_cache", kv_heads * cap * hd).unwrap();
     let v_cache = ctx.storage("v_cache", kv_heads * cap * hd).unwrap();
     let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
-    for (start, seq) in [(0usize, 9usize), (9, 1), (10, 3)] {
+    // Prefill, decode, and decodes over more than SPLIT_KEYS keys (split over the sequence
+    // into 2 and 3 parts, then merged).
+    assert_eq!(medphi::gpu::SPLIT_KEYS, 256);
+    let partials = ctx
+        .storage(
+            "partials",
+            medphi::gpu::attention_partials_len(heads, hd, cap),
+        )
+        .unwrap();
+    for (start, seq) in [
+        (0usize, 9usize),
+        (9, 1),
+        (10, 3),
+        (13, 290),
+        (303, 1),
+        (304, 200),
+        (504, 1),
+    ] {
         let q = values(&rand(&[seq, heads * hd], 1.0));
         let kk = values(&rand(&[seq, kv_heads * hd], 1.0));
         let v = values(&rand(&[seq, kv_heads * hd], 1.0));
@@ -464,8 +481,8 @@ async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
                 v_cache: &v_cache,
             };
             k.rope_kv(&ctx, enc, shape, b).unwrap();
-            k.attention(&ctx, enc, shape, (&q_out, &k_cache, &v_cache, &out))
-                .unwrap();
+            let b = (&q_out, &k_cache, &v_cache, &partials, &out);
+            k.attention(&ctx, enc, shape, b).unwrap();
         });
         let got = ctx.read(&out, q.len()).await.unwrap();
         let expected =

@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use medphi::backend::Backend;
 use medphi::generate::argmax;
-use medphi::model::{Logits, PhiConfig};
+use medphi::model::PhiConfig;
 use medphi::weights::Safetensors;
 
 use super::ModelArgs;
@@ -55,19 +55,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs prefill then greedy decode through `step` (tokens in, last-position logits out).
-fn measure(
-    ids: &[u32],
-    gen: usize,
-    mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
-) -> Result<Speed> {
+/// Runs prefill then greedy decode through `step` (tokens in, the greedy next token out).
+fn measure(ids: &[u32], gen: usize, mut step: impl FnMut(&[u32]) -> Result<u32>) -> Result<Speed> {
     let t = Instant::now();
-    let mut logits = step(ids)?;
+    let mut next = step(ids)?;
     let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..gen {
-        let next = argmax(&logits);
-        logits = step(&[next])?;
+        next = step(&[next])?;
     }
     let decode = t.elapsed().as_secs_f64();
     Ok(Speed {
@@ -135,6 +130,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     let ids = prompt_ids(&tokenizer, args.prompt_len)?;
+    let vocab = tokenizer.vocab_limit().min(cfg.vocab_size);
     let mut reference = if args.compare_candle {
         Some(candle_reference(&args.model.model, &cfg)?)
     } else {
@@ -151,14 +147,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         for turn in [round % 2, 1 - round % 2] {
             if turn == 0 {
                 backend.truncate(0);
+                // The decoding loop of greedy generation: on a GPU the argmax stays there.
                 ours.push(measure(&ids, args.gen, |t| {
-                    Ok(pollster::block_on(backend.forward(t, Logits::Last))?)
+                    Ok(pollster::block_on(backend.forward_greedy(t, vocab))?)
                 })?);
             } else if let Some(model) = reference.as_mut() {
                 model.clear_kv_cache();
                 theirs.push(measure(&ids, args.gen, |t| {
                     let input = Tensor::new(t, &Device::Cpu)?.unsqueeze(0)?;
-                    Ok(model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?)
+                    let logits = model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?;
+                    Ok(argmax(&logits[..vocab]))
                 })?);
             }
         }
@@ -181,6 +179,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "prefill_tok_s": ours.prefill_tok_s,
         "decode_tok_s": ours.decode_tok_s,
         "peak_rss_mib": peak_rss_mib(),
+        "device_per_decode_token": backend.device_stats(),
     });
     if !theirs.is_empty() {
         let theirs = summarize(&theirs);

@@ -13,8 +13,10 @@ use candle_core::DType;
 use wgpu::Buffer;
 
 use super::context::GpuContext;
-use super::kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat};
-use crate::backend::BoxFuture;
+use super::kernels::{
+    attention_partials_len, AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat,
+};
+use crate::backend::{BoxFuture, DeviceStats};
 use crate::error::{Error, Result};
 use crate::model::{Activation, Logits, PhiConfig};
 use crate::weights::{TensorSource, Weight};
@@ -57,6 +59,8 @@ struct Scratch {
     mlp_hidden: Buffer,
     mlp: Buffer,
     last: Buffer,
+    /// Attention's per-split partials for long contexts.
+    partials: Buffer,
     /// The greedy token, when the argmax runs on the GPU.
     token: Buffer,
     /// Logits of the last position: the per-token output, so allocated once.
@@ -141,6 +145,7 @@ pub struct GpuBackend {
     scratch: Scratch,
     capacity: usize,
     len: usize,
+    stats: DeviceStats,
 }
 
 fn host(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -259,6 +264,10 @@ impl GpuBackend {
             mlp_hidden: ctx.storage("mlp_hidden", rows * inter)?,
             mlp: ctx.storage("mlp", rows * h)?,
             last: ctx.storage("last", h)?,
+            partials: ctx.storage(
+                "attention partials",
+                attention_partials_len(cfg.num_attention_heads, cfg.head_dim(), capacity),
+            )?,
             token: ctx.storage("token", 1)?,
             last_logits: ctx.storage("last logits", vocab)?,
         };
@@ -276,6 +285,7 @@ impl GpuBackend {
             scratch,
             capacity,
             len: 0,
+            stats: DeviceStats::default(),
         })
     }
 
@@ -379,6 +389,7 @@ impl GpuBackend {
         let (k, ctx) = (&self.kernels, &self.ctx);
         ctx.queue
             .write_buffer(&s.ids, 0, bytemuck::cast_slice(tokens));
+        k.begin_step();
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         for (start, count, table, _) in &self.embed.chunks {
             k.embedding(
@@ -418,7 +429,13 @@ impl GpuBackend {
                 ctx,
                 &mut enc,
                 shape,
-                (&s.q_rot, &layer.k_cache, &layer.v_cache, &s.attn),
+                (
+                    &s.q_rot,
+                    &layer.k_cache,
+                    &layer.v_cache,
+                    &s.partials,
+                    &s.attn,
+                ),
             )?;
             self.linear(&mut enc, &layer.dense, seq, &s.attn, &s.proj)?;
             self.linear(&mut enc, &layer.fc1, seq, &s.h, &s.mlp_hidden)?;
@@ -459,6 +476,8 @@ impl GpuBackend {
             k.argmax(ctx, &mut enc, limit.min(vocab), (&logits, &s.token))?;
         }
         ctx.queue.submit([enc.finish()]);
+        self.stats.dispatches += k.dispatches_in_step();
+        self.stats.submissions += 1;
         self.len += tokens.len();
         Ok((logits, rows))
     }
@@ -497,6 +516,7 @@ impl GpuBackend {
 
     async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         self.check_input(tokens)?;
+        self.stats = DeviceStats::default();
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::new();
         let rest = match which {
@@ -506,6 +526,7 @@ impl GpuBackend {
         for piece in rest.chunks(CHUNK.min(self.capacity)) {
             let (logits, rows) = self.forward_chunk(piece, which, None)?;
             out.extend(self.ctx.read(&logits, rows as usize * vocab).await?);
+            self.stats.bytes_read += rows as usize * vocab * 4;
         }
         Ok(out)
     }
@@ -513,10 +534,13 @@ impl GpuBackend {
     /// Greedy next token, with the argmax taken on the GPU: 4 bytes come back.
     async fn forward_greedy_async(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
         self.check_input(tokens)?;
+        self.stats = DeviceStats::default();
         let rest = self.fill_cache(tokens)?;
         let limit = vocab_limit.min(self.cfg.vocab_size) as u32;
         self.forward_chunk(rest, Logits::Last, Some(limit))?;
-        Ok(self.ctx.read_as::<u32>(&self.scratch.token, 1).await?[0])
+        let token = self.ctx.read_as::<u32>(&self.scratch.token, 1).await?[0];
+        self.stats.bytes_read += 4;
+        Ok(token)
     }
 }
 
@@ -558,5 +582,9 @@ impl crate::backend::Backend for GpuBackend {
         vocab_limit: usize,
     ) -> BoxFuture<'a, Result<u32>> {
         Box::pin(self.forward_greedy_async(tokens, vocab_limit))
+    }
+
+    fn device_stats(&self) -> Option<DeviceStats> {
+        Some(self.stats)
     }
 }

@@ -1,5 +1,6 @@
 //! Acquiring a GPU and moving bytes to and from it.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
@@ -27,6 +28,9 @@ pub struct GpuContext {
     /// handler panics, which would kill the wasm module; we turn it into an `Error` at the
     /// next readback instead.
     fault: Arc<Mutex<Option<String>>>,
+    /// Readback buffers by size, made on first use: decode reads the same 4 bytes (or one
+    /// logits row) every token.
+    staging: Mutex<HashMap<u64, wgpu::Buffer>>,
 }
 
 impl GpuContext {
@@ -77,6 +81,7 @@ impl GpuContext {
             queue,
             info,
             fault,
+            staging: Mutex::new(HashMap::new()),
         })
     }
 
@@ -142,6 +147,21 @@ impl GpuContext {
         self.read_as::<f32>(buffer, len).await
     }
 
+    fn staging_buffer(&self, size: u64) -> wgpu::Buffer {
+        let mut cache = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(size)
+            .or_insert_with(|| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .clone()
+    }
+
     /// Copies `len` values of type `T` (f32, u32) back from `buffer`.
     pub async fn read_as<T: bytemuck::Pod>(
         &self,
@@ -149,12 +169,7 @@ impl GpuContext {
         len: usize,
     ) -> Result<Vec<T>> {
         let size = (len * std::mem::size_of::<T>()) as u64;
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = self.staging_buffer(size);
         // A failed copy leaves the map pending forever in the browser, so its validation
         // result is awaited first and turned into an error.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -164,6 +179,20 @@ impl GpuContext {
         if let Some(e) = scope.pop().await {
             return Err(Error::gpu(format!("cannot read back {size} bytes: {e}")));
         }
+        let data = self.map_and_read(&staging).await;
+        if data.is_err() {
+            // A buffer whose map failed cannot be trusted for the next readback.
+            self.staging
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&size);
+        }
+        let data = data?;
+        self.check_fault()?;
+        Ok(data)
+    }
+
+    async fn map_and_read<T: bytemuck::Pod>(&self, staging: &wgpu::Buffer) -> Result<Vec<T>> {
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -182,7 +211,6 @@ impl GpuContext {
         let data = bytemuck::pod_collect_to_vec::<u8, T>(&view);
         drop(view);
         staging.unmap();
-        self.check_fault()?;
         Ok(data)
     }
 }

@@ -1,6 +1,8 @@
 //! Compute pipelines, compiled once per device, and the recording of their dispatches
 //! into a caller's command encoder (one encoder per forward step).
 
+use std::cell::{Cell, RefCell};
+
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
@@ -113,7 +115,15 @@ struct AttentionParams {
     start: u32,
     capacity: u32,
     scale: f32,
-    _pad: u32,
+    split_keys: u32,
+}
+
+/// Keys per workgroup when a single query's attention is split over the sequence.
+pub const SPLIT_KEYS: u32 = 256;
+
+/// Floats of the attention scratch buffer for a cache of `capacity` positions.
+pub fn attention_partials_len(heads: usize, head_dim: usize, capacity: usize) -> usize {
+    heads * capacity.div_ceil(SPLIT_KEYS as usize) * (head_dim + 2)
 }
 
 /// Buffers of `rope_kv`: projections in, rotated queries and the KV cache out.
@@ -131,7 +141,19 @@ pub struct RopeKvBuffers<'a> {
 /// One pipeline per weight format, indexed by `WeightFormat as usize`.
 type PerFormat = [wgpu::ComputePipeline; 4];
 
+/// One dispatch's parameter buffer and bind group, kept from one step to the next: the n-th
+/// dispatch of a forward binds the same buffers as the n-th of the previous one, so only its
+/// parameters are rewritten and nothing is created per token.
+struct Slot {
+    pipeline: wgpu::ComputePipeline,
+    buffers: Vec<wgpu::Buffer>,
+    params: wgpu::Buffer,
+    bind_group: wgpu::BindGroup,
+}
+
 pub struct Kernels {
+    slots: RefCell<Vec<Slot>>,
+    next_slot: Cell<usize>,
     matmul: PerFormat,
     gemv: PerFormat,
     layer_norm: wgpu::ComputePipeline,
@@ -141,11 +163,27 @@ pub struct Kernels {
     argmax: wgpu::ComputePipeline,
     rope_kv: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    attention_merge: wgpu::ComputePipeline,
 }
+
+/// `attention`'s buffers: rotated queries, the layer's K and V caches, the split-mode
+/// scratch, and the output.
+pub type AttentionBuffers<'a> = (
+    &'a wgpu::Buffer,
+    &'a wgpu::Buffer,
+    &'a wgpu::Buffer,
+    &'a wgpu::Buffer,
+    &'a wgpu::Buffer,
+);
 
 /// Workgroups for `len` threads of 256, spread over two dimensions past the per-dimension cap.
 fn elementwise_groups(len: u32) -> (u32, u32) {
-    let groups = len.div_ceil(256).max(1);
+    groups_2d(len.div_ceil(256))
+}
+
+/// `groups` workgroups as a 2-D grid within the per-dimension cap.
+fn groups_2d(groups: u32) -> (u32, u32) {
+    let groups = groups.max(1);
     if groups > MAX_GROUPS {
         (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
     } else {
@@ -185,6 +223,8 @@ impl Kernels {
     pub fn new(ctx: &GpuContext) -> Self {
         let d = &ctx.device;
         Self {
+            slots: RefCell::new(Vec::new()),
+            next_slot: Cell::new(0),
             matmul: per_format(
                 d,
                 "matmul",
@@ -220,6 +260,58 @@ impl Kernels {
             ),
             rope_kv: pipeline(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
             attention: pipeline(d, "attention", include_str!("shaders/attention.wgsl")),
+            attention_merge: pipeline(
+                d,
+                "attention_merge",
+                include_str!("shaders/attention_merge.wgsl"),
+            ),
+        }
+    }
+
+    /// Starts recording a forward step: its dispatches reuse the previous step's bind groups
+    /// in order.
+    pub fn begin_step(&self) {
+        self.next_slot.set(0);
+    }
+
+    /// Dispatches recorded since `begin_step`.
+    pub fn dispatches_in_step(&self) -> usize {
+        self.next_slot.get()
+    }
+
+    fn slot(
+        ctx: &GpuContext,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u8],
+        buffers: &[&wgpu::Buffer],
+    ) -> Slot {
+        let uniform = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: params,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        Slot {
+            pipeline: pipeline.clone(),
+            buffers: buffers.iter().map(|&b| b.clone()).collect(),
+            params: uniform,
+            bind_group,
         }
     }
 
@@ -237,31 +329,27 @@ impl Kernels {
                 "dispatch of {groups:?} workgroups exceeds {MAX_GROUPS} per dimension"
             )));
         }
-        let uniform = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: params,
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform.as_entire_binding(),
-        }];
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
-            });
-        }
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
+        let index = self.next_slot.get();
+        self.next_slot.set(index + 1);
+        let mut slots = self.slots.borrow_mut();
+        let reusable = slots.get(index).is_some_and(|slot| {
+            slot.pipeline == *pipeline
+                && slot.params.size() == params.len() as u64
+                && slot.buffers.iter().eq(buffers.iter().copied())
         });
+        if reusable {
+            ctx.queue.write_buffer(&slots[index].params, 0, params);
+        } else {
+            let slot = Self::slot(ctx, pipeline, params, buffers);
+            match slots.get_mut(index) {
+                Some(old) => *old = slot,
+                None => slots.push(slot),
+            }
+        }
+        let bind_group = &slots[index].bind_group;
         let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         Ok(())
     }
@@ -300,7 +388,7 @@ impl Kernels {
         (x, w, bias, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
         if p.m == 1 {
-            let (gx, gy) = elementwise_groups(p.n);
+            let (gx, gy) = groups_2d(p.n);
             return self.dispatch(
                 ctx,
                 encoder,
@@ -445,13 +533,15 @@ impl Kernels {
         )
     }
 
-    /// Causal attention of the `seq` new (rotated) queries over the cache.
+    /// Causal attention of the `seq` new (rotated) queries over the cache. A single query
+    /// over more than `SPLIT_KEYS` keys is split over the sequence into `partials` (of
+    /// `attention_partials_len` floats) and merged, so long contexts keep the GPU busy.
     pub fn attention(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
         shape: AttentionShape,
-        (q, k_cache, v_cache, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        (q, k_cache, v_cache, partials, out): AttentionBuffers,
     ) -> Result<()> {
         if shape.head_dim > 128 {
             return Err(Error::gpu(format!(
@@ -467,16 +557,40 @@ impl Kernels {
             start: shape.start,
             capacity: shape.capacity,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
-            _pad: 0,
+            split_keys: 0,
         };
-        let groups = (shape.heads, shape.seq, 1);
+        let keys = shape.start + shape.seq;
+        if shape.seq > 1 || keys <= SPLIT_KEYS {
+            return self.dispatch(
+                ctx,
+                encoder,
+                &self.attention,
+                bytemuck::bytes_of(&params),
+                &[q, k_cache, v_cache, out],
+                (shape.heads, shape.seq, 1),
+            );
+        }
+        let splits = keys.div_ceil(SPLIT_KEYS);
+        let split = AttentionParams {
+            split_keys: SPLIT_KEYS,
+            ..params
+        };
         self.dispatch(
             ctx,
             encoder,
             &self.attention,
-            bytemuck::bytes_of(&params),
-            &[q, k_cache, v_cache, out],
-            groups,
+            bytemuck::bytes_of(&split),
+            &[q, k_cache, v_cache, partials],
+            (shape.heads, splits, 1),
+        )?;
+        let merge = [shape.heads, shape.head_dim, splits, 0];
+        self.dispatch(
+            ctx,
+            encoder,
+            &self.attention_merge,
+            bytemuck::cast_slice(&merge),
+            &[partials, out],
+            (shape.heads, 1, 1),
         )
     }
 }

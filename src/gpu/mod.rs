@@ -11,4 +11,7 @@ mod kernels;
 
 pub use backend::GpuBackend;
 pub use context::{GpuContext, GpuInfo};
-pub use kernels::{AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat};
+pub use kernels::{
+    attention_partials_len, AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat,
+    SPLIT_KEYS,
+};

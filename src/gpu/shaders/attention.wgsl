@@ -2,6 +2,11 @@
 // keys 0..=start+t, with an online (single-pass) softmax. One workgroup per (head, token);
 // its 32 threads take every 32nd key, then their partial maxima, sums and weighted values
 // are merged. head_dim ≤ 128.
+//
+// Split over the sequence (decode with a long cache, `split_keys` > 0): workgroup (h, s)
+// covers keys s·split_keys .. (s+1)·split_keys only and writes its unnormalised partial
+// [max, sum, acc[0..head_dim]] to `out` for attention_merge.wgsl, so a single query still
+// keeps many workgroups busy.
 
 struct Params {
     seq: u32,
@@ -11,7 +16,7 @@ struct Params {
     start: u32,
     capacity: u32,
     scale: f32,
-    _pad: u32,
+    split_keys: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -29,19 +34,25 @@ var<workgroup> part_acc: array<f32, 4096>; // W × MAX_D
 @compute @workgroup_size(32)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let h = wg.x;
-    let t = wg.y;
+    // In split mode the grid's second dimension is the split and there is one query.
+    let t = select(wg.y, 0u, p.split_keys > 0u);
     let l = lid.x;
     let hd = p.head_dim;
     let kv = h / (p.heads / p.kv_heads);
     let q_base = (t * p.heads + h) * hd;
-    let keys = p.start + t + 1u;
+    var lo = 0u;
+    var hi = p.start + t + 1u;
+    if (p.split_keys > 0u) {
+        lo = wg.y * p.split_keys;
+        hi = min(hi, lo + p.split_keys);
+    }
     var m = -3.40282346e38; // lowest finite f32 (see argmax.wgsl)
     var sum = 0.0;
     var acc: array<f32, 128>;
     for (var d = 0u; d < hd; d++) {
         acc[d] = 0.0;
     }
-    for (var j = l; j < keys; j += W) {
+    for (var j = lo + l; j < hi; j += W) {
         let k_base = (kv * p.capacity + j) * hd;
         var s = 0.0;
         for (var d = 0u; d < hd; d++) {
@@ -74,11 +85,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     for (var i = 0u; i < W; i++) {
         total += part_l[i];
     }
+    let partial = (h * (p.start / max(p.split_keys, 1u) + 1u) + wg.y) * (hd + 2u);
+    if (p.split_keys > 0u && l == 0u) {
+        out[partial] = big_m;
+        out[partial + 1u] = total;
+    }
     for (var d = l; d < hd; d += W) {
         var o = 0.0;
         for (var i = 0u; i < W; i++) {
             o += part_acc[i * MAX_D + d];
         }
-        out[q_base + d] = o / total;
+        if (p.split_keys > 0u) {
+            out[partial + 2u + d] = o;
+        } else {
+            out[q_base + d] = o / total;
+        }
     }
 }
