@@ -5,6 +5,18 @@
 // is never shadowed by a stale copy.
 
 const CACHE = 'medphi-models-v1';
+// WebAssembly (wasm32) memory ends at 4 GiB and the weights are copied into it whole, so
+// refuse bigger models before downloading gigabytes: Phi-2 in f16 (5.6 GB) does not fit,
+// its q4_0/q8_0 GGUF (1.6/3.0 GB) does.
+const MAX_MODEL_BYTES = 3.5 * 2 ** 30;
+
+function tooBig(name, bytes) {
+  return fileError(
+    name,
+    `the model is ${(bytes / 2 ** 30).toFixed(1)} GB, more than the ${MAX_MODEL_BYTES / 2 ** 30} GB a browser tab can hold ` +
+      'in WebAssembly memory; use a quantized GGUF (q4_0 or q8_0) of it',
+  );
+}
 
 export async function loadFiles(source, { progress, warn }) {
   if (source.files) return readLocal(source.files, progress);
@@ -43,6 +55,7 @@ class Fetcher {
     this.useCache = useCache && 'caches' in self;
     this.progress = progress;
     this.warn = warn;
+    this.declared = 0;
   }
 
   async file(url, name, { optional = false } = {}) {
@@ -56,6 +69,8 @@ class Fetcher {
     }
     if (response.status === 404 && optional) return null;
     if (!response.ok) throw fileError(name, `HTTP ${response.status} for ${url}`);
+    this.declared += Number(response.headers.get('content-length')) || 0;
+    if (this.declared > MAX_MODEL_BYTES) throw tooBig(name, this.declared);
     const bytes = await this.read(response, name, Boolean(hit));
     if (cache && !hit) {
       try {
@@ -81,6 +96,7 @@ class Fetcher {
       if (done) break;
       chunks.push(value);
       loaded += value.length;
+      if (loaded > MAX_MODEL_BYTES) throw tooBig(name, loaded);
       this.progress({ file: name, loaded, total, cached });
     }
     const bytes = new Uint8Array(loaded);
@@ -95,6 +111,8 @@ class Fetcher {
 }
 
 async function readLocal(files, progress) {
+  const total = files.reduce((a, f) => a + f.size, 0);
+  if (total > MAX_MODEL_BYTES) throw tooBig(files.map((f) => f.name).join(', '), total);
   const out = [];
   for (const f of files) {
     progress({ file: f.name, loaded: 0, total: f.size, cached: false });
