@@ -49,7 +49,9 @@ echo "== clippy for wasm32 (the browser-only code)"
 cargo clippy --locked --lib --target wasm32-unknown-unknown --no-default-features -- -D warnings
 
 echo "== browser tests: wasm-pack test in headless Chromium (WebGPU on SwiftShader)"
-wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
+# SwiftShader runs the GPU kernels on the CPU: a test can take longer than the runner's
+# default 20 s.
+WASM_BINDGEN_TEST_TIMEOUT=180 wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
   --no-default-features --test web --test gpu_kernels 2>&1 | tee -a "$log"
 
 echo "== page end-to-end tests (playwright-core, Debian's chromium)"

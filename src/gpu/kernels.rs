@@ -178,12 +178,7 @@ pub type AttentionBuffers<'a> = (
 
 /// Workgroups for `len` threads of 256, spread over two dimensions past the per-dimension cap.
 fn elementwise_groups(len: u32) -> (u32, u32) {
-    groups_2d(len.div_ceil(256))
-}
-
-/// `groups` workgroups as a 2-D grid within the per-dimension cap.
-fn groups_2d(groups: u32) -> (u32, u32) {
-    let groups = groups.max(1);
+    let groups = len.div_ceil(256).max(1);
     if groups > MAX_GROUPS {
         (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
     } else {
@@ -388,7 +383,7 @@ impl Kernels {
         (x, w, bias, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
         if p.m == 1 {
-            let (gx, gy) = groups_2d(p.n);
+            let (gx, gy) = elementwise_groups(p.n);
             return self.dispatch(
                 ctx,
                 encoder,

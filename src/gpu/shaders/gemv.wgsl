@@ -1,39 +1,25 @@
-// Decode-time y = x · wᵀ + b for a single row x (1 × k). One workgroup per output column:
-// invocation l sums x[i] · w[col, i] for i = l, l + 64, …, so neighbouring invocations read
-// neighbouring weights (whole blocks at a time for the GGML formats), then the 64 partial
-// sums are added in workgroup memory. Parameters and bindings: matmul_params.wgsl.
+// Decode-time y = x · wᵀ + b for a single row x (1 × k): one invocation per output column,
+// each a straight dot product over w's row, so no workgroup memory, no barriers and no
+// idle invocations (the tiled matmul would leave 15 of 16 rows of its tile empty).
+// A cooperative variant (a workgroup per column, neighbouring invocations reading
+// neighbouring weights, a tree reduction in workgroup memory) was measured 10× slower on
+// the CPU-emulated adapters we test on (lavapipe, SwiftShader: barriers are costly there);
+// on discrete GPUs it may win, which needs measuring on one.
+// Parameters and bindings: matmul_params.wgsl.
 
-const WG: u32 = 64u;
-var<workgroup> partial: array<f32, 64>;
-
-@compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    // The same for the whole workgroup, so the barriers below stay in uniform control flow.
-    let col = wg.y * nw.x + wg.x;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let col = id.y * nw.x * 256u + id.x;
+    if (col >= p.n) {
+        return;
+    }
+    let base = col * p.k;
     var acc = 0.0;
-    if (col < p.n) {
-        let base = col * p.k;
-        for (var i = lid.x; i < p.k; i += WG) {
-            acc += x[i] * w_at(base + i);
-        }
+    for (var i = 0u; i < p.k; i++) {
+        acc += x[i] * w_at(base + i);
     }
-    partial[lid.x] = acc;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid.x < s) {
-            partial[lid.x] += partial[lid.x + s];
-        }
-        workgroupBarrier();
+    if (p.has_bias == 1u) {
+        acc += b[col];
     }
-    if (lid.x == 0u && col < p.n) {
-        var sum = partial[0];
-        if (p.has_bias == 1u) {
-            sum += b[col];
-        }
-        y[p.col_offset + col] = sum;
-    }
+    y[p.col_offset + col] = acc;
 }
