@@ -8,10 +8,12 @@
 //! - [`backend`]: the small interface generation and evaluation use to run a model;
 //! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
 //! - [`checkpoint`]: finding and opening a model folder or GGUF file;
+//! - [`data`]: training data built from medical ontologies (HPO, ICD-10-CM);
 //! - `web` (wasm32 only): the JavaScript API the browser page's worker calls.
 
 pub mod backend;
 pub mod checkpoint;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat;
+mod data;
 mod eval;
 mod eval_report;
 mod generate;
@@ -52,6 +53,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Table and bar chart (PNG) comparing eval runs with published scores.
     EvalReport(eval_report::EvalReportArgs),
+    /// Training data from medical ontologies.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,6 +167,7 @@ pub fn main() -> ExitCode {
         Command::Eval(a) => eval::eval(a),
         Command::GpuInfo => gpu_info::gpu_info(),
         Command::EvalReport(a) => eval_report::eval_report(a),
+        Command::Data(c) => data::data(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

