@@ -7,6 +7,7 @@
 //! - [`gpu`]: the wgpu/WebGPU compute kernels (WGSL);
 //! - [`backend`]: the small interface generation and evaluation use to run a model;
 //! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
+//! - `train` (native): pretraining and SFT on the differentiable model;
 //! - [`checkpoint`]: finding and opening a model folder or GGUF file;
 //! - [`data`]: training data built from medical ontologies (HPO, ICD-10-CM);
 //! - `web` (wasm32 only): the JavaScript API the browser page's worker calls.
@@ -20,6 +21,8 @@ pub mod generate;
 pub mod gpu;
 pub mod model;
 pub mod tokenizer;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod train;
 #[cfg(target_arch = "wasm32")]
 pub mod web;
 pub mod weights;

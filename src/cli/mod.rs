@@ -9,6 +9,7 @@ mod eval_report;
 mod generate;
 mod gpu_info;
 mod info;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Table and bar chart (PNG) comparing eval runs with published scores.
     EvalReport(eval_report::EvalReportArgs),
+    /// Train: pretraining (from scratch or a checkpoint) or SFT.
+    Train(Box<train::TrainArgs>),
     /// Training data from medical ontologies.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -168,6 +171,7 @@ pub fn main() -> ExitCode {
         Command::GpuInfo => gpu_info::gpu_info(),
         Command::EvalReport(a) => eval_report::eval_report(a),
         Command::Data(c) => data::data(c),
+        Command::Train(a) => train::train(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,247 @@
+//! `medphi train`: pretraining from scratch or from a checkpoint, and SFT, with a progress
+//! bar, `metrics.jsonl` and a loss plot (`loss.png`) in the output folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use medphi::checkpoint::Checkpoint;
+use medphi::model::PhiConfig;
+use medphi::tokenizer::PhiTokenizer;
+use medphi::train::{Examples, Params, Stage, StepMetrics, TrainConfig, Trainer};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, value_enum)]
+    stage: StageArg,
+    /// config.json of a new model (pretraining from random initialisation).
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// tokenizer.json for a new model.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// A model folder to start from (continued pretraining, SFT).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Corpus (.txt, documents separated by blank lines) or SFT pairs (.jsonl).
+    #[arg(long)]
+    data: PathBuf,
+    /// Total steps the schedule is planned for.
+    #[arg(long)]
+    steps: u64,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Warmup steps (default: 5% of --steps).
+    #[arg(long)]
+    warmup: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 4)]
+    eval_batches: usize,
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// End after this step (with a checkpoint), as if interrupted.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Continue the run checkpointed in this folder.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StageArg {
+    Pretrain,
+    Sft,
+}
+
+fn data(
+    stage: Stage,
+    tok: &PhiTokenizer,
+    cfg: &PhiConfig,
+    path: &Path,
+    seq_len: usize,
+) -> Result<Examples> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let eos = tok
+        .eos_token_id()
+        .or(cfg.eos_token_id)
+        .context("the tokenizer has no end-of-text token")?;
+    Ok(match stage {
+        Stage::Pretrain => Examples::pretrain(tok, &text, seq_len, eos)?,
+        Stage::Sft => Examples::sft(tok, &text, &path.display().to_string(), seq_len, eos)?,
+    })
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    if let DeviceKind::Cuda = args.device {
+        bail!("this build has no CUDA support yet; train with --device cpu");
+    }
+    let stage = match args.stage {
+        StageArg::Pretrain => Stage::Pretrain,
+        StageArg::Sft => Stage::Sft,
+    };
+    let mut trainer = if let Some(dir) = &args.resume {
+        let ckpt = Checkpoint::open(dir, None, DType::F32)?;
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("trainer_state.json"))
+                .with_context(|| format!("{} is not a training checkpoint", dir.display()))?,
+        )?;
+        let seq_len = state["config"]["seq_len"]
+            .as_u64()
+            .context("trainer_state.json: seq_len")? as usize;
+        let examples = data(stage, &ckpt.tokenizer, &ckpt.config, &args.data, seq_len)?;
+        Trainer::resume(dir, examples)?
+    } else {
+        let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer) {
+            (Some(dir), None, _) => {
+                let ckpt = Checkpoint::open(dir, args.tokenizer.as_deref(), DType::F32)?;
+                let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref())?;
+                let tok = args.tokenizer.clone().unwrap_or(dir.join("tokenizer.json"));
+                (ckpt.config, tok, params)
+            }
+            (None, Some(cfg_path), Some(tok)) => {
+                let json = std::fs::read_to_string(cfg_path).with_context(|| format!("{}", cfg_path.display()))?;
+                let cfg = PhiConfig::from_json(&json, &cfg_path.display().to_string())?;
+                let params = Params::init(&cfg, args.seed)?;
+                (cfg, tok.clone(), params)
+            }
+            _ => bail!("give either --init-from MODEL_DIR, or --model-config and --tokenizer for a new model"),
+        };
+        let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
+            .with_context(|| format!("{}", tokenizer_path.display()))?;
+        let tok = PhiTokenizer::from_bytes(
+            tokenizer_json.as_bytes(),
+            &tokenizer_path.display().to_string(),
+        )?;
+        let examples = data(stage, &tok, &cfg, &args.data, args.seq_len)?;
+        let config = TrainConfig {
+            stage,
+            steps: args.steps,
+            batch_size: args.batch_size,
+            grad_accum: args.grad_accum,
+            seq_len: args.seq_len,
+            lr: args.lr,
+            warmup: args.warmup.unwrap_or(args.steps / 20),
+            weight_decay: args.weight_decay,
+            clip: args.clip,
+            seed: args.seed,
+            eval_every: args.eval_every,
+            eval_batches: args.eval_batches,
+            save_every: args.save_every,
+        };
+        if args.out.join("metrics.jsonl").exists() {
+            bail!(
+                "{} already holds a run; use --resume {0} to continue it",
+                args.out.display()
+            );
+        }
+        Trainer::new(cfg, tokenizer_json, params, examples, config)?
+    };
+    eprintln!(
+        "training {} parameters, stage {:?}, from step {} to {}",
+        trainer.parameter_count(),
+        trainer.config.stage,
+        trainer.step,
+        args.stop_after
+            .unwrap_or(trainer.config.steps)
+            .min(trainer.config.steps)
+    );
+    let pb = ProgressBar::new(trainer.config.steps);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .expect("static template"),
+    );
+    pb.set_position(trainer.step);
+    trainer.run(&args.out, args.stop_after, &mut |m: &StepMetrics| {
+        pb.set_position(m.step);
+        let eval = m
+            .eval_loss
+            .map(|e| format!(" eval {e:.3}"))
+            .unwrap_or_default();
+        pb.set_message(format!(
+            "loss {:.3}{eval} lr {:.1e} {:.0} tok/s",
+            m.loss, m.lr, m.tokens_per_s
+        ));
+    })?;
+    pb.finish();
+    plot(&args.out.join("metrics.jsonl"), &args.out.join("loss.png"))?;
+    eprintln!(
+        "model, metrics.jsonl and loss.png in {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Training and evaluation loss by step.
+fn plot(metrics: &Path, png: &Path) -> Result<()> {
+    let lines: Vec<StepMetrics> = std::fs::read_to_string(metrics)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow::anyhow!("cannot load the embedded DejaVu font"))?;
+    let max_step = lines.last().map_or(1, |m| m.step).max(1) as f64;
+    let max_loss = lines.iter().map(|m| m.loss).fold(0.0, f64::max).max(1e-3) * 1.05;
+    let root = BitMapBackend::new(png, (960, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Loss", ("sans-serif", 26))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..max_step, 0f64..max_loss)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("cross-entropy")
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            lines.iter().map(|m| (m.step as f64, m.loss)),
+            &BLUE,
+        ))?
+        .label("train")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
+    chart
+        .draw_series(lines.iter().filter_map(|m| {
+            m.eval_loss
+                .map(|e| Circle::new((m.step as f64, e), 4, RED.filled()))
+        }))?
+        .label("held-out")
+        .legend(|(x, y)| Circle::new((x + 9, y), 4, RED.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

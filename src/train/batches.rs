@@ -1,0 +1,221 @@
+//! Training examples and the order they are seen in. The order is a pure function of the
+//! seed and the global example index, so a resumed run sees exactly what an uninterrupted
+//! one would.
+
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::PhiTokenizer;
+
+/// Token ids and a loss mask, both `seq_len` long (targets are the ids shifted by one).
+pub struct Batch {
+    pub input: Tensor,
+    pub target: Tensor,
+    pub mask: Tensor,
+    /// Positions that carry loss.
+    pub tokens: usize,
+}
+
+pub enum Examples {
+    /// Windows of `seq_len + 1` ids over one stream of documents joined by EOS (pretraining:
+    /// every position carries loss).
+    Packed { ids: Vec<u32>, seq_len: usize },
+    /// Prompt + response + EOS per example, loss on the response and EOS only (SFT).
+    Masked {
+        examples: Vec<(Vec<u32>, usize)>,
+        seq_len: usize,
+        pad: u32,
+    },
+}
+
+impl Examples {
+    /// Documents separated by blank lines.
+    pub fn pretrain(tok: &PhiTokenizer, text: &str, seq_len: usize, eos: u32) -> Result<Self> {
+        let mut ids = Vec::new();
+        for doc in text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()) {
+            ids.extend(tok.encode(doc)?);
+            ids.push(eos);
+        }
+        if ids.len() < 2 * (seq_len + 1) {
+            return Err(Error::input(format!(
+                "the corpus has {} tokens, too few for two windows of {}",
+                ids.len(),
+                seq_len + 1
+            )));
+        }
+        Ok(Examples::Packed { ids, seq_len })
+    }
+
+    /// JSON lines with `prompt` and `response`.
+    pub fn sft(
+        tok: &PhiTokenizer,
+        jsonl: &str,
+        file: &str,
+        seq_len: usize,
+        eos: u32,
+    ) -> Result<Self> {
+        let mut examples = Vec::new();
+        for (i, line) in jsonl.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = |m: String| Error::file(format!("{file}:{}", i + 1), m);
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or_else(|| at(format!("missing string field `{k}`")))
+            };
+            let mut ids = tok.encode(field("prompt")?)?;
+            let prompt_len = ids.len();
+            ids.extend(tok.encode(field("response")?)?);
+            ids.push(eos);
+            ids.truncate(seq_len + 1);
+            if prompt_len >= ids.len() {
+                continue; // the prompt alone fills the window: nothing to learn from
+            }
+            examples.push((ids, prompt_len));
+        }
+        if examples.len() < 2 {
+            return Err(Error::file(file, "needs at least two usable examples"));
+        }
+        Ok(Examples::Masked {
+            examples,
+            seq_len,
+            pad: eos,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Packed { ids, seq_len } => (ids.len() - 1) / seq_len,
+            Examples::Masked { examples, .. } => examples.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The last 1/50 (at least one) is held out for the evaluation loss.
+    pub fn split(&self) -> (Range<usize>, Range<usize>) {
+        let n = self.len();
+        let eval = (n / 50).max(1);
+        (0..n - eval, n - eval..n)
+    }
+
+    /// `seq_len + 1` ids and `seq_len` target weights of example `i`.
+    fn example(&self, i: usize) -> (Vec<u32>, Vec<f32>) {
+        match self {
+            Examples::Packed { ids, seq_len } => {
+                let w = ids[i * seq_len..i * seq_len + seq_len + 1].to_vec();
+                (w, vec![1.0; *seq_len])
+            }
+            Examples::Masked {
+                examples,
+                seq_len,
+                pad,
+            } => {
+                let (ids, prompt_len) = &examples[i];
+                let mut w = ids.clone();
+                w.resize(seq_len + 1, *pad);
+                // Target t is id t + 1: it carries loss when it belongs to the response.
+                let mask = (0..*seq_len)
+                    .map(|t| f32::from(u8::from(t + 1 >= *prompt_len && t + 1 < ids.len())))
+                    .collect();
+                (w, mask)
+            }
+        }
+    }
+
+    pub fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let (mut input, mut target, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in indices {
+            let (w, m) = self.example(i);
+            input.extend_from_slice(&w[..w.len() - 1]);
+            target.extend_from_slice(&w[1..]);
+            mask.extend(m);
+        }
+        let b = indices.len();
+        let l = input.len() / b;
+        let tokens = mask.iter().filter(|&&m| m > 0.0).count();
+        Ok(Batch {
+            input: Tensor::from_vec(input, (b, l), &Device::Cpu)?,
+            target: Tensor::from_vec(target, (b, l), &Device::Cpu)?,
+            mask: Tensor::from_vec(mask, (b, l), &Device::Cpu)?,
+            tokens,
+        })
+    }
+}
+
+/// Which training example comes `g`-th: a fresh seeded shuffle of `range` every epoch.
+pub struct Order {
+    seed: u64,
+    range: Range<usize>,
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl Order {
+    pub fn new(seed: u64, range: Range<usize>) -> Self {
+        Self {
+            seed,
+            range,
+            epoch: None,
+        }
+    }
+
+    pub fn get(&mut self, g: u64) -> usize {
+        let n = self.range.len() as u64;
+        let epoch = g / n;
+        if self.epoch.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut perm: Vec<usize> = self.range.clone().collect();
+            perm.shuffle(&mut StdRng::seed_from_u64(
+                self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
+            self.epoch = Some((epoch, perm));
+        }
+        let (_, perm) = self.epoch.as_ref().expect("set above");
+        perm[(g % n) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sft_loss_covers_the_response_and_eos_only() {
+        // Prompt [1, 2, 3], response [4, 5], EOS 0, padded to 8 targets.
+        let ex = Examples::Masked {
+            examples: vec![(vec![1, 2, 3, 4, 5, 0], 3), (vec![7, 8, 0], 2)],
+            seq_len: 8,
+            pad: 0,
+        };
+        let b = ex.batch(&[0]).unwrap();
+        let target: Vec<u32> = b.target.flatten_all().unwrap().to_vec1().unwrap();
+        let mask: Vec<f32> = b.mask.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(target, [2, 3, 4, 5, 0, 0, 0, 0]);
+        assert_eq!(mask, [0., 0., 1., 1., 1., 0., 0., 0.]);
+        assert_eq!(b.tokens, 3);
+    }
+
+    #[test]
+    fn order_is_a_seeded_shuffle_per_epoch() {
+        let mut a = Order::new(5, 0..10);
+        let first: Vec<usize> = (0..10).map(|g| a.get(g)).collect();
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        let second: Vec<usize> = (10..20).map(|g| a.get(g)).collect();
+        assert_ne!(first, second);
+        // Asking out of order (a resumed run) gives the same examples.
+        let mut b = Order::new(5, 0..10);
+        assert_eq!(b.get(13), second[3]);
+        assert_eq!(b.get(2), first[2]);
+    }
+}

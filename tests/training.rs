@@ -1,0 +1,174 @@
+//! `medphi train` end to end on a small model: loss goes down, outputs are model folders
+//! that load for generation, and an interrupted run resumed from its checkpoint ends
+//! bit-for-bit where the uninterrupted run does.
+#![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const CORPUS: &str =
+    "Macrocephaly. Occipitofrontal (head) circumference greater than 97th centile.\n\n\
+    Microcephaly. Head circumference below 2 standard deviations below the mean.\n\n\
+    Scurvy is characterised by bleeding gums, perifollicular hemorrhage and poor wound healing.\n\n\
+    ICD-10-CM code E11.9: Type 2 diabetes mellitus without complications.\n\n";
+
+fn config(dir: &Path) -> std::path::PathBuf {
+    let cfg = serde_json::json!({
+        "architectures": ["PhiForCausalLM"], "model_type": "phi", "vocab_size": 51200,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "hidden_act": "gelu_new", "tie_word_embeddings": false,
+        "bos_token_id": 50256, "eos_token_id": 50256
+    });
+    let path = dir.join("config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    path
+}
+
+fn train(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, CORPUS.repeat(20)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["train", "--stage", "pretrain", "--model-config"])
+        .arg(config(dir))
+        .arg("--tokenizer")
+        .arg(fixtures().join("tiny-phi/tokenizer.json"))
+        .arg("--data")
+        .arg(&corpus)
+        .args([
+            "--steps",
+            "8",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--lr",
+            "1e-2",
+        ])
+        .args([
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--eval-every",
+            "4",
+            "--out",
+        ])
+        .arg(dir.join(out))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn pretraining_lowers_the_loss_and_writes_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "run", &[]);
+    let run = dir.path().join("run");
+    let m = metrics(&run);
+    assert_eq!(m.len(), 8);
+    for line in &m {
+        for key in ["step", "loss", "lr", "tokens_per_s"] {
+            assert!(line[key].is_number(), "{key} missing in {line}");
+        }
+    }
+    let (first, last) = (
+        m[0]["loss"].as_f64().unwrap(),
+        m[7]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first - 0.5, "loss {first} → {last}");
+    assert!(m[7]["eval_loss"].is_number());
+    assert!(run.join("loss.png").is_file());
+    // The output folder is a model: the CLI generates from it.
+    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["generate", "--model"])
+        .arg(&run)
+        .args([
+            "--prompt",
+            "Macrocephaly.",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_interrupted_run_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "whole", &[]);
+    train(dir.path(), "parts", &["--stop-after", "3"]);
+    let parts = dir.path().join("parts");
+    assert_eq!(metrics(&parts).len(), 3);
+    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["train", "--stage", "pretrain", "--data"])
+        .arg(dir.path().join("corpus.txt"))
+        .args(["--steps", "8", "--out"])
+        .arg(&parts)
+        .arg("--resume")
+        .arg(&parts)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = dir.path().join("whole");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(whole.join(file)).unwrap() == std::fs::read(parts.join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+    let (a, b) = (metrics(&whole), metrics(&parts));
+    assert_eq!(b.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["loss"], y["loss"]);
+        assert_eq!(x["lr"], y["lr"]);
+    }
+}
+
+#[test]
+fn a_finished_run_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "run", &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["train", "--stage", "pretrain", "--model-config"])
+        .arg(config(dir.path()))
+        .arg("--tokenizer")
+        .arg(fixtures().join("tiny-phi/tokenizer.json"))
+        .arg("--data")
+        .arg(dir.path().join("corpus.txt"))
+        .args(["--steps", "2", "--out"])
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+}
