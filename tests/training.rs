@@ -172,3 +172,92 @@ fn a_finished_run_is_not_overwritten() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 }
+
+fn run_stage(dir: &Path, stage: &str, data: &str, out: &str) {
+    let path = dir.join(format!("{stage}.jsonl"));
+    std::fs::write(&path, data).unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["train", "--stage", stage, "--init-from"])
+        .arg(dir.join("run"))
+        .arg("--data")
+        .arg(&path)
+        .args([
+            "--steps",
+            "10",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "24",
+            "--lr",
+            "5e-3",
+        ])
+        .args(["--seed", "1", "--beta", "0.5", "--device", "cpu", "--out"])
+        .arg(dir.join(out))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
+#[test]
+fn sft_and_dpo_continue_from_a_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "run", &[]);
+    let pairs = [
+        ("What is macrocephaly?", " A large head.", " A small head."),
+        ("What is microcephaly?", " A small head.", " A large head."),
+        (
+            "What causes scurvy?",
+            " Lack of vitamin C.",
+            " Lack of vitamin D.",
+        ),
+        ("What is E11.9?", " Type 2 diabetes.", " Type 1 diabetes."),
+    ];
+    let line = |p: &str, c: &str, r: &str, dpo: bool| {
+        let prompt = format!("Instruct: {p}\nOutput:");
+        if dpo {
+            serde_json::json!({"prompt": prompt, "chosen": c, "rejected": r}).to_string()
+        } else {
+            serde_json::json!({"prompt": prompt, "response": c}).to_string()
+        }
+    };
+    let sft: String = pairs
+        .iter()
+        .cycle()
+        .take(40)
+        .map(|(p, c, r)| line(p, c, r, false) + "\n")
+        .collect();
+    run_stage(dir.path(), "sft", &sft, "sft");
+    let m = metrics(&dir.path().join("sft"));
+    let (first, last) = (
+        m[0]["loss"].as_f64().unwrap(),
+        m[9]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "SFT loss {first} → {last}");
+
+    let dpo: String = pairs
+        .iter()
+        .cycle()
+        .take(40)
+        .map(|(p, c, r)| line(p, c, r, true) + "\n")
+        .collect();
+    run_stage(dir.path(), "dpo", &dpo, "dpo");
+    let m = metrics(&dir.path().join("dpo"));
+    // Step 1 starts at the reference itself: zero margin, loss log 2.
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4,
+        "{}",
+        m[0]
+    );
+    assert!(m[0]["reward_margin"].as_f64().unwrap().abs() < 1e-4);
+    let last = &m[9];
+    assert!(last["reward_margin"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(last["reward_accuracy"].as_f64().unwrap() >= 0.75, "{last}");
+    assert!(
+        last["loss"].as_f64().unwrap() < std::f64::consts::LN_2,
+        "{last}"
+    );
+}

@@ -1,4 +1,4 @@
-//! `medphi train`: pretraining from scratch or from a checkpoint, and SFT, with a progress
+//! `medphi train`: pretraining from scratch or from a checkpoint, SFT and DPO, with a progress
 //! bar, `metrics.jsonl` and a loss plot (`loss.png`) in the output folder.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use medphi::checkpoint::Checkpoint;
 use medphi::model::PhiConfig;
 use medphi::tokenizer::PhiTokenizer;
-use medphi::train::{Examples, Params, Stage, StepMetrics, TrainConfig, Trainer};
+use medphi::train::{Examples, Objective, Params, Stage, StepMetrics, TrainConfig, Trainer};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -33,7 +33,8 @@ pub struct TrainArgs {
     /// A model folder to start from (continued pretraining, SFT).
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Corpus (.txt, documents separated by blank lines) or SFT pairs (.jsonl).
+    /// Corpus (.txt, documents separated by blank lines), SFT pairs (.jsonl with prompt,
+    /// response) or DPO pairs (.jsonl with prompt, chosen, rejected).
     #[arg(long)]
     data: PathBuf,
     /// Total steps the schedule is planned for.
@@ -72,29 +73,47 @@ pub struct TrainArgs {
     /// Continue the run checkpointed in this folder.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// DPO's β.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum StageArg {
     Pretrain,
     Sft,
+    Dpo,
 }
 
-fn data(
-    stage: Stage,
+/// The stage's examples from `path`; for DPO also the frozen reference (the starting model).
+fn objective(
+    config: &TrainConfig,
     tok: &PhiTokenizer,
     cfg: &PhiConfig,
     path: &Path,
-    seq_len: usize,
-) -> Result<Examples> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+) -> medphi::Result<Objective> {
+    let text = std::fs::read_to_string(path).map_err(|e| medphi::Error::file(path.display(), e))?;
+    let file = path.display().to_string();
     let eos = tok
         .eos_token_id()
         .or(cfg.eos_token_id)
-        .context("the tokenizer has no end-of-text token")?;
-    Ok(match stage {
-        Stage::Pretrain => Examples::pretrain(tok, &text, seq_len, eos)?,
-        Stage::Sft => Examples::sft(tok, &text, &path.display().to_string(), seq_len, eos)?,
+        .ok_or_else(|| medphi::Error::input("the tokenizer has no end-of-text token"))?;
+    let seq_len = config.seq_len;
+    Ok(match config.stage {
+        Stage::Pretrain => Objective::Lm(Examples::pretrain(tok, &text, seq_len, eos)?),
+        Stage::Sft => Objective::Lm(Examples::sft(tok, &text, &file, seq_len, eos)?),
+        Stage::Dpo => {
+            let dir = config.init_from.as_ref().ok_or_else(|| {
+                medphi::Error::input("DPO needs --init-from MODEL_DIR (its reference model)")
+            })?;
+            let (reference, _) = Checkpoint::open(dir, None, DType::F32)?.into_model(true)?;
+            let (chosen, rejected) = Examples::preferences(tok, &text, &file, seq_len, eos)?;
+            Objective::Dpo {
+                chosen,
+                rejected,
+                reference,
+            }
+        }
     })
 }
 
@@ -105,18 +124,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let stage = match args.stage {
         StageArg::Pretrain => Stage::Pretrain,
         StageArg::Sft => Stage::Sft,
+        StageArg::Dpo => Stage::Dpo,
     };
     let mut trainer = if let Some(dir) = &args.resume {
-        let ckpt = Checkpoint::open(dir, None, DType::F32)?;
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("trainer_state.json"))
-                .with_context(|| format!("{} is not a training checkpoint", dir.display()))?,
-        )?;
-        let seq_len = state["config"]["seq_len"]
-            .as_u64()
-            .context("trainer_state.json: seq_len")? as usize;
-        let examples = data(stage, &ckpt.tokenizer, &ckpt.config, &args.data, seq_len)?;
-        Trainer::resume(dir, examples)?
+        Trainer::resume(dir, |config, tok, cfg| {
+            objective(config, tok, cfg, &args.data)
+        })?
     } else {
         let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer) {
             (Some(dir), None, _) => {
@@ -139,7 +152,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
             tokenizer_json.as_bytes(),
             &tokenizer_path.display().to_string(),
         )?;
-        let examples = data(stage, &tok, &cfg, &args.data, args.seq_len)?;
         let config = TrainConfig {
             stage,
             steps: args.steps,
@@ -154,14 +166,17 @@ pub fn train(args: TrainArgs) -> Result<()> {
             eval_every: args.eval_every,
             eval_batches: args.eval_batches,
             save_every: args.save_every,
+            beta: args.beta,
+            init_from: args.init_from.clone(),
         };
+        let objective = objective(&config, &tok, &cfg, &args.data)?;
         if args.out.join("metrics.jsonl").exists() {
             bail!(
                 "{} already holds a run; use --resume {0} to continue it",
                 args.out.display()
             );
         }
-        Trainer::new(cfg, tokenizer_json, params, examples, config)?
+        Trainer::new(cfg, tokenizer_json, params, objective, config)?
     };
     eprintln!(
         "training {} parameters, stage {:?}, from step {} to {}",

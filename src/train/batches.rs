@@ -59,36 +59,38 @@ impl Examples {
         seq_len: usize,
         eos: u32,
     ) -> Result<Self> {
-        let mut examples = Vec::new();
-        for (i, line) in jsonl.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at = |m: String| Error::file(format!("{file}:{}", i + 1), m);
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
-            let field = |k: &str| {
-                v.get(k)
-                    .and_then(serde_json::Value::as_str)
-                    .ok_or_else(|| at(format!("missing string field `{k}`")))
-            };
-            let mut ids = tok.encode(field("prompt")?)?;
-            let prompt_len = ids.len();
-            ids.extend(tok.encode(field("response")?)?);
-            ids.push(eos);
-            ids.truncate(seq_len + 1);
-            if prompt_len >= ids.len() {
-                continue; // the prompt alone fills the window: nothing to learn from
-            }
-            examples.push((ids, prompt_len));
-        }
-        if examples.len() < 2 {
-            return Err(Error::file(file, "needs at least two usable examples"));
-        }
-        Ok(Examples::Masked {
+        let lists = masked_lists(tok, jsonl, file, seq_len, eos, &["response"])?;
+        Ok(Self::masked(
+            lists.into_iter().next().unwrap_or_default(),
+            seq_len,
+            eos,
+        ))
+    }
+
+    /// JSON lines with `prompt`, `chosen` and `rejected`: the chosen and the rejected
+    /// examples, aligned by index.
+    pub fn preferences(
+        tok: &PhiTokenizer,
+        jsonl: &str,
+        file: &str,
+        seq_len: usize,
+        eos: u32,
+    ) -> Result<(Self, Self)> {
+        let mut lists = masked_lists(tok, jsonl, file, seq_len, eos, &["chosen", "rejected"])?;
+        let rejected = lists.pop().unwrap_or_default();
+        let chosen = lists.pop().unwrap_or_default();
+        Ok((
+            Self::masked(chosen, seq_len, eos),
+            Self::masked(rejected, seq_len, eos),
+        ))
+    }
+
+    fn masked(examples: Vec<(Vec<u32>, usize)>, seq_len: usize, pad: u32) -> Self {
+        Examples::Masked {
             examples,
             seq_len,
-            pad: eos,
-        })
+            pad,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -151,6 +153,52 @@ impl Examples {
             tokens,
         })
     }
+}
+
+/// For each of `responses`, the examples `prompt + response + EOS` (with the prompt length)
+/// of every line, truncated to `seq_len + 1`; a line is dropped from all lists when its
+/// prompt leaves no room for any of its responses.
+fn masked_lists(
+    tok: &PhiTokenizer,
+    jsonl: &str,
+    file: &str,
+    seq_len: usize,
+    eos: u32,
+    responses: &[&str],
+) -> Result<Vec<Vec<(Vec<u32>, usize)>>> {
+    let mut lists = vec![Vec::new(); responses.len()];
+    for (i, line) in jsonl.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |m: String| Error::file(format!("{file}:{}", i + 1), m);
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| at(format!("missing string field `{k}`")))
+        };
+        let prompt = tok.encode(field("prompt")?)?;
+        let mut row = Vec::with_capacity(responses.len());
+        for r in responses {
+            let mut ids = prompt.clone();
+            ids.extend(tok.encode(field(r)?)?);
+            ids.push(eos);
+            ids.truncate(seq_len + 1);
+            row.push(ids);
+        }
+        // The prompt alone fills the window: nothing to learn from.
+        if row.iter().any(|ids| prompt.len() >= ids.len()) {
+            continue;
+        }
+        for (list, ids) in lists.iter_mut().zip(row) {
+            list.push((ids, prompt.len()));
+        }
+    }
+    if lists[0].len() < 2 {
+        return Err(Error::file(file, "needs at least two usable examples"));
+    }
+    Ok(lists)
 }
 
 /// Which training example comes `g`-th: a fresh seeded shuffle of `range` every epoch.

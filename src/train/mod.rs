@@ -1,6 +1,7 @@
-//! Training on candle: continued pretraining (next-token loss on packed sequences) and SFT
-//! (loss on response tokens only), with AdamW, warmup + cosine schedule, gradient clipping
-//! and accumulation, evaluation loss on held-out examples, checkpoints and exact resume.
+//! Training on candle: continued pretraining (next-token loss on packed sequences), SFT
+//! (loss on response tokens only) and DPO (against a frozen reference model), with AdamW,
+//! warmup + cosine schedule, gradient clipping and accumulation, evaluation loss on held-out
+//! examples, checkpoints and exact resume.
 //!
 //! The model is the inference `Phi` built with `fused = false` over `Var`s, so what trains
 //! is what runs. An output directory is always a loadable model folder (`config.json`,
@@ -30,6 +31,28 @@ use crate::model::{Logits, Phi, PhiConfig};
 pub enum Stage {
     Pretrain,
     Sft,
+    Dpo,
+}
+
+/// What a step minimises.
+pub enum Objective {
+    /// Next-token cross-entropy on the masked targets (pretraining, SFT).
+    Lm(Examples),
+    /// DPO: chosen and rejected responses aligned by index, scored against `reference`.
+    Dpo {
+        chosen: Examples,
+        rejected: Examples,
+        reference: Phi,
+    },
+}
+
+impl Objective {
+    fn examples(&self) -> &Examples {
+        match self {
+            Objective::Lm(e) => e,
+            Objective::Dpo { chosen, .. } => chosen,
+        }
+    }
 }
 
 /// Everything that decides a run; saved with each checkpoint and reused on resume.
@@ -51,6 +74,12 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Checkpoint every this many steps (0 = only at the end).
     pub save_every: u64,
+    /// DPO's β (how far the policy may move from the reference).
+    #[serde(default)]
+    pub beta: f64,
+    /// The model this run started from (DPO's reference).
+    #[serde(default)]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +98,12 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// DPO: how often the chosen response out-scores the rejected one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_accuracy: Option<f64>,
+    /// DPO: mean of β·(chosen − rejected) log-ratio differences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_margin: Option<f64>,
 }
 
 pub struct Trainer {
@@ -77,19 +112,46 @@ pub struct Trainer {
     params: Params,
     model: Phi,
     opt: AdamW,
-    data: Examples,
+    objective: Objective,
     order: Order,
     pub config: TrainConfig,
     pub step: u64,
 }
 
-/// Mean cross-entropy of the masked next-token targets.
-fn masked_loss(model: &Phi, batch: &Batch) -> Result<Tensor> {
+/// Sum of the masked target log-probabilities of each sequence: `(batch,)`.
+fn sequence_logp(model: &Phi, batch: &Batch) -> Result<Tensor> {
     let logits = model.forward(&batch.input, None, Logits::All)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let picked = logp.gather(&batch.target.unsqueeze(2)?, 2)?.squeeze(2)?;
-    let total = (picked * &batch.mask)?.sum_all()?;
+    Ok((picked * &batch.mask)?.sum(1)?)
+}
+
+/// Mean cross-entropy of the masked next-token targets.
+fn masked_loss(model: &Phi, batch: &Batch) -> Result<Tensor> {
+    let total = sequence_logp(model, batch)?.sum_all()?;
     Ok((total.neg()? / (batch.tokens.max(1) as f64))?)
+}
+
+/// DPO's loss `−log σ(β·[(π_c − ref_c) − (π_r − ref_r)])` averaged over the batch, with the
+/// fraction of pairs whose chosen reward is higher and the mean reward margin.
+fn dpo_loss(
+    model: &Phi,
+    reference: &Phi,
+    (chosen, rejected): (&Batch, &Batch),
+    beta: f64,
+) -> Result<(Tensor, f64, f64)> {
+    let ref_c = sequence_logp(reference, chosen)?.detach();
+    let ref_r = sequence_logp(reference, rejected)?.detach();
+    let reward_c = ((sequence_logp(model, chosen)? - ref_c)? * beta)?;
+    let reward_r = ((sequence_logp(model, rejected)? - ref_r)? * beta)?;
+    let z = (reward_c - reward_r)?;
+    // −log σ(z) = softplus(−z) = relu(−z) + log(1 + e^−|z|), stable for any z.
+    let loss = (z.neg()?.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?;
+    let zs: Vec<f32> = z.to_vec1()?;
+    let n = zs.len().max(1) as f64;
+    let accuracy = zs.iter().filter(|&&v| v > 0.0).count() as f64 / n;
+    let margin = zs.iter().map(|&v| v as f64).sum::<f64>() / n;
+    Ok((loss, accuracy, margin))
 }
 
 impl Trainer {
@@ -97,7 +159,7 @@ impl Trainer {
         model_cfg: PhiConfig,
         tokenizer_json: String,
         params: Params,
-        data: Examples,
+        objective: Objective,
         config: TrainConfig,
     ) -> Result<Self> {
         if config.batch_size == 0 || config.grad_accum == 0 || config.steps == 0 {
@@ -112,7 +174,7 @@ impl Trainer {
             )));
         }
         let model = Phi::load(&model_cfg, &params, false)?;
-        let (train, _) = data.split();
+        let (train, _) = objective.examples().split();
         if train.is_empty() {
             return Err(Error::input("no training examples"));
         }
@@ -123,14 +185,22 @@ impl Trainer {
             tokenizer_json,
             params,
             model,
-            data,
+            objective,
             config,
             step: 0,
         })
     }
 
-    /// Continues the run saved in `dir` on `data` (built as for the original run).
-    pub fn resume(dir: &Path, data: Examples) -> Result<Self> {
+    /// Continues the run saved in `dir`; `objective` rebuilds its data (and reference) from
+    /// the run's saved configuration, as for the original run.
+    pub fn resume(
+        dir: &Path,
+        objective: impl FnOnce(
+            &TrainConfig,
+            &crate::tokenizer::PhiTokenizer,
+            &PhiConfig,
+        ) -> Result<Objective>,
+    ) -> Result<Self> {
         let read = |name: &str| {
             let p = dir.join(name);
             std::fs::read_to_string(&p).map_err(|e| Error::file(p.display(), e))
@@ -139,11 +209,12 @@ impl Trainer {
             .map_err(|e| Error::file(dir.join("trainer_state.json").display(), e))?;
         let ckpt = crate::checkpoint::Checkpoint::open(dir, None, DType::F32)?;
         let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref())?;
+        let objective = objective(&state.config, &ckpt.tokenizer, &ckpt.config)?;
         let mut trainer = Self::new(
             ckpt.config,
             read("tokenizer.json")?,
             params,
-            data,
+            objective,
             state.config,
         )?;
         trainer
@@ -192,15 +263,33 @@ impl Trainer {
         let c = self.config.clone();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
         let (mut loss_sum, mut tokens) = (0.0, 0);
+        let (mut accuracy, mut margin) = (0.0, 0.0);
         for micro in 0..c.grad_accum {
             let first =
                 ((self.step - 1) * c.grad_accum as u64 + micro as u64) * c.batch_size as u64;
             let idx: Vec<usize> = (0..c.batch_size as u64)
                 .map(|j| self.order.get(first + j))
                 .collect();
-            let batch = self.data.batch(&idx)?;
-            tokens += batch.input.elem_count();
-            let loss = (masked_loss(&self.model, &batch)? / c.grad_accum as f64)?;
+            let loss = match &self.objective {
+                Objective::Lm(examples) => {
+                    let batch = examples.batch(&idx)?;
+                    tokens += batch.input.elem_count();
+                    masked_loss(&self.model, &batch)?
+                }
+                Objective::Dpo {
+                    chosen,
+                    rejected,
+                    reference,
+                } => {
+                    let (bc, br) = (chosen.batch(&idx)?, rejected.batch(&idx)?);
+                    tokens += bc.input.elem_count() + br.input.elem_count();
+                    let (loss, acc, m) = dpo_loss(&self.model, reference, (&bc, &br), c.beta)?;
+                    accuracy += acc / c.grad_accum as f64;
+                    margin += m / c.grad_accum as f64;
+                    loss
+                }
+            };
+            let loss = (loss / c.grad_accum as f64)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let g = loss.backward()?;
             for ((name, var), acc) in self.params.vars.iter().zip(grads.iter_mut()) {
@@ -238,20 +327,32 @@ impl Trainer {
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             grad_norm: norm,
             eval_loss: None,
+            reward_accuracy: matches!(self.objective, Objective::Dpo { .. }).then_some(accuracy),
+            reward_margin: matches!(self.objective, Objective::Dpo { .. }).then_some(margin),
         })
     }
 
     /// Mean loss over up to `eval_batches` batches of the held-out examples.
     pub fn eval_loss(&self) -> Result<f64> {
-        let (_, eval) = self.data.split();
+        let (_, eval) = self.objective.examples().split();
         let idx: Vec<usize> = eval.collect();
         let mut losses = Vec::new();
         for chunk in idx
             .chunks(self.config.batch_size)
             .take(self.config.eval_batches.max(1))
         {
-            let batch = self.data.batch(chunk)?;
-            losses.push(masked_loss(&self.model, &batch)?.to_scalar::<f32>()? as f64);
+            let loss = match &self.objective {
+                Objective::Lm(examples) => masked_loss(&self.model, &examples.batch(chunk)?)?,
+                Objective::Dpo {
+                    chosen,
+                    rejected,
+                    reference,
+                } => {
+                    let pair = (&chosen.batch(chunk)?, &rejected.batch(chunk)?);
+                    dpo_loss(&self.model, reference, pair, self.config.beta)?.0
+                }
+            };
+            losses.push(loss.to_scalar::<f32>()? as f64);
         }
         Ok(losses.iter().sum::<f64>() / losses.len().max(1) as f64)
     }
