@@ -111,7 +111,7 @@ fn objective(
             Objective::Dpo {
                 chosen,
                 rejected,
-                reference,
+                reference: Box::new(reference),
             }
         }
     })

@@ -21,13 +21,16 @@ pub struct Batch {
     pub tokens: usize,
 }
 
+/// An example's ids and how many of them are prompt (carrying no loss).
+pub type Tokenized = (Vec<u32>, usize);
+
 pub enum Examples {
     /// Windows of `seq_len + 1` ids over one stream of documents joined by EOS (pretraining:
     /// every position carries loss).
     Packed { ids: Vec<u32>, seq_len: usize },
     /// Prompt + response + EOS per example, loss on the response and EOS only (SFT).
     Masked {
-        examples: Vec<(Vec<u32>, usize)>,
+        examples: Vec<Tokenized>,
         seq_len: usize,
         pad: u32,
     },
@@ -85,7 +88,7 @@ impl Examples {
         ))
     }
 
-    fn masked(examples: Vec<(Vec<u32>, usize)>, seq_len: usize, pad: u32) -> Self {
+    fn masked(examples: Vec<Tokenized>, seq_len: usize, pad: u32) -> Self {
         Examples::Masked {
             examples,
             seq_len,
@@ -165,7 +168,7 @@ fn masked_lists(
     seq_len: usize,
     eos: u32,
     responses: &[&str],
-) -> Result<Vec<Vec<(Vec<u32>, usize)>>> {
+) -> Result<Vec<Vec<Tokenized>>> {
     let mut lists = vec![Vec::new(); responses.len()];
     for (i, line) in jsonl.lines().enumerate() {
         if line.trim().is_empty() {

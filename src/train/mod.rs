@@ -42,7 +42,7 @@ pub enum Objective {
     Dpo {
         chosen: Examples,
         rejected: Examples,
-        reference: Phi,
+        reference: Box<Phi>,
     },
 }
 
