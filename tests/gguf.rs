@@ -290,3 +290,44 @@ fn fused_attn_qkv_is_split_by_rows() {
     };
     assert!(max_abs_diff(&logits(true, q8), &logits(false, q8)) < 1e-6);
 }
+
+#[test]
+fn export_gguf_round_trips_with_its_embedded_tokenizer() {
+    let r = reference();
+    let dir = tempfile::tempdir().unwrap();
+    for (quant, limit) in [("f32", 1e-5f32), ("q8_0", 0.02), ("q4_0", 0.25)] {
+        let out = dir.path().join(format!("tiny-{quant}.gguf"));
+        let res = std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
+            .arg("export-gguf")
+            .arg(fixtures().join("tiny-phi"))
+            .arg(&out)
+            .args(["--quant", quant])
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        // No tokenizer given: the embedded one must encode like the original.
+        let ckpt = Checkpoint::open(&out, None, DType::F32).unwrap();
+        // GGUF stores the epsilon as f32, as llama.cpp does.
+        let mut expected = open("tiny-phi").config;
+        expected.layer_norm_eps = f64::from(expected.layer_norm_eps as f32);
+        assert_eq!(ckpt.config, expected);
+        let prompt = r.json["prompt"].as_str().unwrap();
+        assert_eq!(ckpt.tokenizer.encode(prompt).unwrap(), r.input_ids);
+        let ours = logits_of(ckpt, &r.input_ids);
+        let scale = r
+            .logits
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let rel = max_abs_diff(&ours, &r.logits) / scale;
+        eprintln!("export-gguf {quant}: max |Δlogit| = {rel:.5} of max |logit|");
+        assert!(rel < limit, "{quant}: {rel}");
+    }
+}

@@ -6,6 +6,7 @@ mod chat;
 mod data;
 mod eval;
 mod eval_report;
+mod export;
 mod generate;
 mod gpu_info;
 mod info;
@@ -56,6 +57,8 @@ enum Command {
     EvalReport(eval_report::EvalReportArgs),
     /// Train: pretraining (from scratch or a checkpoint) or SFT.
     Train(Box<train::TrainArgs>),
+    /// Write a model folder as a phi2 GGUF (for llama.cpp and the page).
+    ExportGguf(export::ExportArgs),
     /// Training data from medical ontologies.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -172,6 +175,7 @@ pub fn main() -> ExitCode {
         Command::EvalReport(a) => eval_report::eval_report(a),
         Command::Data(c) => data::data(c),
         Command::Train(a) => train::train(*a),
+        Command::ExportGguf(a) => export::export_gguf(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

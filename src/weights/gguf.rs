@@ -20,7 +20,7 @@ pub struct Gguf {
 }
 
 /// Maps a Hugging Face tensor name to llama.cpp's phi2 name.
-fn gguf_name(hf: &str) -> Option<String> {
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
     let (stem, suffix) = hf.rsplit_once('.')?;
     let mapped = match stem {
         "model.embed_tokens" => "token_embd".to_string(),

@@ -7,6 +7,7 @@
 
 mod bytes;
 mod gguf;
+mod gguf_write;
 mod random;
 mod safetensors;
 
@@ -17,6 +18,7 @@ use candle_core::Tensor;
 
 pub use self::bytes::Bytes;
 pub use self::gguf::Gguf;
+pub use self::gguf_write::write_gguf;
 pub use self::random::RandomWeights;
 pub use self::safetensors::Safetensors;
 use crate::error::Result;
