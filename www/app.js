@@ -168,12 +168,18 @@ function setBusy(on) {
 
 let history = [];
 
+// Only the transcript scrolls while text streams; the page and its buttons stay put.
+function scrollTranscript() {
+  const t = $('transcript');
+  t.scrollTop = t.scrollHeight;
+}
+
 function bubble(kind, text) {
   const div = document.createElement('div');
   div.className = `msg ${kind}`;
   div.textContent = text;
   $('transcript').append(div);
-  div.scrollIntoView({ block: 'end' });
+  scrollTranscript();
   return div;
 }
 
@@ -207,7 +213,7 @@ async function send() {
         topP: Math.min(1, Math.max(0.01, number('top-p', 1))),
         onText: (piece) => {
           reply.textContent += piece;
-          reply.scrollIntoView({ block: 'end' });
+          scrollTranscript();
         },
       });
     });

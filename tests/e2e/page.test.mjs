@@ -122,6 +122,9 @@ test('Stop ends a generation on each backend, from the API and from the button',
     assert.equal(g.stopReason, 'cancelled', backend);
     assert.ok(g.outputIds.length < 240, `${backend}: ${g.outputIds.length} tokens`);
   }
+  // From the button, on WebGPU (tens of tokens per second on SwiftShader, so the click
+  // lands mid-answer).
+  await page.evaluate(() => window.medphi.load({ url: 'models/tiny-phi/', backend: 'webgpu' }));
   await page.fill('#max-tokens', '240');
   await page.fill('#prompt', 'Tell me about the heart.');
   await page.press('#prompt', 'Enter');
