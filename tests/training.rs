@@ -261,3 +261,151 @@ fn sft_and_dpo_continue_from_a_model_folder() {
         "{last}"
     );
 }
+
+#[test]
+fn lora_trains_only_adapters_and_merges_into_a_full_model() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "run", &[]);
+    let sft: String = (0..40)
+        .map(|i| {
+            let p = format!("Instruct: What is finding {}?\nOutput:", i % 4);
+            serde_json::json!({"prompt": p, "response": format!(" Answer {}.", i % 4)}).to_string()
+                + "\n"
+        })
+        .collect();
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(&data, sft).unwrap();
+    let lora = |out: &str, extra: &[&str]| {
+        let res = Command::new(env!("CARGO_BIN_EXE_medphi"))
+            .args(["train", "--stage", "sft", "--init-from"])
+            .arg(dir.path().join("run"))
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--steps",
+                "6",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "24",
+                "--lr",
+                "2e-2",
+            ])
+            .args([
+                "--lora-rank",
+                "2",
+                "--lora-alpha",
+                "4",
+                "--seed",
+                "1",
+                "--out",
+            ])
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    };
+    lora("adapters", &[]);
+    lora("merged", &["--merge"]);
+    // Interrupted and resumed, the adapters end where the uninterrupted run's do.
+    lora("parts", &["--stop-after", "3"]);
+    let res = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["train", "--stage", "sft", "--data"])
+        .arg(&data)
+        .args(["--steps", "6", "--out"])
+        .arg(dir.path().join("parts"))
+        .arg("--resume")
+        .arg(dir.path().join("parts"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let bytes =
+        |d: &str| std::fs::read(dir.path().join(d).join("adapter_model.safetensors")).unwrap();
+    assert!(
+        bytes("parts") == bytes("adapters"),
+        "resumed LoRA adapters differ"
+    );
+    let adapters = dir.path().join("adapters");
+    assert!(!adapters.join("model.safetensors").exists());
+    let a = candle_core::safetensors::load(
+        adapters.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // q, k, v, dense, fc1, fc2 × A and B, one layer.
+    assert_eq!(a.len(), 12);
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapters.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft["r"], 2);
+    let m = metrics(&adapters);
+    assert!(m[5]["loss"].as_f64().unwrap() < m[0]["loss"].as_f64().unwrap());
+    // The merged model: frozen tensors unchanged, adapted ones moved by exactly
+    // alpha/r · B·A, a rank-2 update.
+    let load = |d: &str| {
+        candle_core::safetensors::load(
+            dir.path().join(d).join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (base, merged) = (load("run"), load("merged"));
+    assert_eq!(base.len(), merged.len());
+    for (name, b) in &base {
+        let d = (merged[name].clone() - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let adapted = name.ends_with(".weight")
+            && ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+                .iter()
+                .any(|t| name.contains(t));
+        if adapted {
+            let layer = name.strip_suffix(".weight").unwrap();
+            let get = |w: &str| a[&format!("base_model.model.{layer}.lora_{w}.weight")].clone();
+            let update = (get("B").matmul(&get("A")).unwrap() * 2.0).unwrap();
+            let expected = (b + update).unwrap();
+            let err = (merged[name].clone() - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-6, "{name}: {err}");
+        } else {
+            assert_eq!(d, 0.0, "{name} is frozen but changed");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
+        .args(["generate", "--model"])
+        .arg(dir.path().join("merged"))
+        .args([
+            "--prompt",
+            "Instruct: What is finding 1?\nOutput:",
+            "--max-new-tokens",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use medphi::checkpoint::Checkpoint;
 use medphi::model::PhiConfig;
 use medphi::tokenizer::PhiTokenizer;
-use medphi::train::{Examples, Objective, Params, Stage, StepMetrics, TrainConfig, Trainer};
+use medphi::train::{
+    Examples, LoraConfig, Objective, Params, Stage, StepMetrics, TrainConfig, Trainer,
+};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -76,6 +78,15 @@ pub struct TrainArgs {
     /// DPO's β.
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
+    /// Train LoRA adapters of this rank on q/k/v/dense/fc1/fc2, the base frozen.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA scale numerator (the update is alpha / rank · B·A).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// LoRA: also write the merged full model, not only the adapters.
+    #[arg(long)]
+    merge: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,7 +145,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
         let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer) {
             (Some(dir), None, _) => {
                 let ckpt = Checkpoint::open(dir, args.tokenizer.as_deref(), DType::F32)?;
-                let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref())?;
+                let params = match args.lora_rank {
+                    Some(rank) => {
+                        let lora = LoraConfig {
+                            rank,
+                            alpha: args.lora_alpha,
+                        };
+                        Params::lora(&ckpt.config, ckpt.weights.as_ref(), lora, args.seed, None)?
+                    }
+                    None => Params::from_source(&ckpt.config, ckpt.weights.as_ref())?,
+                };
                 let tok = args.tokenizer.clone().unwrap_or(dir.join("tokenizer.json"));
                 (ckpt.config, tok, params)
             }
@@ -146,6 +166,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
             _ => bail!("give either --init-from MODEL_DIR, or --model-config and --tokenizer for a new model"),
         };
+        if args.lora_rank.is_some() && args.init_from.is_none() {
+            bail!("LoRA trains adapters on an existing model: give --init-from MODEL_DIR");
+        }
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
             .with_context(|| format!("{}", tokenizer_path.display()))?;
         let tok = PhiTokenizer::from_bytes(
@@ -168,6 +191,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
             save_every: args.save_every,
             beta: args.beta,
             init_from: args.init_from.clone(),
+            lora: args.lora_rank.map(|rank| LoraConfig {
+                rank,
+                alpha: args.lora_alpha,
+            }),
+            merge: args.merge,
         };
         let objective = objective(&config, &tok, &cfg, &args.data)?;
         if args.out.join("metrics.jsonl").exists() {

@@ -21,7 +21,7 @@ use web_time::Instant;
 
 pub use batches::{Batch, Examples, Order};
 pub use optim::{learning_rate, AdamW};
-pub use params::Params;
+pub use params::{save_tensors, LoraConfig, Params, LORA_TARGETS};
 
 use crate::error::{Error, Result};
 use crate::model::{Logits, Phi, PhiConfig};
@@ -77,9 +77,15 @@ pub struct TrainConfig {
     /// DPO's β (how far the policy may move from the reference).
     #[serde(default)]
     pub beta: f64,
-    /// The model this run started from (DPO's reference).
+    /// The model this run started from (DPO's reference, LoRA's base).
     #[serde(default)]
     pub init_from: Option<std::path::PathBuf>,
+    /// Train LoRA adapters on a frozen base instead of every weight.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    /// LoRA: also write the merged full model (`model.safetensors`).
+    #[serde(default)]
+    pub merge: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,7 +116,9 @@ pub struct Trainer {
     model_cfg: PhiConfig,
     tokenizer_json: String,
     params: Params,
-    model: Phi,
+    /// Built once when every weight is a `Var` (they update in place); `None` for LoRA,
+    /// whose merged weights are recomputed from the adapters at every step.
+    model: Option<Phi>,
     opt: AdamW,
     objective: Objective,
     order: Order,
@@ -173,7 +181,10 @@ impl Trainer {
                 config.seq_len, model_cfg.max_position_embeddings
             )));
         }
-        let model = Phi::load(&model_cfg, &params, false)?;
+        let model = match params.lora_config() {
+            None => Some(Phi::load(&model_cfg, &params, false)?),
+            Some(_) => None,
+        };
         let (train, _) = objective.examples().split();
         if train.is_empty() {
             return Err(Error::input("no training examples"));
@@ -207,8 +218,26 @@ impl Trainer {
         };
         let state: TrainState = serde_json::from_str(&read("trainer_state.json")?)
             .map_err(|e| Error::file(dir.join("trainer_state.json").display(), e))?;
-        let ckpt = crate::checkpoint::Checkpoint::open(dir, None, DType::F32)?;
-        let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref())?;
+        let (ckpt, params) = match (state.config.lora, &state.config.init_from) {
+            (Some(lora), Some(base)) => {
+                let ckpt = crate::checkpoint::Checkpoint::open(base, None, DType::F32)?;
+                let adapters = dir.join("adapter_model.safetensors");
+                let params = Params::lora(
+                    &ckpt.config,
+                    ckpt.weights.as_ref(),
+                    lora,
+                    state.config.seed,
+                    Some(&adapters),
+                )?;
+                (ckpt, params)
+            }
+            (Some(_), None) => return Err(Error::input("a LoRA run needs its base (init_from)")),
+            (None, _) => {
+                let ckpt = crate::checkpoint::Checkpoint::open(dir, None, DType::F32)?;
+                let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref())?;
+                (ckpt, params)
+            }
+        };
         let objective = objective(&state.config, &ckpt.tokenizer, &ckpt.config)?;
         let mut trainer = Self::new(
             ckpt.config,
@@ -265,6 +294,14 @@ impl Trainer {
         let (mut loss_sum, mut tokens) = (0.0, 0);
         let (mut accuracy, mut margin) = (0.0, 0.0);
         for micro in 0..c.grad_accum {
+            let rebuilt;
+            let model = match &self.model {
+                Some(m) => m,
+                None => {
+                    rebuilt = Phi::load(&self.model_cfg, &self.params, false)?;
+                    &rebuilt
+                }
+            };
             let first =
                 ((self.step - 1) * c.grad_accum as u64 + micro as u64) * c.batch_size as u64;
             let idx: Vec<usize> = (0..c.batch_size as u64)
@@ -274,7 +311,7 @@ impl Trainer {
                 Objective::Lm(examples) => {
                     let batch = examples.batch(&idx)?;
                     tokens += batch.input.elem_count();
-                    masked_loss(&self.model, &batch)?
+                    masked_loss(model, &batch)?
                 }
                 Objective::Dpo {
                     chosen,
@@ -283,7 +320,7 @@ impl Trainer {
                 } => {
                     let (bc, br) = (chosen.batch(&idx)?, rejected.batch(&idx)?);
                     tokens += bc.input.elem_count() + br.input.elem_count();
-                    let (loss, acc, m) = dpo_loss(&self.model, reference, (&bc, &br), c.beta)?;
+                    let (loss, acc, m) = dpo_loss(model, reference, (&bc, &br), c.beta)?;
                     accuracy += acc / c.grad_accum as f64;
                     margin += m / c.grad_accum as f64;
                     loss
@@ -336,20 +373,28 @@ impl Trainer {
     pub fn eval_loss(&self) -> Result<f64> {
         let (_, eval) = self.objective.examples().split();
         let idx: Vec<usize> = eval.collect();
+        let rebuilt;
+        let model = match &self.model {
+            Some(m) => m,
+            None => {
+                rebuilt = Phi::load(&self.model_cfg, &self.params, false)?;
+                &rebuilt
+            }
+        };
         let mut losses = Vec::new();
         for chunk in idx
             .chunks(self.config.batch_size)
             .take(self.config.eval_batches.max(1))
         {
             let loss = match &self.objective {
-                Objective::Lm(examples) => masked_loss(&self.model, &examples.batch(chunk)?)?,
+                Objective::Lm(examples) => masked_loss(model, &examples.batch(chunk)?)?,
                 Objective::Dpo {
                     chosen,
                     rejected,
                     reference,
                 } => {
                     let pair = (&chosen.batch(chunk)?, &rejected.batch(chunk)?);
-                    dpo_loss(&self.model, reference, pair, self.config.beta)?.0
+                    dpo_loss(model, reference, pair, self.config.beta)?.0
                 }
             };
             losses.push(loss.to_scalar::<f32>()? as f64);
@@ -366,7 +411,30 @@ impl Trainer {
         let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
         write("config.json", &json(&self.model_cfg.to_hf_json()))?;
         write("tokenizer.json", &self.tokenizer_json)?;
-        self.params.save(&out.join("model.safetensors"))?;
+        match self.params.lora_config() {
+            None => save_tensors(&self.params.trainable(), &out.join("model.safetensors"))?,
+            Some(lora) => {
+                save_tensors(
+                    &self.params.trainable(),
+                    &out.join("adapter_model.safetensors"),
+                )?;
+                let peft = serde_json::json!({
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": lora.rank,
+                    "lora_alpha": lora.alpha,
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "target_modules": LORA_TARGETS.map(|t| t.rsplit('.').next().unwrap_or(t)),
+                    "base_model_name_or_path": self.config.init_from,
+                });
+                write("adapter_config.json", &json(&peft))?;
+                if self.config.merge {
+                    let merged = self.params.merged(&self.model_cfg)?;
+                    save_tensors(&merged, &out.join("model.safetensors"))?;
+                }
+            }
+        }
         self.opt.save(&out.join("optimizer.safetensors"))?;
         let state = TrainState {
             step: self.step,

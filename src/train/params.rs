@@ -1,5 +1,7 @@
-//! The trainable parameters: one `Var` per Hugging Face tensor name, handed to the model
-//! as a `TensorSource` so training builds the same `Phi` as inference, differentiably.
+//! The trainable parameters, handed to the model as a `TensorSource` so training builds the
+//! same `Phi` as inference, differentiably. Either every weight is a `Var` (full training),
+//! or the weights are a frozen base and only LoRA adapters train: each adapted matrix is
+//! `W + (alpha / rank) · B · A` with `A` (rank × in) and `B` (out × rank, starting at 0).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,14 +9,40 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{expected_tensors, PhiConfig};
 use crate::weights::{StoredTensor, TensorSource, Weight};
 
+/// The linear layers LoRA adapts, as in PEFT's usual Phi-2 target list.
+pub const LORA_TARGETS: [&str; 6] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.dense",
+    "mlp.fc1",
+    "mlp.fc2",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+}
+
 pub struct Params {
-    /// In `expected_tensors` order, so saving and the optimizer walk them identically.
+    /// What trains, in a fixed order so saving and the optimizer walk them identically:
+    /// every weight by Hugging Face name, or the LoRA adapters by PEFT name.
     pub vars: Vec<(String, Var)>,
+    /// LoRA only: the frozen base weights.
+    base: HashMap<String, Tensor>,
+    lora: Option<LoraConfig>,
+}
+
+/// PEFT's name of a layer's adapter matrix: `base_model.model.<layer>.lora_<A|B>.weight`.
+fn adapter_name(layer: &str, which: char) -> String {
+    format!("base_model.model.{layer}.lora_{which}.weight")
 }
 
 impl Params {
@@ -39,30 +67,141 @@ impl Params {
             let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
             vars.push((name, Var::from_tensor(&t)?));
         }
-        Ok(Self { vars })
+        Ok(Self::full(vars))
     }
 
-    /// The weights of an existing checkpoint, as f32 `Var`s.
-    pub fn from_source(cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Self> {
-        src.check(&expected_tensors(cfg))?;
-        let mut vars = Vec::new();
-        for (name, shape) in expected_tensors(cfg) {
-            let t = src.tensor(&name, &shape)?.dense()?.to_dtype(DType::F32)?;
-            vars.push((name, Var::from_tensor(&t)?));
+    fn full(vars: Vec<(String, Var)>) -> Self {
+        Self {
+            vars,
+            base: HashMap::new(),
+            lora: None,
         }
-        Ok(Self { vars })
     }
 
-    pub fn tensors(&self) -> HashMap<String, Tensor> {
+    fn read(cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Vec<(String, Tensor)>> {
+        src.check(&expected_tensors(cfg))?;
+        expected_tensors(cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = src.tensor(&name, &shape)?.dense()?.to_dtype(DType::F32)?;
+                Ok((name, t))
+            })
+            .collect()
+    }
+
+    /// The weights of an existing checkpoint, all trainable.
+    pub fn from_source(cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Self> {
+        let vars = Self::read(cfg, src)?
+            .into_iter()
+            .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self::full(vars))
+    }
+
+    /// A frozen `src` with fresh LoRA adapters (A uniform in ±1/√in as PEFT's Kaiming
+    /// init, B zero, so training starts exactly at the base model), or the adapters saved
+    /// in `adapters` when resuming.
+    pub fn lora(
+        cfg: &PhiConfig,
+        src: &dyn TensorSource,
+        lora: LoraConfig,
+        seed: u64,
+        adapters: Option<&Path>,
+    ) -> Result<Self> {
+        if lora.rank == 0 {
+            return Err(Error::input("--lora-rank must be at least 1"));
+        }
+        let base: HashMap<String, Tensor> = Self::read(cfg, src)?.into_iter().collect();
+        let saved = adapters
+            .map(|p| {
+                candle_core::safetensors::load(p, &Device::Cpu)
+                    .map_err(|e| Error::file(p.display(), e))
+            })
+            .transpose()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut vars = Vec::new();
+        for i in 0..cfg.num_hidden_layers {
+            for target in LORA_TARGETS {
+                let layer = format!("model.layers.{i}.{target}");
+                let (out, inp) = base[&format!("{layer}.weight")].dims2()?;
+                for (which, shape) in [('A', (lora.rank, inp)), ('B', (out, lora.rank))] {
+                    let name = adapter_name(&layer, which);
+                    let t = match &saved {
+                        Some(s) => s
+                            .get(&name)
+                            .ok_or_else(|| Error::input(format!("adapter {name} missing")))?
+                            .clone(),
+                        None if which == 'A' => {
+                            let bound = 1.0 / (inp as f32).sqrt();
+                            let v = (0..lora.rank * inp)
+                                .map(|_| rng.random_range(-bound..bound))
+                                .collect();
+                            Tensor::from_vec(v, shape, &Device::Cpu)?
+                        }
+                        None => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+                    };
+                    if t.dims() != [shape.0, shape.1] {
+                        return Err(Error::input(format!(
+                            "adapter {name} has shape {:?}",
+                            t.dims()
+                        )));
+                    }
+                    vars.push((name, Var::from_tensor(&t)?));
+                }
+            }
+        }
+        Ok(Self {
+            vars,
+            base,
+            lora: Some(lora),
+        })
+    }
+
+    pub fn lora_config(&self) -> Option<LoraConfig> {
+        self.lora
+    }
+
+    fn var(&self, name: &str) -> Result<&Var> {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::input(format!("no parameter {name}")))
+    }
+
+    /// The weight `name` as the model sees it (LoRA: base plus the scaled adapter product).
+    fn effective(&self, name: &str) -> Result<Tensor> {
+        let Some(lora) = self.lora else {
+            return Ok(self.var(name)?.as_tensor().clone());
+        };
+        let base = self
+            .base
+            .get(name)
+            .ok_or_else(|| Error::input(format!("no parameter {name}")))?;
+        let layer = name.strip_suffix(".weight").unwrap_or(name);
+        let adapted = LORA_TARGETS.iter().any(|t| layer.ends_with(t)) && name.ends_with(".weight");
+        if !adapted {
+            return Ok(base.clone());
+        }
+        let a = self.var(&adapter_name(layer, 'A'))?.as_tensor();
+        let b = self.var(&adapter_name(layer, 'B'))?.as_tensor();
+        Ok((base + (b.matmul(a)? * (lora.alpha / lora.rank as f64))?)?)
+    }
+
+    /// Every weight as the model sees it, by Hugging Face name (LoRA merged in).
+    pub fn merged(&self, cfg: &PhiConfig) -> Result<HashMap<String, Tensor>> {
+        expected_tensors(cfg)
+            .into_iter()
+            .map(|(n, _)| Ok((n.clone(), self.effective(&n)?.detach())))
+            .collect()
+    }
+
+    /// The trainable tensors by name (all weights, or the adapters in PEFT naming).
+    pub fn trainable(&self) -> HashMap<String, Tensor> {
         self.vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect()
-    }
-
-    pub fn save(&self, path: &Path) -> Result<()> {
-        candle_core::safetensors::save(&self.tensors(), path)
-            .map_err(|e| Error::file(path.display(), e))
     }
 
     pub fn count(&self) -> usize {
@@ -70,20 +209,20 @@ impl Params {
     }
 }
 
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::file(path.display(), e))
+}
+
 impl TensorSource for Params {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let (_, var) = self
-            .vars
-            .iter()
-            .find(|(n, _)| n == name)
-            .ok_or_else(|| Error::input(format!("no parameter {name}")))?;
-        if var.dims() != shape {
+        let t = self.effective(name)?;
+        if t.dims() != shape {
             return Err(Error::input(format!(
                 "parameter {name} has shape {:?}, not {shape:?}",
-                var.dims()
+                t.dims()
             )));
         }
-        Ok(Weight::Dense(var.as_tensor().clone()))
+        Ok(Weight::Dense(t))
     }
 
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
