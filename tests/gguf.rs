@@ -297,17 +297,12 @@ fn export_gguf_round_trips_with_its_embedded_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     for (quant, limit) in [("f32", 1e-5f32), ("q8_0", 0.02), ("q4_0", 0.25)] {
         let out = dir.path().join(format!("tiny-{quant}.gguf"));
-        let res = std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
-            .arg("export-gguf")
-            .arg(fixtures().join("tiny-phi"))
-            .arg(&out)
-            .args(["--quant", quant])
-            .output()
-            .unwrap();
-        assert!(
-            res.status.success(),
-            "{}",
-            String::from_utf8_lossy(&res.stderr)
+        run_ok(
+            medphi_cmd()
+                .arg("export-gguf")
+                .arg(fixtures().join("tiny-phi"))
+                .arg(&out)
+                .args(["--quant", quant]),
         );
         // No tokenizer given: the embedded one must encode like the original.
         let ckpt = Checkpoint::open(&out, None, DType::F32).unwrap();
@@ -318,14 +313,7 @@ fn export_gguf_round_trips_with_its_embedded_tokenizer() {
         let prompt = r.json["prompt"].as_str().unwrap();
         assert_eq!(ckpt.tokenizer.encode(prompt).unwrap(), r.input_ids);
         let ours = logits_of(ckpt, &r.input_ids);
-        let scale = r
-            .logits
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&r.logits);
         let rel = max_abs_diff(&ours, &r.logits) / scale;
         eprintln!("export-gguf {quant}: max |Δlogit| = {rel:.5} of max |logit|");
         assert!(rel < limit, "{quant}: {rel}");

@@ -65,38 +65,49 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-async fn matmul_with_bias_matches_candle() {
+/// `(x · wᵀ + b)` on the GPU with `w` stored in `format`, against candle on the values those
+/// bytes decode to, for each `(m, n, k)`.
+async fn check_matmul(format: WeightFormat, sizes: &[(usize, usize, usize)]) {
     let (ctx, k) = ctx().await;
-    for (m, n, kk) in [
-        (1, 19, 37),
-        (3, 64, 128),
-        (17, 33, 50),
-        (64, 96, 160),
-        (1, 1000, 2560),
-    ] {
+    for &(m, n, kk) in sizes {
         let x = rand(&[m, kk], 1.0);
-        let w = rand(&[n, kk], 0.05);
+        let (bytes, decoded) = encode(&rand(&[n, kk], 0.05), format);
+        assert_eq!(bytes.len(), n * format.row_bytes(kk));
         let b = rand(&[n], 0.1);
         let expected = x
-            .matmul(&w.t().unwrap())
+            .matmul(&decoded.t().unwrap())
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
         let (xb, wb, bb) = (
             ctx.upload("x", &values(&x)).unwrap(),
-            ctx.upload("w", &values(&w)).unwrap(),
+            ctx.upload_bytes("w", &bytes).unwrap(),
             ctx.upload("b", &values(&b)).unwrap(),
         );
         let y = ctx.storage("y", m * n).unwrap();
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
-        k.matmul(&ctx, &mut enc, p, WeightFormat::F32, (&xb, &wb, &bb, &y))
+        k.matmul(&ctx, &mut enc, p, format, (&xb, &wb, &bb, &y))
             .unwrap();
         ctx.queue.submit([enc.finish()]);
         let got = ctx.read(&y, m * n).await.unwrap();
         let diff = max_diff(&got, &values(&expected));
-        assert!(diff < 1e-4, "({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}");
+        assert!(
+            diff < 1e-4,
+            "{format:?} ({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}"
+        );
     }
+}
+
+async fn matmul_with_bias_matches_candle() {
+    let sizes = [
+        (1, 19, 37),
+        (3, 64, 128),
+        (17, 33, 50),
+        (64, 96, 160),
+        (1, 1000, 2560),
+    ];
+    check_matmul(WeightFormat::F32, &sizes).await;
 }
 
 /// `w` (n × k) in `format` as the GPU holds it, and the values those bytes decode to.
@@ -115,39 +126,11 @@ fn encode(w: &Tensor, format: WeightFormat) -> (Vec<u8>, Tensor) {
 }
 
 async fn matmul_reads_f16_q8_0_and_q4_0_weights_in_place() {
-    let (ctx, k) = ctx().await;
+    // GEMV (m = 1) and tiled GEMM, output counts that are not tile multiples, and Phi-2's
+    // k = 2560 (80 blocks a row); k is whole blocks of 32.
+    let sizes = [(1, 19, 64), (1, 300, 2560), (5, 33, 96), (17, 70, 2560)];
     for format in [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0] {
-        // GEMV (m = 1) and tiled GEMM, output counts that are not tile multiples, and
-        // Phi-2's k = 2560 (80 blocks a row).
-        for (m, n, kk) in [(1, 19, 64), (1, 300, 2560), (5, 33, 96), (17, 70, 2560)] {
-            let x = rand(&[m, kk], 1.0);
-            let w = rand(&[n, kk], 0.05);
-            let (bytes, decoded) = encode(&w, format);
-            assert_eq!(bytes.len(), n * format.row_bytes(kk));
-            let b = rand(&[n], 0.1);
-            let expected = x
-                .matmul(&decoded.t().unwrap())
-                .unwrap()
-                .broadcast_add(&b)
-                .unwrap();
-            let (xb, wb, bb) = (
-                ctx.upload("x", &values(&x)).unwrap(),
-                ctx.upload_bytes("w", &bytes).unwrap(),
-                ctx.upload("b", &values(&b)).unwrap(),
-            );
-            let y = ctx.storage("y", m * n).unwrap();
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
-            k.matmul(&ctx, &mut enc, p, format, (&xb, &wb, &bb, &y))
-                .unwrap();
-            ctx.queue.submit([enc.finish()]);
-            let got = ctx.read(&y, m * n).await.unwrap();
-            let diff = max_diff(&got, &values(&expected));
-            assert!(
-                diff < 1e-4,
-                "{format:?} ({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}"
-            );
-        }
+        check_matmul(format, &sizes).await;
     }
 }
 

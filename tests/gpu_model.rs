@@ -87,13 +87,7 @@ fn gguf_blocks_are_read_in_place_and_match_transformers_on_the_same_weights() {
         .into_model(true)
         .unwrap();
         let cpu = forward_all(&cpu, &r.input_ids);
-        let scale = cpu
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&cpu);
         let rel = max_abs_diff(&ours, &cpu) / scale;
         eprintln!(
             "wgpu {file}: max |Δlogit| vs candle CPU quantized matmul = {rel:.4} of max |logit|"
@@ -138,31 +132,22 @@ fn rejects_overlong_input_and_bad_ids() {
 #[test]
 fn cli_generates_the_reference_tokens_on_wgpu() {
     let r = reference();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["generate", "--model"])
-        .arg(fixtures().join("tiny-phi"))
-        .args([
-            "--prompt",
-            r.json["prompt"].as_str().unwrap(),
-            "--max-new-tokens",
-            "64",
-        ])
-        .args(["--temperature", "0", "--backend", "wgpu", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        medphi_cmd()
+            .args(["generate", "--model"])
+            .arg(fixtures().join("tiny-phi"))
+            .args([
+                "--prompt",
+                r.json["prompt"].as_str().unwrap(),
+                "--max-new-tokens",
+                "64",
+            ])
+            .args(["--temperature", "0", "--backend", "wgpu", "--json"]),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u32> = serde_json::from_value(v["output_ids"].clone()).unwrap();
     assert_eq!(ids, r.greedy_ids);
-    let info = std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .arg("gpu-info")
-        .output()
-        .unwrap();
-    assert!(info.status.success());
+    let info = run_ok(medphi_cmd().arg("gpu-info"));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert!(info["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);
 }

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -30,45 +29,39 @@ fn config(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn train(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+fn train(dir: &Path, out: &str, extra: &[&str]) {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, CORPUS.repeat(20)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["train", "--stage", "pretrain", "--model-config"])
-        .arg(config(dir))
-        .arg("--tokenizer")
-        .arg(fixtures().join("tiny-phi/tokenizer.json"))
-        .arg("--data")
-        .arg(&corpus)
-        .args([
-            "--steps",
-            "8",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--lr",
-            "1e-2",
-        ])
-        .args([
-            "--seed",
-            "3",
-            "--device",
-            "cpu",
-            "--eval-every",
-            "4",
-            "--out",
-        ])
-        .arg(dir.join(out))
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        medphi_cmd()
+            .args(["train", "--stage", "pretrain", "--model-config"])
+            .arg(config(dir))
+            .arg("--tokenizer")
+            .arg(fixtures().join("tiny-phi/tokenizer.json"))
+            .arg("--data")
+            .arg(&corpus)
+            .args([
+                "--steps",
+                "8",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--lr",
+                "1e-2",
+            ])
+            .args([
+                "--seed",
+                "3",
+                "--device",
+                "cpu",
+                "--eval-every",
+                "4",
+                "--out",
+            ])
+            .arg(dir.join(out))
+            .args(extra),
     );
-    out
 }
 
 fn metrics(path: &Path) -> Vec<serde_json::Value> {
@@ -99,23 +92,13 @@ fn pretraining_lowers_the_loss_and_writes_a_loadable_model() {
     assert!(m[7]["eval_loss"].is_number());
     assert!(run.join("loss.png").is_file());
     // The output folder is a model: the CLI generates from it.
-    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["generate", "--model"])
-        .arg(&run)
-        .args([
-            "--prompt",
-            "Macrocephaly.",
-            "--max-new-tokens",
-            "4",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(medphi_cmd().args(["generate", "--model"]).arg(&run).args([
+        "--prompt",
+        "Macrocephaly.",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]));
 }
 
 #[test]
@@ -125,19 +108,14 @@ fn an_interrupted_run_resumes_bit_for_bit() {
     train(dir.path(), "parts", &["--stop-after", "3"]);
     let parts = dir.path().join("parts");
     assert_eq!(metrics(&parts).len(), 3);
-    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["train", "--stage", "pretrain", "--data"])
-        .arg(dir.path().join("corpus.txt"))
-        .args(["--steps", "8", "--out"])
-        .arg(&parts)
-        .arg("--resume")
-        .arg(&parts)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        medphi_cmd()
+            .args(["train", "--stage", "pretrain", "--data"])
+            .arg(dir.path().join("corpus.txt"))
+            .args(["--steps", "8", "--out"])
+            .arg(&parts)
+            .arg("--resume")
+            .arg(&parts),
     );
     let whole = dir.path().join("whole");
     for file in ["model.safetensors", "optimizer.safetensors"] {
@@ -158,7 +136,7 @@ fn an_interrupted_run_resumes_bit_for_bit() {
 fn a_finished_run_is_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     train(dir.path(), "run", &[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
+    let out = medphi_cmd()
         .args(["train", "--stage", "pretrain", "--model-config"])
         .arg(config(dir.path()))
         .arg("--tokenizer")
@@ -176,29 +154,24 @@ fn a_finished_run_is_not_overwritten() {
 fn run_stage(dir: &Path, stage: &str, data: &str, out: &str) {
     let path = dir.join(format!("{stage}.jsonl"));
     std::fs::write(&path, data).unwrap();
-    let res = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["train", "--stage", stage, "--init-from"])
-        .arg(dir.join("run"))
-        .arg("--data")
-        .arg(&path)
-        .args([
-            "--steps",
-            "10",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "24",
-            "--lr",
-            "5e-3",
-        ])
-        .args(["--seed", "1", "--beta", "0.5", "--device", "cpu", "--out"])
-        .arg(dir.join(out))
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
+    run_ok(
+        medphi_cmd()
+            .args(["train", "--stage", stage, "--init-from"])
+            .arg(dir.join("run"))
+            .arg("--data")
+            .arg(&path)
+            .args([
+                "--steps",
+                "10",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "24",
+                "--lr",
+                "5e-3",
+            ])
+            .args(["--seed", "1", "--beta", "0.5", "--device", "cpu", "--out"])
+            .arg(dir.join(out)),
     );
 }
 
@@ -224,12 +197,11 @@ fn sft_and_dpo_continue_from_a_model_folder() {
             serde_json::json!({"prompt": prompt, "response": c}).to_string()
         }
     };
-    let sft: String = pairs
-        .iter()
-        .cycle()
-        .take(40)
-        .map(|(p, c, r)| line(p, c, r, false) + "\n")
-        .collect();
+    let jsonl = |dpo: bool| -> String {
+        let lines = pairs.iter().cycle().take(40);
+        lines.map(|(p, c, r)| line(p, c, r, dpo) + "\n").collect()
+    };
+    let sft = jsonl(false);
     run_stage(dir.path(), "sft", &sft, "sft");
     let m = metrics(&dir.path().join("sft"));
     let (first, last) = (
@@ -238,12 +210,7 @@ fn sft_and_dpo_continue_from_a_model_folder() {
     );
     assert!(last < first, "SFT loss {first} → {last}");
 
-    let dpo: String = pairs
-        .iter()
-        .cycle()
-        .take(40)
-        .map(|(p, c, r)| line(p, c, r, true) + "\n")
-        .collect();
+    let dpo = jsonl(true);
     run_stage(dir.path(), "dpo", &dpo, "dpo");
     let m = metrics(&dir.path().join("dpo"));
     // Step 1 starts at the reference itself: zero margin, loss log 2.
@@ -276,57 +243,47 @@ fn lora_trains_only_adapters_and_merges_into_a_full_model() {
     let data = dir.path().join("sft.jsonl");
     std::fs::write(&data, sft).unwrap();
     let lora = |out: &str, extra: &[&str]| {
-        let res = Command::new(env!("CARGO_BIN_EXE_medphi"))
-            .args(["train", "--stage", "sft", "--init-from"])
-            .arg(dir.path().join("run"))
-            .arg("--data")
-            .arg(&data)
-            .args([
-                "--steps",
-                "6",
-                "--batch-size",
-                "4",
-                "--seq-len",
-                "24",
-                "--lr",
-                "2e-2",
-            ])
-            .args([
-                "--lora-rank",
-                "2",
-                "--lora-alpha",
-                "4",
-                "--seed",
-                "1",
-                "--out",
-            ])
-            .arg(dir.path().join(out))
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            res.status.success(),
-            "{}",
-            String::from_utf8_lossy(&res.stderr)
+        run_ok(
+            medphi_cmd()
+                .args(["train", "--stage", "sft", "--init-from"])
+                .arg(dir.path().join("run"))
+                .arg("--data")
+                .arg(&data)
+                .args([
+                    "--steps",
+                    "6",
+                    "--batch-size",
+                    "4",
+                    "--seq-len",
+                    "24",
+                    "--lr",
+                    "2e-2",
+                ])
+                .args([
+                    "--lora-rank",
+                    "2",
+                    "--lora-alpha",
+                    "4",
+                    "--seed",
+                    "1",
+                    "--out",
+                ])
+                .arg(dir.path().join(out))
+                .args(extra),
         );
     };
     lora("adapters", &[]);
     lora("merged", &["--merge"]);
     // Interrupted and resumed, the adapters end where the uninterrupted run's do.
     lora("parts", &["--stop-after", "3"]);
-    let res = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["train", "--stage", "sft", "--data"])
-        .arg(&data)
-        .args(["--steps", "6", "--out"])
-        .arg(dir.path().join("parts"))
-        .arg("--resume")
-        .arg(dir.path().join("parts"))
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
+    run_ok(
+        medphi_cmd()
+            .args(["train", "--stage", "sft", "--data"])
+            .arg(&data)
+            .args(["--steps", "6", "--out"])
+            .arg(dir.path().join("parts"))
+            .arg("--resume")
+            .arg(dir.path().join("parts")),
     );
     let bytes =
         |d: &str| std::fs::read(dir.path().join(d).join("adapter_model.safetensors")).unwrap();
@@ -362,14 +319,7 @@ fn lora_trains_only_adapters_and_merges_into_a_full_model() {
     let (base, merged) = (load("run"), load("merged"));
     assert_eq!(base.len(), merged.len());
     for (name, b) in &base {
-        let d = (merged[name].clone() - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&merged[name], b);
         let adapted = name.ends_with(".weight")
             && ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
                 .iter()
@@ -379,33 +329,21 @@ fn lora_trains_only_adapters_and_merges_into_a_full_model() {
             let get = |w: &str| a[&format!("base_model.model.{layer}.lora_{w}.weight")].clone();
             let update = (get("B").matmul(&get("A")).unwrap() * 2.0).unwrap();
             let expected = (b + update).unwrap();
-            let err = (merged[name].clone() - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&merged[name], &expected);
             assert!(err < 1e-6, "{name}: {err}");
         } else {
             assert_eq!(d, 0.0, "{name} is frozen but changed");
         }
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_medphi"))
-        .args(["generate", "--model"])
-        .arg(dir.path().join("merged"))
-        .args([
-            "--prompt",
-            "Instruct: What is finding 1?\nOutput:",
-            "--max-new-tokens",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        medphi_cmd()
+            .args(["generate", "--model"])
+            .arg(dir.path().join("merged"))
+            .args([
+                "--prompt",
+                "Instruct: What is finding 1?\nOutput:",
+                "--max-new-tokens",
+                "3",
+            ]),
     );
 }

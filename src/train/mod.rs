@@ -162,6 +162,20 @@ fn dpo_loss(
     Ok((loss, accuracy, margin))
 }
 
+enum CurrentModel<'a> {
+    Built(&'a Phi),
+    Rebuilt(Box<Phi>),
+}
+
+impl CurrentModel<'_> {
+    fn get(&self) -> &Phi {
+        match self {
+            CurrentModel::Built(m) => m,
+            CurrentModel::Rebuilt(m) => m,
+        }
+    }
+}
+
 impl Trainer {
     pub fn new(
         model_cfg: PhiConfig,
@@ -294,19 +308,13 @@ impl Trainer {
         let (mut loss_sum, mut tokens) = (0.0, 0);
         let (mut accuracy, mut margin) = (0.0, 0.0);
         for micro in 0..c.grad_accum {
-            let rebuilt;
-            let model = match &self.model {
-                Some(m) => m,
-                None => {
-                    rebuilt = Phi::load(&self.model_cfg, &self.params, false)?;
-                    &rebuilt
-                }
-            };
             let first =
                 ((self.step - 1) * c.grad_accum as u64 + micro as u64) * c.batch_size as u64;
             let idx: Vec<usize> = (0..c.batch_size as u64)
                 .map(|j| self.order.get(first + j))
                 .collect();
+            let model = self.current_model()?;
+            let model = model.get();
             let loss = match &self.objective {
                 Objective::Lm(examples) => {
                     let batch = examples.batch(&idx)?;
@@ -369,18 +377,23 @@ impl Trainer {
         })
     }
 
+    /// The model over the current weights: the one built at the start, or, for LoRA,
+    /// rebuilt from the frozen base and the adapters' current values.
+    fn current_model(&self) -> Result<CurrentModel<'_>> {
+        Ok(match &self.model {
+            Some(m) => CurrentModel::Built(m),
+            None => {
+                CurrentModel::Rebuilt(Box::new(Phi::load(&self.model_cfg, &self.params, false)?))
+            }
+        })
+    }
+
     /// Mean loss over up to `eval_batches` batches of the held-out examples.
     pub fn eval_loss(&self) -> Result<f64> {
         let (_, eval) = self.objective.examples().split();
         let idx: Vec<usize> = eval.collect();
-        let rebuilt;
-        let model = match &self.model {
-            Some(m) => m,
-            None => {
-                rebuilt = Phi::load(&self.model_cfg, &self.params, false)?;
-                &rebuilt
-            }
-        };
+        let model = self.current_model()?;
+        let model = model.get();
         let mut losses = Vec::new();
         for chunk in idx
             .chunks(self.config.batch_size)

@@ -107,3 +107,19 @@ pub fn f16_copy_of_tiny_phi(dir: &std::path::Path) -> PathBuf {
     candle_core::safetensors::save(&f16_weights, model.join("model.safetensors")).unwrap();
     model
 }
+
+/// The `medphi` binary, for a test to add arguments to.
+pub fn medphi_cmd() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_medphi"))
+}
+
+/// Runs `cmd`, asserts it succeeded (showing its stderr if not) and returns its output.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
