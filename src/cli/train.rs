@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use medphi::checkpoint::Checkpoint;
-use medphi::model::PhiConfig;
+use medphi::model::{Phi, PhiConfig};
 use medphi::tokenizer::PhiTokenizer;
 use medphi::train::{
     Examples, LoraConfig, Objective, Params, Stage, StepMetrics, TrainConfig, Trainer,
@@ -102,6 +102,7 @@ fn objective(
     tok: &PhiTokenizer,
     cfg: &PhiConfig,
     path: &Path,
+    device: &Device,
 ) -> medphi::Result<Objective> {
     let text = std::fs::read_to_string(path).map_err(|e| medphi::Error::file(path.display(), e))?;
     let file = path.display().to_string();
@@ -117,7 +118,10 @@ fn objective(
             let dir = config.init_from.as_ref().ok_or_else(|| {
                 medphi::Error::input("DPO needs --init-from MODEL_DIR (its reference model)")
             })?;
-            let (reference, _) = Checkpoint::open(dir, None, DType::F32)?.into_model(true)?;
+            // The reference lives where the policy does.
+            let ckpt = Checkpoint::open(dir, None, DType::F32)?;
+            let weights = Params::from_source(&ckpt.config, ckpt.weights.as_ref(), device)?;
+            let reference = Phi::load(&ckpt.config, &weights, true)?;
             let (chosen, rejected) = Examples::preferences(tok, &text, &file, seq_len, eos)?;
             Objective::Dpo {
                 chosen,
@@ -129,17 +133,21 @@ fn objective(
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    if let DeviceKind::Cuda = args.device {
-        bail!("this build has no CUDA support yet; train with --device cpu");
-    }
+    let device = match args.device {
+        DeviceKind::Cpu => Device::Cpu,
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Device::new_cuda(0)?,
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => bail!("this medphi was built without CUDA: build with `--features cuda` (scripts/cuda-toolkit.sh installs nvcc)"),
+    };
     let stage = match args.stage {
         StageArg::Pretrain => Stage::Pretrain,
         StageArg::Sft => Stage::Sft,
         StageArg::Dpo => Stage::Dpo,
     };
     let mut trainer = if let Some(dir) = &args.resume {
-        Trainer::resume(dir, |config, tok, cfg| {
-            objective(config, tok, cfg, &args.data)
+        Trainer::resume(dir, &device, |config, tok, cfg| {
+            objective(config, tok, cfg, &args.data, &device)
         })?
     } else {
         let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer) {
@@ -151,9 +159,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
                             rank,
                             alpha: args.lora_alpha,
                         };
-                        Params::lora(&ckpt.config, ckpt.weights.as_ref(), lora, args.seed, None)?
+                        let src = ckpt.weights.as_ref();
+                        Params::lora(&ckpt.config, src, lora, args.seed, None, &device)?
                     }
-                    None => Params::from_source(&ckpt.config, ckpt.weights.as_ref())?,
+                    None => Params::from_source(&ckpt.config, ckpt.weights.as_ref(), &device)?,
                 };
                 let tok = args.tokenizer.clone().unwrap_or(dir.join("tokenizer.json"));
                 (ckpt.config, tok, params)
@@ -161,7 +170,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             (None, Some(cfg_path), Some(tok)) => {
                 let json = std::fs::read_to_string(cfg_path).with_context(|| format!("{}", cfg_path.display()))?;
                 let cfg = PhiConfig::from_json(&json, &cfg_path.display().to_string())?;
-                let params = Params::init(&cfg, args.seed)?;
+                let params = Params::init(&cfg, args.seed, &device)?;
                 (cfg, tok.clone(), params)
             }
             _ => bail!("give either --init-from MODEL_DIR, or --model-config and --tokenizer for a new model"),
@@ -197,7 +206,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }),
             merge: args.merge,
         };
-        let objective = objective(&config, &tok, &cfg, &args.data)?;
+        let objective = objective(&config, &tok, &cfg, &args.data, &device)?;
         if args.out.join("metrics.jsonl").exists() {
             bail!(
                 "{} already holds a run; use --resume {0} to continue it",

@@ -138,7 +138,7 @@ impl Examples {
         }
     }
 
-    pub fn batch(&self, indices: &[usize]) -> Result<Batch> {
+    pub fn batch(&self, indices: &[usize], device: &Device) -> Result<Batch> {
         let (mut input, mut target, mut mask) = (Vec::new(), Vec::new(), Vec::new());
         for &i in indices {
             let (w, m) = self.example(i);
@@ -150,9 +150,9 @@ impl Examples {
         let l = input.len() / b;
         let tokens = mask.iter().filter(|&&m| m > 0.0).count();
         Ok(Batch {
-            input: Tensor::from_vec(input, (b, l), &Device::Cpu)?,
-            target: Tensor::from_vec(target, (b, l), &Device::Cpu)?,
-            mask: Tensor::from_vec(mask, (b, l), &Device::Cpu)?,
+            input: Tensor::from_vec(input, (b, l), device)?,
+            target: Tensor::from_vec(target, (b, l), device)?,
+            mask: Tensor::from_vec(mask, (b, l), device)?,
             tokens,
         })
     }
@@ -247,7 +247,7 @@ mod tests {
             seq_len: 8,
             pad: 0,
         };
-        let b = ex.batch(&[0]).unwrap();
+        let b = ex.batch(&[0], &Device::Cpu).unwrap();
         let target: Vec<u32> = b.target.flatten_all().unwrap().to_vec1().unwrap();
         let mask: Vec<f32> = b.mask.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(target, [2, 3, 4, 5, 0, 0, 0, 0]);

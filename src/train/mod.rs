@@ -15,7 +15,7 @@ mod params;
 use std::io::Write;
 use std::path::Path;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
@@ -220,6 +220,7 @@ impl Trainer {
     /// the run's saved configuration, as for the original run.
     pub fn resume(
         dir: &Path,
+        device: &Device,
         objective: impl FnOnce(
             &TrainConfig,
             &crate::tokenizer::PhiTokenizer,
@@ -242,13 +243,14 @@ impl Trainer {
                     lora,
                     state.config.seed,
                     Some(&adapters),
+                    device,
                 )?;
                 (ckpt, params)
             }
             (Some(_), None) => return Err(Error::input("a LoRA run needs its base (init_from)")),
             (None, _) => {
                 let ckpt = crate::checkpoint::Checkpoint::open(dir, None, DType::F32)?;
-                let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref())?;
+                let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref(), device)?;
                 (ckpt, params)
             }
         };
@@ -262,7 +264,7 @@ impl Trainer {
         )?;
         trainer
             .opt
-            .load(&dir.join("optimizer.safetensors"), state.step)?;
+            .load(&dir.join("optimizer.safetensors"), state.step, device)?;
         trainer.step = state.step;
         Ok(trainer)
     }
@@ -315,9 +317,10 @@ impl Trainer {
                 .collect();
             let model = self.current_model()?;
             let model = model.get();
+            let device = self.params.device();
             let loss = match &self.objective {
                 Objective::Lm(examples) => {
-                    let batch = examples.batch(&idx)?;
+                    let batch = examples.batch(&idx, &device)?;
                     tokens += batch.input.elem_count();
                     masked_loss(model, &batch)?
                 }
@@ -326,7 +329,7 @@ impl Trainer {
                     rejected,
                     reference,
                 } => {
-                    let (bc, br) = (chosen.batch(&idx)?, rejected.batch(&idx)?);
+                    let (bc, br) = (chosen.batch(&idx, &device)?, rejected.batch(&idx, &device)?);
                     tokens += bc.input.elem_count() + br.input.elem_count();
                     let (loss, acc, m) = dpo_loss(model, reference, (&bc, &br), c.beta)?;
                     accuracy += acc / c.grad_accum as f64;
@@ -394,19 +397,23 @@ impl Trainer {
         let idx: Vec<usize> = eval.collect();
         let model = self.current_model()?;
         let model = model.get();
+        let device = self.params.device();
         let mut losses = Vec::new();
         for chunk in idx
             .chunks(self.config.batch_size)
             .take(self.config.eval_batches.max(1))
         {
             let loss = match &self.objective {
-                Objective::Lm(examples) => masked_loss(model, &examples.batch(chunk)?)?,
+                Objective::Lm(examples) => masked_loss(model, &examples.batch(chunk, &device)?)?,
                 Objective::Dpo {
                     chosen,
                     rejected,
                     reference,
                 } => {
-                    let pair = (&chosen.batch(chunk)?, &rejected.batch(chunk)?);
+                    let pair = (
+                        &chosen.batch(chunk, &device)?,
+                        &rejected.batch(chunk, &device)?,
+                    );
                     dpo_loss(model, reference, pair, self.config.beta)?.0
                 }
             };

@@ -67,9 +67,9 @@ impl AdamW {
         candle_core::safetensors::save(&all, path).map_err(|e| Error::file(path.display(), e))
     }
 
-    /// Restores the moments saved by `save`; `t` comes from the trainer state.
-    pub fn load(&mut self, path: &Path, t: u64) -> Result<()> {
-        let all = candle_core::safetensors::load(path, &Device::Cpu)
+    /// Restores the moments saved by `save` onto `device`; `t` comes from the trainer state.
+    pub fn load(&mut self, path: &Path, t: u64, device: &Device) -> Result<()> {
+        let all = candle_core::safetensors::load(path, device)
             .map_err(|e| Error::file(path.display(), e))?;
         for (k, tensor) in all {
             match k.split_once('.') {

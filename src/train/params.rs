@@ -48,7 +48,7 @@ fn adapter_name(layer: &str, which: char) -> String {
 impl Params {
     /// Fresh weights from `seed`: matrices uniform with transformers' std 0.02, LayerNorm
     /// weights 1, biases 0.
-    pub fn init(cfg: &PhiConfig, seed: u64) -> Result<Self> {
+    pub fn init(cfg: &PhiConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
         let a = 0.02 * 3f32.sqrt();
         let mut vars = Vec::new();
@@ -64,7 +64,7 @@ impl Params {
                 };
                 vec![v; n]
             };
-            let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+            let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?;
             vars.push((name, Var::from_tensor(&t)?));
         }
         Ok(Self::full(vars))
@@ -78,20 +78,25 @@ impl Params {
         }
     }
 
-    fn read(cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Vec<(String, Tensor)>> {
+    fn read(
+        cfg: &PhiConfig,
+        src: &dyn TensorSource,
+        device: &Device,
+    ) -> Result<Vec<(String, Tensor)>> {
         src.check(&expected_tensors(cfg))?;
         expected_tensors(cfg)
             .into_iter()
             .map(|(name, shape)| {
-                let t = src.tensor(&name, &shape)?.dense()?.to_dtype(DType::F32)?;
+                let t = src.tensor(&name, &shape)?.dense()?;
+                let t = t.to_dtype(DType::F32)?.to_device(device)?;
                 Ok((name, t))
             })
             .collect()
     }
 
     /// The weights of an existing checkpoint, all trainable.
-    pub fn from_source(cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Self> {
-        let vars = Self::read(cfg, src)?
+    pub fn from_source(cfg: &PhiConfig, src: &dyn TensorSource, device: &Device) -> Result<Self> {
+        let vars = Self::read(cfg, src, device)?
             .into_iter()
             .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
             .collect::<Result<_>>()?;
@@ -107,11 +112,12 @@ impl Params {
         lora: LoraConfig,
         seed: u64,
         adapters: Option<&Path>,
+        device: &Device,
     ) -> Result<Self> {
         if lora.rank == 0 {
             return Err(Error::input("--lora-rank must be at least 1"));
         }
-        let base: HashMap<String, Tensor> = Self::read(cfg, src)?.into_iter().collect();
+        let base: HashMap<String, Tensor> = Self::read(cfg, src, device)?.into_iter().collect();
         let saved = adapters
             .map(|p| {
                 candle_core::safetensors::load(p, &Device::Cpu)
@@ -146,7 +152,7 @@ impl Params {
                             t.dims()
                         )));
                     }
-                    vars.push((name, Var::from_tensor(&t)?));
+                    vars.push((name, Var::from_tensor(&t.to_device(device)?)?));
                 }
             }
         }
@@ -155,6 +161,13 @@ impl Params {
             base,
             lora: Some(lora),
         })
+    }
+
+    /// Where the parameters live (CPU or a CUDA device).
+    pub fn device(&self) -> Device {
+        self.vars
+            .first()
+            .map_or(Device::Cpu, |(_, v)| v.device().clone())
     }
 
     pub fn lora_config(&self) -> Option<LoraConfig> {
