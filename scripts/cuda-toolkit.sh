@@ -1,17 +1,16 @@
-# Sourced by scripts that build the `cuda` feature: installs nvcc, the CUDA runtime headers
-# and CCCL from NVIDIA's PyPI wheels (no system CUDA needed) under ~/.cache/medphi-cuda, and
+# Sourced by scripts that build the `cuda` feature: installs nvcc (with nvvm), the CUDA
+# runtime headers and CCCL from NVIDIA's PyPI wheels (no system CUDA needed) under ~/.cache/medphi-cuda, and
 # exports CUDA_HOME, PATH and CUDA_COMPUTE_CAP (H100: 90) for candle's kernel build.
 CUDA_VERSION_PIN="13.0.*"
 CUDA_ROOT="$HOME/.cache/medphi-cuda"
 if [ ! -x "$CUDA_ROOT/bin/nvcc" ]; then
   echo "== installing nvcc $CUDA_VERSION_PIN from PyPI wheels into $CUDA_ROOT"
   wheels="$(mktemp -d)"
+  # Since CUDA 13 nvcc's front end (cicc) and its crt headers ship in their own wheels.
   python3 -m pip download --quiet --no-deps --dest "$wheels" \
     "nvidia-cuda-nvcc==$CUDA_VERSION_PIN" "nvidia-cuda-cccl==$CUDA_VERSION_PIN" \
-    "nvidia-cuda-runtime==$CUDA_VERSION_PIN" "nvidia-cuda-crt==$CUDA_VERSION_PIN" 2>/dev/null ||
-    python3 -m pip download --quiet --no-deps --dest "$wheels" \
-      "nvidia-cuda-nvcc==$CUDA_VERSION_PIN" "nvidia-cuda-cccl==$CUDA_VERSION_PIN" \
-      "nvidia-cuda-runtime==$CUDA_VERSION_PIN"
+    "nvidia-cuda-runtime==$CUDA_VERSION_PIN" "nvidia-nvvm==$CUDA_VERSION_PIN" \
+    "nvidia-cuda-crt==$CUDA_VERSION_PIN"
   python3 - "$wheels" "$CUDA_ROOT" <<'PY'
 import glob, os, stat, sys, zipfile
 wheels, root = sys.argv[1:]

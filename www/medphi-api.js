@@ -13,10 +13,12 @@ export class MedphiApi extends EventTarget {
     this.nextId = 1;
     this.info = null;
     this.source = null;
+    this.failed = null;
     this.worker.onmessage = ({ data }) => this.receive(data);
     this.worker.onerror = (e) => {
-      const err = new Error(`the model worker failed: ${e.message || 'unknown error'}`);
-      for (const p of this.pending.values()) p.reject(err);
+      // A worker that failed to start never answers: fail what is pending and what comes.
+      this.failed = new Error(`the model worker failed: ${e.message || 'unknown error'}`);
+      for (const p of this.pending.values()) p.reject(this.failed);
       this.pending.clear();
     };
   }
@@ -42,6 +44,7 @@ export class MedphiApi extends EventTarget {
   }
 
   request(type, payload = {}, hooks = {}) {
+    if (this.failed) return Promise.reject(this.failed);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, ...hooks });
@@ -102,6 +105,11 @@ export class MedphiApi extends EventTarget {
   /** Forgets the cached conversation. */
   reset() {
     return this.request('reset');
+  }
+
+  /** Destroys the WebGPU device as a driver reset would (to try the CPU fall-back). */
+  loseGpuDevice() {
+    return this.request('loseGpuDevice');
   }
 
   /** Deletes downloaded models from Cache Storage. */

@@ -54,6 +54,12 @@ const handlers = {
     if (model) model.reset();
   },
 
+  // Testing: the path a real device loss takes (see Model.loseGpuDevice).
+  async loseGpuDevice() {
+    requireModel();
+    model.loseGpuDevice();
+  },
+
   async clearCache() {
     if (!self.caches) return false;
     return self.caches.delete('medphi-models-v1');

@@ -329,6 +329,12 @@ impl GpuBackend {
         &self.ctx.info
     }
 
+    /// The device, for a caller that must be able to destroy it (the page's test of what
+    /// happens when a browser loses its GPU).
+    pub fn device(&self) -> wgpu::Device {
+        self.ctx.device.clone()
+    }
+
     /// The formats the weight matrices are held in on the GPU, each once.
     pub fn weight_formats(&self) -> Vec<WeightFormat> {
         let mut formats = vec![self.embed.format, self.lm_head.format];

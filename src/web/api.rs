@@ -32,6 +32,8 @@ struct Inner {
 pub struct Model {
     inner: Shared,
     info: ModelInfo,
+    /// The WebGPU device, when on WebGPU.
+    device: Option<wgpu::Device>,
 }
 
 #[derive(Serialize)]
@@ -167,6 +169,7 @@ impl Model {
         let context = context.map(|c| c as usize);
         let (format, weight_bytes) = (ckpt.format, ckpt.weight_bytes);
         let parameters = ckpt.config.parameter_count();
+        let mut device = None;
         let (runner, tokenizer, gpu): (Box<dyn Backend>, PhiTokenizer, Option<GpuInfo>) =
             match backend.as_str() {
                 "webgpu" => {
@@ -174,6 +177,7 @@ impl Model {
                         .await
                         .map_err(js_error)?;
                     let info = gpu.info().clone();
+                    device = Some(gpu.device());
                     (Box::new(gpu), ckpt.tokenizer, Some(info))
                 }
                 "cpu" => {
@@ -208,7 +212,17 @@ impl Model {
         Ok(Model {
             inner: Rc::new(RefCell::new(Some(inner))),
             info,
+            device,
         })
+    }
+
+    /// Destroys the WebGPU device, as a driver reset or a GPU-process crash would: the
+    /// next request fails with a `GpuError`. For testing the page's fall-back to the CPU.
+    #[wasm_bindgen(js_name = loseGpuDevice)]
+    pub fn lose_gpu_device(&self) {
+        if let Some(d) = &self.device {
+            d.destroy();
+        }
     }
 
     /// `{backend, device, gpu, format, weightBytes, parameters, layers, hidden, vocab,

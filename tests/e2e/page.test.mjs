@@ -187,6 +187,20 @@ test('an original-format benchmark upload is scored; invalid files give readable
   await context.close();
 });
 
+test('losing the GPU device falls back to the CPU with a message, and the answer still comes', async () => {
+  const { page, errors, context } = await openPage();
+  assert.match(await page.textContent('#status'), /on WebGPU/);
+  await page.evaluate(() => window.medphi.loseGpuDevice());
+  await page.fill('#prompt', 'What is macrocephaly?');
+  await page.press('#prompt', 'Enter');
+  await page.waitForSelector('#speed:has-text("tok/s")', { timeout: 120_000 });
+  assert.match(await page.textContent('#status'), /GPU failed .*now running on the CPU/);
+  assert.equal(await page.evaluate(() => window.medphi.info.backend), 'cpu');
+  assert.ok((await page.textContent('.msg.model')).length > 0);
+  assert.deepEqual(errors.filter((e) => !/device|GPU|lost|destroy/i.test(e)), []);
+  await context.close();
+});
+
 test('phone width: nothing overflows sideways, controls are reachable by keyboard', async () => {
   const { page, errors, context } = await openPage({ viewport: { width: 390, height: 844 } });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
