@@ -45,6 +45,12 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== benches compile (cargo bench runs them)"
 cargo build --locked --benches
 
+echo "== the cuda feature compiles (nvcc from PyPI wheels; running it needs an NVIDIA GPU)"
+(
+  source scripts/cuda-toolkit.sh
+  cargo check --locked --features cuda --all-targets
+)
+
 echo "== clippy for wasm32 (the browser-only code)"
 cargo clippy --locked --lib --target wasm32-unknown-unknown --no-default-features -- -D warnings
 
