@@ -2,7 +2,8 @@
 # Runs every test medphi has: formatting, clippy, native unit and integration tests (parity
 # with transformers and candle-transformers, GGUF, bad input, CLI, wgpu on lavapipe), the
 # browser tests (`wasm-pack test` in headless Chromium: kernels, model parity, the wasm API)
-# and end-to-end tests of the page (playwright-core driving Debian's Chromium).
+# and end-to-end tests of the page (playwright-core driving Debian's Chromium), and checks that
+# the `cuda` feature compiles.
 # Installs what it needs (apt packages as root, the wasm32 target, wasm-bindgen-cli,
 # wasm-pack, npm packages); reuses a shared cargo target dir.
 set -euo pipefail
