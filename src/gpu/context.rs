@@ -1,6 +1,5 @@
 //! Acquiring a GPU and moving bytes to and from it.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
@@ -28,9 +27,10 @@ pub struct GpuContext {
     /// handler panics, which would kill the wasm module; we turn it into an `Error` at the
     /// next readback instead.
     fault: Arc<Mutex<Option<String>>>,
-    /// Readback buffers by size, made on first use: decode reads the same 4 bytes (or one
-    /// logits row) every token.
-    staging: Mutex<HashMap<u64, wgpu::Buffer>>,
+    /// The readback buffer, reused and grown to the largest read so far: decode reads the
+    /// same 4 bytes (or one logits row) every token, and scoring's varied sizes must not
+    /// each keep a buffer alive.
+    staging: Mutex<Option<wgpu::Buffer>>,
 }
 
 impl GpuContext {
@@ -81,7 +81,7 @@ impl GpuContext {
             queue,
             info,
             fault,
-            staging: Mutex::new(HashMap::new()),
+            staging: Mutex::new(None),
         })
     }
 
@@ -148,18 +148,20 @@ impl GpuContext {
     }
 
     fn staging_buffer(&self, size: u64) -> wgpu::Buffer {
-        let mut cache = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry(size)
-            .or_insert_with(|| {
-                self.device.create_buffer(&wgpu::BufferDescriptor {
+        let mut slot = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(b) if b.size() >= size => b.clone(),
+            _ => {
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("readback"),
                     size,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
-                })
-            })
-            .clone()
+                });
+                *slot = Some(b.clone());
+                b
+            }
+        }
     }
 
     /// Copies `len` values of type `T` (f32, u32) back from `buffer`.
@@ -179,24 +181,28 @@ impl GpuContext {
         if let Some(e) = scope.pop().await {
             return Err(Error::gpu(format!("cannot read back {size} bytes: {e}")));
         }
-        let data = self.map_and_read(&staging).await;
+        let data = self.map_and_read(&staging, size).await;
         if data.is_err() {
             // A buffer whose map failed cannot be trusted for the next readback.
-            self.staging
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&size);
+            *self.staging.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         let data = data?;
         self.check_fault()?;
         Ok(data)
     }
 
-    async fn map_and_read<T: bytemuck::Pod>(&self, staging: &wgpu::Buffer) -> Result<Vec<T>> {
+    /// Maps the first `size` bytes of `staging` and copies them out.
+    async fn map_and_read<T: bytemuck::Pod>(
+        &self,
+        staging: &wgpu::Buffer,
+        size: u64,
+    ) -> Result<Vec<T>> {
         let (tx, rx) = futures_channel::oneshot::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        staging
+            .slice(..size)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
         #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -205,7 +211,7 @@ impl GpuContext {
             .map_err(|_| Error::gpu("the GPU readback was dropped"))?
             .map_err(|e| Error::gpu(format!("cannot map the readback buffer: {e}")))?;
         let view = staging
-            .slice(..)
+            .slice(..size)
             .get_mapped_range()
             .map_err(|e| Error::gpu(format!("cannot read the mapped buffer: {e:?}")))?;
         let data = bytemuck::pod_collect_to_vec::<u8, T>(&view);
