@@ -13,7 +13,8 @@ use std::pin::Pin;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::generate::{top_k, TopK};
 use crate::model::{KvCache, Logits, Phi, PhiConfig};
 
 /// A future borrowed from its backend (boxed so `dyn Backend` stays possible).
@@ -47,13 +48,36 @@ pub trait Backend {
         tokens: &'a [u32],
         which: Logits,
     ) -> BoxFuture<'a, Result<Vec<f32>>>;
-    /// Runs `tokens` like `forward` and returns the most likely next token among ids below
-    /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
-    /// greedy decoding moves one id instead of a row of logits.
-    /// The device work of the last `forward`/`forward_greedy`; `None` for the CPU.
+    /// The device work of the last forward call; `None` for the CPU.
     fn device_stats(&self) -> Option<DeviceStats> {
         None
     }
+    /// The logits row of the last position of the last forward call (for sampling after
+    /// `forward_top_k`, when the draw lands outside the candidates).
+    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>>;
+    /// Runs `tokens` like `forward` and returns the `k` most likely next tokens among ids
+    /// below `vocab_limit`, with the row's log-normaliser at `temperature`. A backend that
+    /// can select them on its device overrides this, so sampling moves a few numbers
+    /// instead of a row of logits.
+    fn forward_top_k<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    ) -> BoxFuture<'a, Result<TopK>> {
+        Box::pin(async move {
+            let logits = self.forward(tokens, Logits::Last).await?;
+            Ok(top_k(
+                &logits[..vocab_limit.min(logits.len())],
+                k,
+                temperature,
+            ))
+        })
+    }
+    /// Runs `tokens` like `forward` and returns the most likely next token among ids below
+    /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
+    /// greedy decoding moves one id instead of a row of logits.
     fn forward_greedy<'a>(
         &'a mut self,
         tokens: &'a [u32],
@@ -101,12 +125,26 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn device_stats(&self) -> Option<DeviceStats> {
         (**self).device_stats()
     }
+    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+        (**self).last_logits()
+    }
+    fn forward_top_k<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    ) -> BoxFuture<'a, Result<TopK>> {
+        (**self).forward_top_k(tokens, k, vocab_limit, temperature)
+    }
 }
 
 /// The candle CPU path (natively, and in wasm with simd128).
 pub struct CpuBackend {
     model: Phi,
     cache: KvCache,
+    /// The last position's logits from the last forward.
+    last_row: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -116,7 +154,11 @@ impl CpuBackend {
             .unwrap_or(usize::MAX)
             .min(model.config().max_position_embeddings);
         let cache = model.new_cache(1, capacity)?;
-        Ok(Self { model, cache })
+        Ok(Self {
+            model,
+            cache,
+            last_row: Vec::new(),
+        })
     }
 }
 
@@ -148,15 +190,29 @@ impl Backend for CpuBackend {
     ) -> BoxFuture<'a, Result<Vec<f32>>> {
         Box::pin(async move { self.forward_now(tokens, which) })
     }
+
+    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+        Box::pin(async move {
+            if self.last_row.is_empty() {
+                return Err(Error::input("no forward has run yet"));
+            }
+            Ok(self.last_row.clone())
+        })
+    }
 }
 
 impl CpuBackend {
     fn forward_now(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let input = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
-        Ok(logits
+        let logits: Vec<f32> = logits
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
-            .to_vec1()?)
+            .to_vec1()?;
+        let vocab = self.model.config().vocab_size;
+        self.last_row.clear();
+        self.last_row
+            .extend_from_slice(&logits[logits.len().saturating_sub(vocab)..]);
+        Ok(logits)
     }
 }

@@ -37,7 +37,8 @@ native_and_browser!(
     reports_adapter_limits_and_refuses_oversized_bindings,
     device_errors_become_errors_not_panics,
     embedding_gathers_rows_across_table_chunks,
-    residual_and_argmax,
+    residual_matches_a_plain_sum,
+    top_k_matches_the_host_selection_with_ties_and_nan,
     rotary_kv_cache_and_attention_match_a_plain_reference,
 );
 
@@ -298,7 +299,7 @@ async fn embedding_gathers_rows_across_table_chunks() {
     assert_eq!(got, values(&expected));
 }
 
-async fn residual_and_argmax() {
+async fn residual_matches_a_plain_sum() {
     let (ctx, k) = ctx().await;
     let n = 70_001;
     let (a, b, c) = (
@@ -317,18 +318,52 @@ async fn residual_and_argmax() {
     let got = ctx.read(&xb, n).await.unwrap();
     let expected: Vec<f32> = (0..n).map(|i| a[i] + b[i] + c[i]).collect();
     assert!(max_diff(&got, &expected) < 1e-6);
+}
 
+async fn top_k_matches_the_host_selection_with_ties_and_nan() {
+    let (ctx, k) = ctx().await;
     let mut logits = values(&rand(&[51_200], 2.0));
     logits[40_000] = 50.0;
-    logits[777] = 50.0; // a tie: the first index wins
+    logits[777] = 50.0; // a tie: the lower id first, so top 1 is torch.argmax
+    logits[31] = f32::NAN; // skipped, as the host sampler does
+    logits[50_296] = 99.0; // beyond the vocabulary limit
+    for i in 0..10 {
+        logits[1000 + 37 * i] = 20.0 - (i / 2) as f32; // pairs of equal values
+    }
     let lb = ctx.upload("logits", &logits).unwrap();
-    let out = u32_buffer(&ctx, &[0]);
+    let out = u32_buffer(&ctx, &[0; 2 * 64 + 1]);
+    for (count, temperature) in [(1u32, 1.0f32), (7, 0.7), (64, 1.3)] {
+        let kk = count as usize;
+        run(&ctx, |enc| {
+            let request = (50_295, count, 1.0 / temperature);
+            k.top_k(&ctx, enc, request, (&lb, &out)).unwrap()
+        });
+        let got = ctx.read_as::<u32>(&out, 2 * kk + 1).await.unwrap();
+        let want = medphi::generate::top_k(&logits[..50_295], kk, temperature);
+        assert_eq!(got[..kk], want.ids[..], "k = {count}");
+        let values: Vec<f32> = got[kk..2 * kk].iter().map(|&b| f32::from_bits(b)).collect();
+        assert_eq!(values, want.logits);
+        let log_norm = f32::from_bits(got[2 * kk]);
+        assert!(
+            (log_norm - want.log_norm).abs() < 1e-4,
+            "{log_norm} vs {}",
+            want.log_norm
+        );
+    }
+    assert_eq!(
+        medphi::generate::top_k(&logits[..50_295], 1, 1.0).ids,
+        [medphi::generate::argmax(&logits[..50_295])]
+    );
+    // Fewer values than k: the missing candidates are marked.
     run(&ctx, |enc| {
-        k.argmax(&ctx, enc, 50_295, (&lb, &out)).unwrap()
+        k.top_k(&ctx, enc, (3, 5, 1.0), (&lb, &out)).unwrap()
     });
-    let got = ctx.read_as::<u32>(&out, 1).await.unwrap();
-    assert_eq!(got[0], 777);
-    assert_eq!(medphi::generate::argmax(&logits[..50_295]), 777);
+    let got = ctx.read_as::<u32>(&out, 5).await.unwrap();
+    let want = medphi::generate::top_k(&logits[..3], 5, 1.0);
+    assert_eq!(got[..3], want.ids[..]);
+    assert_eq!(got[3..], [u32::MAX, u32::MAX]);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    assert!(k.top_k(&ctx, &mut enc, (3, 65, 1.0), (&lb, &out)).is_err());
 }
 
 /// Plain-loop reference: NeoX rotary on the first `rd` dims, causal softmax attention.

@@ -170,3 +170,36 @@ fn long_prompts_run_in_several_passes_like_the_cpu_path() {
     assert_eq!(greedy, medphi::generate::argmax(&last[..50_295]));
     assert_eq!(backend.cached(), 200);
 }
+
+/// Sampling on the GPU reads back only the candidates unless a draw lands outside them, and
+/// picks the tokens the CPU path picks from whole rows for the same seed.
+#[test]
+fn sampling_on_the_gpu_matches_the_cpu_and_reads_back_candidates() {
+    let r = reference();
+    let (model, _) = open("tiny-phi").into_model(true).unwrap();
+    let (backend, tokenizer) = gpu("tiny-phi", None);
+    let mut cpu = Session::new(medphi::backend::CpuBackend::new(model, None).unwrap());
+    let mut gpu = Session::new(backend);
+    for (top_k, top_p) in [(None, None), (Some(5), None), (None, Some(0.9))] {
+        let mut opts = GenerateOptions {
+            max_new_tokens: 24,
+            ..Default::default()
+        };
+        opts.sampling.temperature = 0.8;
+        opts.sampling.top_k = top_k;
+        opts.sampling.top_p = top_p;
+        opts.sampling.seed = 11;
+        let on_cpu = block_on(cpu.generate(&tokenizer, &r.input_ids, &opts, &mut |_| true));
+        let on_gpu = block_on(gpu.generate(&tokenizer, &r.input_ids, &opts, &mut |_| true));
+        assert_eq!(on_gpu.unwrap().output_ids, on_cpu.unwrap().output_ids);
+    }
+    // A top-k of 5 is always decided by the candidates: 11 words come back per token.
+    let b = gpu.backend_mut();
+    let top = block_on(b.forward_top_k(&r.input_ids, 5, 50_295, 0.8)).unwrap();
+    assert_eq!(b.device_stats().unwrap().bytes_read, 11 * 4);
+    let row = block_on(b.last_logits()).unwrap();
+    let host = medphi::generate::top_k(&row[..50_295], 5, 0.8);
+    assert_eq!((&top.ids, &top.logits), (&host.ids, &host.logits));
+    // Summation order differs over 50,295 terms.
+    assert!((top.log_norm - host.log_norm).abs() < 1e-3);
+}

@@ -7,6 +7,8 @@ mod common;
 
 use std::path::Path;
 
+use candle_core::{DType, Device};
+
 use common::*;
 
 const CORPUS: &str =
@@ -130,6 +132,48 @@ fn an_interrupted_run_resumes_bit_for_bit() {
         assert_eq!(x["loss"], y["loss"]);
         assert_eq!(x["lr"], y["lr"]);
     }
+}
+
+#[test]
+fn half_precision_trains_f32_master_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "f32", &[]);
+    train(dir.path(), "f16", &["--precision", "f16"]);
+    let (full, half) = (
+        metrics(&dir.path().join("f32")),
+        metrics(&dir.path().join("f16")),
+    );
+    let loss = |m: &[serde_json::Value], i: usize| m[i]["loss"].as_f64().unwrap();
+    // Same initial weights: the first losses differ only by f16 rounding.
+    assert!((loss(&full, 0) - loss(&half, 0)).abs() < 0.05);
+    assert_ne!(full[0]["loss"], half[0]["loss"]);
+    assert!(loss(&half, 7) < loss(&half, 0) - 0.5);
+    let saved =
+        candle_core::safetensors::load(dir.path().join("f16/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(saved.values().all(|t| t.dtype() == DType::F32));
+
+    let corpus = dir.path().join("corpus.txt");
+    let out = medphi_cmd()
+        .args([
+            "train",
+            "--stage",
+            "pretrain",
+            "--precision",
+            "bf16",
+            "--model-config",
+        ])
+        .arg(config(dir.path()))
+        .arg("--tokenizer")
+        .arg(fixtures().join("tiny-phi/tokenizer.json"))
+        .arg("--data")
+        .arg(&corpus)
+        .args(["--steps", "2", "--seq-len", "16", "--out"])
+        .arg(dir.path().join("bf16"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device cuda"));
 }
 
 #[test]

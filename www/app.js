@@ -2,7 +2,7 @@
 // the worker, so nothing here blocks; this file only renders.
 import { MedphiApi } from './medphi-api.js';
 
-const BUNDLED_MODEL = 'models/tiny-phi/';
+const BUNDLED_MODEL = 'models/tiny-medphi/';
 const SAMPLES = 'samples/medqa-sample.jsonl';
 
 const $ = (id) => document.getElementById(id);

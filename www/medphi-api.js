@@ -1,7 +1,7 @@
 // The page's JavaScript API, `window.medphi`: a promise per request to the model worker.
 // The page's own UI uses it, its tests use it, and educators can use it from the console:
 //
-//   await medphi.load({ url: 'models/tiny-phi/', backend: 'webgpu' })   // -> {backend, ...}
+//   await medphi.load({ url: 'models/tiny-medphi/', backend: 'webgpu' })   // -> {backend, ...}
 //   await medphi.generate({ prompt: 'Instruct: What is macrocephaly?\nOutput:', maxNewTokens: 32 })
 //     // -> {inputIds, outputIds, text, stopReason, prefillTokS, decodeTokS}
 

@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use medphi::backend::Backend;
-use medphi::generate::argmax;
-use medphi::model::PhiConfig;
+use medphi::generate::{argmax, SAMPLING_CANDIDATES};
+use medphi::model::{Logits, PhiConfig};
 use medphi::weights::Safetensors;
 
 use super::ModelArgs;
@@ -163,6 +163,28 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let greedy_stats = backend.device_stats();
+    // Sampling's decoding loop two ways: the top candidates selected where the logits are,
+    // or the whole row brought to the host (what sampling costs without device selection).
+    let mut sampling = serde_json::Map::new();
+    for route in ["candidates", "rows"] {
+        backend.truncate(0);
+        let speed = measure(&ids, args.gen, |t| {
+            Ok(if route == "candidates" {
+                let top = SAMPLING_CANDIDATES;
+                pollster::block_on(backend.forward_top_k(t, top, vocab, 1.0))?.ids[0]
+            } else {
+                argmax(&pollster::block_on(backend.forward(t, Logits::Last))?[..vocab])
+            })
+        })?;
+        sampling.insert(
+            route.into(),
+            serde_json::json!({
+                "decode_tok_s": speed.decode_tok_s,
+                "bytes_read_per_token": backend.device_stats().map(|d| d.bytes_read),
+            }),
+        );
+    }
     let summarize = |v: &[Speed]| Speed {
         prefill_tok_s: median(v.iter().map(|s| s.prefill_tok_s).collect()),
         decode_tok_s: median(v.iter().map(|s| s.decode_tok_s).collect()),
@@ -179,7 +201,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "prefill_tok_s": ours.prefill_tok_s,
         "decode_tok_s": ours.decode_tok_s,
         "peak_rss_mib": peak_rss_mib(),
-        "device_per_decode_token": backend.device_stats(),
+        "device_per_decode_token": greedy_stats,
+        "sampling_decode": sampling,
     });
     if !theirs.is_empty() {
         let theirs = summarize(&theirs);

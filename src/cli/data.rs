@@ -11,6 +11,21 @@ use medphi::data::{build, hpo, icd10, Sources};
 pub enum DataCommand {
     /// Build corpus.txt, sft.jsonl, dpo.jsonl, medqa_train.jsonl and medqa_test.jsonl.
     Build(BuildArgs),
+    /// Train a byte-level BPE tokenizer.json (Phi-2's format) on text and JSON-lines files.
+    Tokenizer(TokenizerArgs),
+}
+
+#[derive(Args)]
+pub struct TokenizerArgs {
+    /// Plain-text files (paragraphs separated by blank lines) or .jsonl files (every string
+    /// value of every record is used).
+    #[arg(long = "text", required = true)]
+    texts: Vec<PathBuf>,
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    /// Where to write tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -31,7 +46,40 @@ fn read(dir: &Path, name: &str) -> Result<String> {
 }
 
 pub fn data(cmd: DataCommand) -> Result<()> {
-    let DataCommand::Build(args) = cmd;
+    match cmd {
+        DataCommand::Build(args) => build_data(args),
+        DataCommand::Tokenizer(args) => tokenizer(args),
+    }
+}
+
+fn tokenizer(args: TokenizerArgs) -> Result<()> {
+    let spinner = super::spinner("reading text");
+    let mut texts = Vec::new();
+    for path in &args.texts {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            for (n, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let record: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", path.display(), n + 1))?;
+                let strings = record.as_object().into_iter().flat_map(|o| o.values());
+                texts.extend(strings.filter_map(|v| v.as_str().map(str::to_owned)));
+            }
+        } else {
+            texts.extend(text.split("\n\n").map(str::to_owned));
+        }
+    }
+    spinner.set_message(format!("training on {} texts", texts.len()));
+    let json = medphi::data::bpe::train(texts.iter().map(String::as_str), args.vocab_size)?;
+    std::fs::write(&args.out, json).with_context(|| format!("{}", args.out.display()))?;
+    spinner.finish_and_clear();
+    super::print_line(format!("wrote {}", args.out.display()))
+}
+
+fn build_data(args: BuildArgs) -> Result<()> {
     let spinner = super::spinner("parsing HPO and ICD-10-CM");
     let sources = Sources {
         terms: hpo::parse_obo(&read(&args.raw, "hp.obo")?, "hp.obo")?,

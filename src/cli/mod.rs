@@ -72,11 +72,16 @@ pub enum BackendKind {
     Wgpu,
 }
 
+/// The model trained by this project (models/tiny-medphi/README.md), found through the
+/// source tree the binary was built from.
+const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-medphi");
+
 /// How to find and run a model; shared by every subcommand.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// A model folder (config.json, tokenizer.json, safetensors) or a .gguf file.
-    #[arg(long)]
+    /// A model folder (config.json, tokenizer.json, safetensors) or a .gguf file. The default
+    /// is the bundled tiny-medphi.
+    #[arg(long, env = "MEDPHI_MODEL", default_value = BUNDLED_MODEL)]
     model: PathBuf,
     /// tokenizer.json to use instead of the model's own (needed for GGUF files without one).
     #[arg(long)]

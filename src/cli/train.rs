@@ -11,7 +11,7 @@ use medphi::checkpoint::Checkpoint;
 use medphi::model::{Phi, PhiConfig};
 use medphi::tokenizer::PhiTokenizer;
 use medphi::train::{
-    Examples, LoraConfig, Objective, Params, Stage, StepMetrics, TrainConfig, Trainer,
+    Examples, LoraConfig, Objective, Params, Precision, Stage, StepMetrics, TrainConfig, Trainer,
 };
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -87,6 +87,17 @@ pub struct TrainArgs {
     /// LoRA: also write the merged full model, not only the adapters.
     #[arg(long)]
     merge: bool,
+    /// Precision of the forward and backward pass (weights and optimizer state stay f32).
+    /// bf16 needs --device cuda: candle's CPU matmul has no bf16.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -205,6 +216,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 alpha: args.lora_alpha,
             }),
             merge: args.merge,
+            precision: match args.precision {
+                PrecisionArg::F32 => Precision::F32,
+                PrecisionArg::Bf16 => Precision::Bf16,
+                PrecisionArg::F16 => Precision::F16,
+            },
         };
         let objective = objective(&config, &tok, &cfg, &args.data, &device)?;
         if args.out.join("metrics.jsonl").exists() {

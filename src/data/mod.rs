@@ -9,6 +9,8 @@
 //! corpus. The test set so measures whether instruction tuning taught the model to use
 //! knowledge it read, not whether it memorised the answers.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bpe;
 pub mod hpo;
 pub mod icd10;
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
 pub use prompt::{PromptFormat, Turn};
-pub use sampling::{argmax, Sampler, SamplingParams};
+pub use sampling::{argmax, top_k, Sampler, SamplingParams, TopK, SAMPLING_CANDIDATES};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -57,9 +57,26 @@ pub struct Generation {
     pub reused_tokens: usize,
 }
 
+/// What the decoding loop asks a forward for: the greedy token, sampling candidates
+/// (`TopK`) or the whole row of logits. The first two are taken on the device where the
+/// backend can.
+#[derive(Clone, Copy)]
+enum Want {
+    Greedy {
+        vocab_limit: usize,
+    },
+    Candidates {
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    },
+    Row,
+}
+
 /// What a forward hands back to the decoding loop.
 enum Next {
     Logits(Vec<f32>),
+    Top(TopK),
     Token(u32),
 }
 
@@ -95,12 +112,17 @@ impl<B: Backend> Session<B> {
         self.backend.truncate(0);
     }
 
-    /// Runs `ids` after the cache; `greedy = Some(limit)` asks the backend for the argmax
-    /// below `limit` (on the device where it can) instead of a row of logits.
-    async fn run(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<Next> {
-        let next = match greedy {
-            Some(limit) => Next::Token(self.backend.forward_greedy(ids, limit).await?),
-            None => Next::Logits(self.backend.forward(ids, Logits::Last).await?),
+    /// Runs `ids` after the cache and returns what `want` asks for.
+    async fn run(&mut self, ids: &[u32], want: Want) -> Result<Next> {
+        let b = &mut self.backend;
+        let next = match want {
+            Want::Greedy { vocab_limit } => Next::Token(b.forward_greedy(ids, vocab_limit).await?),
+            Want::Candidates {
+                k,
+                vocab_limit,
+                temperature,
+            } => Next::Top(b.forward_top_k(ids, k, vocab_limit, temperature).await?),
+            Want::Row => Next::Logits(b.forward(ids, Logits::Last).await?),
         };
         self.cached_ids.extend_from_slice(ids);
         Ok(next)
@@ -108,7 +130,7 @@ impl<B: Backend> Session<B> {
 
     /// Makes the cache hold exactly `ids` and returns what follows the last one, and how
     /// many ids were reused from the cache.
-    async fn prefill(&mut self, ids: &[u32], greedy: Option<usize>) -> Result<(Next, usize)> {
+    async fn prefill(&mut self, ids: &[u32], want: Want) -> Result<(Next, usize)> {
         let mut common = self
             .cached_ids
             .iter()
@@ -119,7 +141,7 @@ impl<B: Backend> Session<B> {
         common = common.min(ids.len() - 1);
         self.backend.truncate(common);
         self.cached_ids.truncate(common);
-        Ok((self.run(&ids[common..], greedy).await?, common))
+        Ok((self.run(&ids[common..], want).await?, common))
     }
 
     /// Generates a continuation of `input_ids`. `on_text` receives each new piece of
@@ -153,10 +175,19 @@ impl<B: Backend> Session<B> {
         let mut stops = StopMatcher::new(&opts.stop);
 
         let t0 = Instant::now();
-        // Plain greedy decoding needs no logits on the host.
-        let greedy = (opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0)
-            .then_some(vocab_limit);
-        let (mut next, reused) = self.prefill(input_ids, greedy).await?;
+        // Plain greedy decoding needs no logits on the host, and sampling only a few.
+        let want = match sampler.candidates() {
+            Some(k) => Want::Candidates {
+                k,
+                vocab_limit,
+                temperature: opts.sampling.temperature as f32,
+            },
+            None if opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0 => {
+                Want::Greedy { vocab_limit }
+            }
+            None => Want::Row,
+        };
+        let (mut next, reused) = self.prefill(input_ids, want).await?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut output_ids = Vec::new();
@@ -166,6 +197,13 @@ impl<B: Backend> Session<B> {
             let id = match &mut next {
                 Next::Token(id) => *id,
                 Next::Logits(logits) => sampler.sample(&mut logits[..vocab_limit], &history)?,
+                Next::Top(top) => match sampler.sample_top(top)? {
+                    Some(id) => id,
+                    None => {
+                        let mut row = self.backend.last_logits().await?;
+                        sampler.sample(&mut row[..vocab_limit], &history)?
+                    }
+                },
             };
             if Some(id) == eos {
                 stop_reason = StopReason::Eos;
@@ -191,7 +229,7 @@ impl<B: Backend> Session<B> {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            next = self.run(&[id], greedy).await?;
+            next = self.run(&[id], want).await?;
             decoded += 1;
         }
         if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {

@@ -15,9 +15,11 @@ use wgpu::Buffer;
 use super::context::GpuContext;
 use super::kernels::{
     attention_partials_len, AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat,
+    MAX_TOP_K,
 };
 use crate::backend::{BoxFuture, DeviceStats};
 use crate::error::{Error, Result};
+use crate::generate::TopK;
 use crate::model::{Activation, Logits, PhiConfig};
 use crate::weights::{TensorSource, Weight};
 
@@ -61,8 +63,9 @@ struct Scratch {
     last: Buffer,
     /// Attention's per-split partials for long contexts.
     partials: Buffer,
-    /// The greedy token, when the argmax runs on the GPU.
-    token: Buffer,
+    /// The last position's top-k candidates and log-normaliser (top_k.wgsl's layout); the
+    /// greedy token is its first word.
+    top: Buffer,
     /// Logits of the last position: the per-token output, so allocated once.
     last_logits: Buffer,
 }
@@ -268,7 +271,7 @@ impl GpuBackend {
                 "attention partials",
                 attention_partials_len(cfg.num_attention_heads, cfg.head_dim(), capacity),
             )?,
-            token: ctx.storage("token", 1)?,
+            top: ctx.storage("top-k", 2 * MAX_TOP_K as usize + 1)?,
             last_logits: ctx.storage("last logits", vocab)?,
         };
         Ok(Self {
@@ -371,14 +374,14 @@ impl GpuBackend {
     }
 
     /// Records and submits the pass for `tokens` (at most `CHUNK`) after the cached
-    /// positions, in one encoder; with `argmax = Some(limit)` it ends with the argmax of the
-    /// last logits row over ids below `limit`, left in `scratch.token`. Returns the logits
-    /// buffer and its row count.
+    /// positions, in one encoder; with `top = Some((limit, k, temperature))` it ends with the
+    /// top `k` of the last logits row over ids below `limit`, left in `scratch.top`. Returns
+    /// the logits buffer and its row count.
     fn forward_chunk(
         &mut self,
         tokens: &[u32],
         which: Logits,
-        argmax: Option<u32>,
+        top: Option<(u32, u32, f32)>,
     ) -> Result<(Buffer, u32)> {
         let cfg = &self.cfg;
         let (seq, h) = (tokens.len() as u32, cfg.hidden_size as u32);
@@ -478,8 +481,15 @@ impl GpuBackend {
             let format = self.lm_head.format;
             k.matmul(ctx, &mut enc, p, format, (&s.h, w, bias, &logits))?;
         }
-        if let Some(limit) = argmax {
-            k.argmax(ctx, &mut enc, limit.min(vocab), (&logits, &s.token))?;
+        if which == Logits::All {
+            // `last_logits` always holds the last position's row (Backend::last_logits).
+            let row = u64::from(vocab) * 4;
+            let at = u64::from(rows - 1) * row;
+            enc.copy_buffer_to_buffer(&logits, at, &s.last_logits, 0, row);
+        }
+        if let Some((limit, count, temperature)) = top {
+            let request = (limit.min(vocab), count, 1.0 / temperature);
+            k.top_k(ctx, &mut enc, request, (&logits, &s.top))?;
         }
         ctx.queue.submit([enc.finish()]);
         self.stats.dispatches += k.dispatches_in_step();
@@ -537,16 +547,66 @@ impl GpuBackend {
         Ok(out)
     }
 
-    /// Greedy next token, with the argmax taken on the GPU: 4 bytes come back.
-    async fn forward_greedy_async(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+    /// Runs `tokens` and selects the top `k` of the last row on the GPU; reads back the
+    /// first `words` u32s of the result.
+    async fn forward_top(
+        &mut self,
+        tokens: &[u32],
+        (vocab_limit, k, temperature): (usize, usize, f32),
+        words: usize,
+    ) -> Result<Vec<u32>> {
         self.check_input(tokens)?;
         self.stats = DeviceStats::default();
         let rest = self.fill_cache(tokens)?;
         let limit = vocab_limit.min(self.cfg.vocab_size) as u32;
-        self.forward_chunk(rest, Logits::Last, Some(limit))?;
-        let token = self.ctx.read_as::<u32>(&self.scratch.token, 1).await?[0];
-        self.stats.bytes_read += 4;
-        Ok(token)
+        self.forward_chunk(rest, Logits::Last, Some((limit, k as u32, temperature)))?;
+        let out = self.ctx.read_as::<u32>(&self.scratch.top, words).await?;
+        self.stats.bytes_read += words * 4;
+        Ok(out)
+    }
+
+    /// Greedy next token, with the argmax (top 1) taken on the GPU: 4 bytes come back.
+    async fn forward_greedy_async(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+        Ok(self.forward_top(tokens, (vocab_limit, 1, 1.0), 1).await?[0])
+    }
+
+    /// Sampling candidates selected on the GPU: 2k + 1 words come back.
+    async fn forward_top_k_async(
+        &mut self,
+        tokens: &[u32],
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    ) -> Result<TopK> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::input(format!(
+                "top-k temperature {temperature} must be > 0"
+            )));
+        }
+        let k = k.clamp(1, MAX_TOP_K as usize);
+        let out = self
+            .forward_top(tokens, (vocab_limit, k, temperature), 2 * k + 1)
+            .await?;
+        let found = out[..k].iter().take_while(|&&id| id != u32::MAX).count();
+        Ok(TopK {
+            ids: out[..found].to_vec(),
+            logits: out[k..k + found]
+                .iter()
+                .map(|&b| f32::from_bits(b))
+                .collect(),
+            log_norm: f32::from_bits(out[2 * k]),
+        })
+    }
+
+    /// The last row of `last_logits`, still on the GPU from the last forward.
+    async fn last_logits_async(&mut self) -> Result<Vec<f32>> {
+        if self.len == 0 {
+            return Err(Error::input("no forward has run yet"));
+        }
+        let vocab = self.cfg.vocab_size;
+        let row = self.ctx.read(&self.scratch.last_logits, vocab).await?;
+        self.stats.bytes_read += vocab * 4;
+        Ok(row)
     }
 }
 
@@ -588,6 +648,20 @@ impl crate::backend::Backend for GpuBackend {
         vocab_limit: usize,
     ) -> BoxFuture<'a, Result<u32>> {
         Box::pin(self.forward_greedy_async(tokens, vocab_limit))
+    }
+
+    fn forward_top_k<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    ) -> BoxFuture<'a, Result<TopK>> {
+        Box::pin(self.forward_top_k_async(tokens, k, vocab_limit, temperature))
+    }
+
+    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+        Box::pin(self.last_logits_async())
     }
 
     fn device_stats(&self) -> Option<DeviceStats> {

@@ -121,6 +121,9 @@ struct AttentionParams {
 /// Keys per workgroup when a single query's attention is split over the sequence.
 pub const SPLIT_KEYS: u32 = 256;
 
+/// The most candidates `top_k` returns (top_k.wgsl keeps them in private arrays this long).
+pub const MAX_TOP_K: u32 = 64;
+
 /// Floats of the attention scratch buffer for a cache of `capacity` positions.
 pub fn attention_partials_len(heads: usize, head_dim: usize, capacity: usize) -> usize {
     heads * capacity.div_ceil(SPLIT_KEYS as usize) * (head_dim + 2)
@@ -160,7 +163,7 @@ pub struct Kernels {
     gelu_new: wgpu::ComputePipeline,
     embedding: PerFormat,
     residual: wgpu::ComputePipeline,
-    argmax: wgpu::ComputePipeline,
+    top_k: wgpu::ComputePipeline,
     rope_kv: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
     attention_merge: wgpu::ComputePipeline,
@@ -245,14 +248,7 @@ impl Kernels {
                     include_str!("shaders/residual.wgsl")
                 ),
             ),
-            argmax: pipeline(
-                d,
-                "argmax",
-                concat!(
-                    include_str!("shaders/len_params.wgsl"),
-                    include_str!("shaders/argmax.wgsl")
-                ),
-            ),
+            top_k: pipeline(d, "top_k", include_str!("shaders/top_k.wgsl")),
             rope_kv: pipeline(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
             attention: pipeline(d, "attention", include_str!("shaders/attention.wgsl")),
             attention_merge: pipeline(
@@ -483,19 +479,25 @@ impl Kernels {
         )
     }
 
-    /// `out[0]` = index of the largest of the first `len` values of `x`.
-    pub fn argmax(
+    /// The `k` (at most `MAX_TOP_K`) largest of the first `len` values of `x` and their
+    /// log-normaliser at `1 / inv_temp`, laid out in `out` as top_k.wgsl describes.
+    pub fn top_k(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        len: u32,
+        (len, k, inv_temp): (u32, u32, f32),
         (x, out): (&wgpu::Buffer, &wgpu::Buffer),
     ) -> Result<()> {
-        let params = [len, 0, 0, 0];
+        if k == 0 || k > MAX_TOP_K {
+            return Err(Error::input(format!(
+                "top-k of {k} on the GPU (1 to {MAX_TOP_K})"
+            )));
+        }
+        let params = [len, k, inv_temp.to_bits(), 0];
         self.dispatch(
             ctx,
             encoder,
-            &self.argmax,
+            &self.top_k,
             bytemuck::cast_slice(&params),
             &[x, out],
             (1, 1, 1),

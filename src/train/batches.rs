@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use crate::error::{Error, Result};
 use crate::tokenizer::PhiTokenizer;
 
-/// Token ids and a loss mask, both `seq_len` long (targets are the ids shifted by one).
+/// Token ids and a loss mask, `batch × length` (targets are the ids shifted by one).
 pub struct Batch {
     pub input: Tensor,
     pub target: Tensor,
@@ -28,12 +28,10 @@ pub enum Examples {
     /// Windows of `seq_len + 1` ids over one stream of documents joined by EOS (pretraining:
     /// every position carries loss).
     Packed { ids: Vec<u32>, seq_len: usize },
-    /// Prompt + response + EOS per example, loss on the response and EOS only (SFT).
-    Masked {
-        examples: Vec<Tokenized>,
-        seq_len: usize,
-        pad: u32,
-    },
+    /// Prompt + response + EOS per example (at most `seq_len + 1` ids), loss on the response
+    /// and EOS only (SFT). A batch is padded to its longest example, not to `seq_len`: most
+    /// pairs are far shorter than the window, and padding would be most of the compute.
+    Masked { examples: Vec<Tokenized>, pad: u32 },
 }
 
 impl Examples {
@@ -65,7 +63,6 @@ impl Examples {
         let lists = masked_lists(tok, jsonl, file, seq_len, eos, &["response"])?;
         Ok(Self::masked(
             lists.into_iter().next().unwrap_or_default(),
-            seq_len,
             eos,
         ))
     }
@@ -82,18 +79,11 @@ impl Examples {
         let mut lists = masked_lists(tok, jsonl, file, seq_len, eos, &["chosen", "rejected"])?;
         let rejected = lists.pop().unwrap_or_default();
         let chosen = lists.pop().unwrap_or_default();
-        Ok((
-            Self::masked(chosen, seq_len, eos),
-            Self::masked(rejected, seq_len, eos),
-        ))
+        Ok((Self::masked(chosen, eos), Self::masked(rejected, eos)))
     }
 
-    fn masked(examples: Vec<Tokenized>, seq_len: usize, pad: u32) -> Self {
-        Examples::Masked {
-            examples,
-            seq_len,
-            pad,
-        }
+    fn masked(examples: Vec<Tokenized>, pad: u32) -> Self {
+        Examples::Masked { examples, pad }
     }
 
     pub fn len(&self) -> usize {
@@ -114,40 +104,40 @@ impl Examples {
         (0..n - eval, n - eval..n)
     }
 
-    /// `seq_len + 1` ids and `seq_len` target weights of example `i`.
+    /// The ids of example `i` and one target weight per id but the last.
     fn example(&self, i: usize) -> (Vec<u32>, Vec<f32>) {
         match self {
             Examples::Packed { ids, seq_len } => {
                 let w = ids[i * seq_len..i * seq_len + seq_len + 1].to_vec();
                 (w, vec![1.0; *seq_len])
             }
-            Examples::Masked {
-                examples,
-                seq_len,
-                pad,
-            } => {
+            Examples::Masked { examples, .. } => {
                 let (ids, prompt_len) = &examples[i];
-                let mut w = ids.clone();
-                w.resize(seq_len + 1, *pad);
                 // Target t is id t + 1: it carries loss when it belongs to the response.
-                let mask = (0..*seq_len)
-                    .map(|t| f32::from(u8::from(t + 1 >= *prompt_len && t + 1 < ids.len())))
+                let mask = (1..ids.len())
+                    .map(|t| f32::from(u8::from(t >= *prompt_len)))
                     .collect();
-                (w, mask)
+                (ids.clone(), mask)
             }
         }
     }
 
     pub fn batch(&self, indices: &[usize], device: &Device) -> Result<Batch> {
+        let pad = match self {
+            Examples::Masked { pad, .. } => *pad,
+            Examples::Packed { .. } => 0,
+        };
+        let rows: Vec<_> = indices.iter().map(|&i| self.example(i)).collect();
+        let l = rows.iter().map(|(_, m)| m.len()).max().unwrap_or(0).max(1);
         let (mut input, mut target, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        for &i in indices {
-            let (w, m) = self.example(i);
-            input.extend_from_slice(&w[..w.len() - 1]);
+        for (mut w, mut m) in rows {
+            w.resize(l + 1, pad);
+            m.resize(l, 0.0);
+            input.extend_from_slice(&w[..l]);
             target.extend_from_slice(&w[1..]);
             mask.extend(m);
         }
         let b = indices.len();
-        let l = input.len() / b;
         let tokens = mask.iter().filter(|&&m| m > 0.0).count();
         Ok(Batch {
             input: Tensor::from_vec(input, (b, l), device)?,
@@ -241,18 +231,20 @@ mod tests {
 
     #[test]
     fn sft_loss_covers_the_response_and_eos_only() {
-        // Prompt [1, 2, 3], response [4, 5], EOS 0, padded to 8 targets.
+        // Prompt [1, 2, 3], response [4, 5], EOS 0; the shorter example is padded with 9 to
+        // the batch's longest.
         let ex = Examples::Masked {
             examples: vec![(vec![1, 2, 3, 4, 5, 0], 3), (vec![7, 8, 0], 2)],
-            seq_len: 8,
-            pad: 0,
+            pad: 9,
         };
-        let b = ex.batch(&[0], &Device::Cpu).unwrap();
+        let b = ex.batch(&[1, 0], &Device::Cpu).unwrap();
+        let input: Vec<u32> = b.input.flatten_all().unwrap().to_vec1().unwrap();
         let target: Vec<u32> = b.target.flatten_all().unwrap().to_vec1().unwrap();
         let mask: Vec<f32> = b.mask.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(target, [2, 3, 4, 5, 0, 0, 0, 0]);
-        assert_eq!(mask, [0., 0., 1., 1., 1., 0., 0., 0.]);
-        assert_eq!(b.tokens, 3);
+        assert_eq!(input, [7, 8, 0, 9, 9, 1, 2, 3, 4, 5]);
+        assert_eq!(target, [8, 0, 9, 9, 9, 2, 3, 4, 5, 0]);
+        assert_eq!(mask, [0., 1., 0., 0., 0., 0., 0., 1., 1., 1.]);
+        assert_eq!(b.tokens, 4);
     }
 
     #[test]

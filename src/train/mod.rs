@@ -21,7 +21,7 @@ use web_time::Instant;
 
 pub use batches::{Batch, Examples, Order};
 pub use optim::{learning_rate, AdamW};
-pub use params::{save_tensors, LoraConfig, Params, LORA_TARGETS};
+pub use params::{save_tensors, LoraConfig, Params, Precision, LORA_TARGETS};
 
 use crate::error::{Error, Result};
 use crate::model::{Logits, Phi, PhiConfig};
@@ -86,6 +86,8 @@ pub struct TrainConfig {
     /// LoRA: also write the merged full model (`model.safetensors`).
     #[serde(default)]
     pub merge: bool,
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,8 +118,8 @@ pub struct Trainer {
     model_cfg: PhiConfig,
     tokenizer_json: String,
     params: Params,
-    /// Built once when every weight is a `Var` (they update in place); `None` for LoRA,
-    /// whose merged weights are recomputed from the adapters at every step.
+    /// Built once when the model's weights are the `Var`s (see `Params::model_tracks_vars`);
+    /// otherwise `None` and rebuilt from them at every step.
     model: Option<Phi>,
     opt: AdamW,
     objective: Objective,
@@ -195,9 +197,17 @@ impl Trainer {
                 config.seq_len, model_cfg.max_position_embeddings
             )));
         }
-        let model = match params.lora_config() {
-            None => Some(Phi::load(&model_cfg, &params, false)?),
-            Some(_) => None,
+        if config.precision == Precision::Bf16 && params.device().is_cpu() {
+            return Err(Error::input(
+                "candle has no bf16 matrix multiply on the CPU: train in bf16 with --device cuda, \
+                 or use --precision f16 or f32",
+            ));
+        }
+        let params = params.with_precision(config.precision);
+        let model = if params.model_tracks_vars() {
+            Some(Phi::load(&model_cfg, &params, false)?)
+        } else {
+            None
         };
         let (train, _) = objective.examples().split();
         if train.is_empty() {
@@ -380,8 +390,8 @@ impl Trainer {
         })
     }
 
-    /// The model over the current weights: the one built at the start, or, for LoRA,
-    /// rebuilt from the frozen base and the adapters' current values.
+    /// The model over the current weights: the one built at the start, or one rebuilt from
+    /// the `Var`s' current values (LoRA's base plus adapters, or a lower-precision cast).
     fn current_model(&self) -> Result<CurrentModel<'_>> {
         Ok(match &self.model {
             Some(m) => CurrentModel::Built(m),

@@ -25,6 +25,28 @@ pub const LORA_TARGETS: [&str; 6] = [
     "mlp.fc2",
 ];
 
+/// The dtype of the forward and backward pass. The `Var`s (master weights) and the
+/// optimizer state stay f32 whatever it is: a bf16 update of a bf16 weight rounds most small
+/// steps away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
     pub rank: usize,
@@ -38,6 +60,8 @@ pub struct Params {
     /// LoRA only: the frozen base weights.
     base: HashMap<String, Tensor>,
     lora: Option<LoraConfig>,
+    /// The model sees every weight cast to this.
+    precision: Precision,
 }
 
 /// PEFT's name of a layer's adapter matrix: `base_model.model.<layer>.lora_<A|B>.weight`.
@@ -75,6 +99,7 @@ impl Params {
             vars,
             base: HashMap::new(),
             lora: None,
+            precision: Precision::F32,
         }
     }
 
@@ -160,6 +185,7 @@ impl Params {
             vars,
             base,
             lora: Some(lora),
+            precision: Precision::F32,
         })
     }
 
@@ -172,6 +198,18 @@ impl Params {
 
     pub fn lora_config(&self) -> Option<LoraConfig> {
         self.lora
+    }
+
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self { precision, ..self }
+    }
+
+    /// Whether the model's weights are the `Var`s themselves, updated in place by the
+    /// optimizer, so one model built at the start stays current. Otherwise (LoRA, or a cast
+    /// to a lower precision) they are computed from the `Var`s and the model is rebuilt each
+    /// step.
+    pub fn model_tracks_vars(&self) -> bool {
+        self.lora.is_none() && self.precision == Precision::F32
     }
 
     fn var(&self, name: &str) -> Result<&Var> {
@@ -228,7 +266,7 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
 
 impl TensorSource for Params {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let t = self.effective(name)?;
+        let t = self.effective(name)?.to_dtype(self.precision.dtype())?;
         if t.dims() != shape {
             return Err(Error::input(format!(
                 "parameter {name} has shape {:?}, not {shape:?}",

@@ -11,6 +11,7 @@ use web_time::Instant;
 
 use crate::backend::{Backend, BoxFuture};
 use crate::error::Result;
+use crate::generate::TopK;
 use crate::model::{Logits, PhiConfig};
 
 const EVERY_MS: u128 = 30;
@@ -71,5 +72,22 @@ impl<B: Backend> Backend for Paced<B> {
             self.pace().await;
             self.inner.forward_greedy(tokens, vocab_limit).await
         })
+    }
+    fn forward_top_k<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    ) -> BoxFuture<'a, Result<TopK>> {
+        Box::pin(async move {
+            self.pace().await;
+            self.inner
+                .forward_top_k(tokens, k, vocab_limit, temperature)
+                .await
+        })
+    }
+    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+        self.inner.last_logits()
     }
 }

@@ -1,4 +1,5 @@
-// End-to-end tests of the page (www/, served as static files like scripts/serve.sh does) in
+// End-to-end tests of the page (www/, served as static files like scripts/serve.sh does, from
+// the repository root so that tests/fixtures is reachable too) in
 // Debian's headless Chromium, driven by playwright-core. Needs www/pkg built
 // (scripts/build-web.sh). Screenshots and measurements go to target/e2e/.
 import { test, before, after } from 'node:test';
@@ -11,6 +12,8 @@ const root = new URL('../../', import.meta.url).pathname;
 const out = `${root}target/e2e`;
 const reference = JSON.parse(readFileSync(`${root}tests/fixtures/reference.json`, 'utf8'));
 const PROMPT = reference.prompt;
+// The checkpoint tests/fixtures/reference.json was computed from by transformers.
+const FIXTURE = '../tests/fixtures/tiny-phi/';
 const metrics = {};
 
 let server;
@@ -19,13 +22,13 @@ let browser;
 
 before(async () => {
   mkdirSync(out, { recursive: true });
-  server = spawn('python3', ['-u', '-m', 'http.server', '0', '--bind', '127.0.0.1', '--directory', `${root}www`], {
+  server = spawn('python3', ['-u', '-m', 'http.server', '0', '--bind', '127.0.0.1', '--directory', root], {
     stdio: ['ignore', 'pipe', 'ignore'], // its request log would drown the test report
   });
   base = await new Promise((resolve, reject) => {
     server.stdout.on('data', (d) => {
       const m = String(d).match(/port (\d+)/);
-      if (m) resolve(`http://127.0.0.1:${m[1]}/`);
+      if (m) resolve(`http://127.0.0.1:${m[1]}/www/`);
     });
     server.on('exit', (code) => reject(new Error(`http.server exited with ${code}`)));
   });
@@ -85,10 +88,10 @@ test('the bundled model loads on WebGPU by default and chat streams an answer', 
   await context.close();
 });
 
-test('window.medphi gives the reference ids on both backends (same as medphi generate --json)', async () => {
+test('window.medphi gives transformers\' greedy ids on both backends (the parity fixture)', async () => {
   const { page, errors, context } = await openPage();
   for (const backend of ['webgpu', 'cpu']) {
-    const info = await page.evaluate((b) => window.medphi.load({ url: 'models/tiny-phi/', backend: b }), backend);
+    const info = await page.evaluate((b) => window.medphi.load({ url: FIXTURE, backend: b }), backend);
     assert.equal(info.backend, backend);
     const g = await page.evaluate(
       (prompt) => window.medphi.generate({ prompt, maxNewTokens: 64, temperature: 0 }),
@@ -104,10 +107,11 @@ test('window.medphi gives the reference ids on both backends (same as medphi gen
   await context.close();
 });
 
+// On the random-weight fixture: it never ends an answer early, so Stop always lands mid-answer.
 test('Stop ends a generation on each backend, from the API and from the button', async () => {
   const { page, errors, context } = await openPage();
   for (const backend of ['webgpu', 'cpu']) {
-    await page.evaluate((b) => window.medphi.load({ url: 'models/tiny-phi/', backend: b }), backend);
+    await page.evaluate((b) => window.medphi.load({ url: FIXTURE, backend: b }), backend);
     const g = await page.evaluate((prompt) => {
       let pieces = 0;
       return window.medphi.generate({
@@ -124,7 +128,7 @@ test('Stop ends a generation on each backend, from the API and from the button',
   }
   // From the button, on WebGPU (tens of tokens per second on SwiftShader, so the click
   // lands mid-answer).
-  await page.evaluate(() => window.medphi.load({ url: 'models/tiny-phi/', backend: 'webgpu' }));
+  await page.evaluate((url) => window.medphi.load({ url, backend: 'webgpu' }), FIXTURE);
   await page.fill('#max-tokens', '240');
   await page.fill('#prompt', 'Tell me about the heart.');
   await page.press('#prompt', 'Enter');
@@ -171,18 +175,18 @@ test('an original-format benchmark upload is scored; invalid files give readable
 
   await page.click('#model-panel summary');
   await page.setInputFiles('#model-files', [
-    { name: 'config.json', mimeType: 'application/json', buffer: readFileSync(`${root}models/tiny-phi/config.json`) },
-    { name: 'tokenizer.json', mimeType: 'application/json', buffer: readFileSync(`${root}models/tiny-phi/tokenizer.json`) },
+    { name: 'config.json', mimeType: 'application/json', buffer: readFileSync(`${root}models/tiny-medphi/config.json`) },
+    { name: 'tokenizer.json', mimeType: 'application/json', buffer: readFileSync(`${root}models/tiny-medphi/tokenizer.json`) },
     { name: 'model.safetensors', mimeType: 'application/octet-stream', buffer: Buffer.from('not a safetensors file') },
   ]);
   await page.click('#load-button');
   await page.waitForSelector('#status:has-text("Could not load the model")', { timeout: 30_000 });
   assert.match(await page.textContent('#status'), /model\.safetensors/);
   // The worker survived: the bundled model loads and answers again.
-  const info = await page.evaluate(() => window.medphi.load({ url: 'models/tiny-phi/', backend: 'cpu' }));
+  const info = await page.evaluate(() => window.medphi.load({ url: 'models/tiny-medphi/', backend: 'cpu' }));
   assert.equal(info.backend, 'cpu');
   const g = await page.evaluate((prompt) => window.medphi.generate({ prompt, maxNewTokens: 4 }), PROMPT);
-  assert.equal(g.outputIds.length, 4);
+  assert.ok(g.outputIds.length >= 1 && g.outputIds.length <= 4, `${g.outputIds.length} tokens`);
   assert.deepEqual(errors, []);
   await context.close();
 });
