@@ -375,8 +375,9 @@ impl GpuBackend {
 
     /// Records and submits the pass for `tokens` (at most `CHUNK`) after the cached
     /// positions, in one encoder; with `top = Some((limit, k, temperature))` it ends with the
-    /// top `k` of the last logits row over ids below `limit`, left in `scratch.top`. Returns
-    /// the logits buffer and its row count.
+    /// top `k` of the last logits row over ids below `limit`, left in `scratch.top` (with the
+    /// log-normaliser unless the temperature is 0). Returns the logits buffer and its row
+    /// count.
     fn forward_chunk(
         &mut self,
         tokens: &[u32],
@@ -488,7 +489,12 @@ impl GpuBackend {
             enc.copy_buffer_to_buffer(&logits, at, &s.last_logits, 0, row);
         }
         if let Some((limit, count, temperature)) = top {
-            let request = (limit.min(vocab), count, 1.0 / temperature);
+            let inv_temp = if temperature > 0.0 {
+                1.0 / temperature
+            } else {
+                0.0
+            };
+            let request = (limit.min(vocab), count, inv_temp);
             k.top_k(ctx, &mut enc, request, (&logits, &s.top))?;
         }
         ctx.queue.submit([enc.finish()]);
@@ -565,9 +571,10 @@ impl GpuBackend {
         Ok(out)
     }
 
-    /// Greedy next token, with the argmax (top 1) taken on the GPU: 4 bytes come back.
+    /// Greedy next token, with the argmax (top 1, no normaliser) taken on the GPU: 4 bytes
+    /// come back.
     async fn forward_greedy_async(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
-        Ok(self.forward_top(tokens, (vocab_limit, 1, 1.0), 1).await?[0])
+        Ok(self.forward_top(tokens, (vocab_limit, 1, 0.0), 1).await?[0])
     }
 
     /// Sampling candidates selected on the GPU: 2k + 1 words come back.

@@ -389,7 +389,8 @@ impl Kernels {
                 (gx, gy, 1),
             );
         }
-        let groups = (p.n.div_ceil(16), p.m.div_ceil(16), 1);
+        // matmul.wgsl's 16-row × 64-column tiles.
+        let groups = (p.n.div_ceil(64), p.m.div_ceil(16), 1);
         self.dispatch(
             ctx,
             encoder,

@@ -2,7 +2,8 @@
 // k = 1 is torch.argmax), and log Σ exp(x / T) over all of them. Sampling on the host then
 // needs only these 2k + 1 numbers: the normaliser says how much probability lies outside
 // the k candidates, and the row of logits is read back only when a draw lands there.
-// NaN logits are skipped, as the host sampler does.
+// NaN logits are skipped, as the host sampler does. An inverse temperature of 0 (greedy)
+// skips the normaliser.
 //
 // out: ids[0..k], then the values' bits [k..2k], then the log-normaliser's bits at 2k; an id
 // of 0xffffffff marks a missing candidate (len < k).
@@ -64,12 +65,14 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
         if (is_nan(v)) {
             continue;
         }
-        let xs = v * p.inv_temp;
-        if (xs > m) {
-            s = s * exp(m - xs) + 1.0;
-            m = xs;
-        } else {
-            s += exp(xs - m);
+        if (p.inv_temp > 0.0) {
+            let xs = v * p.inv_temp;
+            if (xs > m) {
+                s = s * exp(m - xs) + 1.0;
+                m = xs;
+            } else {
+                s += exp(xs - m);
+            }
         }
         // Ids arrive in increasing order, so an equal value never displaces a kept one.
         if (n < k || v > top_v[n - 1u]) {
@@ -114,6 +117,9 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
         workgroupBarrier();
     }
 
+    if (p.inv_temp == 0.0) {
+        return;
+    }
     lse_m[l] = m;
     lse_s[l] = s;
     workgroupBarrier();

@@ -6,3 +6,9 @@ fn w_at(i: u32) -> f32 {
     let pair = unpack2x16float(w[i >> 1u]);
     return select(pair.x, pair.y, (i & 1u) == 1u);
 }
+
+// Four consecutive values from i, a multiple of 4: two whole u32 words.
+fn w4_at(i: u32) -> vec4<f32> {
+    let at = i >> 1u;
+    return vec4<f32>(unpack2x16float(w[at]), unpack2x16float(w[at + 1u]));
+}

@@ -10,3 +10,8 @@ fn byte_at(o: u32) -> u32 {
 fn scale_at(o: u32) -> f32 {
     return unpack2x16float(byte_at(o) | (byte_at(o + 1u) << 8u)).x;
 }
+
+// Four consecutive values from i, a multiple of 4 (so within one 32-value block).
+fn w4_at(i: u32) -> vec4<f32> {
+    return vec4<f32>(w_at(i), w_at(i + 1u), w_at(i + 2u), w_at(i + 3u));
+}
