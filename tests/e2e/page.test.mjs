@@ -91,7 +91,7 @@ test('the bundled model loads on WebGPU by default and chat streams an answer', 
 test('window.medphi gives transformers\' greedy ids on both backends (the parity fixture)', async () => {
   const { page, errors, context } = await openPage();
   for (const backend of ['webgpu', 'cpu']) {
-    const info = await page.evaluate((b) => window.medphi.load({ url: FIXTURE, backend: b }), backend);
+    const info = await page.evaluate(([url, b]) => window.medphi.load({ url, backend: b }), [FIXTURE, backend]);
     assert.equal(info.backend, backend);
     const g = await page.evaluate(
       (prompt) => window.medphi.generate({ prompt, maxNewTokens: 64, temperature: 0 }),
@@ -111,7 +111,7 @@ test('window.medphi gives transformers\' greedy ids on both backends (the parity
 test('Stop ends a generation on each backend, from the API and from the button', async () => {
   const { page, errors, context } = await openPage();
   for (const backend of ['webgpu', 'cpu']) {
-    await page.evaluate((b) => window.medphi.load({ url: FIXTURE, backend: b }), backend);
+    await page.evaluate(([url, b]) => window.medphi.load({ url, backend: b }), [FIXTURE, backend]);
     const g = await page.evaluate((prompt) => {
       let pieces = 0;
       return window.medphi.generate({
