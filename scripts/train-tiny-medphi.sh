@@ -22,7 +22,7 @@ medphi train --stage pretrain --model-config "$WORK/config.json" --tokenizer "$W
   --data "$WORK/data/corpus.txt" --steps 1400 --batch-size 8 --seq-len 256 --lr 2e-3 --warmup 70 \
   --seed 1 --device cpu --out "$WORK/pretrain" --eval-every 100 --save-every 200
 medphi train --stage sft --init-from "$WORK/pretrain" --data "$WORK/data/sft.jsonl" \
-  --steps "${SFT_STEPS:-1000}" --batch-size 16 --seq-len 256 --lr 1e-3 --seed 1 --device cpu \
+  --steps 800 --batch-size 16 --seq-len 256 --lr 1e-3 --seed 1 --device cpu \
   --out "$WORK/sft" --eval-every 100 --save-every 200
 
 medphi eval --model "$WORK/sft" --task medqa_4options --data "$WORK/data/medqa_test.jsonl" \

@@ -1,6 +1,5 @@
-//! The bundled model, models/tiny-medphi, does what its model card says: the CLI uses it by
-//! default, it answers its held-out questions far above chance and it defines a phenotype
-//! it was taught about on topic.
+//! The bundled model, models/tiny-medphi: within its size budget, documented, the CLI's
+//! default, and scored on its held-out questions as its model card reports.
 #![cfg(not(target_arch = "wasm32"))] // native only; the page's tests are tests/e2e
 
 mod common;
@@ -12,6 +11,10 @@ use serde_json::Value;
 
 fn bundled() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-medphi")
+}
+
+fn json(path: PathBuf) -> Value {
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
 #[test]
@@ -26,20 +29,33 @@ fn fits_the_size_budget_and_has_its_model_card() {
     for needed in [
         "medphi train --stage pretrain",
         "medphi train --stage sft",
+        "medphi data tokenizer",
         "25%",
     ] {
         assert!(card.contains(needed), "the model card lacks {needed:?}");
     }
 }
 
-/// Below what the model card reports for these questions, by a margin for floating-point
-/// differences between machines; chance is 0.25.
-const ACCURACY_FLOOR: f64 = 0.40;
-
-/// The first 400 held-out questions: the whole file takes minutes in a debug build, and 400
-/// give a standard error near 2.5 points.
 #[test]
-fn answers_held_out_questions_far_above_chance() {
+fn the_cli_uses_it_by_default() {
+    let out = run_ok(medphi_cmd().env_remove("MEDPHI_MODEL").args([
+        "generate",
+        "--prompt",
+        "Instruct: What is macrocephaly?\nOutput:",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ]));
+    let g: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Its own 4,096-token vocabulary: the prompt is 9 tokens (Phi-2's would be 12).
+    assert_eq!(g["input_ids"].as_array().unwrap().len(), 9);
+    assert!(!g["output_ids"].as_array().unwrap().is_empty());
+}
+
+/// The model card's score on the first 400 held-out questions (its full-set score is in
+/// eval_results.json), within one question for floating-point differences between machines.
+#[test]
+fn held_out_score_matches_the_model_card() {
     let out = tempfile::tempdir().unwrap();
     run_ok(
         medphi_cmd()
@@ -56,31 +72,16 @@ fn answers_held_out_questions_far_above_chance() {
             .arg("--output")
             .arg(out.path()),
     );
-    let results: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let results = json(out.path().join("results.json"));
     let acc = results["results"]["medqa_4options"]["acc,none"]
         .as_f64()
         .unwrap();
     assert!(
-        acc >= ACCURACY_FLOOR,
-        "accuracy {acc} on held-out questions"
+        (acc - CARD_FIRST_400).abs() <= 1.0 / 400.0,
+        "accuracy {acc}"
     );
+    let card = std::fs::read_to_string(bundled().join("README.md")).unwrap();
+    assert!(card.contains(&format!("{:.1}%", CARD_FIRST_400 * 100.0)));
 }
 
-#[test]
-fn defines_macrocephaly_on_topic() {
-    let out = run_ok(medphi_cmd().env_remove("MEDPHI_MODEL").args([
-        "generate",
-        "--prompt",
-        "Instruct: What is macrocephaly?\nOutput:",
-        "--max-new-tokens",
-        "40",
-    ]));
-    let text = String::from_utf8(out.stdout).unwrap().to_lowercase();
-    assert!(
-        ["head", "skull", "cranial", "circumference"]
-            .iter()
-            .any(|w| text.contains(w)),
-        "off topic: {text}"
-    );
-}
+const CARD_FIRST_400: f64 = 0.28;
