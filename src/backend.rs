@@ -52,29 +52,20 @@ pub trait Backend {
     fn device_stats(&self) -> Option<DeviceStats> {
         None
     }
-    /// The logits row of the last position of the last forward call (for sampling after
-    /// `forward_top_k`, when the draw lands outside the candidates).
-    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>>;
     /// Runs `tokens` like `forward` and returns the `k` most likely next tokens among ids
-    /// below `vocab_limit`, with the row's log-normaliser at `temperature`. A backend that
-    /// can select them on its device overrides this, so sampling moves a few numbers
-    /// instead of a row of logits.
+    /// below `vocab_limit`, with the row's log-normaliser at `temperature`: what sampling
+    /// needs unless a draw lands outside the candidates. A GPU selects them on the device, so
+    /// a sampled token moves a few numbers instead of a row of logits.
     fn forward_top_k<'a>(
         &'a mut self,
         tokens: &'a [u32],
         k: usize,
         vocab_limit: usize,
         temperature: f32,
-    ) -> BoxFuture<'a, Result<TopK>> {
-        Box::pin(async move {
-            let logits = self.forward(tokens, Logits::Last).await?;
-            Ok(top_k(
-                &logits[..vocab_limit.min(logits.len())],
-                k,
-                temperature,
-            ))
-        })
-    }
+    ) -> BoxFuture<'a, Result<TopK>>;
+    /// The logits row behind the last `forward_top_k`, for a draw that lands outside its
+    /// candidates.
+    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>>;
     /// Runs `tokens` like `forward` and returns the most likely next token among ids below
     /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
     /// greedy decoding moves one id instead of a row of logits.
@@ -143,7 +134,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 pub struct CpuBackend {
     model: Phi,
     cache: KvCache,
-    /// The last position's logits from the last forward.
+    /// The row behind the last `forward_top_k` (moved out by `last_logits`).
     last_row: Vec<f32>,
 }
 
@@ -191,12 +182,27 @@ impl Backend for CpuBackend {
         Box::pin(async move { self.forward_now(tokens, which) })
     }
 
+    fn forward_top_k<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    ) -> BoxFuture<'a, Result<TopK>> {
+        Box::pin(async move {
+            let row = self.forward_now(tokens, Logits::Last)?;
+            let top = top_k(&row[..vocab_limit.min(row.len())], k, temperature);
+            self.last_row = row;
+            Ok(top)
+        })
+    }
+
     fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
         Box::pin(async move {
             if self.last_row.is_empty() {
-                return Err(Error::input("no forward has run yet"));
+                return Err(Error::input("no forward_top_k row to read"));
             }
-            Ok(self.last_row.clone())
+            Ok(std::mem::take(&mut self.last_row))
         })
     }
 }
@@ -205,14 +211,9 @@ impl CpuBackend {
     fn forward_now(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let input = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
-        let logits: Vec<f32> = logits
+        Ok(logits
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
-            .to_vec1()?;
-        let vocab = self.model.config().vocab_size;
-        self.last_row.clear();
-        self.last_row
-            .extend_from_slice(&logits[logits.len().saturating_sub(vocab)..]);
-        Ok(logits)
+            .to_vec1()?)
     }
 }

@@ -482,12 +482,6 @@ impl GpuBackend {
             let format = self.lm_head.format;
             k.matmul(ctx, &mut enc, p, format, (&s.h, w, bias, &logits))?;
         }
-        if which == Logits::All {
-            // `last_logits` always holds the last position's row (Backend::last_logits).
-            let row = u64::from(vocab) * 4;
-            let at = u64::from(rows - 1) * row;
-            enc.copy_buffer_to_buffer(&logits, at, &s.last_logits, 0, row);
-        }
         if let Some((limit, count, temperature)) = top {
             let inv_temp = if temperature > 0.0 {
                 1.0 / temperature
@@ -605,7 +599,7 @@ impl GpuBackend {
         })
     }
 
-    /// The last row of `last_logits`, still on the GPU from the last forward.
+    /// The row behind the last `forward_top_k`, still on the GPU in `last_logits`.
     async fn last_logits_async(&mut self) -> Result<Vec<f32>> {
         if self.len == 0 {
             return Err(Error::input("no forward has run yet"));
