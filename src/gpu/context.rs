@@ -19,6 +19,9 @@ pub struct GpuInfo {
     pub subgroups: bool,
 }
 
+/// Buffers are whole multiples of this many bytes, so kernels can bind them as vec4 arrays.
+const VEC4: usize = 16;
+
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
@@ -112,24 +115,32 @@ impl GpuContext {
         self.upload_bytes(label, bytemuck::cast_slice(data))
     }
 
-    /// A storage buffer holding `bytes` (wgpu zero-pads it to whole u32 words: GGML blocks
-    /// come in 18- and 34-byte units).
+    /// A storage buffer holding `bytes`, zero-padded to whole 16-byte vec4s: kernels read
+    /// f32 data as vec4s, and GGML blocks come in 18- and 34-byte units.
     pub fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
-        self.check_binding(label, bytes.len().next_multiple_of(4) as u64)?;
+        let size = bytes.len().max(1).next_multiple_of(VEC4);
+        self.check_binding(label, size as u64)?;
+        let padded;
+        let contents = if bytes.len() == size {
+            bytes
+        } else {
+            padded = [bytes, &[0; VEC4][..size - bytes.len()]].concat();
+            &padded
+        };
         Ok(self
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents: bytes,
+                contents,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,
             }))
     }
 
-    /// An uninitialised storage buffer of `len` f32s.
+    /// An uninitialised storage buffer of `len` f32s (padded to whole vec4s).
     pub fn storage(&self, label: &str, len: usize) -> Result<wgpu::Buffer> {
-        let size = (len.max(1) * 4) as u64;
+        let size = (len.max(1) * 4).next_multiple_of(VEC4) as u64;
         self.check_binding(label, size)?;
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

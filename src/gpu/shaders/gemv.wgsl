@@ -7,6 +7,8 @@
 // on discrete GPUs it may win, which needs measuring on one.
 // Parameters and bindings: matmul_params.wgsl.
 
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let col = id.y * nw.x * 256u + id.x;

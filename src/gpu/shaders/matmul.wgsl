@@ -5,8 +5,8 @@
 //
 // A workgroup of 16 × 4 threads computes a 16-row × 64-column tile of y; each thread keeps a
 // 4 × 4 block of it in registers. Per step of 16 along k, the x tile (16 × 16) and the w tile
-// (64 × 16) are staged in workgroup memory as vec4s of four consecutive k (whole vec4 weight
-// loads where the format allows, `w4_at`), and every vec4 a thread reads back feeds four dot
+// (64 × 16) are staged in workgroup memory as vec4s of four consecutive k (whole vec4 loads of
+// x, and of w where the format allows, `w4_at`), and every vec4 a thread reads back feeds four dot
 // products: a quarter of the workgroup-memory traffic per multiply of one output per thread.
 // Tiles are 16 rows tall because prompts are often short: taller tiles would mostly multiply
 // padding.
@@ -18,14 +18,23 @@ const TK: u32 = 16u;
 var<workgroup> xs: array<vec4<f32>, 64>;
 var<workgroup> ws: array<vec4<f32>, 256>;
 
+// x as vec4s: whole 16-byte loads when rows are whole vec4s (k a multiple of 4, as in every
+// real model); buffers are padded to 16 bytes so the last partial vec4 is addressable.
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+
 // x[row, kk..kk+4], zero outside the matrix.
 fn x4(row: u32, kk: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if (row < p.m) {
-        for (var j = 0u; j < 4u; j++) {
-            if (kk + j < p.k) {
-                v[j] = x[row * p.k + kk + j];
-            }
+    if (row >= p.m) {
+        return v;
+    }
+    let at = row * p.k + kk;
+    if (p.k % 4u == 0u && kk + 4u <= p.k) {
+        return x[at >> 2u];
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (kk + j < p.k) {
+            v[j] = x[(at + j) >> 2u][(at + j) & 3u];
         }
     }
     return v;

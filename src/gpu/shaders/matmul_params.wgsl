@@ -1,5 +1,6 @@
 // Parameters and bindings shared by matmul.wgsl and gemv.wgsl (prepended to each, with one
-// weights_*.wgsl that binds `w` at binding 2 and defines `w_at`):
+// weights_*.wgsl that binds `w` at binding 2 and defines `w_at`; each kernel binds x at 1 as
+// it reads it):
 // y[row * ldy + col_offset + col] = x[row, :] · w[col, :] + b[col].
 
 struct Params {
@@ -14,6 +15,5 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> b: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;

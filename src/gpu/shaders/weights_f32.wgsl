@@ -1,12 +1,13 @@
-// Weights as plain f32. Every weight format defines the binding `w` and `w_at(i)`, the
-// i-th value of the row-major matrix, so one matmul/gemv/embedding source serves all.
-@group(0) @binding(2) var<storage, read> w: array<f32>;
+// Weights as plain f32, bound as vec4s (buffers are padded to 16 bytes). Every weight format
+// defines the binding `w`, `w_at(i)`, the i-th value of the row-major matrix, and `w4_at(i)`,
+// four values from a multiple of 4, so one matmul/gemv/embedding source serves all.
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 
 fn w_at(i: u32) -> f32 {
-    return w[i];
+    return w[i >> 2u][i & 3u];
 }
 
-// Four consecutive values from i (a multiple of 4 for every caller); matmul.wgsl's tile loads.
+// One 16-byte load: matmul.wgsl's tile staging.
 fn w4_at(i: u32) -> vec4<f32> {
-    return vec4<f32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
+    return w[i >> 2u];
 }
