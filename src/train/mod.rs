@@ -319,18 +319,18 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
         let (mut loss_sum, mut tokens) = (0.0, 0);
         let (mut accuracy, mut margin) = (0.0, 0.0);
-        for micro in 0..c.grad_accum {
-            let first =
-                ((self.step - 1) * c.grad_accum as u64 + micro as u64) * c.batch_size as u64;
-            let idx: Vec<usize> = (0..c.batch_size as u64)
-                .map(|j| self.order.get(first + j))
-                .collect();
-            let model = self.current_model()?;
-            let model = model.get();
-            let device = self.params.device();
+        let first = (self.step - 1) * (c.grad_accum * c.batch_size) as u64;
+        let step_examples: Vec<usize> = (0..(c.grad_accum * c.batch_size) as u64)
+            .map(|j| self.order.get(first + j))
+            .collect();
+        // The weights only change after the last micro-batch: one model serves them all.
+        let model = self.current_model()?;
+        let model = model.get();
+        let device = self.params.device();
+        for idx in step_examples.chunks(c.batch_size) {
             let loss = match &self.objective {
                 Objective::Lm(examples) => {
-                    let batch = examples.batch(&idx, &device)?;
+                    let batch = examples.batch(idx, &device)?;
                     tokens += batch.input.elem_count();
                     masked_loss(model, &batch)?
                 }
@@ -339,7 +339,7 @@ impl Trainer {
                     rejected,
                     reference,
                 } => {
-                    let (bc, br) = (chosen.batch(&idx, &device)?, rejected.batch(&idx, &device)?);
+                    let (bc, br) = (chosen.batch(idx, &device)?, rejected.batch(idx, &device)?);
                     tokens += bc.input.elem_count() + br.input.elem_count();
                     let (loss, acc, m) = dpo_loss(model, reference, (&bc, &br), c.beta)?;
                     accuracy += acc / c.grad_accum as f64;
