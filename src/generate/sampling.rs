@@ -104,6 +104,24 @@ pub fn top_k(logits: &[f32], k: usize, temperature: f32) -> TopK {
     }
 }
 
+/// `exp(logit / temp)` of `logits` (largest first) normalised to sum to 1.
+fn softmax(logits: &[f32], temp: f32) -> Vec<f32> {
+    let max = logits[0] / temp;
+    let e: Vec<f32> = logits.iter().map(|l| (l / temp - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|p| p / sum).collect()
+}
+
+/// The last index of the nucleus: the smallest prefix of `probs` (largest first) whose mass
+/// reaches `top_p`; `None` when rounding leaves the whole of `probs` short of it.
+fn nucleus(probs: &[f32], top_p: f64) -> Option<usize> {
+    let mut mass = 0.0;
+    probs.iter().position(|p| {
+        mass += p;
+        f64::from(mass) >= top_p
+    })
+}
+
 /// Index of the entry of `probs` where the running draw `r` runs out, if it does.
 fn walk(probs: &[f32], mut r: f32) -> Option<usize> {
     for (i, p) in probs.iter().enumerate() {
@@ -157,15 +175,7 @@ impl Sampler {
         let u = self.rng.random::<f32>();
         let (probs, whole) = match self.params.top_k {
             // Every token `sample` would keep is here: renormalise over them as it does.
-            Some(k) if k <= top.ids.len() => {
-                let max = top.logits[0] / temp;
-                let e: Vec<f32> = top.logits[..k]
-                    .iter()
-                    .map(|l| (l / temp - max).exp())
-                    .collect();
-                let sum: f32 = e.iter().sum();
-                (e.iter().map(|p| p / sum).collect::<Vec<_>>(), true)
-            }
+            Some(k) if k <= top.ids.len() => (softmax(&top.logits[..k], temp), true),
             // Each candidate's share of the whole row.
             _ => (
                 top.logits
@@ -175,26 +185,21 @@ impl Sampler {
                 false,
             ),
         };
-        let decided = match self.params.top_p {
-            Some(top_p) => {
-                let mut mass = 0.0;
-                let nucleus = probs.iter().position(|p| {
-                    mass += p;
-                    f64::from(mass) >= top_p
-                });
-                match nucleus {
-                    Some(last) => {
-                        let kept = &probs[..=last];
-                        walk(kept, u * kept.iter().sum::<f32>()).or(Some(last))
-                    }
-                    // Rounding kept the whole top-k set short of top_p: `sample` keeps it all.
-                    None if whole => walk(&probs, u * mass).or(Some(probs.len() - 1)),
-                    None => None,
+        let decided = match (self.params.top_p, whole) {
+            (Some(top_p), _) => match nucleus(&probs, top_p) {
+                Some(last) => {
+                    let kept = &probs[..=last];
+                    walk(kept, u * kept.iter().sum::<f32>()).or(Some(last))
                 }
-            }
-            None if whole => walk(&probs, u).or(Some(probs.len() - 1)),
+                // Rounding kept the whole top-k set short of top_p: `sample` keeps it all.
+                None if whole => {
+                    walk(&probs, u * probs.iter().sum::<f32>()).or(Some(probs.len() - 1))
+                }
+                None => None,
+            },
+            (None, true) => walk(&probs, u).or(Some(probs.len() - 1)),
             // The row's total mass is 1: the draw lands on a candidate or beyond them.
-            None => walk(&probs, u),
+            (None, false) => walk(&probs, u),
         };
         Ok(match decided {
             Some(i) => Some(top.ids[i]),
@@ -223,38 +228,13 @@ impl Sampler {
             return Ok(argmax(logits));
         }
         let temp = self.params.temperature as f32;
-        let mut cands: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| !l.is_nan())
-            .map(|(i, &l)| (i as u32, l / temp))
-            .collect();
-        if cands.is_empty() {
+        let top = top_k(logits, self.params.top_k.unwrap_or(logits.len()), temp);
+        if top.ids.is_empty() {
             return Err(Error::input("all logits are NaN"));
         }
-        if let Some(k) = self.params.top_k {
-            if k < cands.len() {
-                cands.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-                cands.truncate(k);
-            }
-        }
-        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        let max = cands[0].1;
-        let mut probs: Vec<f32> = cands.iter().map(|&(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if let Some(top_p) = self.params.top_p {
-            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                mass += p;
-                if f64::from(mass) >= top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
+        let mut probs = softmax(&top.logits, temp);
+        if let Some(last) = self.params.top_p.and_then(|p| nucleus(&probs, p)) {
+            probs.truncate(last + 1);
         }
         let total: f32 = probs.iter().sum();
         let u = self
@@ -262,7 +242,7 @@ impl Sampler {
             .take()
             .unwrap_or_else(|| self.rng.random::<f32>());
         let i = walk(&probs, u * total).unwrap_or(probs.len() - 1);
-        Ok(cands[i].0)
+        Ok(top.ids[i])
     }
 }
 
