@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{fixtures, session};
-use medphi::eval::{evaluate_item, task_metrics, Item, Task};
+use medphi::backend::{Backend, CpuBackend};
+use medphi::eval::{evaluate_item, sample_json, task_metrics, Item, Sample, Task};
+use medphi::generate::Session;
+use medphi::model::Logits;
+use medphi::tokenizer::PhiTokenizer;
 use pollster::block_on;
 use serde_json::Value;
 
@@ -49,6 +53,23 @@ fn load(task: &str, file: &str) -> Vec<Item> {
     let path = benchmarks().join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     task.parse::<Task>().unwrap().load(&text, file).unwrap()
+}
+
+fn score(
+    session: &mut Session<CpuBackend>,
+    tokenizer: &PhiTokenizer,
+    doc_id: usize,
+    item: &Item,
+    share_prefix: bool,
+) -> Sample {
+    block_on(evaluate_item(
+        session.backend_mut(),
+        tokenizer,
+        doc_id,
+        item,
+        share_prefix,
+    ))
+    .unwrap()
 }
 
 fn lm_eval_samples(task: &str) -> Vec<Value> {
@@ -106,14 +127,7 @@ fn loglikelihoods_predictions_and_metrics_match_lm_eval() {
         let theirs = lm_eval_samples(task);
         let mut samples = Vec::new();
         for (doc_id, (item, s)) in items.iter().zip(&theirs).enumerate() {
-            let ours = block_on(evaluate_item(
-                session.backend_mut(),
-                &tokenizer,
-                doc_id,
-                item,
-                true,
-            ))
-            .unwrap();
+            let ours = score(&mut session, &tokenizer, doc_id, item, true);
             for (mine, resp) in ours
                 .scores
                 .iter()
@@ -170,22 +184,8 @@ fn scoring_choices_from_scratch_gives_the_same_numbers() {
     let (mut session, tokenizer) = session("tiny-phi");
     for (task, file) in [TASKS[0], TASKS[1]] {
         for (doc_id, item) in load(task, file).iter().enumerate().take(6) {
-            let shared = block_on(evaluate_item(
-                session.backend_mut(),
-                &tokenizer,
-                doc_id,
-                item,
-                true,
-            ))
-            .unwrap();
-            let scratch = block_on(evaluate_item(
-                session.backend_mut(),
-                &tokenizer,
-                doc_id,
-                item,
-                false,
-            ))
-            .unwrap();
+            let shared = score(&mut session, &tokenizer, doc_id, item, true);
+            let scratch = score(&mut session, &tokenizer, doc_id, item, false);
             for (a, b) in shared.scores.iter().zip(&scratch.scores) {
                 assert!(
                     (a.loglikelihood - b.loglikelihood).abs() < 1e-4,
@@ -194,6 +194,59 @@ fn scoring_choices_from_scratch_gives_the_same_numbers() {
             }
         }
     }
+}
+
+#[test]
+fn mutual_information_subtracts_each_choice_scored_alone_after_eos() {
+    // lm-eval's unconditional request is ("", choice): the choice, without the space the
+    // conditional continuation gets, after the end-of-text token.
+    let (mut session, tokenizer) = session("tiny-phi");
+    let eos = tokenizer.eos_token_id().unwrap();
+    let vocab = session.backend().config().vocab_size;
+    let mut changed = 0;
+    for (doc_id, item) in load("medqa_4options_continuation", TASKS[0].1)
+        .iter()
+        .enumerate()
+    {
+        let s = score(&mut session, &tokenizer, doc_id, item, true);
+        assert_eq!(s.unconditional.len(), item.choices.len());
+        let mut pmi = Vec::new();
+        for ((choice, cond), alone) in item.choices.iter().zip(&s.scores).zip(&s.unconditional) {
+            let ids: Vec<u32> = std::iter::once(eos)
+                .chain(tokenizer.encode(choice).unwrap())
+                .collect();
+            let backend = session.backend_mut();
+            backend.truncate(0);
+            let rows = block_on(backend.forward(&ids[..ids.len() - 1], Logits::All)).unwrap();
+            let mut ll = 0.0;
+            for (row, &t) in rows.chunks(vocab).zip(&ids[1..]) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
+                ll += f64::from(row[t as usize] - max) - sum.ln();
+            }
+            assert!(
+                (alone.loglikelihood - ll).abs() < 1e-4,
+                "doc {doc_id} {choice}"
+            );
+            pmi.push(cond.loglikelihood - ll);
+        }
+        let best = (0..pmi.len()).fold(0, |b, i| if pmi[i] > pmi[b] { i } else { b });
+        assert_eq!(s.pred_mutual_info, Some(best));
+        assert_eq!(s.acc_mutual_info, Some(best == item.gold));
+        changed += usize::from(best != s.pred);
+        let line = sample_json(item, &s);
+        assert_eq!(line["arguments"].as_array().unwrap().len(), 8);
+        assert_eq!(
+            line["arguments"][4],
+            serde_json::json!(["", item.choices[0]])
+        );
+    }
+    // The metric is not acc under another name: on these questions it often disagrees.
+    assert!(changed > 0);
+    // Letter-scored items carry no unconditional requests.
+    let letters = &load("medqa_4options", TASKS[0].1)[0];
+    let s = score(&mut session, &tokenizer, 0, letters, true);
+    assert!(s.unconditional.is_empty() && s.acc_mutual_info.is_none());
 }
 
 #[test]
@@ -235,6 +288,22 @@ fn medexqa_tsv_uses_mmlus_template() {
          Which valve?\nA. Mitral\nB. Aortic\nC. Tricuspid\nD. Pulmonary\nAnswer:"
     );
     assert_eq!(items[0].gold, 0);
+}
+
+#[test]
+fn medqa_continuation_scores_the_option_texts_after_the_bare_question() {
+    let letters = load("medqa_4options", TASKS[0].1);
+    let texts = load("medqa_4options_continuation", TASKS[0].1);
+    assert_eq!(letters.len(), texts.len());
+    for (l, t) in letters.iter().zip(&texts) {
+        let question = l.doc["question"].as_str().unwrap();
+        assert_eq!(t.context, format!("Question: {question}\nAnswer:"));
+        assert_eq!(t.gold, l.gold);
+        for (letter, text) in l.choices.iter().zip(&t.choices) {
+            assert_eq!(&l.doc["options"][letter.as_str()].as_str().unwrap(), text);
+        }
+        assert_eq!(t.choices[t.gold], l.doc["answer"].as_str().unwrap());
+    }
 }
 
 /// Runs `medphi eval` with `args` into a fresh folder; returns it and its results.json.
@@ -294,6 +363,30 @@ fn cli_writes_lm_eval_results_and_samples() {
         assert_eq!(mine["filtered_resps"].as_array().unwrap().len(), 4);
         assert!(mine["filtered_resps"][0][1].is_boolean());
     }
+}
+
+#[test]
+fn cli_reports_mutual_information_for_the_continuation_form() {
+    let (out, results) = run_eval(&["--task", "medqa_4options_continuation", "--data", &data(0)]);
+    let m = &results["results"]["medqa_4options_continuation"];
+    let lines: Vec<Value> =
+        std::fs::read_to_string(out.path().join("samples_medqa_4options_continuation.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(lines.len(), 20);
+    let mean = lines
+        .iter()
+        .map(|l| l["acc_mutual_info"].as_f64().unwrap())
+        .sum::<f64>()
+        / 20.0;
+    assert!((m["acc_mutual_info,none"].as_f64().unwrap() - mean).abs() < 1e-12);
+    assert!(m["acc_mutual_info_stderr,none"].is_number());
+    assert_eq!(
+        results["higher_is_better"]["medqa_4options_continuation"]["acc_mutual_info"],
+        true
+    );
 }
 
 #[test]

@@ -17,7 +17,8 @@ use super::ModelArgs;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// lm-eval's multiple_choice: log-likelihood of each choice (acc, acc_norm).
+    /// lm-eval's multiple_choice: log-likelihood of each choice (acc, acc_norm; acc_mutual_info
+    /// for the continuation tasks).
     Loglikelihood,
     /// Chat-style: greedy free-text answer, option read out of it (exact_match).
     Generate,
@@ -164,15 +165,25 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    let higher = match args.mode {
-        Mode::Loglikelihood => json!({"acc": true, "acc_norm": true}),
-        Mode::Generate => json!({"exact_match": true}),
-    };
+    // Every metric a task reports is an accuracy: higher is better.
+    let higher: serde_json::Map<String, Value> = results
+        .iter()
+        .map(|(name, metrics)| {
+            let metrics = metrics.as_object().expect("built above");
+            let names = metrics
+                .keys()
+                .filter_map(|k| k.strip_suffix(",none"))
+                .filter(|k| !k.contains("stderr"))
+                .map(|k| (k.to_string(), json!(true)))
+                .collect::<serde_json::Map<_, _>>();
+            (name.clone(), Value::Object(names))
+        })
+        .collect();
     let out = json!({
         "results": results,
         "n-samples": n_samples,
         "n-shot": per_task(json!(0)),
-        "higher_is_better": per_task(higher),
+        "higher_is_better": higher,
         "config": {
             "model": "medphi",
             "model_args": format!("pretrained={}", args.model.model.display()),

@@ -77,6 +77,7 @@ mod tests {
             context: String::new(),
             choices: vec!["A".into(), "B".into(), "C".into(), "D".into()],
             gold: 1,
+            mutual_info: false,
         }
     }
 
@@ -99,6 +100,7 @@ mod tests {
             context: String::new(),
             choices: vec!["yes".into(), "no".into(), "maybe".into()],
             gold: 0,
+            mutual_info: false,
         };
         assert_eq!(extract_choice(" Yes, it does.", &it), Some(0));
         assert_eq!(extract_choice("maybe", &it), Some(2));

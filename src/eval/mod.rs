@@ -12,7 +12,7 @@ mod tasks;
 use serde_json::{json, Value};
 
 pub use generative::{extract_choice, GenerativeResult};
-pub use scoring::{score_item, ChoiceScore};
+pub use scoring::{score_item, score_unconditional, ChoiceScore};
 pub use tasks::{Item, Task, MMLU_MEDICAL};
 
 use crate::backend::Backend;
@@ -29,6 +29,11 @@ pub struct Sample {
     pub pred_norm: usize,
     pub acc: bool,
     pub acc_norm: bool,
+    /// Each choice without the context, and whether the choice the context raised most is
+    /// the gold one; only for items that ask for `acc_mutual_info`.
+    pub unconditional: Vec<ChoiceScore>,
+    pub pred_mutual_info: Option<usize>,
+    pub acc_mutual_info: Option<bool>,
 }
 
 /// First index of the maximum, as `numpy.argmax`.
@@ -42,8 +47,9 @@ fn first_argmax(values: impl Iterator<Item = f64>) -> usize {
     best.0
 }
 
-/// Scores one item and decides `acc` (argmax of log-likelihood) and `acc_norm` (argmax of
-/// log-likelihood per character of the choice).
+/// Scores one item and decides `acc` (argmax of log-likelihood), `acc_norm` (argmax of
+/// log-likelihood per character of the choice) and, where the item asks for it,
+/// `acc_mutual_info` (argmax of log-likelihood minus the choice's own).
 pub async fn evaluate_item(
     backend: &mut dyn Backend,
     tokenizer: &PhiTokenizer,
@@ -59,6 +65,18 @@ pub async fn evaluate_item(
             .zip(&item.choices)
             .map(|(s, c)| s.loglikelihood / c.chars().count() as f64),
     );
+    let (unconditional, pred_mutual_info) = if item.mutual_info {
+        let alone = score_unconditional(backend, tokenizer, item).await?;
+        let pred = first_argmax(
+            scores
+                .iter()
+                .zip(&alone)
+                .map(|(s, u)| s.loglikelihood - u.loglikelihood),
+        );
+        (alone, Some(pred))
+    } else {
+        (Vec::new(), None)
+    };
     Ok(Sample {
         doc_id,
         scores,
@@ -66,6 +84,9 @@ pub async fn evaluate_item(
         pred_norm,
         acc: pred == item.gold,
         acc_norm: pred_norm == item.gold,
+        unconditional,
+        pred_mutual_info,
+        acc_mutual_info: pred_mutual_info.map(|p| p == item.gold),
     })
 }
 
@@ -90,28 +111,45 @@ pub fn task_metrics(task: &str, samples: &[Sample]) -> Value {
     };
     let (acc, acc_se) = mean_stderr(&bools(|s| s.acc));
     let (norm, norm_se) = mean_stderr(&bools(|s| s.acc_norm));
-    json!({
+    let stderr = |se: Option<f64>| se.map_or(json!("N/A"), |v| json!(v));
+    let mut metrics = json!({
         "alias": task,
         "acc,none": acc,
-        "acc_stderr,none": acc_se.map_or(json!("N/A"), |v| json!(v)),
+        "acc_stderr,none": stderr(acc_se),
         "acc_norm,none": norm,
-        "acc_norm_stderr,none": norm_se.map_or(json!("N/A"), |v| json!(v)),
-    })
+        "acc_norm_stderr,none": stderr(norm_se),
+    });
+    let mutual: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.acc_mutual_info)
+        .map(|ok| f64::from(u8::from(ok)))
+        .collect();
+    if !mutual.is_empty() {
+        let (mi, mi_se) = mean_stderr(&mutual);
+        metrics["acc_mutual_info,none"] = json!(mi);
+        metrics["acc_mutual_info_stderr,none"] = stderr(mi_se);
+    }
+    metrics
 }
 
-/// One line of lm-eval's `samples_<task>.jsonl`.
+/// One line of lm-eval's `samples_<task>.jsonl`; the unconditional requests follow the
+/// conditional ones, in the order lm-eval makes them.
 pub fn sample_json(item: &Item, sample: &Sample) -> Value {
     let resps: Vec<Value> = sample
         .scores
         .iter()
+        .chain(&sample.unconditional)
         .map(|s| json!([s.loglikelihood, s.is_greedy]))
         .collect();
-    let arguments: Vec<Value> = item
+    let mut arguments: Vec<Value> = item
         .choices
         .iter()
         .map(|c| json!([item.context, format!(" {c}")]))
         .collect();
-    json!({
+    if !sample.unconditional.is_empty() {
+        arguments.extend(item.choices.iter().map(|c| json!(["", c])));
+    }
+    let mut line = json!({
         "doc_id": sample.doc_id,
         "doc": item.doc,
         "target": item.gold,
@@ -120,5 +158,9 @@ pub fn sample_json(item: &Item, sample: &Sample) -> Value {
         "filtered_resps": resps,
         "acc": f64::from(u8::from(sample.acc)),
         "acc_norm": f64::from(u8::from(sample.acc_norm)),
-    })
+    });
+    if let Some(ok) = sample.acc_mutual_info {
+        line["acc_mutual_info"] = json!(f64::from(u8::from(ok)));
+    }
+    line
 }

@@ -7,6 +7,8 @@
 //! the model sees `(enc(c) + cont_tokens)[-(L+1):][:-1]` (left-truncated to its context L),
 //! and the log-likelihood is the sum of log-softmax (over every logit row, padding
 //! included) at the continuation tokens. `is_greedy` says whether each was the argmax.
+//! An empty context (lm-eval's unconditional request `("", x)` for `acc_mutual_info`) is
+//! the end-of-text token, and the continuation is `x` itself, encoded alone.
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -28,27 +30,25 @@ struct Pair {
     continuation: Vec<u32>,
 }
 
-fn encode_pair(tokenizer: &PhiTokenizer, context: &str, choice: &str, eos: u32) -> Result<Pair> {
-    let continuation = format!(" {choice}");
+fn encode_pair(
+    tokenizer: &PhiTokenizer,
+    context: &str,
+    continuation: &str,
+    eos: u32,
+) -> Result<Pair> {
     let trimmed = context.trim_end();
-    let (context, continuation) = if trimmed.len() < context.len() {
-        (
-            trimmed.to_string(),
-            format!("{}{continuation}", &context[trimmed.len()..]),
-        )
+    let continuation = format!("{}{continuation}", &context[trimmed.len()..]);
+    let (context_ids, continuation_ids) = if trimmed.is_empty() {
+        (vec![eos], tokenizer.encode(&continuation)?)
     } else {
-        (context.to_string(), continuation)
+        let context_ids = tokenizer.encode(trimmed)?;
+        let whole = tokenizer.encode(&format!("{trimmed}{continuation}"))?;
+        let rest = whole.get(context_ids.len()..).unwrap_or(&[]).to_vec();
+        (context_ids, rest)
     };
-    let whole = tokenizer.encode(&format!("{context}{continuation}"))?;
-    let context_ids = if context.is_empty() {
-        vec![eos]
-    } else {
-        tokenizer.encode(&context)?
-    };
-    let continuation_ids = whole.get(context_ids.len()..).unwrap_or(&[]).to_vec();
     if continuation_ids.is_empty() {
         return Err(Error::input(format!(
-            "choice {choice:?} tokenizes to nothing after its context"
+            "choice {continuation:?} tokenizes to nothing after its context"
         )));
     }
     Ok(Pair {
@@ -90,20 +90,47 @@ pub async fn score_item(
     item: &Item,
     share_prefix: bool,
 ) -> Result<Vec<ChoiceScore>> {
-    let vocab = backend.config().vocab_size;
-    let eos = tokenizer
-        .eos_token_id()
-        .or(backend.config().eos_token_id)
-        .unwrap_or(0);
-    let max_len = backend.capacity();
+    let eos = eos(backend, tokenizer);
     let pairs = item
         .choices
         .iter()
-        .map(|c| encode_pair(tokenizer, &item.context, c, eos))
+        .map(|c| encode_pair(tokenizer, &item.context, &format!(" {c}"), eos))
         .collect::<Result<Vec<_>>>()?;
+    score_pairs(backend, &pairs, share_prefix).await
+}
+
+/// Scores every choice of `item` without its context (lm-eval's unconditional requests).
+pub async fn score_unconditional(
+    backend: &mut dyn Backend,
+    tokenizer: &PhiTokenizer,
+    item: &Item,
+) -> Result<Vec<ChoiceScore>> {
+    let eos = eos(backend, tokenizer);
+    let pairs = item
+        .choices
+        .iter()
+        .map(|c| encode_pair(tokenizer, "", c, eos))
+        .collect::<Result<Vec<_>>>()?;
+    score_pairs(backend, &pairs, true).await
+}
+
+fn eos(backend: &dyn Backend, tokenizer: &PhiTokenizer) -> u32 {
+    tokenizer
+        .eos_token_id()
+        .or(backend.config().eos_token_id)
+        .unwrap_or(0)
+}
+
+async fn score_pairs(
+    backend: &mut dyn Backend,
+    pairs: &[Pair],
+    share_prefix: bool,
+) -> Result<Vec<ChoiceScore>> {
+    let vocab = backend.config().vocab_size;
+    let max_len = backend.capacity();
     let mut prefix: Option<(Vec<u32>, Vec<f32>)> = None;
     let mut scores = Vec::with_capacity(pairs.len());
-    for pair in &pairs {
+    for pair in pairs {
         let (ctx, cont) = (&pair.context, &pair.continuation);
         let fits = ctx.len() + cont.len() <= max_len + 1;
         if share_prefix && fits {

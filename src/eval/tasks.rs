@@ -4,10 +4,18 @@
 //! | task | file | lm-eval prompt (`doc_to_text`) | choices |
 //! |---|---|---|---|
 //! | `medqa_4options` | MedQA US 4-option JSON lines (`question`, `options` A–D, `answer_idx`) | `Question: {q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:` | A B C D |
+//! | `medqa_4options_continuation` | as `medqa_4options` | `Question: {q}\nAnswer:` | the four option texts |
 //! | `pubmedqa` | PubMedQA labelled JSON keyed by PMID (`QUESTION`, `CONTEXTS`, `final_decision`) | `Abstract: {contexts joined by \n}\nQuestion: {q}\nAnswer:` | yes no maybe |
 //! | `medmcqa` | MedMCQA JSON lines (`question`, `opa`..`opd`, `cop` 1-based) | `Question: {q}\nChoices:\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:` | A B C D |
 //! | `mmlu_<subject>` | MMLU headerless CSV (question, A, B, C, D, answer letter) | `The following are multiple choice questions (with answers) about {subject with spaces}.\n\n{q.strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:` | A B C D |
 //! | `medexqa_<specialty>` | MedExQA TSV (question, A, B, C, D, explanation 1, explanation 2, answer letter) | as MMLU, with the specialty as subject (MedExQA has no lm-eval task; this is MMLU's template) | A B C D |
+//!
+//! The continuation form is lm-eval's `mmlu_continuation` template applied to MedQA: the options
+//! are not shown and each option's text is scored as the answer, so it measures what a model
+//! knows without asking it to bind letters to options (which small models cannot do; lm-eval
+//! added the continuation variants for them). It also reports lm-eval's `acc_mutual_info`,
+//! which subtracts each option's log-likelihood without the question, so an option is not
+//! chosen for being short or common but for what the question adds to it.
 //!
 //! Sources: lm-eval's `tasks/medqa/preprocess_medqa.py`, `tasks/pubmedqa/preprocess_pubmedqa.py`,
 //! `tasks/medmcqa/utils_medmcqa.py` and `tasks/mmlu/default/_default_template_yaml`.
@@ -36,11 +44,15 @@ pub struct Item {
     pub choices: Vec<String>,
     /// Index of the correct choice.
     pub gold: usize,
+    /// Also score each choice alone after the end-of-text token and report lm-eval's
+    /// `acc_mutual_info` (the argmax of log P(choice | context) − log P(choice)).
+    pub mutual_info: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Task {
     MedQa4,
+    MedQa4Continuation,
     PubMedQa,
     MedMcqa,
     Mmlu(String),
@@ -54,6 +66,7 @@ impl std::str::FromStr for Task {
     fn from_str(name: &str) -> Result<Self> {
         match name {
             "medqa_4options" => Ok(Task::MedQa4),
+            "medqa_4options_continuation" => Ok(Task::MedQa4Continuation),
             "pubmedqa" => Ok(Task::PubMedQa),
             "medmcqa" => Ok(Task::MedMcqa),
             _ => {
@@ -72,7 +85,7 @@ impl std::str::FromStr for Task {
                     }
                 }
                 Err(Error::input(format!(
-                    "unknown task {name:?}; known: medqa_4options, pubmedqa, medmcqa, {}, medexqa_<specialty>",
+                    "unknown task {name:?}; known: medqa_4options, medqa_4options_continuation, pubmedqa, medmcqa, {}, medexqa_<specialty>",
                     MMLU_MEDICAL.map(|s| format!("mmlu_{s}")).join(", ")
                 )))
             }
@@ -84,6 +97,7 @@ impl Task {
     pub fn name(&self) -> String {
         match self {
             Task::MedQa4 => "medqa_4options".into(),
+            Task::MedQa4Continuation => "medqa_4options_continuation".into(),
             Task::PubMedQa => "pubmedqa".into(),
             Task::MedMcqa => "medmcqa".into(),
             Task::Mmlu(s) => format!("mmlu_{s}"),
@@ -95,6 +109,7 @@ impl Task {
     pub fn load(&self, text: &str, file: &str) -> Result<Vec<Item>> {
         let items = match self {
             Task::MedQa4 => json_lines(text, file, medqa_item)?,
+            Task::MedQa4Continuation => json_lines(text, file, medqa_continuation_item)?,
             Task::MedMcqa => json_lines(text, file, medmcqa_item)?,
             Task::PubMedQa => pubmedqa(text, file)?,
             Task::Mmlu(subject) => delimited(text, file, b',', 6, |r| {
@@ -142,15 +157,22 @@ fn letter_index(letter: &str) -> std::result::Result<usize, String> {
         .ok_or_else(|| format!("answer {letter:?} is not one of A, B, C, D"))
 }
 
-fn medqa_item(doc: Value) -> std::result::Result<Item, String> {
-    let question = field(&doc, "question")?;
+/// The question and its four options in letter order.
+fn medqa_fields(doc: &Value) -> std::result::Result<(&str, [&str; 4]), String> {
+    let question = field(doc, "question")?;
     let options = doc.get("options").ok_or("missing object field `options`")?;
+    let mut texts = [""; 4];
+    for (text, l) in texts.iter_mut().zip(LETTERS) {
+        *text = field(options, l).map_err(|e| format!("options: {e}"))?;
+    }
+    Ok((question, texts))
+}
+
+fn medqa_item(doc: Value) -> std::result::Result<Item, String> {
+    let (question, options) = medqa_fields(&doc)?;
     let mut context = format!("Question: {question}\n");
-    for l in LETTERS {
-        context.push_str(&format!(
-            "{l}. {}\n",
-            field(options, l).map_err(|e| format!("options: {e}"))?
-        ));
+    for (l, text) in LETTERS.iter().zip(options) {
+        context.push_str(&format!("{l}. {text}\n"));
     }
     context.push_str("Answer:");
     let gold = letter_index(field(&doc, "answer_idx")?)?;
@@ -159,6 +181,21 @@ fn medqa_item(doc: Value) -> std::result::Result<Item, String> {
         choices: LETTERS.map(String::from).to_vec(),
         gold,
         doc,
+        mutual_info: false,
+    })
+}
+
+fn medqa_continuation_item(doc: Value) -> std::result::Result<Item, String> {
+    let (question, options) = medqa_fields(&doc)?;
+    let context = format!("Question: {question}\nAnswer:");
+    let choices = options.map(String::from).to_vec();
+    let gold = letter_index(field(&doc, "answer_idx")?)?;
+    Ok(Item {
+        context,
+        choices,
+        gold,
+        doc,
+        mutual_info: true,
     })
 }
 
@@ -181,6 +218,7 @@ fn medmcqa_item(doc: Value) -> std::result::Result<Item, String> {
         choices: LETTERS.map(String::from).to_vec(),
         gold: cop as usize - 1,
         doc,
+        mutual_info: false,
     })
 }
 
@@ -219,6 +257,7 @@ fn pubmedqa(text: &str, file: &str) -> Result<Vec<Item>> {
                 context,
                 choices: choices.map(String::from).to_vec(),
                 gold,
+                mutual_info: false,
             })
         })
         .collect()
@@ -284,5 +323,6 @@ fn mcq_row(
         context,
         choices: LETTERS.map(String::from).to_vec(),
         gold,
+        mutual_info: false,
     })
 }
