@@ -91,6 +91,10 @@ pub struct TrainArgs {
     /// bf16 needs --device cuda: candle's CPU matmul has no bf16.
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
+    /// SFT/DPO: batch examples of similar length together (groups of 50 batches, each sorted
+    /// by length), so batches carry little padding.
+    #[arg(long)]
+    group_by_length: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -221,6 +225,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 PrecisionArg::Bf16 => Precision::Bf16,
                 PrecisionArg::F16 => Precision::F16,
             },
+            group_by_length: args.group_by_length,
         };
         let objective = objective(&config, &tok, &cfg, &args.data, &device)?;
         if args.out.join("metrics.jsonl").exists() {

@@ -97,6 +97,14 @@ impl Examples {
         self.len() == 0
     }
 
+    /// Example `i`'s length in ids.
+    pub fn length(&self, i: usize) -> usize {
+        match self {
+            Examples::Packed { seq_len, .. } => seq_len + 1,
+            Examples::Masked { examples, .. } => examples[i].0.len(),
+        }
+    }
+
     /// The last 1/50 (at least one) is held out for the evaluation loss.
     pub fn split(&self) -> (Range<usize>, Range<usize>) {
         let n = self.len();
@@ -198,6 +206,10 @@ fn masked_lists(
 pub struct Order {
     seed: u64,
     range: Range<usize>,
+    /// With lengths, each epoch's shuffle is cut into groups of `group` examples, each sorted
+    /// longest first (Hugging Face's `group_by_length`).
+    lengths: Vec<usize>,
+    group: usize,
     epoch: Option<(u64, Vec<usize>)>,
 }
 
@@ -206,8 +218,20 @@ impl Order {
         Self {
             seed,
             range,
+            lengths: Vec::new(),
+            group: 0,
             epoch: None,
         }
+    }
+
+    /// Batches of examples of similar length, so that padding them to their longest costs
+    /// little; the order stays a seeded shuffle at the scale of `group` examples.
+    /// `lengths[i]` is the length of example `range.start + i`.
+    pub fn grouped_by_length(mut self, lengths: Vec<usize>, group: usize) -> Self {
+        self.lengths = lengths;
+        self.group = group.max(1);
+        self.epoch = None;
+        self
     }
 
     pub fn get(&mut self, g: u64) -> usize {
@@ -218,6 +242,12 @@ impl Order {
             perm.shuffle(&mut StdRng::seed_from_u64(
                 self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ));
+            if !self.lengths.is_empty() {
+                let start = self.range.start;
+                for group in perm.chunks_mut(self.group) {
+                    group.sort_by_key(|&i| std::cmp::Reverse(self.lengths[i - start]));
+                }
+            }
             self.epoch = Some((epoch, perm));
         }
         let (_, perm) = self.epoch.as_ref().expect("set above");
@@ -245,6 +275,38 @@ mod tests {
         assert_eq!(target, [8, 0, 9, 9, 9, 2, 3, 4, 5, 0]);
         assert_eq!(mask, [0., 1., 0., 0., 0., 0., 0., 1., 1., 1.]);
         assert_eq!(b.tokens, 4);
+    }
+
+    #[test]
+    fn grouping_by_length_keeps_a_permutation_and_cuts_padding() {
+        let range = 10..410;
+        let lengths: Vec<usize> = range.clone().map(|i| (i * 7919) % 97 + 3).collect();
+        let padded = |order: &mut Order| -> usize {
+            (0..400u64)
+                .collect::<Vec<_>>()
+                .chunks(8)
+                .map(|b| {
+                    let l: Vec<usize> = b.iter().map(|&g| lengths[order.get(g) - 10]).collect();
+                    l.iter().max().unwrap() * l.len()
+                })
+                .sum()
+        };
+        let mut plain = Order::new(3, range.clone());
+        let mut grouped = Order::new(3, range.clone()).grouped_by_length(lengths.clone(), 400);
+        let mut seen: Vec<usize> = (0..400).map(|g| grouped.get(g)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, range.clone().collect::<Vec<_>>());
+        let real: usize = lengths.iter().sum();
+        assert!(padded(&mut grouped) < real + real / 10);
+        assert!(padded(&mut plain) > real + real / 2);
+        // Deterministic, and a new epoch is a new order.
+        let mut again = Order::new(3, range.clone()).grouped_by_length(lengths.clone(), 400);
+        assert!((0..800).all(|g| again.get(g) == grouped.get(g)));
+        let mut small = Order::new(3, range).grouped_by_length(lengths, 40);
+        assert_ne!(
+            (0..400).map(|g| small.get(g)).collect::<Vec<_>>(),
+            (400..800).map(|g| small.get(g)).collect::<Vec<_>>()
+        );
     }
 
     #[test]
