@@ -9,7 +9,7 @@ use medphi::data::{build, hpo, icd10, Sources};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
-    /// Build corpus.txt, sft.jsonl, dpo.jsonl, medqa_train.jsonl and medqa_test.jsonl.
+    /// Build corpus.txt, sft.jsonl, dpo.jsonl, medqa_train.jsonl, medqa_test.jsonl and terms.jsonl.
     Build(BuildArgs),
     /// Train a byte-level BPE tokenizer.json (Phi-2's format) on text and JSON-lines files.
     Tokenizer(TokenizerArgs),
@@ -98,6 +98,7 @@ fn build_data(args: BuildArgs) -> Result<()> {
         ("dpo.jsonl", &set.dpo),
         ("medqa_train.jsonl", &set.mcq_train),
         ("medqa_test.jsonl", &set.mcq_test),
+        ("terms.jsonl", &set.terms),
     ] {
         let path = args.out.join(name);
         std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;

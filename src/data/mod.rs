@@ -40,6 +40,11 @@ pub struct DataSet {
     pub dpo: String,
     pub mcq_train: String,
     pub mcq_test: String,
+    /// Term ↔ definition pairs in both directions, the reverse one as the continuation-form
+    /// question: the corpus only states term → definition, and a model trained on "A is B"
+    /// does not learn "B is A" (the reversal curse), so held-out terms are recognised from their
+    /// definitions only after this is drilled on the training terms.
+    pub terms: String,
     pub counts: BTreeMap<&'static str, usize>,
 }
 
@@ -114,6 +119,7 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
 
     let mut corpus = Vec::new();
     let (mut sft, mut dpo, mut train, mut test) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut terms = Vec::new();
     let defined: Vec<&Term> = sources.terms.iter().filter(|t| t.def.is_some()).collect();
     let term_names: Vec<&str> = defined.iter().map(|t| t.name.as_str()).collect();
     let definitions: Vec<&str> = defined.iter().filter_map(|t| t.def.as_deref()).collect();
@@ -145,7 +151,9 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         }
         if let Some(def) = &t.def {
             let prompt = instruct(&format!("What is {}?", t.name.to_lowercase()));
-            sft.push(json!({"prompt": prompt, "response": format!(" {def}")}));
+            let pair = json!({"prompt": prompt, "response": format!(" {def}")});
+            sft.push(pair.clone());
+            terms.push(pair);
             if let Some(wrong) = definitions.choose(&mut rng).filter(|w| *w != def) {
                 dpo.push(json!({"prompt": prompt, "chosen": format!(" {def}"), "rejected": format!(" {wrong}")}));
             }
@@ -174,6 +182,12 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         if held_out.contains(t.id.as_str()) {
             test.push(record);
         } else {
+            let item = Task::MedQa4Continuation
+                .load(&record.to_string(), "generated question")?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::input("generated question did not parse"))?;
+            terms.push(json!({"prompt": item.context, "response": format!(" {}", t.name)}));
             train.push(record);
         }
     }
@@ -248,6 +262,8 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
     dpo.shuffle(&mut rng);
     train.shuffle(&mut rng);
     test.shuffle(&mut rng);
+    // Last, so that adding this set left every other output's bytes as they were.
+    terms.shuffle(&mut rng);
     let counts = BTreeMap::from([
         ("hpo_terms", sources.terms.len()),
         ("diseases", sources.diseases.len()),
@@ -257,6 +273,7 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         ("dpo_pairs", dpo.len()),
         ("mcq_train", train.len()),
         ("mcq_test", test.len()),
+        ("term_pairs", terms.len()),
     ]);
     Ok(DataSet {
         corpus: corpus.join("\n\n") + "\n",
@@ -264,6 +281,7 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         dpo: jsonl(&dpo),
         mcq_train: jsonl(&train),
         mcq_test: jsonl(&test),
+        terms: jsonl(&terms),
         counts,
     })
 }
@@ -351,5 +369,26 @@ mod tests {
         assert_eq!(items.len(), test.len());
         assert!(a.sft.contains("Instruct: What is finding"));
         assert!(a.sft.contains("\\nAnswer:\",\"response\":\" "));
+        // The term pairs go both ways, the reverse way exactly as the continuation form asks.
+        let terms: Vec<serde_json::Value> = a
+            .terms
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let defined = a.sft.matches("\"Instruct: What is ").count();
+        assert!(defined >= 36);
+        assert_eq!(terms.len(), 2 * defined);
+        for q in a.mcq_train.lines() {
+            let q: serde_json::Value = serde_json::from_str(q).unwrap();
+            if q["meta_info"] != "hpo-definition" {
+                continue;
+            }
+            let item = Task::MedQa4Continuation.load(&q.to_string(), "q").unwrap();
+            let reverse = serde_json::json!({
+                "prompt": item[0].context,
+                "response": format!(" {}", q["answer"].as_str().unwrap()),
+            });
+            assert!(terms.contains(&reverse), "{reverse}");
+        }
     }
 }
