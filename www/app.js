@@ -4,6 +4,7 @@ import { MedphiApi } from './medphi-api.js';
 
 const BUNDLED_MODEL = 'models/tiny-medphi/';
 const SAMPLES = 'samples/medqa-sample.jsonl';
+const QUIZ_QUESTIONS = 100;
 
 const $ = (id) => document.getElementById(id);
 const api = new MedphiApi();
@@ -160,7 +161,7 @@ tabs.forEach((t, i) => {
 
 function setBusy(on) {
   busy = on;
-  for (const id of ['send', 'load-button', 'run-samples', 'clear']) $(id).disabled = on;
+  for (const id of ['send', 'load-button', 'run-samples', 'run-quiz', 'clear']) $(id).disabled = on;
   $('bench-file').disabled = on;
 }
 
@@ -279,6 +280,15 @@ function meanStderr(values) {
   return [mean, Math.sqrt(variance / n)];
 }
 
+/** The choice the model picked: by mutual information where the question asks for it. */
+function picked(r) {
+  return r.predMutualInfo ?? r.pred;
+}
+
+function correct(r) {
+  return r.accMutualInfo ?? r.acc;
+}
+
 function renderQuestion(q, r, index) {
   const li = document.createElement('li');
   const text = document.createElement('div');
@@ -287,7 +297,7 @@ function renderQuestion(q, r, index) {
   li.append(text);
   r.probs.forEach((p, i) => {
     const row = document.createElement('div');
-    row.className = `option${i === r.pred ? ' pick' : ''}${i === q.gold ? ' key' : ''}`;
+    row.className = `option${i === picked(r) ? ' pick' : ''}${i === q.gold ? ' key' : ''}`;
     const mark = document.createElement('span');
     mark.className = 'mark';
     mark.textContent = i === q.gold ? '✓' : '';
@@ -307,23 +317,26 @@ function renderQuestion(q, r, index) {
     li.append(row);
   });
   const verdict = document.createElement('div');
-  verdict.className = `verdict ${r.acc ? 'right' : 'wrong'}`;
-  verdict.textContent = r.acc ? `Model picked the key (${q.choices[r.pred]})` : `Model picked “${q.choices[r.pred]}”; the key is “${q.choices[q.gold]}”`;
+  const pick = picked(r);
+  verdict.className = `verdict ${correct(r) ? 'right' : 'wrong'}`;
+  verdict.textContent = correct(r) ? `Model picked the key (${q.choices[pick]})` : `Model picked “${q.choices[pick]}”; the key is “${q.choices[q.gold]}”`;
+  if (r.predMutualInfo !== undefined) verdict.textContent += ' by mutual information';
   li.append(verdict);
   li.dataset.index = String(index);
   return li;
 }
 
 function renderSummary(results, total, label) {
-  const accs = results.map((r) => (r.acc ? 1 : 0));
+  const accs = results.map((r) => (correct(r) ? 1 : 0));
   const [acc, se] = meanStderr(accs);
+  const metric = results.some((r) => r.accMutualInfo !== undefined) ? 'mutual-information accuracy' : 'accuracy';
   const chance = results.length ? results.reduce((a, r) => a + 1 / r.probs.length, 0) / results.length : 0.25;
   const el = $('bench-summary');
   el.replaceChildren();
   const head = document.createElement('div');
   head.innerHTML = `<span class="big"></span> <span class="detail"></span>`;
   head.querySelector('.big').textContent = `${(100 * acc).toFixed(1)}%`;
-  head.querySelector('.detail').textContent = ` accuracy${se === null ? '' : ` ± ${(100 * se).toFixed(1)} (stderr)`} on ${results.length} of ${total} ${label} questions; chance is ${(100 * chance).toFixed(0)}%`;
+  head.querySelector('.detail').textContent = ` ${metric}${se === null ? '' : ` ± ${(100 * se).toFixed(1)} (stderr)`} on ${results.length} of ${total} ${label} questions; chance is ${(100 * chance).toFixed(0)}%`;
   const bar = document.createElement('div');
   bar.className = 'accuracy-bar';
   bar.setAttribute('role', 'img');
@@ -358,7 +371,9 @@ async function runBenchmark(questions, label) {
     for (const [i, q] of questions.entries()) {
       if (benchStop) break;
       const r = await withGpuFallback(() => api.score(q));
-      r.probs = softmax(r.loglikelihoods);
+      // The bars show what decides the pick: with mutual information, each option's
+      // log-likelihood gain from the question.
+      r.probs = softmax(r.unconditional ? r.loglikelihoods.map((ll, j) => ll - r.unconditional[j]) : r.loglikelihoods);
       results.push(r);
       list.append(renderQuestion(q, r, i));
       bar.value = (i + 1) / questions.length;
@@ -382,6 +397,13 @@ async function runBenchmark(questions, label) {
         pred_norm: results[i].predNorm,
         acc: results[i].acc,
         acc_norm: results[i].accNorm,
+        ...(results[i].accMutualInfo === undefined
+          ? {}
+          : {
+              unconditional_loglikelihoods: results[i].unconditional,
+              pred_mutual_info: results[i].predMutualInfo,
+              acc_mutual_info: results[i].accMutualInfo,
+            }),
       })),
     };
     $('export').disabled = false;
@@ -394,15 +416,26 @@ async function runBenchmark(questions, label) {
   }
 }
 
-$('run-samples').addEventListener('click', async () => {
+/** The MedQA form picked in the task list: letters (lm-eval's medqa_4options) unless option texts. */
+function medqaTask() {
+  return $('bench-task').value === 'medqa_4options_continuation' ? 'medqa_4options_continuation' : 'medqa_4options';
+}
+
+async function runMedqaFile(url, label, limit) {
   try {
-    const text = await (await fetch(SAMPLES)).text();
-    const questions = await api.parseBenchmark('medqa_4options', text, SAMPLES);
-    await runBenchmark(questions, 'sample MedQA');
+    const text = await (await fetch(url)).text();
+    const task = medqaTask();
+    const questions = (await api.parseBenchmark(task, text, url)).slice(0, limit);
+    await runBenchmark(questions, task === 'medqa_4options' ? label : `${label} (option texts)`);
   } catch (e) {
-    status(`Could not read the sample questions: ${e.message}`, 'error');
+    status(`Could not read ${url}: ${e.message}`, 'error');
   }
-});
+}
+
+$('run-samples').addEventListener('click', () => runMedqaFile(SAMPLES, 'sample MedQA'));
+
+// The bundled model's own held-out questions: terms and diseases it never saw quizzed.
+$('run-quiz').addEventListener('click', () => runMedqaFile(`${BUNDLED_MODEL}medqa_test.jsonl`, 'tiny-medphi held-out', QUIZ_QUESTIONS));
 
 /** The lm-eval task a file most likely is, from its name and first bytes. */
 function guessTask(name, text) {

@@ -82,10 +82,14 @@ impl Default for GenerateRequest {
 
 /// One multiple-choice question as the page sees it.
 #[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Question {
     context: String,
     choices: Vec<String>,
     gold: usize,
+    /// Also score each choice alone and pick by mutual information (continuation tasks).
+    #[serde(default)]
+    mutual_info: bool,
 }
 
 #[derive(Serialize)]
@@ -97,6 +101,14 @@ struct Scored {
     pred_norm: usize,
     acc: bool,
     acc_norm: bool,
+    /// For `mutualInfo` questions: each choice's log-likelihood alone, the choice the
+    /// context raised most, and whether it is the gold one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unconditional: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pred_mutual_info: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acc_mutual_info: Option<bool>,
 }
 
 fn busy() -> JsValue {
@@ -263,7 +275,8 @@ impl Model {
     }
 
     /// Scores a multiple-choice question `{context, choices, gold}` as lm-eval does.
-    /// Resolves to `{loglikelihoods, isGreedy, pred, predNorm, acc, accNorm}`.
+    /// Resolves to `{loglikelihoods, isGreedy, pred, predNorm, acc, accNorm}`, and for
+    /// `mutualInfo` questions also `{unconditional, predMutualInfo, accMutualInfo}`.
     pub fn score(&self, question: JsValue) -> js_sys::Promise {
         let shared = Rc::clone(&self.inner);
         future_to_promise(async move {
@@ -280,6 +293,7 @@ impl Model {
                 context: q.context,
                 choices: q.choices,
                 gold: q.gold,
+                mutual_info: q.mutual_info,
             };
             with_inner(&shared, |mut inner| async move {
                 let Inner { session, tokenizer } = &mut inner;
@@ -294,6 +308,13 @@ impl Model {
                             pred_norm: s.pred_norm,
                             acc: s.acc,
                             acc_norm: s.acc_norm,
+                            unconditional: s
+                                .unconditional
+                                .iter()
+                                .map(|c| c.loglikelihood)
+                                .collect(),
+                            pred_mutual_info: s.pred_mutual_info,
+                            acc_mutual_info: s.acc_mutual_info,
                         })
                     });
                 (inner, result)
@@ -350,6 +371,7 @@ pub fn parse_benchmark(task: &str, text: &str, file: &str) -> Result<JsValue, Js
             context: i.context,
             choices: i.choices,
             gold: i.gold,
+            mutual_info: i.mutual_info,
         })
         .collect();
     to_js(&questions)

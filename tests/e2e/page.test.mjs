@@ -139,6 +139,12 @@ test('Stop ends a generation on each backend, from the API and from the button',
   await context.close();
 });
 
+/** Clicks Export JSON and returns the downloaded run. */
+async function exportResults(page) {
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export')]);
+  return JSON.parse(readFileSync(await download.path(), 'utf8'));
+}
+
 test('the MedQA panel scores the bundled sample questions with bars and exports JSON', async () => {
   const { page, errors, context } = await openPage();
   await page.click('#tab-medqa');
@@ -152,11 +158,57 @@ test('the MedQA panel scores the bundled sample questions with bars and exports 
     s.map((e) => parseFloat(e.style.width)),
   );
   assert.ok(Math.abs(widths.reduce((a, b) => a + b, 0) - 100) < 0.5, `probabilities sum to 100%: ${widths}`);
-  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export')]);
-  const exported = JSON.parse(readFileSync(await download.path(), 'utf8'));
+  const exported = await exportResults(page);
   assert.equal(exported.n, 12);
   assert.equal(exported.items.length, 12);
   await page.screenshot({ path: `${out}/medqa.png`, fullPage: true });
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('option-text scoring asks the bare question and picks by mutual information', async () => {
+  const { page, errors, context } = await openPage();
+  await page.click('#tab-medqa');
+  await page.selectOption('#bench-task', 'medqa_4options_continuation');
+  await page.click('#run-samples');
+  await page.waitForSelector('#bench-summary:has-text("12 of 12")', { timeout: 120_000 });
+  assert.match(await page.textContent('#bench-summary'), /mutual-information accuracy ± \d+\.\d \(stderr\) on 12 of 12/);
+  const first = page.locator('#bench-results > li').first();
+  const question = await first.locator('.question-text').textContent();
+  assert.match(question, /^Question: .*\nAnswer:$/s);
+  assert.doesNotMatch(question, /\nA\. /);
+  const exported = await exportResults(page);
+  for (const item of exported.items) {
+    assert.equal(item.unconditional_loglikelihoods.length, 4);
+    const pmi = item.loglikelihoods.map((ll, i) => ll - item.unconditional_loglikelihoods[i]);
+    assert.equal(item.pred_mutual_info, pmi.indexOf(Math.max(...pmi)));
+    assert.equal(item.acc_mutual_info, item.pred_mutual_info === item.gold);
+  }
+  const picked = await first.locator('.option').evaluateAll((rows) => rows.findIndex((r) => r.classList.contains('pick')));
+  assert.equal(picked, exported.items[0].pred_mutual_info);
+  // The bars show the normalised gains, so the picked option has the longest bar.
+  const widths = await first.locator('.option .bar > span').evaluateAll((s) => s.map((e) => parseFloat(e.style.width)));
+  assert.equal(widths.indexOf(Math.max(...widths)), picked);
+  const accuracy = exported.items.filter((i) => i.acc_mutual_info).length / 12;
+  assert.ok(Math.abs(exported.acc - accuracy) < 1e-9, `${exported.acc} vs ${accuracy}`);
+  await page.screenshot({ path: `${out}/medqa-option-texts.png`, fullPage: true });
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test("the bundled model's held-out questions run from the panel, and Stop ends the run", async () => {
+  const { page, errors, context } = await openPage();
+  await page.click('#tab-medqa');
+  await page.selectOption('#bench-task', 'medqa_4options_continuation');
+  await page.click('#run-quiz');
+  await page.waitForSelector('#bench-summary:has-text("3 of 100 tiny-medphi held-out (option texts)")', { timeout: 120_000 });
+  await page.click('#bench-stop');
+  await page.waitForSelector('#status:has-text("tiny-medphi held-out")', { timeout: 60_000 });
+  const n = await page.locator('#bench-results > li').count();
+  assert.ok(n >= 3 && n < 100, `${n} questions scored before Stop`);
+  const held = readFileSync(`${root}models/tiny-medphi/medqa_test.jsonl`, 'utf8').split('\n')[0];
+  const first = JSON.parse(held);
+  assert.equal(await page.locator('#bench-results > li .question-text').first().textContent(), `Question: ${first.question}\nAnswer:`);
   assert.deepEqual(errors, []);
   await context.close();
 });
