@@ -29,7 +29,9 @@ fn fits_the_size_budget_and_has_its_model_card() {
     for needed in [
         "medphi train --stage pretrain",
         "medphi train --stage sft",
+        "terms.jsonl",
         "medphi data tokenizer",
+        "acc_mutual_info",
         "25%",
     ] {
         assert!(card.contains(needed), "the model card lacks {needed:?}");
@@ -52,36 +54,57 @@ fn the_cli_uses_it_by_default() {
     assert!(!g["output_ids"].as_array().unwrap().is_empty());
 }
 
-/// The model card's score on the first 400 held-out questions (its full-set score is in
-/// eval_results.json), within one question for floating-point differences between machines.
+/// The model card's scores on the first 400 held-out questions (its full-set scores are in
+/// eval_results.json), within one question for floating-point differences between machines;
+/// and the option-text score far above chance, in standard errors.
 #[test]
-fn held_out_score_matches_the_model_card() {
+fn held_out_scores_match_the_model_card() {
     let out = tempfile::tempdir().unwrap();
+    let test = bundled().join("medqa_test.jsonl");
     run_ok(
         medphi_cmd()
             .env_remove("MEDPHI_MODEL")
             .args([
                 "eval",
-                "--task",
-                "medqa_4options",
                 "--limit",
                 "400",
+                "--task",
+                "medqa_4options",
                 "--data",
             ])
-            .arg(bundled().join("medqa_test.jsonl"))
+            .arg(&test)
+            .args(["--task", "medqa_4options_continuation", "--data"])
+            .arg(&test)
             .arg("--output")
             .arg(out.path()),
     );
     let results = json(out.path().join("results.json"));
-    let acc = results["results"]["medqa_4options"]["acc,none"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        (acc - CARD_FIRST_400).abs() <= 1.0 / 400.0,
-        "accuracy {acc}"
-    );
+    let metric = |task: &str, key: &str| results["results"][task][key].as_f64().unwrap();
     let card = std::fs::read_to_string(bundled().join("README.md")).unwrap();
-    assert!(card.contains(&format!("{:.1}%", CARD_FIRST_400 * 100.0)));
+    for (task, key, expected) in [
+        ("medqa_4options", "acc", CARD_LETTERS_400),
+        (
+            "medqa_4options_continuation",
+            "acc_mutual_info",
+            CARD_MUTUAL_INFO_400,
+        ),
+    ] {
+        let got = metric(task, &format!("{key},none"));
+        assert!((got - expected).abs() <= 1.0 / 400.0, "{task} {key} {got}");
+        assert!(
+            card.contains(&format!("{:.1}%", expected * 100.0)),
+            "{task} {key}"
+        );
+    }
+    let (mi, se) = (
+        metric("medqa_4options_continuation", "acc_mutual_info,none"),
+        metric("medqa_4options_continuation", "acc_mutual_info_stderr,none"),
+    );
+    assert!(
+        (mi - 0.25) / se > 8.0,
+        "{mi} ± {se} is not far above chance"
+    );
 }
 
-const CARD_FIRST_400: f64 = 0.28;
+const CARD_LETTERS_400: f64 = 0.275;
+const CARD_MUTUAL_INFO_400: f64 = 0.59;
