@@ -94,6 +94,17 @@ fn options(rng: &mut StdRng, correct: &str, pool: &[&str]) -> Option<(Vec<String
     Some((all, gold))
 }
 
+/// A generated question as an SFT pair in `task`'s form: the prompt the evaluation builds,
+/// then the answer it scores as right.
+fn answered(task: Task, record: &serde_json::Value) -> Result<serde_json::Value> {
+    let item = task
+        .load(&record.to_string(), "generated question")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::input("generated question did not parse"))?;
+    Ok(json!({"prompt": item.context, "response": format!(" {}", item.choices[item.gold])}))
+}
+
 fn jsonl(lines: &[serde_json::Value]) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
@@ -182,12 +193,7 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         if held_out.contains(t.id.as_str()) {
             test.push(record);
         } else {
-            let item = Task::MedQa4Continuation
-                .load(&record.to_string(), "generated question")?
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::input("generated question did not parse"))?;
-            terms.push(json!({"prompt": item.context, "response": format!(" {}", t.name)}));
+            terms.push(answered(Task::MedQa4Continuation, &record)?);
             train.push(record);
         }
     }
@@ -247,14 +253,8 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
 
     // The training questions also teach the answer format lm-eval scores: the MedQA prompt
     // followed by the letter.
-    let medqa = Task::MedQa4;
     for record in &train {
-        let item = medqa
-            .load(&record.to_string(), "generated question")?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::input("generated question did not parse"))?;
-        sft.push(json!({"prompt": item.context, "response": format!(" {}", LETTERS[item.gold])}));
+        sft.push(answered(Task::MedQa4, record)?);
     }
 
     corpus.shuffle(&mut rng);
