@@ -30,6 +30,8 @@ fn fits_the_size_budget_and_has_its_model_card() {
         "medphi train --stage pretrain",
         "medphi train --stage sft",
         "terms.jsonl",
+        "term_drill.jsonl",
+        "core_terms.jsonl",
         "medphi data tokenizer",
         "acc_mutual_info",
         "25%",
@@ -52,6 +54,35 @@ fn the_cli_uses_it_by_default() {
     // Its own 4,096-token vocabulary: the prompt is 9 tokens (Phi-2's would be 12).
     assert_eq!(g["input_ids"].as_array().unwrap().len(), 9);
     assert!(!g["output_ids"].as_array().unwrap().is_empty());
+}
+
+/// Asked what a common finding is (greedy, as the card shows), it answers on topic: with a word
+/// of the finding's HPO definition that its name does not give away.
+#[test]
+fn defines_common_findings_on_topic() {
+    for (term, topic) in [
+        ("macrocephaly", &["head", "skull", "cranium"][..]),
+        ("microcephaly", &["head", "skull", "cranium"]),
+        ("scoliosis", &["spine", "curvature"]),
+        ("hypotonia", &["muscle", "tone"]),
+        ("fever", &["temperature"]),
+        ("strabismus", &["eye"]),
+    ] {
+        let out = run_ok(medphi_cmd().env_remove("MEDPHI_MODEL").args([
+            "generate",
+            "--prompt",
+            &format!("Instruct: What is {term}?\nOutput:"),
+            "--max-new-tokens",
+            "64",
+            "--json",
+        ]));
+        let g: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = g["text"].as_str().unwrap().to_lowercase();
+        assert!(
+            topic.iter().any(|w| text.contains(w)),
+            "{term}: {text:?} mentions none of {topic:?}"
+        );
+    }
 }
 
 /// The model card's scores on the first 400 held-out questions (its full-set scores are in
@@ -106,5 +137,5 @@ fn held_out_scores_match_the_model_card() {
     );
 }
 
-const CARD_LETTERS_400: f64 = 0.275;
-const CARD_MUTUAL_INFO_400: f64 = 0.59;
+const CARD_LETTERS_400: f64 = 0.2425;
+const CARD_MUTUAL_INFO_400: f64 = 0.5275;

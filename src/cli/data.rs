@@ -9,7 +9,8 @@ use medphi::data::{build, hpo, icd10, Sources};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
-    /// Build corpus.txt, sft.jsonl, dpo.jsonl, medqa_train.jsonl, medqa_test.jsonl and terms.jsonl.
+    /// Build corpus.txt, sft.jsonl, dpo.jsonl, medqa_train.jsonl, medqa_test.jsonl, terms.jsonl,
+    /// term_drill.jsonl and core_terms.jsonl.
     Build(BuildArgs),
     /// Train a byte-level BPE tokenizer.json (Phi-2's format) on text and JSON-lines files.
     Tokenizer(TokenizerArgs),
@@ -99,6 +100,8 @@ fn build_data(args: BuildArgs) -> Result<()> {
         ("medqa_train.jsonl", &set.mcq_train),
         ("medqa_test.jsonl", &set.mcq_test),
         ("terms.jsonl", &set.terms),
+        ("term_drill.jsonl", &set.term_drill),
+        ("core_terms.jsonl", &set.core_terms),
     ] {
         let path = args.out.join(name);
         std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;

@@ -45,11 +45,24 @@ pub struct DataSet {
     /// does not learn "B is A" (the reversal curse), so held-out terms are recognised from their
     /// definitions only after this is drilled on the training terms.
     pub terms: String,
+    /// The last drill, on `terms`' pairs: those of the `CORE_TERMS` training terms that annotate
+    /// the most diseases, and one in `REVIEW_EVERY` of the others'. A small model cannot hold all
+    /// ~15k definitions, so it is drilled on the ones the corpus and its readers use most
+    /// (macrocephaly, seizure, hypotonia…); the sample of the rest keeps it from forgetting them.
+    pub term_drill: String,
+    /// The `CORE_TERMS` terms' pairs alone, for a last short polish; the file ends with a few
+    /// other terms' pairs, the part the trainer holds out, so that the polish's held-out loss
+    /// measures forgetting.
+    pub core_terms: String,
     pub counts: BTreeMap<&'static str, usize>,
 }
 
 /// One in `TEST_EVERY` terms and diseases is held out.
 const TEST_EVERY: usize = 10;
+/// How many of the most-annotated training terms `term_drill` holds whole.
+const CORE_TERMS: usize = 1500;
+/// `term_drill` keeps one in this many of the other terms.
+const REVIEW_EVERY: usize = 5;
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
 fn instruct(q: &str) -> String {
@@ -105,6 +118,44 @@ fn answered(task: Task, record: &serde_json::Value) -> Result<serde_json::Value>
     Ok(json!({"prompt": item.context, "response": format!(" {}", item.choices[item.gold])}))
 }
 
+/// `ids` ordered by how many diseases they annotate, most first (ties by id, so the order is
+/// deterministic).
+fn most_annotated<'a>(mut ids: Vec<&'a str>, diseases: &[Disease]) -> Vec<&'a str> {
+    let mut annotations: HashMap<&str, usize> = HashMap::new();
+    for p in diseases.iter().flat_map(|d| &d.phenotypes) {
+        *annotations.entry(p.as_str()).or_default() += 1;
+    }
+    ids.sort_unstable_by_key(|id| {
+        (
+            std::cmp::Reverse(annotations.get(id).copied().unwrap_or(0)),
+            *id,
+        )
+    });
+    ids
+}
+
+/// The first `core` of `ranked`, then every `REVIEW_EVERY`th of the rest.
+fn drilled<'a>(ranked: &[&'a str], core: usize) -> Vec<&'a str> {
+    let (head, rest) = ranked.split_at(core.min(ranked.len()));
+    head.iter()
+        .chain(rest.iter().step_by(REVIEW_EVERY))
+        .copied()
+        .collect()
+}
+
+/// `core` then, for the trainer to hold out (its last 1/50), a tail of `others`: a polish on the
+/// core terms trains on all of them, and its held-out loss measures what it makes the model
+/// forget of the rest.
+fn with_forgetting_tail(
+    mut core: Vec<serde_json::Value>,
+    others: Vec<serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    // n = core + tail and n / 50 = tail hold for tail = core / 49 (one when core < 49).
+    let tail = (core.len() / 49).max(1);
+    core.extend(others.into_iter().take(tail));
+    core
+}
+
 fn jsonl(lines: &[serde_json::Value]) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
@@ -131,6 +182,7 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
     let mut corpus = Vec::new();
     let (mut sft, mut dpo, mut train, mut test) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut terms = Vec::new();
+    let mut pairs_of: HashMap<&str, Vec<serde_json::Value>> = HashMap::new();
     let defined: Vec<&Term> = sources.terms.iter().filter(|t| t.def.is_some()).collect();
     let term_names: Vec<&str> = defined.iter().map(|t| t.name.as_str()).collect();
     let definitions: Vec<&str> = defined.iter().filter_map(|t| t.def.as_deref()).collect();
@@ -164,6 +216,7 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
             let prompt = instruct(&format!("What is {}?", t.name.to_lowercase()));
             let pair = json!({"prompt": prompt, "response": format!(" {def}")});
             sft.push(pair.clone());
+            pairs_of.entry(&t.id).or_default().push(pair.clone());
             terms.push(pair);
             if let Some(wrong) = definitions.choose(&mut rng).filter(|w| *w != def) {
                 dpo.push(json!({"prompt": prompt, "chosen": format!(" {def}"), "rejected": format!(" {wrong}")}));
@@ -193,7 +246,9 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         if held_out.contains(t.id.as_str()) {
             test.push(record);
         } else {
-            terms.push(answered(Task::MedQa4Continuation, &record)?);
+            let pair = answered(Task::MedQa4Continuation, &record)?;
+            pairs_of.entry(&t.id).or_default().push(pair.clone());
+            terms.push(pair);
             train.push(record);
         }
     }
@@ -264,6 +319,23 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
     test.shuffle(&mut rng);
     // Last, so that adding this set left every other output's bytes as they were.
     terms.shuffle(&mut rng);
+    let ranked = most_annotated(pairs_of.keys().copied().collect(), &sources.diseases);
+    let mut term_drill: Vec<serde_json::Value> = drilled(&ranked, CORE_TERMS)
+        .into_iter()
+        .flat_map(|id| pairs_of[id].iter().cloned())
+        .collect();
+    term_drill.shuffle(&mut rng);
+    let pairs = |ids: &[&str]| -> Vec<serde_json::Value> {
+        ids.iter()
+            .flat_map(|id| pairs_of[id].iter().cloned())
+            .collect()
+    };
+    let (core, rest) = ranked.split_at(CORE_TERMS.min(ranked.len()));
+    let mut core_terms = pairs(core);
+    core_terms.shuffle(&mut rng);
+    let mut others = pairs(rest);
+    others.shuffle(&mut rng);
+    let core_terms = with_forgetting_tail(core_terms, others);
     let counts = BTreeMap::from([
         ("hpo_terms", sources.terms.len()),
         ("diseases", sources.diseases.len()),
@@ -274,6 +346,8 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         ("mcq_train", train.len()),
         ("mcq_test", test.len()),
         ("term_pairs", terms.len()),
+        ("term_drill_pairs", term_drill.len()),
+        ("core_term_pairs", core_terms.len()),
     ]);
     Ok(DataSet {
         corpus: corpus.join("\n\n") + "\n",
@@ -282,6 +356,8 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
         mcq_train: jsonl(&train),
         mcq_test: jsonl(&test),
         terms: jsonl(&terms),
+        term_drill: jsonl(&term_drill),
+        core_terms: jsonl(&core_terms),
         counts,
     })
 }
@@ -335,6 +411,51 @@ mod tests {
     }
 
     #[test]
+    fn drills_the_most_annotated_terms_and_a_sample_of_the_rest() {
+        let disease = |phenotypes: &[&str]| Disease {
+            id: String::new(),
+            name: String::new(),
+            phenotypes: phenotypes.iter().map(|p| p.to_string()).collect(),
+        };
+        let diseases = [
+            disease(&["HP:2", "HP:3"]),
+            disease(&["HP:3", "HP:1"]),
+            disease(&["HP:3", "HP:2"]),
+        ];
+        let ids = vec!["HP:1", "HP:2", "HP:3", "HP:4"];
+        assert_eq!(
+            most_annotated(ids, &diseases),
+            ["HP:3", "HP:2", "HP:1", "HP:4"]
+        );
+        let ranked: Vec<String> = (1..=13).map(|i| i.to_string()).collect();
+        let ranked: Vec<&str> = ranked.iter().map(String::as_str).collect();
+        assert_eq!(drilled(&ranked, 2), ["1", "2", "3", "8", "13"]);
+        assert_eq!(drilled(&ranked[..1], 2), ["1"]);
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn the_core_polish_holds_out_exactly_its_tail_of_other_terms() {
+        use crate::train::Examples;
+        for n in (1..400).chain([2999, 3000, 3001, 12345]) {
+            let core: Vec<serde_json::Value> = (0..n).map(|i| json!(i)).collect();
+            let others: Vec<serde_json::Value> =
+                (0..500).map(|i| json!(format!("other {i}"))).collect();
+            let file = with_forgetting_tail(core, others);
+            let held_out = Examples::held_out(file.len());
+            let tail = &file[file.len() - held_out..];
+            assert!(
+                tail.iter().all(|v| v.is_string()),
+                "{n}: a core pair is held out"
+            );
+            assert!(
+                file.len() - n <= held_out,
+                "{n}: another term's pair is trained on"
+            );
+        }
+    }
+
+    #[test]
     fn builds_deterministic_splits_without_leaking_test_items() {
         let a = build(&sources(), 7).unwrap();
         let b = build(&sources(), 7).unwrap();
@@ -378,6 +499,14 @@ mod tests {
         let defined = a.sft.matches("\"Instruct: What is ").count();
         assert!(defined >= 36);
         assert_eq!(terms.len(), 2 * defined);
+        // The drill holds both directions of every training term here (fewer than CORE_TERMS),
+        // in its own order.
+        let mut core: Vec<&str> = a.term_drill.lines().collect();
+        let mut all: Vec<&str> = a.terms.lines().collect();
+        assert_ne!(core, all);
+        core.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(core, all);
         for q in a.mcq_train.lines() {
             let q: serde_json::Value = serde_json::from_str(q).unwrap();
             if q["meta_info"] != "hpo-definition" {

@@ -105,11 +105,16 @@ impl Examples {
         }
     }
 
-    /// The last 1/50 (at least one) is held out for the evaluation loss.
+    /// The last `held_out(len)` examples are held out for the evaluation loss.
     pub fn split(&self) -> (Range<usize>, Range<usize>) {
         let n = self.len();
-        let eval = (n / 50).max(1);
+        let eval = Self::held_out(n);
         (0..n - eval, n - eval..n)
+    }
+
+    /// How many of `n` examples are held out: 1/50, at least one.
+    pub fn held_out(n: usize) -> usize {
+        (n / 50).max(1)
     }
 
     /// The ids of example `i` and one target weight per id but the last.
