@@ -319,17 +319,14 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
     test.shuffle(&mut rng);
     // Last, so that adding this set left every other output's bytes as they were.
     terms.shuffle(&mut rng);
-    let ranked = most_annotated(pairs_of.keys().copied().collect(), &sources.diseases);
-    let mut term_drill: Vec<serde_json::Value> = drilled(&ranked, CORE_TERMS)
-        .into_iter()
-        .flat_map(|id| pairs_of[id].iter().cloned())
-        .collect();
-    term_drill.shuffle(&mut rng);
     let pairs = |ids: &[&str]| -> Vec<serde_json::Value> {
         ids.iter()
             .flat_map(|id| pairs_of[id].iter().cloned())
             .collect()
     };
+    let ranked = most_annotated(pairs_of.keys().copied().collect(), &sources.diseases);
+    let mut term_drill = pairs(&drilled(&ranked, CORE_TERMS));
+    term_drill.shuffle(&mut rng);
     let (core, rest) = ranked.split_at(CORE_TERMS.min(ranked.len()));
     let mut core_terms = pairs(core);
     core_terms.shuffle(&mut rng);
