@@ -1,6 +1,7 @@
 //! The Phi-2 architecture: its configuration and its forward pass on candle tensors.
 
 mod config;
+pub mod grad_kernels;
 mod kv_cache;
 mod phi;
 

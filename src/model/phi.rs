@@ -11,12 +11,15 @@
 //!
 //! With `fused = true` (inference) LayerNorm, rotary and softmax use candle's fused CPU
 //! kernels. Those record no backward pass, so training builds the model with
-//! `fused = false`, where the same math is composed from differentiable primitives.
+//! `fused = false`: LayerNorm, gelu_new and the causal softmax then come from
+//! `grad_kernels` (fused CPU kernels with their own backward pass, composed primitives on
+//! other devices) and rotary is composed from differentiable primitives.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, PhiConfig};
+use super::grad_kernels;
 use super::kv_cache::KvCache;
 use crate::error::{Error, Result};
 use crate::weights::{TensorSource, Weight};
@@ -28,12 +31,15 @@ pub enum Logits {
     Last,
 }
 
-enum Linear {
+/// A linear layer: dense or quantized weight, optional bias.
+struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+enum LinearWeight {
     Dense(candle_nn::Linear),
-    Quantized {
-        weight: QMatMul,
-        bias: Option<Tensor>,
-    },
+    Quantized(QMatMul),
 }
 
 impl Linear {
@@ -50,25 +56,21 @@ impl Linear {
         } else {
             None
         };
-        Ok(match weight {
-            Weight::Dense(w) => Linear::Dense(candle_nn::Linear::new(w, bias)),
-            Weight::Quantized(q) => Linear::Quantized {
-                weight: QMatMul::from_arc(q)?,
-                bias,
-            },
-        })
+        let weight = match weight {
+            Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
+            Weight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+        };
+        Ok(Self { weight, bias })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Linear::Dense(l) => l.forward(x)?,
-            Linear::Quantized { weight, bias } => {
-                let y = weight.forward(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+        let y = match &self.weight {
+            LinearWeight::Dense(l) => l.forward(x)?,
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => grad_kernels::add_bias(&y, b)?,
+            None => y,
         })
     }
 }
@@ -97,13 +99,12 @@ impl LayerNorm {
                 self.eps as f32,
             )?);
         }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        Ok(grad_kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 
@@ -237,7 +238,10 @@ impl Phi {
         let final_norm = LayerNorm::load(src, "model.final_layernorm", h, cfg.layer_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
             let bias = src.tensor("lm_head.bias", &[v])?.dense()?;
-            Linear::Dense(candle_nn::Linear::new(embed.clone(), Some(bias)))
+            Linear {
+                weight: LinearWeight::Dense(candle_nn::Linear::new(embed.clone(), None)),
+                bias: Some(bias),
+            }
         } else {
             Linear::load(src, "lm_head", v, h, true)?
         };
@@ -314,7 +318,11 @@ impl Phi {
                 "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }
-        let mask = causal_mask(seq, start, self.dtype(), self.device())?;
+        // The unfused path masks inside its softmax kernel.
+        let mask = match self.fused {
+            true => causal_mask(seq, start, self.dtype(), self.device())?,
+            false => None,
+        };
         let mut x =
             self.embed
                 .embedding(&tokens.flatten_all()?)?
@@ -352,7 +360,8 @@ impl Phi {
         let attn = self.attention(block, &h, start, mask, cache)?;
         let mlp = block.fc1.forward(&h)?;
         let mlp = match self.cfg.hidden_act {
-            Activation::GeluTanh => mlp.gelu()?,
+            Activation::GeluTanh if self.fused => mlp.gelu()?,
+            Activation::GeluTanh => grad_kernels::gelu_tanh(&mlp)?,
             Activation::GeluErf => mlp.gelu_erf()?,
         };
         let mlp = block.fc2.forward(&mlp)?;
@@ -388,15 +397,17 @@ impl Phi {
         };
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
+        let scores = q.contiguous()?.matmul(&k.t()?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
         let probs = if self.fused {
+            let scores = (scores * scale)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
             candle_nn::ops::softmax_last_dim(&scores)?
         } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            grad_kernels::causal_softmax(&scores, scale)?
         };
         let out = probs
             .matmul(&v)?

@@ -15,7 +15,7 @@ mod params;
 use std::io::Write;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
@@ -134,8 +134,8 @@ pub struct Trainer {
 /// Sum of the masked target log-probabilities of each sequence: `(batch,)`.
 fn sequence_logp(model: &Phi, batch: &Batch) -> Result<Tensor> {
     let logits = model.forward(&batch.input, None, Logits::All)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = logp.gather(&batch.target.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let picked =
+        crate::model::grad_kernels::target_logp(&logits.to_dtype(DType::F32)?, &batch.target)?;
     Ok((picked * &batch.mask)?.sum(1)?)
 }
 
@@ -385,8 +385,7 @@ impl Trainer {
         };
         let lr = learning_rate(self.step, c.lr, c.warmup, c.steps);
         for ((name, var), g) in self.params.vars.iter().zip(&grads) {
-            let g = (g * scale)?;
-            let next = self.opt.update(name, var.as_tensor(), &g, lr)?;
+            let next = self.opt.update(name, var.as_tensor(), g, scale, lr)?;
             var.set(&next)?;
         }
         self.opt.t += 1;

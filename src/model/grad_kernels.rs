@@ -1,0 +1,701 @@
+//! The training path's hot element-wise ops as single CPU kernels with hand-written backward
+//! passes: LayerNorm, gelu_new, the causal attention softmax and the target log-probability
+//! of the loss.
+//!
+//! Composed from candle primitives each of these is 5–15 passes over its tensor forward and
+//! as many again backward, each allocating; on a small model those passes, not the matrix
+//! multiplies, are most of a training step (the attention scores and the logits are the
+//! biggest tensors in it). Here each op is one pass forward and one backward, split across
+//! threads by row. The composed forms (`*_composed`) run on other devices and dtypes, and
+//! are what the tests and `benches/grad_kernels.rs` check the kernels against.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D,
+};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn kernels_apply(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// The contiguous f32 data of an op's input (callers make inputs contiguous first).
+fn data<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => bail!("fused kernel input is not contiguous"),
+    }
+}
+
+fn last_dim(l: &Layout) -> CResult<usize> {
+    match l.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => bail!("fused kernel input has no last dimension"),
+    }
+}
+
+/// Rows per rayon task: enough work per task that scheduling stays negligible.
+fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).max(1)
+}
+
+/// Runs `f(row_index, out_row)` over the rows of a fresh output of `len` elements.
+fn map_rows(len: usize, row: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    let per = rows_per_task(row);
+    out.par_chunks_mut(row * per)
+        .enumerate()
+        .for_each(|(chunk, rows)| {
+            for (i, r) in rows.chunks_mut(row).enumerate() {
+                f(chunk * per + i, r);
+            }
+        });
+    out
+}
+
+/// Element-wise sum of per-task partial sums.
+fn add_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+    a
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+/// `(x − mean) / sqrt(var + eps) · w + b` over the last dimension.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !kernels_apply(x) {
+        return layer_norm_composed(x, w, b, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+/// `layer_norm` from candle primitives.
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Mean and 1/sqrt(var + eps) of a row.
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "medphi-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, b) = (data(sx, lx)?, data(sw, lw)?, data(sb, lb)?);
+        let dim = last_dim(lx)?;
+        if w.len() != dim || b.len() != dim {
+            bail!("layer norm weight and bias must have {dim} elements");
+        }
+        let out = map_rows(x.len(), dim, |r, y| {
+            let x = &x[r * dim..(r + 1) * dim];
+            let (mean, rstd) = moments(x, self.eps);
+            for i in 0..dim {
+                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dim = w.elem_count();
+        let rows = x.elem_count() / dim;
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(w.shape())?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm's backward: `(rows + 2, dim)` holding dx's rows, then dw, then db.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "medphi-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, g) = (data(sx, lx)?, data(sw, lw)?, data(sg, lg)?);
+        let dim = last_dim(lx)?;
+        if g.len() != x.len() || w.len() != dim {
+            bail!("layer norm gradient has the wrong shape");
+        }
+        let rows = x.len() / dim;
+        let mut out = vec![0f32; x.len() + 2 * dim];
+        let per = rows_per_task(dim);
+        let (dx, _) = out.split_at_mut(x.len());
+        // Each task writes its rows of dx and returns its partial dw, db, summed after.
+        let partial = dx
+            .par_chunks_mut(dim * per)
+            .enumerate()
+            .map(|(chunk, dx)| {
+                let mut acc = vec![0f32; 2 * dim];
+                let mut wg = vec![0f32; dim];
+                for (i, dx) in dx.chunks_mut(dim).enumerate() {
+                    let r = chunk * per + i;
+                    let x = &x[r * dim..(r + 1) * dim];
+                    let g = &g[r * dim..(r + 1) * dim];
+                    let (mean, rstd) = moments(x, self.eps);
+                    let (mut mean_wg, mut mean_wg_xhat) = (0f32, 0f32);
+                    for j in 0..dim {
+                        let xhat = (x[j] - mean) * rstd;
+                        wg[j] = w[j] * g[j];
+                        mean_wg += wg[j];
+                        mean_wg_xhat += wg[j] * xhat;
+                        acc[j] += g[j] * xhat;
+                        acc[dim + j] += g[j];
+                    }
+                    mean_wg /= dim as f32;
+                    mean_wg_xhat /= dim as f32;
+                    for j in 0..dim {
+                        let xhat = (x[j] - mean) * rstd;
+                        dx[j] = rstd * (wg[j] - mean_wg - xhat * mean_wg_xhat);
+                    }
+                }
+                acc
+            })
+            .reduce(|| vec![0f32; 2 * dim], add_vecs);
+        out[x.len()..].copy_from_slice(&partial);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, dim))))
+    }
+}
+
+// ---------------------------------------------------------------- bias
+
+/// `x + b` over the last dimension. Backward, the bias gradient is one column-sum kernel
+/// where candle reduces over the broadcast dimensions with strided loops.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    // Without a graph to record there is no backward to save: candle's add is one pass too.
+    if !kernels_apply(x) || !(x.track_op() || b.track_op()) {
+        return x.broadcast_add(b);
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+}
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "medphi-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, b) = (data(sx, lx)?, data(sb, lb)?);
+        let dim = last_dim(lx)?;
+        if b.len() != dim {
+            bail!("bias must have {dim} elements");
+        }
+        let out = map_rows(x.len(), dim, |r, y| {
+            let x = &x[r * dim..(r + 1) * dim];
+            for ((y, x), b) in y.iter_mut().zip(x).zip(b) {
+                *y = x + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(grad.clone()), Some(db.reshape(b.shape())?)))
+    }
+}
+
+/// Sums the rows of `(…, dim)` into `(dim)`.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "medphi-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = data(s, l)?;
+        let dim = last_dim(l)?;
+        let sums = x
+            .par_chunks(dim * rows_per_task(dim))
+            .map(|rows| {
+                let mut acc = vec![0f32; dim];
+                for row in rows.chunks(dim) {
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                acc
+            })
+            .reduce(|| vec![0f32; dim], add_vecs);
+        Ok((CpuStorage::F32(sums), Shape::from(dim)))
+    }
+}
+
+// ---------------------------------------------------------------- gelu_new
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+/// gelu_new(v) / v: `0.5 · (1 + tanh(u)) = sigmoid(2u)` with `u = √(2/π)·(v + a·v³)`; the
+/// sigmoid form needs one `exp`, several times cheaper than libm's `tanhf`.
+fn gelu_gate(v: f32) -> f32 {
+    1.0 / (1.0 + (-2.0 * SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v)).exp())
+}
+
+/// gelu_new, the tanh approximation of GELU (Phi-2's activation).
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !kernels_apply(x) {
+        return x.gelu();
+    }
+    x.contiguous()?.apply_op1(GeluTanh)
+}
+
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "medphi-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = data(s, l)?;
+        let out = map_rows(x.len(), 4096, |r, y| {
+            let x = &x[r * 4096..r * 4096 + y.len()];
+            for (y, &v) in y.iter_mut().zip(x) {
+                *y = v * gelu_gate(v);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluTanhGrad)?,
+        ))
+    }
+}
+
+/// `grad · gelu_new′(x)`.
+struct GeluTanhGrad;
+
+impl CustomOp2 for GeluTanhGrad {
+    fn name(&self) -> &'static str {
+        "medphi-gelu-tanh-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, g) = (data(sx, lx)?, data(sg, lg)?);
+        if x.len() != g.len() {
+            bail!("gelu gradient has the wrong shape");
+        }
+        let out = map_rows(x.len(), 4096, |r, d| {
+            let span = r * 4096..r * 4096 + d.len();
+            for ((d, &v), &g) in d.iter_mut().zip(&x[span.clone()]).zip(&g[span]) {
+                let s = gelu_gate(v);
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
+                *d = g * (s + 2.0 * v * s * (1.0 - s) * du);
+            }
+        });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- causal softmax
+
+/// `softmax(scale · scores)` over the last dimension of `(…, queries, keys)` scores, where
+/// query `i` sees keys `0..=i + keys − queries` (the queries are the last ones of the
+/// sequence); the keys it cannot see get probability 0.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if !kernels_apply(scores) {
+        return causal_softmax_composed(scores, scale);
+    }
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+    })
+}
+
+/// `causal_softmax` from candle primitives.
+pub fn causal_softmax_composed(scores: &Tensor, scale: f64) -> CResult<Tensor> {
+    let dims = scores.dims();
+    let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let mask: Vec<f32> = (0..q)
+        .flat_map(|i| {
+            (0..k).map(move |j| {
+                if j > i + k - q {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (q, k), scores.device())?.to_dtype(scores.dtype())?;
+    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+/// Queries and keys of `(…, queries, keys)`, with `queries <= keys`.
+fn queries_keys(l: &Layout) -> CResult<(usize, usize)> {
+    match l.dims() {
+        [.., q, k] if q <= k && *q > 0 => Ok((*q, *k)),
+        _ => bail!("causal softmax needs (…, queries, keys) scores with queries <= keys"),
+    }
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "medphi-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = data(s, l)?;
+        let (q, k) = queries_keys(l)?;
+        let out = map_rows(x.len(), k, |r, y| {
+            let seen = r % q + 1 + k - q;
+            let x = &x[r * k..r * k + seen];
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+            let mut sum = 0f32;
+            for (y, &v) in y.iter_mut().zip(x) {
+                *y = (v * self.scale - max).exp();
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            y[..seen].iter_mut().for_each(|y| *y *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxGrad { scale: self.scale },
+        )?))
+    }
+}
+
+/// `scale · y ⊙ (grad − Σ grad·y)` per row, from the softmax output `y`.
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "medphi-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (y, g) = (data(sy, ly)?, data(sg, lg)?);
+        let k = last_dim(ly)?;
+        if y.len() != g.len() {
+            bail!("softmax gradient has the wrong shape");
+        }
+        let out = map_rows(y.len(), k, |r, d| {
+            let (y, g) = (&y[r * k..(r + 1) * k], &g[r * k..(r + 1) * k]);
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                *d = self.scale * y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), ly.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- target log-probability
+
+/// `log softmax(logits)[target]` for each row: `(…, vocab)` f32 logits and `(…)` u32
+/// targets give `(…)` log-probabilities.
+pub fn target_logp(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if !kernels_apply(logits) {
+        return target_logp_composed(logits, targets);
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, TargetLogp)
+}
+
+/// `target_logp` from candle primitives.
+pub fn target_logp_composed(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)
+}
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, vocab: usize) -> CResult<&'a [u32]> {
+    let t = match l.contiguous_offsets() {
+        Some((a, b)) => &s.as_slice::<u32>()?[a..b],
+        None => bail!("targets are not contiguous"),
+    };
+    if t.len() != rows {
+        bail!("{} targets for {rows} rows of logits", t.len());
+    }
+    if let Some(bad) = t.iter().find(|&&t| t as usize >= vocab) {
+        bail!("target {bad} is outside the vocabulary (size {vocab})");
+    }
+    Ok(t)
+}
+
+/// Max and log Σ exp(row − max).
+fn log_sum_exp(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    (max, row.iter().map(|v| (v - max).exp()).sum::<f32>().ln())
+}
+
+struct TargetLogp;
+
+impl CustomOp2 for TargetLogp {
+    fn name(&self) -> &'static str {
+        "medphi-target-logp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sl: &CpuStorage,
+        ll: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = data(sl, ll)?;
+        let v = last_dim(ll)?;
+        let rows = x.len() / v;
+        let t = targets_of(st, lt, rows, v)?;
+        let mut out = vec![0f32; rows];
+        out.par_iter_mut().enumerate().for_each(|(r, o)| {
+            let row = &x[r * v..(r + 1) * v];
+            let (max, lse) = log_sum_exp(row);
+            *o = row[t[r] as usize] - max - lse;
+        });
+        Ok((CpuStorage::F32(out), lt.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let d = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &TargetLogpGrad)?;
+        Ok((Some(d), None))
+    }
+}
+
+/// `grad · (onehot(target) − softmax(row))` per row; rows with zero gradient (masked
+/// targets: prompts and padding) are skipped.
+struct TargetLogpGrad;
+
+impl CustomOp3 for TargetLogpGrad {
+    fn name(&self) -> &'static str {
+        "medphi-target-logp-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sl: &CpuStorage,
+        ll: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = data(sl, ll)?;
+        let v = last_dim(ll)?;
+        let rows = x.len() / v;
+        let t = targets_of(st, lt, rows, v)?;
+        let g = data(sg, lg)?;
+        if g.len() != rows {
+            bail!("target log-probability gradient has the wrong shape");
+        }
+        let out = map_rows(x.len(), v, |r, d| {
+            if g[r] == 0.0 {
+                return;
+            }
+            let row = &x[r * v..(r + 1) * v];
+            let (max, lse) = log_sum_exp(row);
+            for (d, &l) in d.iter_mut().zip(row) {
+                *d = -g[r] * (l - max - lse).exp();
+            }
+            d[t[r] as usize] += g[r];
+        });
+        Ok((CpuStorage::F32(out), ll.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0f32, f32::max);
+        assert!(worst < tol, "largest relative difference {worst}");
+    }
+
+    fn random(shape: &[usize], scale: f64) -> Var {
+        Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap() * scale).unwrap())
+            .unwrap()
+    }
+
+    /// Forward values and input gradients of the kernel and the composed form agree, for a
+    /// random weighting of the outputs (so every output's gradient matters).
+    fn same_as_composed(
+        inputs: &[&Var],
+        fused: impl Fn() -> CResult<Tensor>,
+        composed: impl Fn() -> CResult<Tensor>,
+    ) {
+        let (f, c) = (fused().unwrap(), composed().unwrap());
+        close(&f, &c, 1e-5);
+        let weights = Tensor::randn(0f32, 1.0, f.shape(), &Device::Cpu).unwrap();
+        let gf = (f * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (c * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in inputs {
+            close(gf.get(v).unwrap(), gc.get(v).unwrap(), 1e-4);
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_composed() {
+        let (x, w, b) = (
+            random(&[3, 5, 64], 3.0),
+            random(&[64], 1.0),
+            random(&[64], 1.0),
+        );
+        same_as_composed(
+            &[&x, &w, &b],
+            || layer_norm(&x, &w, &b, 1e-5),
+            || layer_norm_composed(&x, &w, &b, 1e-5),
+        );
+    }
+
+    #[test]
+    fn add_bias_matches_broadcast_add() {
+        let (x, b) = (random(&[3, 70, 40], 1.0), random(&[40], 1.0));
+        same_as_composed(&[&x, &b], || add_bias(&x, &b), || x.broadcast_add(&b));
+    }
+
+    #[test]
+    fn gelu_matches_candle() {
+        let x = random(&[7, 1000], 3.0);
+        same_as_composed(&[&x], || gelu_tanh(&x), || x.gelu());
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_softmax() {
+        // Square (training) and with earlier keys (queries are the sequence's last ones).
+        for (q, k) in [(9, 9), (4, 11)] {
+            let s = random(&[2, 3, q, k], 4.0);
+            same_as_composed(
+                &[&s],
+                || causal_softmax(&s, 0.25),
+                || causal_softmax_composed(&s, 0.25),
+            );
+        }
+    }
+
+    #[test]
+    fn target_logp_matches_log_softmax() {
+        let l = random(&[2, 6, 50], 5.0);
+        let t = Tensor::new(
+            &[[1u32, 0, 49, 7, 7, 3], [2, 2, 10, 48, 0, 1]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        same_as_composed(
+            &[&l],
+            || target_logp(&l, &t),
+            || target_logp_composed(&l, &t),
+        );
+    }
+
+    #[test]
+    fn bad_targets_are_an_error() {
+        let l = random(&[2, 5], 1.0);
+        let t = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+        let err = target_logp(&l, &t).unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
+    }
+}
