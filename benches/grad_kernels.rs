@@ -6,7 +6,7 @@
 //!
 //! cargo bench --bench grad_kernels
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use medphi::model::grad_kernels as k;
 
@@ -32,6 +32,7 @@ fn bench(c: &mut Criterion) {
         .reshape((b, t))
         .unwrap();
     let scale = 1.0 / ((h / heads) as f64).sqrt();
+    let mask = k::causal_mask(t, 0, DType::F32, &Device::Cpu).unwrap();
 
     let mut g = c.benchmark_group("grad_kernels");
     g.sample_size(10);
@@ -50,10 +51,10 @@ fn bench(c: &mut Criterion) {
     g.bench_function("gelu/kernel", |r| r.iter(|| step(|| k::gelu_tanh(&act))));
     g.bench_function("gelu/composed", |r| r.iter(|| step(|| act.gelu())));
     g.bench_function("causal_softmax/kernel", |r| {
-        r.iter(|| step(|| k::causal_softmax(&scores, scale)))
+        r.iter(|| step(|| k::causal_softmax(&scores, scale, mask.as_ref())))
     });
     g.bench_function("causal_softmax/composed", |r| {
-        r.iter(|| step(|| k::causal_softmax_composed(&scores, scale)))
+        r.iter(|| step(|| k::causal_softmax_composed(&scores, scale, mask.as_ref())))
     });
     g.bench_function("target_logp/kernel", |r| {
         r.iter(|| step(|| k::target_logp(&logits, &targets)))

@@ -10,7 +10,7 @@
 //! are what the tests and `benches/grad_kernels.rs` check the kernels against.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -288,6 +288,8 @@ impl CustomOp1 for ColumnSum {
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
+/// gelu is element-wise: its "rows" are just chunks of the flat data (the last one shorter).
+const GELU_CHUNK: usize = 4096;
 
 /// gelu_new(v) / v: `0.5 · (1 + tanh(u)) = sigmoid(2u)` with `u = √(2/π)·(v + a·v³)`; the
 /// sigmoid form needs one `exp`, several times cheaper than libm's `tanhf`.
@@ -312,8 +314,8 @@ impl CustomOp1 for GeluTanh {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = data(s, l)?;
-        let out = map_rows(x.len(), 4096, |r, y| {
-            let x = &x[r * 4096..r * 4096 + y.len()];
+        let out = map_rows(x.len(), GELU_CHUNK, |r, y| {
+            let x = &x[r * GELU_CHUNK..r * GELU_CHUNK + y.len()];
             for (y, &v) in y.iter_mut().zip(x) {
                 *y = v * gelu_gate(v);
             }
@@ -347,8 +349,8 @@ impl CustomOp2 for GeluTanhGrad {
         if x.len() != g.len() {
             bail!("gelu gradient has the wrong shape");
         }
-        let out = map_rows(x.len(), 4096, |r, d| {
-            let span = r * 4096..r * 4096 + d.len();
+        let out = map_rows(x.len(), GELU_CHUNK, |r, d| {
+            let span = r * GELU_CHUNK..r * GELU_CHUNK + d.len();
             for ((d, &v), &g) in d.iter_mut().zip(&x[span.clone()]).zip(&g[span]) {
                 let s = gelu_gate(v);
                 let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
@@ -361,26 +363,22 @@ impl CustomOp2 for GeluTanhGrad {
 
 // ---------------------------------------------------------------- causal softmax
 
-/// `softmax(scale · scores)` over the last dimension of `(…, queries, keys)` scores, where
-/// query `i` sees keys `0..=i + keys − queries` (the queries are the last ones of the
-/// sequence); the keys it cannot see get probability 0.
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    if !kernels_apply(scores) {
-        return causal_softmax_composed(scores, scale);
+/// Additive mask `(seq, start+seq)`: query i (at absolute position start+i) sees keys ≤ start+i;
+/// `None` for a single query, which sees every key.
+pub fn causal_mask(
+    seq: usize,
+    start: usize,
+    dtype: DType,
+    device: &Device,
+) -> CResult<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
     }
-    scores.contiguous()?.apply_op1(CausalSoftmax {
-        scale: scale as f32,
-    })
-}
-
-/// `causal_softmax` from candle primitives.
-pub fn causal_softmax_composed(scores: &Tensor, scale: f64) -> CResult<Tensor> {
-    let dims = scores.dims();
-    let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let mask: Vec<f32> = (0..q)
+    let total = start + seq;
+    let mask: Vec<f32> = (0..seq)
         .flat_map(|i| {
-            (0..k).map(move |j| {
-                if j > i + k - q {
+            (0..total).map(move |j| {
+                if j > start + i {
                     f32::NEG_INFINITY
                 } else {
                     0.0
@@ -388,8 +386,40 @@ pub fn causal_softmax_composed(scores: &Tensor, scale: f64) -> CResult<Tensor> {
             })
         })
         .collect();
-    let mask = Tensor::from_vec(mask, (q, k), scores.device())?.to_dtype(scores.dtype())?;
-    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+    Ok(Some(
+        Tensor::from_vec(mask, (seq, total), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// `softmax(scale · scores)` over the last dimension of `(…, queries, keys)` scores, where
+/// query `i` sees keys `0..=i + keys − queries` (the queries are the last ones of the
+/// sequence); the keys it cannot see get probability 0. `mask` is `causal_mask` of these
+/// scores: the composed form adds it, the kernel applies the same rule by position.
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if !kernels_apply(scores) {
+        return causal_softmax_composed(scores, scale, mask);
+    }
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+    })
+}
+
+/// `causal_softmax` from candle primitives.
+pub fn causal_softmax_composed(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> CResult<Tensor> {
+    let scores = (scores * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax(&scores, D::Minus1)
 }
 
 /// Queries and keys of `(…, queries, keys)`, with `queries <= keys`.
@@ -483,7 +513,7 @@ pub fn target_logp(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Ten
 
 /// `target_logp` from candle primitives.
 pub fn target_logp_composed(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
         .squeeze(D::Minus1)
 }
@@ -666,12 +696,13 @@ mod tests {
     #[test]
     fn causal_softmax_matches_masked_softmax() {
         // Square (training) and with earlier keys (queries are the sequence's last ones).
-        for (q, k) in [(9, 9), (4, 11)] {
+        for (q, k) in [(9, 9), (4, 11), (1, 6)] {
             let s = random(&[2, 3, q, k], 4.0);
+            let mask = causal_mask(q, k - q, DType::F32, &Device::Cpu).unwrap();
             same_as_composed(
                 &[&s],
-                || causal_softmax(&s, 0.25),
-                || causal_softmax_composed(&s, 0.25),
+                || causal_softmax(&s, 0.25, mask.as_ref()),
+                || causal_softmax_composed(&s, 0.25, mask.as_ref()),
             );
         }
     }

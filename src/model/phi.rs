@@ -318,11 +318,7 @@ impl Phi {
                 "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }
-        // The unfused path masks inside its softmax kernel.
-        let mask = match self.fused {
-            true => causal_mask(seq, start, self.dtype(), self.device())?,
-            false => None,
-        };
+        let mask = grad_kernels::causal_mask(seq, start, self.dtype(), self.device())?;
         let mut x =
             self.embed
                 .embedding(&tokens.flatten_all()?)?
@@ -407,7 +403,7 @@ impl Phi {
             };
             candle_nn::ops::softmax_last_dim(&scores)?
         } else {
-            grad_kernels::causal_softmax(&scores, scale)?
+            grad_kernels::causal_softmax(&scores, scale, mask)?
         };
         let out = probs
             .matmul(&v)?
@@ -415,28 +411,6 @@ impl Phi {
             .reshape((b, seq, heads * hd))?;
         block.dense.forward(&out)
     }
-}
-
-/// Additive mask `(seq, start+seq)`: query i (at absolute position start+i) sees keys ≤ start+i.
-fn causal_mask(seq: usize, start: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
-    if seq == 1 {
-        return Ok(None);
-    }
-    let total = start + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(
-        Tensor::from_vec(mask, (seq, total), device)?.to_dtype(dtype)?,
-    ))
 }
 
 fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
