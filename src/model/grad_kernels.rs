@@ -1,6 +1,6 @@
 //! The training path's hot element-wise ops as single CPU kernels with hand-written backward
-//! passes: LayerNorm, gelu_new, the causal attention softmax and the target log-probability
-//! of the loss.
+//! passes: LayerNorm, the bias add of a linear layer, gelu_new, the causal attention softmax
+//! and the target log-probability of the loss.
 //!
 //! Composed from candle primitives each of these is 5–15 passes over its tensor forward and
 //! as many again backward, each allocating; on a small model those passes, not the matrix
