@@ -207,13 +207,29 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Tokens per CPU forward: a long prompt's attention scores (heads × chunk × context
+/// floats) stay bounded, whatever its length.
+const CPU_CHUNK: usize = 512;
+
 impl CpuBackend {
     fn forward_now(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let input = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
-        Ok(logits
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?)
+        if tokens.is_empty() {
+            return Err(Error::input("forward called with no tokens"));
+        }
+        let mut out = Vec::new();
+        let pieces = tokens.chunks(CPU_CHUNK).count();
+        for (i, piece) in tokens.chunks(CPU_CHUNK).enumerate() {
+            let input = Tensor::new(piece, self.model.device())?.unsqueeze(0)?;
+            let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
+            if which == Logits::All || i + 1 == pieces {
+                out.extend(
+                    logits
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+        }
+        Ok(out)
     }
 }

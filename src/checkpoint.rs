@@ -27,6 +27,31 @@ pub struct NamedBytes {
 }
 
 impl Checkpoint {
+    /// Checks that the parts fit together: every id the tokenizer can produce must have a
+    /// row in the model's embedding, or a prompt could index past it.
+    fn new(
+        config: PhiConfig,
+        tokenizer: PhiTokenizer,
+        weights: Box<dyn TensorSource>,
+        format: &'static str,
+        weight_bytes: u64,
+    ) -> Result<Self> {
+        if tokenizer.vocab_limit() > config.vocab_size {
+            return Err(Error::input(format!(
+                "the tokenizer has ids up to {} but the model's vocabulary has {} rows: they do not belong together",
+                tokenizer.vocab_limit() - 1,
+                config.vocab_size
+            )));
+        }
+        Ok(Self {
+            config,
+            tokenizer,
+            weights,
+            format,
+            weight_bytes,
+        })
+    }
+
     /// Builds the CPU model (`fused`: inference kernels; `false`: the differentiable path).
     pub fn into_model(self, fused: bool) -> Result<(Phi, PhiTokenizer)> {
         let model = Phi::load(&self.config, self.weights.as_ref(), fused)?;
@@ -57,13 +82,13 @@ impl Checkpoint {
             .map(|w| (w.name, Bytes::Owned(w.bytes)))
             .collect();
         let weights = Safetensors::from_shards(shards, dtype)?;
-        Ok(Self {
+        Self::new(
             config,
             tokenizer,
-            weights: Box::new(weights),
-            format: "safetensors",
+            Box::new(weights),
+            "safetensors",
             weight_bytes,
-        })
+        )
     }
 
     fn from_gguf(gguf: Gguf, tokenizer: Option<NamedBytes>, weight_bytes: u64) -> Result<Self> {
@@ -79,13 +104,7 @@ impl Checkpoint {
                 }
             },
         };
-        Ok(Self {
-            config,
-            tokenizer,
-            weights: Box::new(gguf),
-            format: "gguf",
-            weight_bytes,
-        })
+        Self::new(config, tokenizer, Box::new(gguf), "gguf", weight_bytes)
     }
 
     /// Opens a model folder or a `.gguf` file. `tokenizer` overrides the tokenizer file.
@@ -159,13 +178,13 @@ impl Checkpoint {
             weight_bytes += bytes.len() as u64;
             shards.push((f.display().to_string(), bytes));
         }
-        Ok(Self {
+        Self::new(
             config,
             tokenizer,
-            weights: Box::new(Safetensors::from_shards(shards, dtype)?),
-            format: "safetensors",
+            Box::new(Safetensors::from_shards(shards, dtype)?),
+            "safetensors",
             weight_bytes,
-        })
+        )
     }
 }
 

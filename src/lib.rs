@@ -6,6 +6,7 @@
 //! - [`tokenizer`]: byte-level BPE and a UTF-8-safe streaming detokenizer;
 //! - [`gpu`]: the wgpu/WebGPU compute kernels (WGSL);
 //! - [`backend`]: the small interface generation and evaluation use to run a model;
+//! - [`cancel`]: the flag that stops generation, evaluation and training at a safe point;
 //! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
 //! - `train` (native): pretraining and SFT on the differentiable model;
 //! - [`checkpoint`]: finding and opening a model folder or GGUF file;
@@ -13,6 +14,7 @@
 //! - `web` (wasm32 only): the JavaScript API the browser page's worker calls.
 
 pub mod backend;
+pub mod cancel;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

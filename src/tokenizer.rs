@@ -9,6 +9,9 @@ pub struct PhiTokenizer {
     /// padded beyond this (51200 vs 50295 for Phi-2); those ids are never sampled.
     vocab_limit: usize,
     eos: Option<u32>,
+    /// `truncation.max_length` of the tokenizer.json, if it sets one: a longer text is
+    /// refused rather than silently cut.
+    max_tokens: Option<usize>,
 }
 
 impl PhiTokenizer {
@@ -17,8 +20,16 @@ impl PhiTokenizer {
         if bytes.is_empty() {
             return Err(Error::file(source, "file is empty"));
         }
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+        let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::file(source, format!("not a valid tokenizer.json: {e}")))?;
+        // The file's truncation would cut prompts without a word (and some settings of it
+        // panic inside `tokenizers`); its padding would append tokens to every prompt.
+        // Generation wants neither: the limit is kept and enforced as an error instead.
+        let max_tokens = inner.get_truncation().map(|t| t.max_length);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::file(source, format!("truncation: {e}")))?;
+        inner.with_padding(None);
         let vocab = inner.get_vocab(true);
         let vocab_limit = vocab.values().max().map_or(0, |&m| m as usize + 1);
         if vocab_limit == 0 {
@@ -29,6 +40,7 @@ impl PhiTokenizer {
             inner,
             vocab_limit,
             eos,
+            max_tokens,
         })
     }
 
@@ -43,7 +55,14 @@ impl PhiTokenizer {
             .inner
             .encode(text, true)
             .map_err(|e| Error::input(format!("cannot tokenize the text: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        let ids = enc.get_ids();
+        if let Some(max) = self.max_tokens.filter(|&m| ids.len() > m) {
+            return Err(Error::input(format!(
+                "the text is {} tokens, more than the {max} that tokenizer.json's truncation.max_length allows",
+                ids.len()
+            )));
+        }
+        Ok(ids.to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -171,6 +171,24 @@ fn long_prompts_run_in_several_passes_like_the_cpu_path() {
     assert_eq!(backend.cached(), 200);
 }
 
+/// The KV cache starts small and grows as positions are used: decoding one token at a time
+/// across the growth points keeps every cached position (same logits as the CPU's one pass).
+#[test]
+fn kv_cache_grows_with_use_and_keeps_its_positions() {
+    let r = reference();
+    let ids: Vec<u32> = r.input_ids.iter().copied().cycle().take(200).collect();
+    let (model, _) = open("tiny-phi").into_model(true).unwrap();
+    let cpu = forward_all(&model, &ids);
+    let (mut backend, _) = gpu("tiny-phi", None);
+    let mut rows = block_on(backend.forward(&ids[..100], Logits::All)).unwrap();
+    for &t in &ids[100..] {
+        rows.extend(block_on(backend.forward(&[t], Logits::Last)).unwrap());
+    }
+    let ours = Tensor::from_vec(rows, cpu.shape(), &Device::Cpu).unwrap();
+    let diff = max_abs_diff(&ours, &cpu);
+    assert!(diff < 1e-3, "max |Δlogit| vs CPU = {diff}");
+}
+
 /// Sampling on the GPU reads back only the candidates unless a draw lands outside them, and
 /// picks the tokens the CPU path picks from whole rows for the same seed.
 #[test]

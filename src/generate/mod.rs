@@ -11,6 +11,7 @@ pub use prompt::{PromptFormat, Turn};
 pub use sampling::{argmax, top_k, Sampler, SamplingParams, TopK, SAMPLING_CANDIDATES};
 
 use crate::backend::Backend;
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::tokenizer::{PhiTokenizer, TokenStream};
@@ -80,11 +81,16 @@ enum Next {
     Token(u32),
 }
 
+/// Prompt tokens run per forward during prefill: Stop is heard between pieces, and a long
+/// prompt never needs its whole attention matrix at once.
+const PREFILL_CHUNK: usize = 256;
+
 /// A backend plus the ids its KV cache holds, so a new prompt that extends the previous
 /// conversation only computes the new part.
 pub struct Session<B: Backend> {
     backend: B,
     cached_ids: Vec<u32>,
+    cancel: Cancel,
 }
 
 impl<B: Backend> Session<B> {
@@ -92,7 +98,20 @@ impl<B: Backend> Session<B> {
         Self {
             backend,
             cached_ids: Vec::new(),
+            cancel: Cancel::new(),
         }
+    }
+
+    /// Stops generation when `cancel` is raised (instead of the session's own flag).
+    pub fn with_cancel(mut self, cancel: Cancel) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// The flag that stops the running generation at its next token; the caller lowers it
+    /// again ([`Cancel::reset`]) before the next one.
+    pub fn cancel_handle(&self) -> Cancel {
+        self.cancel.clone()
     }
 
     pub fn backend(&self) -> &B {
@@ -129,8 +148,8 @@ impl<B: Backend> Session<B> {
     }
 
     /// Makes the cache hold exactly `ids` and returns what follows the last one, and how
-    /// many ids were reused from the cache.
-    async fn prefill(&mut self, ids: &[u32], want: Want) -> Result<(Next, usize)> {
+    /// many ids were reused from the cache; `None` for the first when cancelled meanwhile.
+    async fn prefill(&mut self, ids: &[u32], want: Want) -> Result<(Option<Next>, usize)> {
         let mut common = self
             .cached_ids
             .iter()
@@ -141,11 +160,23 @@ impl<B: Backend> Session<B> {
         common = common.min(ids.len() - 1);
         self.backend.truncate(common);
         self.cached_ids.truncate(common);
-        Ok((self.run(&ids[common..], want).await?, common))
+        let mut rest = &ids[common..];
+        while rest.len() > PREFILL_CHUNK {
+            if self.cancel.is_cancelled() {
+                return Ok((None, common));
+            }
+            self.run(&rest[..PREFILL_CHUNK], Want::Row).await?;
+            rest = &rest[PREFILL_CHUNK..];
+        }
+        if self.cancel.is_cancelled() {
+            return Ok((None, common));
+        }
+        Ok((Some(self.run(rest, want).await?), common))
     }
 
     /// Generates a continuation of `input_ids`. `on_text` receives each new piece of
-    /// text as it is completed and returns `false` to cancel.
+    /// text as it is completed and returns `false` to cancel; the session's [`Cancel`] flag
+    /// is checked before every token and between prefill chunks.
     pub async fn generate(
         &mut self,
         tokenizer: &PhiTokenizer,
@@ -163,20 +194,24 @@ impl<B: Backend> Session<B> {
                 input_ids.len()
             )));
         }
-        let mut sampler = Sampler::new(opts.sampling.clone())?;
         let vocab_limit = tokenizer
             .vocab_limit()
             .min(self.backend.config().vocab_size);
-        let eos = tokenizer
-            .eos_token_id()
-            .or(self.backend.config().eos_token_id);
-        let mut history = input_ids.to_vec();
-        let mut stream = TokenStream::new(tokenizer);
-        let mut stops = StopMatcher::new(&opts.stop);
-
-        let t0 = Instant::now();
+        let mut decoding = Decoding {
+            sampler: Sampler::new(opts.sampling.clone())?,
+            vocab_limit,
+            eos: tokenizer
+                .eos_token_id()
+                .or(self.backend.config().eos_token_id),
+            history: input_ids.to_vec(),
+            output_ids: Vec::new(),
+            stream: TokenStream::new(tokenizer),
+            stops: StopMatcher::new(&opts.stop),
+            stop_reason: StopReason::Cancelled,
+            decoded: 0,
+        };
         // Plain greedy decoding needs no logits on the host, and sampling only a few.
-        let want = match sampler.candidates() {
+        let want = match decoding.sampler.candidates(vocab_limit) {
             Some(k) => Want::Candidates {
                 k,
                 vocab_limit,
@@ -187,71 +222,116 @@ impl<B: Backend> Session<B> {
             }
             None => Want::Row,
         };
-        let (mut next, reused) = self.prefill(input_ids, want).await?;
+        let t0 = Instant::now();
+        let (next, reused) = self.prefill(input_ids, want).await?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut output_ids = Vec::new();
-        let mut stop_reason = StopReason::MaxTokens;
-        let mut decoded = 0usize;
-        while output_ids.len() < opts.max_new_tokens {
-            let id = match &mut next {
-                Next::Token(id) => *id,
-                Next::Logits(logits) => sampler.sample(&mut logits[..vocab_limit], &history)?,
-                Next::Top(top) => match sampler.sample_top(top)? {
-                    Some(id) => id,
-                    None => {
-                        let mut row = self.backend.last_logits().await?;
-                        sampler.sample(&mut row[..vocab_limit], &history)?
-                    }
-                },
-            };
-            if Some(id) == eos {
-                stop_reason = StopReason::Eos;
-                break;
-            }
-            output_ids.push(id);
-            history.push(id);
-            if let Some(piece) = stream.push(id)? {
-                let (emit, hit) = stops.push(&piece);
-                if !emit.is_empty() && !on_text(&emit) {
-                    stop_reason = StopReason::Cancelled;
-                    break;
-                }
-                if hit {
-                    stop_reason = StopReason::StopString;
-                    break;
-                }
-            }
-            if output_ids.len() == opts.max_new_tokens {
-                break;
-            }
-            if self.backend.cached() + 1 > capacity {
-                stop_reason = StopReason::ContextFull;
-                break;
-            }
-            next = self.run(&[id], want).await?;
-            decoded += 1;
+        if let Some(next) = next {
+            self.decode(next, want, opts.max_new_tokens, &mut decoding, on_text)
+                .await?;
         }
-        if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
-            if let Some(rest) = stream.finish()? {
-                stops.push(&rest);
-            }
-            let tail = stops.flush();
-            if !tail.is_empty() {
-                on_text(&tail);
-            }
-        }
-        let decode_secs = t1.elapsed().as_secs_f64();
+        let Decoding {
+            output_ids,
+            stops,
+            stop_reason,
+            decoded,
+            ..
+        } = decoding;
         Ok(Generation {
             input_ids: input_ids.to_vec(),
             output_ids,
             text: stops.text,
             stop_reason,
             prefill_tok_s: rate(input_ids.len() - reused, prefill_secs),
-            decode_tok_s: rate(decoded, decode_secs),
+            decode_tok_s: rate(decoded, t1.elapsed().as_secs_f64()),
             reused_tokens: reused,
         })
     }
+
+    /// The token loop: picks a token from `next`, streams its text, and runs it for the next.
+    async fn decode(
+        &mut self,
+        mut next: Next,
+        want: Want,
+        max_new_tokens: usize,
+        d: &mut Decoding<'_>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<()> {
+        d.stop_reason = StopReason::MaxTokens;
+        while d.output_ids.len() < max_new_tokens {
+            if self.cancel.is_cancelled() {
+                d.stop_reason = StopReason::Cancelled;
+                break;
+            }
+            let limit = d.vocab_limit;
+            let id = match &mut next {
+                Next::Token(id) => *id,
+                Next::Logits(logits) => d.sampler.sample(&mut logits[..limit], &d.history)?,
+                Next::Top(top) => match d.sampler.sample_top(top)? {
+                    Some(id) => id,
+                    None => {
+                        let mut row = self.backend.last_logits().await?;
+                        d.sampler.sample(&mut row[..limit], &d.history)?
+                    }
+                },
+            };
+            if Some(id) == d.eos {
+                d.stop_reason = StopReason::Eos;
+                break;
+            }
+            d.output_ids.push(id);
+            d.history.push(id);
+            if let Some(piece) = d.stream.push(id)? {
+                let (emit, hit) = d.stops.push(&piece);
+                if !emit.is_empty() && !on_text(&emit) {
+                    d.stop_reason = StopReason::Cancelled;
+                    break;
+                }
+                if hit {
+                    d.stop_reason = StopReason::StopString;
+                    break;
+                }
+            }
+            if d.output_ids.len() == max_new_tokens {
+                break;
+            }
+            if self.backend.cached() + 1 > self.backend.capacity() {
+                d.stop_reason = StopReason::ContextFull;
+                break;
+            }
+            next = self.run(&[id], want).await?;
+            d.decoded += 1;
+        }
+        if !matches!(
+            d.stop_reason,
+            StopReason::StopString | StopReason::Cancelled
+        ) {
+            if let Some(rest) = d.stream.finish()? {
+                d.stops.push(&rest);
+            }
+            let tail = d.stops.flush();
+            if !tail.is_empty() {
+                on_text(&tail);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state of one generation's token loop.
+struct Decoding<'a> {
+    sampler: Sampler,
+    vocab_limit: usize,
+    eos: Option<u32>,
+    /// Prompt and generated ids, for the repetition penalty.
+    history: Vec<u32>,
+    /// Generated ids, EOS excluded.
+    output_ids: Vec<u32>,
+    stream: TokenStream<'a>,
+    stops: StopMatcher<'a>,
+    stop_reason: StopReason,
+    /// Forwards run after the prefill.
+    decoded: usize,
 }
 
 fn rate(tokens: usize, secs: f64) -> f64 {

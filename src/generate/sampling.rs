@@ -153,16 +153,19 @@ impl Sampler {
 
     /// How many candidates `sample_top` needs; `None` when only a whole row will do (greedy
     /// has its own path, and the repetition penalty changes logits the backend never sees).
-    pub fn candidates(&self) -> Option<usize> {
-        if self.params.temperature == 0.0 || self.params.repetition_penalty != 1.0 {
+    /// `vocab_limit` is the number of ids that can be sampled.
+    pub fn candidates(&self, vocab_limit: usize) -> Option<usize> {
+        let p = &self.params;
+        if p.temperature == 0.0 || p.repetition_penalty != 1.0 {
             return None;
         }
-        Some(
-            self.params
-                .top_k
-                .unwrap_or(SAMPLING_CANDIDATES)
-                .min(SAMPLING_CANDIDATES),
-        )
+        match p.top_k {
+            // A top-k beyond the candidates renormalises over a mass (the top k's) that the
+            // candidates cannot tell, unless k takes in the whole vocabulary (mass 1).
+            Some(k) if k > SAMPLING_CANDIDATES && k < vocab_limit => None,
+            Some(k) => Some(k.min(SAMPLING_CANDIDATES)),
+            None => Some(SAMPLING_CANDIDATES),
+        }
     }
 
     /// Samples from a backend's candidates (`TopK` at this sampler's temperature) when they
@@ -338,53 +341,150 @@ mod tests {
         .is_err());
     }
 
-    /// The device route (candidates, and the row only when a draw lands outside them) picks
-    /// what the whole row does, on peaked rows (decided by the candidates) and flat ones
-    /// (mostly decided by the row).
-    #[test]
-    fn candidates_and_the_whole_row_sample_the_same_tokens() {
-        let mut rng = StdRng::seed_from_u64(5);
-        let (mut decided, mut tails) = (0, 0);
-        for spread in [0.5f32, 6.0] {
-            let logits: Vec<f32> = (0..1000)
-                .map(|_| (rng.random::<f32>() - 0.5) * spread * 4.0)
-                .collect();
-            for (temperature, top_k, top_p) in [
-                (1.0, None, None),
-                (0.7, Some(10), None),
-                (0.8, None, Some(0.9)),
-                (1.2, Some(200), Some(0.5)),
-            ] {
-                let p = SamplingParams {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed: 9,
-                    ..Default::default()
-                };
-                let (mut row, mut device) =
-                    (Sampler::new(p.clone()).unwrap(), Sampler::new(p).unwrap());
-                for _ in 0..300 {
-                    let want = row.sample(&mut logits.clone(), &[]).unwrap();
-                    let k = device.candidates().unwrap();
-                    let top = super::top_k(&logits, k, temperature as f32);
-                    let got = match device.sample_top(&top).unwrap() {
-                        Some(id) => {
-                            decided += 1;
-                            id
-                        }
-                        None => {
-                            tails += 1;
-                            device.sample(&mut logits.clone(), &[]).unwrap()
-                        }
-                    };
-                    assert_eq!(got, want, "T {temperature} top_k {top_k:?} top_p {top_p:?}");
-                }
-            }
+    /// The distribution `sample` documents, computed exactly (f64): repetition penalty,
+    /// temperature, the top k (ties to the lower id), the nucleus (the shortest prefix whose
+    /// mass reaches top_p), renormalised.
+    fn exact(logits: &[f32], history: &[u32], p: &SamplingParams) -> Vec<f64> {
+        let mut l: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
+        for &t in history {
+            let v = &mut l[t as usize];
+            let penalty = f64::from(p.repetition_penalty);
+            *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
         }
+        let mut order: Vec<usize> = (0..l.len()).collect();
+        order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        order.truncate(p.top_k.unwrap_or(usize::MAX));
+        let max = l[order[0]] / p.temperature;
+        let w: Vec<f64> = order
+            .iter()
+            .map(|&i| (l[i] / p.temperature - max).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut keep = w.len();
+        if let Some(top_p) = p.top_p {
+            let mut mass = 0.0;
+            keep = 1 + w
+                .iter()
+                .position(|x| {
+                    mass += x / total;
+                    mass >= top_p
+                })
+                .unwrap_or(w.len() - 1);
+        }
+        let kept: f64 = w[..keep].iter().sum();
+        let mut probs = vec![0.0; l.len()];
+        for (&i, x) in order.iter().zip(&w).take(keep) {
+            probs[i] = x / kept;
+        }
+        probs
+    }
+
+    /// Frequencies of `n` draws, taken as a backend-driven generation takes them: from the
+    /// candidates when `candidates` asks for some (reading the row only when they cannot
+    /// decide), from the whole row otherwise.
+    fn empirical(logits: &[f32], history: &[u32], p: &SamplingParams, n: usize) -> Vec<f64> {
+        let mut s = Sampler::new(p.clone()).unwrap();
+        let top = s
+            .candidates(logits.len())
+            .map(|k| super::top_k(logits, k, p.temperature as f32));
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..n {
+            let id = match top.as_ref().map(|t| s.sample_top(t).unwrap()) {
+                Some(Some(id)) => id,
+                _ => s.sample(&mut logits.to_vec(), history).unwrap(),
+            };
+            counts[id as usize] += 1;
+        }
+        counts.into_iter().map(|c| c as f64 / n as f64).collect()
+    }
+
+    fn total_variation(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 2.0
+    }
+
+    /// Every route of the sampler (candidates decided on their own, candidates then the row,
+    /// the row alone) draws from the distribution it documents. The bound is twice the
+    /// expected total-variation distance of `n` honest draws, and the test checks that a
+    /// fast path which forgot to renormalise over the top k (the bug this once had, ≈ 0.09
+    /// on such a row) would land well outside it.
+    #[test]
+    fn every_sampling_route_draws_the_documented_distribution() {
+        let mut rng = StdRng::seed_from_u64(11);
+        // A flat-ish row of 120: plenty of mass beyond the 64 candidates and beyond a top 100.
+        let logits: Vec<f32> = (0..120).map(|_| rng.random::<f32>() * 1.5).collect();
+        let history = [3u32, 7, 7, 50, 101];
+        let n = 60_000;
+        let cases: [(f64, Option<usize>, Option<f64>, f32); 12] = [
+            (1.0, None, None, 1.0),
+            (0.6, None, None, 1.0),
+            (1.0, Some(10), None, 1.0),
+            (1.0, Some(64), None, 1.0),
+            (1.0, Some(100), None, 1.0),
+            (1.3, Some(120), None, 1.0),
+            (1.0, Some(500), None, 1.0),
+            (1.0, None, Some(0.5), 1.0),
+            (1.0, None, Some(0.95), 1.0),
+            (0.8, Some(100), Some(0.9), 1.0),
+            (1.0, Some(30), Some(0.8), 1.3),
+            (1.0, None, None, 0.7),
+        ];
+        for (seed, (temperature, top_k, top_p, repetition_penalty)) in cases.into_iter().enumerate()
+        {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed: seed as u64,
+            };
+            let want = exact(&logits, &history, &p);
+            let got = empirical(&logits, &history, &p, n);
+            let noise: f64 = want
+                .iter()
+                .map(|&q| (q * (1.0 - q) / n as f64).sqrt())
+                .sum::<f64>()
+                * 0.5
+                * (2.0 / std::f64::consts::PI).sqrt();
+            let bound = 2.0 * noise;
+            let tv = total_variation(&want, &got);
+            assert!(
+                tv < bound,
+                "{p:?}: total variation {tv:.4} ≥ bound {bound:.4}"
+            );
+            assert!(
+                bound < 0.045,
+                "{p:?}: bound {bound:.4} too loose to catch a 0.09 bug"
+            );
+        }
+        // The old route for a top 100 on this row, exactly: a draw u below the candidates'
+        // whole-row mass S took the candidate where the whole-row cumulative mass passes u;
+        // otherwise the row was read and u walked the renormalised top 100 (cumulative Q).
+        let p = |top_k| SamplingParams {
+            top_k,
+            ..params(1.0)
+        };
+        let whole = exact(&logits, &[], &p(None));
+        let top100 = exact(&logits, &[], &p(Some(100)));
+        let mut ranked: Vec<usize> = (0..logits.len()).filter(|&i| top100[i] > 0.0).collect();
+        ranked.sort_by(|&a, &b| top100[b].total_cmp(&top100[a]));
+        let s: f64 = ranked[..SAMPLING_CANDIDATES]
+            .iter()
+            .map(|&i| whole[i])
+            .sum();
+        let mut old = vec![0.0; logits.len()];
+        let mut q = 0.0;
+        for (rank, &i) in ranked.iter().enumerate() {
+            if rank < SAMPLING_CANDIDATES {
+                old[i] += whole[i];
+            }
+            let (lo, hi) = (q, q + top100[i]);
+            q = hi;
+            old[i] += (hi.min(1.0) - lo.max(s)).max(0.0);
+        }
+        let bug = total_variation(&top100, &old);
         assert!(
-            decided > 500 && tails > 100,
-            "{decided} decided, {tails} tails"
+            bug > 0.045,
+            "the old route's error on this row is only {bug:.4}"
         );
     }
 

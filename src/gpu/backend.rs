@@ -43,8 +43,82 @@ struct Layer {
     dense: Linear,
     fc1: Linear,
     fc2: Linear,
-    k_cache: Buffer,
-    v_cache: Buffer,
+}
+
+/// Everything sized by the number of positions: each layer's K and V cache (laid out
+/// `[kv_head][allocated][head_dim]`), the rotary tables and attention's split partials.
+/// Allocated for the positions in use and grown (doubling, up to the context) when a
+/// forward needs more, so memory follows the tokens run, not the context a config allows.
+struct Positions {
+    allocated: usize,
+    k_cache: Vec<Buffer>,
+    v_cache: Vec<Buffer>,
+    cos: Buffer,
+    sin: Buffer,
+    partials: Buffer,
+}
+
+/// Positions allocated by the first forward (more if it needs more).
+const FIRST_POSITIONS: usize = 128;
+
+impl Positions {
+    fn new(ctx: &GpuContext, cfg: &PhiConfig, allocated: usize) -> Result<Self> {
+        let cache = cfg.num_key_value_heads * allocated * cfg.head_dim();
+        let rd = cfg.rotary_dim();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..allocated)
+            .flat_map(|p| (0..rd / 2).map(move |j| (p, j)))
+            .map(|(p, j)| {
+                // The CPU path's table: f32 inverse frequency times f32 position.
+                let inv = 1.0 / cfg.rope_theta.powf((2 * j) as f64 / rd as f64) as f32;
+                let a = p as f32 * inv;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        let layers = 0..cfg.num_hidden_layers;
+        Ok(Self {
+            allocated,
+            k_cache: layers
+                .clone()
+                .map(|i| ctx.storage(&format!("layer {i} k cache"), cache))
+                .collect::<Result<_>>()?,
+            v_cache: layers
+                .map(|i| ctx.storage(&format!("layer {i} v cache"), cache))
+                .collect::<Result<_>>()?,
+            cos: ctx.upload("cos", &cos)?,
+            sin: ctx.upload("sin", &sin)?,
+            partials: ctx.storage(
+                "attention partials",
+                attention_partials_len(cfg.num_attention_heads, cfg.head_dim(), allocated),
+            )?,
+        })
+    }
+
+    /// A larger store holding the first `len` cached positions of this one.
+    fn grow(
+        &self,
+        ctx: &GpuContext,
+        cfg: &PhiConfig,
+        allocated: usize,
+        len: usize,
+    ) -> Result<Self> {
+        let bigger = Self::new(ctx, cfg, allocated)?;
+        let row = (cfg.head_dim() * 4) as u64;
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let pairs = self.k_cache.iter().zip(&bigger.k_cache);
+        for (old, new) in pairs.chain(self.v_cache.iter().zip(&bigger.v_cache)) {
+            for head in 0..cfg.num_key_value_heads as u64 {
+                enc.copy_buffer_to_buffer(
+                    old,
+                    head * self.allocated as u64 * row,
+                    new,
+                    head * allocated as u64 * row,
+                    len as u64 * row,
+                );
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        Ok(bigger)
+    }
 }
 
 /// Activations for up to `CHUNK` tokens, allocated once.
@@ -61,8 +135,6 @@ struct Scratch {
     mlp_hidden: Buffer,
     mlp: Buffer,
     last: Buffer,
-    /// Attention's per-split partials for long contexts.
-    partials: Buffer,
     /// The last position's top-k candidates and log-normaliser (top_k.wgsl's layout); the
     /// greedy token is its first word.
     top: Buffer,
@@ -143,8 +215,7 @@ pub struct GpuBackend {
     final_ln_w: Buffer,
     final_ln_b: Buffer,
     lm_head: RowChunks,
-    cos: Buffer,
-    sin: Buffer,
+    positions: Positions,
     scratch: Scratch,
     capacity: usize,
     len: usize,
@@ -157,8 +228,8 @@ fn host(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>>
 }
 
 impl GpuBackend {
-    /// Uploads a checkpoint's weights to a new GPU device and preallocates the KV cache for
-    /// `context` tokens (default: the model's context length).
+    /// Uploads a checkpoint's weights to a new GPU device, for a context of `context` tokens
+    /// (default: the model's context length); the KV cache grows with the tokens run.
     pub async fn load(
         cfg: &PhiConfig,
         src: &dyn TensorSource,
@@ -216,7 +287,6 @@ impl GpuBackend {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let cache = cfg.num_key_value_heads * capacity * cfg.head_dim();
             layers.push(Layer {
                 ln_w: upload(&format!("{p}.input_layernorm.weight"), &[h])?,
                 ln_b: upload(&format!("{p}.input_layernorm.bias"), &[h])?,
@@ -226,8 +296,6 @@ impl GpuBackend {
                 dense: linear(&format!("{p}.self_attn.dense"), h, h)?,
                 fc1: linear(&format!("{p}.mlp.fc1"), inter, h)?,
                 fc2: linear(&format!("{p}.mlp.fc2"), h, inter)?,
-                k_cache: ctx.storage(&format!("{p} k cache"), cache)?,
-                v_cache: ctx.storage(&format!("{p} v cache"), cache)?,
             });
         }
         let head_name = if cfg.tie_word_embeddings {
@@ -243,16 +311,6 @@ impl GpuBackend {
             Some(&head_bias),
             vocab,
         )?;
-        let rd = cfg.rotary_dim();
-        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cfg.max_position_embeddings)
-            .flat_map(|p| (0..rd / 2).map(move |j| (p, j)))
-            .map(|(p, j)| {
-                // The CPU path's table: f32 inverse frequency times f32 position.
-                let inv = 1.0 / cfg.rope_theta.powf((2 * j) as f64 / rd as f64) as f32;
-                let a = p as f32 * inv;
-                (a.cos(), a.sin())
-            })
-            .unzip();
         let rows = CHUNK.min(capacity);
         let scratch = Scratch {
             ids: ctx.storage("ids", rows)?,
@@ -267,16 +325,11 @@ impl GpuBackend {
             mlp_hidden: ctx.storage("mlp_hidden", rows * inter)?,
             mlp: ctx.storage("mlp", rows * h)?,
             last: ctx.storage("last", h)?,
-            partials: ctx.storage(
-                "attention partials",
-                attention_partials_len(cfg.num_attention_heads, cfg.head_dim(), capacity),
-            )?,
             top: ctx.storage("top-k", 2 * MAX_TOP_K as usize + 1)?,
             last_logits: ctx.storage("last logits", vocab)?,
         };
         Ok(Self {
-            cos: ctx.upload("cos", &cos)?,
-            sin: ctx.upload("sin", &sin)?,
+            positions: Positions::new(&ctx, cfg, FIRST_POSITIONS.min(capacity))?,
             final_ln_w: upload("model.final_layernorm.weight", &[h])?,
             final_ln_b: upload("model.final_layernorm.bias", &[h])?,
             ctx,
@@ -393,7 +446,7 @@ impl GpuBackend {
             head_dim: cfg.head_dim() as u32,
             rotary_dim: cfg.rotary_dim() as u32,
             start: self.len as u32,
-            capacity: self.capacity as u32,
+            capacity: self.positions.allocated as u32,
         };
         let s = &self.scratch;
         let (k, ctx) = (&self.kernels, &self.ctx);
@@ -412,7 +465,8 @@ impl GpuBackend {
             )?;
         }
         let eps = cfg.layer_norm_eps as f32;
-        for layer in &self.layers {
+        let pos = &self.positions;
+        for (i, layer) in self.layers.iter().enumerate() {
             k.layer_norm(
                 ctx,
                 &mut enc,
@@ -428,11 +482,11 @@ impl GpuBackend {
                 q: &s.q,
                 k: &s.k,
                 v: &s.v,
-                cos: &self.cos,
-                sin: &self.sin,
+                cos: &pos.cos,
+                sin: &pos.sin,
                 q_out: &s.q_rot,
-                k_cache: &layer.k_cache,
-                v_cache: &layer.v_cache,
+                k_cache: &pos.k_cache[i],
+                v_cache: &pos.v_cache[i],
             };
             k.rope_kv(ctx, &mut enc, shape, b)?;
             k.attention(
@@ -441,9 +495,9 @@ impl GpuBackend {
                 shape,
                 (
                     &s.q_rot,
-                    &layer.k_cache,
-                    &layer.v_cache,
-                    &s.partials,
+                    &pos.k_cache[i],
+                    &pos.v_cache[i],
+                    &pos.partials,
                     &s.attn,
                 ),
             )?;
@@ -498,11 +552,13 @@ impl GpuBackend {
         Ok((logits, rows))
     }
 
-    fn check_input(&self, tokens: &[u32]) -> Result<()> {
+    /// Checks `tokens` and makes room for them in the position store.
+    fn check_input(&mut self, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::input("forward called with no tokens"));
         }
-        if self.len + tokens.len() > self.capacity {
+        let needed = self.len + tokens.len();
+        if needed > self.capacity {
             return Err(Error::input(format!(
                 "context length exceeded: {} tokens already, {} more, the context is {}",
                 self.len,
@@ -511,12 +567,17 @@ impl GpuBackend {
             )));
         }
         let vocab = self.cfg.vocab_size as u32;
-        match tokens.iter().find(|&&t| t >= vocab) {
-            Some(bad) => Err(Error::input(format!(
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(Error::input(format!(
                 "token id {bad} is outside the vocabulary (size {vocab})"
-            ))),
-            None => Ok(()),
+            )));
         }
+        let allocated = self.positions.allocated;
+        if needed > allocated {
+            let grown = needed.max(2 * allocated).min(self.capacity);
+            self.positions = self.positions.grow(&self.ctx, &self.cfg, grown, self.len)?;
+        }
+        Ok(())
     }
 
     /// Runs all but the last `CHUNK`-sized piece of `tokens` into the cache; returns the rest.

@@ -108,9 +108,18 @@ impl LayerNorm {
     }
 }
 
-/// cos/sin tables for every position, `(max_positions, rotary_dim / 2)`.
+/// NeoX rotary embedding of the first `dim` features of each head. The cos/sin tables are
+/// made per forward for the positions it covers, so memory follows the tokens in use,
+/// whatever context length a config claims.
 struct Rotary {
     dim: usize,
+    /// `(1, dim / 2)`
+    inv_freq: Tensor,
+    dtype: DType,
+}
+
+/// cos/sin for positions `start..start+seq`, each `(seq, dim / 2)`.
+struct RopeTables {
     cos: Tensor,
     sin: Tensor,
 }
@@ -122,29 +131,33 @@ impl Rotary {
             .step_by(2)
             .map(|i| 1.0 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)
             .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
-        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = positions.matmul(&inv_freq)?;
         Ok(Self {
             dim,
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            inv_freq: Tensor::from_vec(inv_freq, (1, dim / 2), device)?,
+            dtype,
+        })
+    }
+
+    fn tables(&self, start: usize, seq: usize) -> Result<RopeTables> {
+        let positions = Tensor::arange(start as u32, (start + seq) as u32, self.inv_freq.device())?
+            .to_dtype(DType::F32)?
+            .reshape((seq, 1))?;
+        let freqs = positions.matmul(&self.inv_freq)?;
+        Ok(RopeTables {
+            cos: freqs.cos()?.to_dtype(self.dtype)?,
+            sin: freqs.sin()?.to_dtype(self.dtype)?,
         })
     }
 
     /// Rotates the first `dim` features of `x` `(batch, heads, seq, head_dim)`, NeoX style
-    /// (first half paired with second half), for positions `start..start+seq`.
-    fn apply(&self, x: &Tensor, start: usize, fused: bool) -> Result<Tensor> {
-        let (_, _, seq, head_dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, seq)?;
-        let sin = self.sin.narrow(0, start, seq)?;
+    /// (first half paired with second half), at the positions of `t`.
+    fn apply(&self, x: &Tensor, t: &RopeTables, fused: bool) -> Result<Tensor> {
+        let head_dim = x.dim(D::Minus1)?;
         let rot = x.narrow(D::Minus1, 0, self.dim)?.contiguous()?;
         let rot = if fused {
-            candle_nn::rotary_emb::rope(&rot, &cos, &sin)?
+            candle_nn::rotary_emb::rope(&rot, &t.cos, &t.sin)?
         } else {
-            candle_nn::rotary_emb::rope_slow(&rot, &cos, &sin)?
+            candle_nn::rotary_emb::rope_slow(&rot, &t.cos, &t.sin)?
         };
         if self.dim == head_dim {
             return Ok(rot);
@@ -304,9 +317,6 @@ impl Phi {
                 self.cfg.max_position_embeddings
             )));
         }
-        if let Some(c) = &cache {
-            c.reserve(seq)?;
-        }
         let vocab = self.cfg.vocab_size as u32;
         if let Some(bad) = tokens
             .flatten_all()?
@@ -318,17 +328,21 @@ impl Phi {
                 "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }
+        let mut cache = cache;
+        if let Some(c) = cache.as_deref_mut() {
+            c.reserve(seq)?;
+        }
         let mask = grad_kernels::causal_mask(seq, start, self.dtype(), self.device())?;
+        let rope = self.rotary.tables(start, seq)?;
         let mut x =
             self.embed
                 .embedding(&tokens.flatten_all()?)?
                 .reshape((tokens.dim(0)?, seq, ()))?;
-        let mut cache = cache;
         for (i, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(
                 block,
                 &x,
-                start,
+                &rope,
                 mask.as_ref(),
                 cache.as_deref_mut().map(|c| (c, i)),
             )?;
@@ -348,12 +362,12 @@ impl Phi {
         &self,
         block: &Block,
         x: &Tensor,
-        start: usize,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let h = block.norm.forward(x, self.fused)?;
-        let attn = self.attention(block, &h, start, mask, cache)?;
+        let attn = self.attention(block, &h, rope, mask, cache)?;
         let mlp = block.fc1.forward(&h)?;
         let mlp = match self.cfg.hidden_act {
             Activation::GeluTanh if self.fused => mlp.gelu()?,
@@ -368,7 +382,7 @@ impl Phi {
         &self,
         block: &Block,
         h: &Tensor,
-        start: usize,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
@@ -384,8 +398,8 @@ impl Phi {
         let q = split(block.q.forward(h)?, heads)?;
         let k = split(block.k.forward(h)?, kv_heads)?;
         let v = split(block.v.forward(h)?, kv_heads)?;
-        let q = self.rotary.apply(&q, start, self.fused)?;
-        let k = self.rotary.apply(&k, start, self.fused)?.contiguous()?;
+        let q = self.rotary.apply(&q, rope, self.fused)?;
+        let k = self.rotary.apply(&k, rope, self.fused)?.contiguous()?;
         let v = v.contiguous()?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?,

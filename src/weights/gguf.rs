@@ -2,12 +2,12 @@
 //! `llama-quantize` write them. Tensors keep their GGML block layout (q4_0, q8_0, k-quants…)
 //! and are multiplied by candle's quantized matmul; names are mapped to Hugging Face's.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
+use super::gguf_file::{GgufFile, MetaValue};
 use super::{Bytes, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::{Activation, PhiConfig};
@@ -15,7 +15,7 @@ use crate::model::{Activation, PhiConfig};
 pub struct Gguf {
     name: String,
     bytes: Bytes,
-    content: gguf_file::Content,
+    file: GgufFile,
     dtype: DType,
 }
 
@@ -50,12 +50,12 @@ impl Gguf {
         if bytes.is_empty() {
             return Err(Error::file(&name, "file is empty"));
         }
-        let content = gguf_file::Content::read(&mut Cursor::new(&bytes[..]))
+        let file = GgufFile::parse(&bytes)
             .map_err(|e| Error::file(&name, format!("not a valid GGUF file: {e}")))?;
         let gguf = Self {
             name,
             bytes,
-            content,
+            file,
             dtype,
         };
         let arch = gguf.meta_str("general.architecture")?;
@@ -68,13 +68,13 @@ impl Gguf {
         Ok(gguf)
     }
 
-    fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
-        self.content.metadata.get(key)
+    fn meta(&self, key: &str) -> Option<&MetaValue> {
+        self.file.metadata.get(key)
     }
 
     fn meta_str(&self, key: &str) -> Result<&str> {
         match self.meta(key) {
-            Some(gguf_file::Value::String(s)) => Ok(s),
+            Some(MetaValue::String(s)) => Ok(s),
             Some(_) => Err(Error::file(
                 &self.name,
                 format!("metadata {key} is not a string"),
@@ -87,36 +87,47 @@ impl Gguf {
     }
 
     fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
-        let Some(value) = self.meta(key) else {
-            return Ok(None);
-        };
-        let n = value
-            .to_u64()
-            .or_else(|_| value.to_u32().map(u64::from))
-            .or_else(|_| {
-                value
-                    .to_i32()
-                    .and_then(|v| u64::try_from(v).map_err(candle_core::Error::wrap))
-            })
-            .map_err(|_| {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(MetaValue::Int(n)) => usize::try_from(*n).map(Some).map_err(|_| {
                 Error::file(
                     &self.name,
-                    format!("metadata {key} is not a non-negative integer"),
+                    format!("metadata {key} = {n} is not a usable non-negative integer"),
                 )
-            })?;
-        usize::try_from(n)
-            .map(Some)
-            .map_err(|_| Error::file(&self.name, format!("metadata {key} = {n} is too large")))
+            }),
+            Some(_) => Err(Error::file(
+                &self.name,
+                format!("metadata {key} is not an integer"),
+            )),
+        }
     }
 
     fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.meta(key) {
             None => Ok(None),
-            Some(gguf_file::Value::F32(v)) => Ok(Some(f64::from(*v))),
-            Some(gguf_file::Value::F64(v)) => Ok(Some(*v)),
+            Some(MetaValue::F32(v)) => Ok(Some(f64::from(*v))),
+            Some(MetaValue::F64(v)) => Ok(Some(*v)),
             Some(_) => Err(Error::file(
                 &self.name,
                 format!("metadata {key} is not a float"),
+            )),
+        }
+    }
+
+    /// A metadata array decoded by `decode` (strings or integers).
+    fn meta_array<T>(
+        &self,
+        key: &str,
+        decode: impl Fn(&super::gguf_file::GgufArray, &[u8]) -> std::result::Result<T, String>,
+    ) -> Result<Option<T>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(MetaValue::Array(a)) => decode(a, &self.bytes)
+                .map(Some)
+                .map_err(|e| Error::file(&self.name, format!("metadata {key}: {e}"))),
+            Some(_) => Err(Error::file(
+                &self.name,
+                format!("metadata {key} is not an array"),
             )),
         }
     }
@@ -131,8 +142,8 @@ impl Gguf {
         let hidden_size = self.required("phi2.embedding_length")?;
         let heads = self.required("phi2.attention.head_count")?;
         let rope_dims = self.required("phi2.rope.dimension_count")?;
-        let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
-            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+        let vocab_size = match self.file.tensors.get("token_embd.weight") {
+            Some(info) => info.shape.first().copied().unwrap_or(0),
             None => {
                 return Err(Error::file(
                     &self.name,
@@ -186,52 +197,44 @@ impl Gguf {
         let Some(model) = self.meta("tokenizer.ggml.model") else {
             return Ok(None);
         };
-        if !matches!(model, gguf_file::Value::String(s) if s == "gpt2") {
+        if !matches!(model, MetaValue::String(s) if s == "gpt2") {
             return Err(Error::file(
                 &self.name,
                 "only the gpt2 (byte-level BPE) GGUF tokenizer is supported",
             ));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
-            let values = self
-                .meta(key)
-                .ok_or_else(|| Error::file(&self.name, format!("metadata {key} is missing")))?
-                .to_vec()
-                .map_err(|_| Error::file(&self.name, format!("metadata {key} is not an array")))?;
-            values
-                .iter()
-                .map(|v| {
-                    v.to_string().cloned().map_err(|_| {
-                        Error::file(&self.name, format!("metadata {key} holds a non-string"))
-                    })
-                })
-                .collect()
+            self.meta_array(key, |a, b| a.strings(b))?
+                .ok_or_else(|| Error::file(&self.name, format!("metadata {key} is missing")))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|_| {
-                    Error::file(
-                        &self.name,
-                        "metadata tokenizer.ggml.token_type is not an array",
-                    )
-                })?
-                .iter()
-                .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
+        let types: Vec<i64> =
+            match self.meta_array("tokenizer.ggml.token_type", |a, b| a.ints(b))? {
+                Some(types) => types
+                    .into_iter()
+                    .map(|t| i64::try_from(t).unwrap_or(1))
+                    .collect(),
+                None => vec![1; tokens.len()],
+            };
         crate::tokenizer::byte_level_bpe_json(&tokens, &types, &merges)
             .map(Some)
             .map_err(|e| Error::file(&self.name, format!("embedded tokenizer: {e}")))
     }
 
     fn read(&self, gguf: &str) -> Result<QTensor> {
-        self.content
-            .tensor(&mut Cursor::new(&self.bytes[..]), gguf, &Device::Cpu)
-            .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))
+        let info = self
+            .file
+            .tensors
+            .get(gguf)
+            .ok_or_else(|| Error::file(&self.name, format!("tensor {gguf} is missing")))?;
+        // `parse` has checked that the range lies within the file and fits type and shape.
+        qtensor(
+            info.dtype,
+            &self.bytes[info.bytes.clone()],
+            info.shape.clone(),
+        )
+        .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))
     }
 
     /// Resolves a Hugging Face name. Old phi2 GGUFs (from the original `Wqkv` layout) store
@@ -239,13 +242,13 @@ impl Gguf {
     fn locate(&self, hf: &str, shape: &[usize]) -> Result<Located> {
         let name = gguf_name(hf)
             .ok_or_else(|| Error::file(&self.name, format!("no GGUF name for tensor {hf}")))?;
-        if self.content.tensor_infos.contains_key(&name) {
+        if self.file.tensors.contains_key(&name) {
             return Ok(Located::Whole(name));
         }
         for (i, part) in ["attn_q.", "attn_k.", "attn_v."].iter().enumerate() {
             if let Some((prefix, suffix)) = name.split_once(part) {
                 let fused = format!("{prefix}attn_qkv.{suffix}");
-                if self.content.tensor_infos.contains_key(&fused) {
+                if self.file.tensors.contains_key(&fused) {
                     let rows = shape.first().copied().unwrap_or(0);
                     return Ok(Located::Rows {
                         name: fused,
@@ -271,6 +274,25 @@ enum Located {
     },
 }
 
+/// A quantized tensor from its GGML bytes. candle reinterprets them as blocks in place, so
+/// bytes that are not aligned for the block type (a file may use any alignment) are copied
+/// into an aligned buffer first.
+fn qtensor(dtype: GgmlDType, data: &[u8], shape: Vec<usize>) -> candle_core::Result<QTensor> {
+    const ALIGN: usize = std::mem::align_of::<u64>();
+    if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
+        return candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            data,
+            shape,
+            &Device::Cpu,
+        );
+    }
+    let mut aligned = vec![0u64; data.len().div_ceil(ALIGN)];
+    let buf = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..data.len()];
+    buf.copy_from_slice(data);
+    candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, buf, shape, &Device::Cpu)
+}
+
 /// Rows `start..start+rows` of a 2-D quantized tensor, as a new tensor of the same type.
 fn slice_rows(q: &QTensor, start: usize, rows: usize) -> candle_core::Result<QTensor> {
     let (total, cols) = q.shape().dims2()?;
@@ -283,12 +305,10 @@ fn slice_rows(q: &QTensor, start: usize, rows: usize) -> candle_core::Result<QTe
             start + rows
         )
     }
-    let bytes = &data[start * row_bytes..(start + rows) * row_bytes];
-    candle_core::quantized::ggml_file::qtensor_from_ggml(
+    qtensor(
         dtype,
-        bytes,
+        &data[start * row_bytes..(start + rows) * row_bytes],
         vec![rows, cols],
-        &Device::Cpu,
     )
 }
 
@@ -327,23 +347,23 @@ impl TensorSource for Gguf {
                 (name, s)
             }
         };
-        let info = &self.content.tensor_infos[name];
-        if info.shape.dims() != expected.as_slice() {
+        let info = &self.file.tensors[name];
+        if info.shape != expected {
             return Err(Error::file(
                 &self.name,
                 format!(
                     "tensor {name} has shape {:?}, the config implies {expected:?}",
-                    info.shape.dims()
+                    info.shape
                 ),
             ));
         }
         let cols = *expected.last().unwrap_or(&1);
-        if cols % info.ggml_dtype.block_size() != 0 {
+        if cols % info.dtype.block_size() != 0 {
             return Err(Error::file(
                 &self.name,
                 format!(
                     "tensor {name}: row length {cols} is not a multiple of the {:?} block size",
-                    info.ggml_dtype
+                    info.dtype
                 ),
             ));
         }
@@ -351,18 +371,16 @@ impl TensorSource for Gguf {
     }
 
     fn stored_tensors(&self) -> Vec<StoredTensor> {
-        let mut out: Vec<StoredTensor> = self
-            .content
-            .tensor_infos
+        // Sorted by name: the table is a BTreeMap.
+        self.file
+            .tensors
             .iter()
             .map(|(name, info)| StoredTensor {
                 name: name.clone(),
-                shape: info.shape.dims().to_vec(),
-                dtype: format!("{:?}", info.ggml_dtype),
+                shape: info.shape.clone(),
+                dtype: format!("{:?}", info.dtype),
             })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+            .collect()
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod bytes;
 mod gguf;
+mod gguf_file;
 mod gguf_write;
 mod random;
 mod safetensors;
