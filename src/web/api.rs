@@ -12,6 +12,7 @@ use web_time::Instant;
 use super::pacing::Paced;
 use super::{from_js, js_error, to_js};
 use crate::backend::{Backend, CpuBackend};
+use crate::cancel::Cancel;
 use crate::checkpoint::{Checkpoint, NamedBytes};
 use crate::error::Error;
 use crate::eval::{evaluate_item, Item, Task};
@@ -31,6 +32,8 @@ struct Inner {
 #[wasm_bindgen]
 pub struct Model {
     inner: Shared,
+    /// Raised by `stop`; the running generation ends at its next token.
+    cancel: Cancel,
     info: ModelInfo,
     /// The WebGPU device, when on WebGPU.
     device: Option<wgpu::Device>,
@@ -217,12 +220,12 @@ impl Model {
             context: runner.capacity(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
-        let inner = Inner {
-            session: Session::new(Paced::new(runner)),
-            tokenizer,
-        };
+        let session = Session::new(Paced::new(runner));
+        let cancel = session.cancel_handle();
+        let inner = Inner { session, tokenizer };
         Ok(Model {
             inner: Rc::new(RefCell::new(Some(inner))),
+            cancel,
             info,
             device,
         })
@@ -250,6 +253,12 @@ impl Model {
         inner.tokenizer.encode(text).map_err(js_error)
     }
 
+    /// Ends the running generation before its next token (or prefill chunk); it resolves
+    /// with what it has and `stop_reason: "cancelled"`. Does nothing when none is running.
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+
     /// Forgets the cached conversation.
     pub fn reset(&self) -> Result<(), JsValue> {
         let mut inner = self.inner.borrow_mut();
@@ -264,9 +273,12 @@ impl Model {
     /// reused_tokens}`, the object `medphi generate --json` prints.
     pub fn generate(&self, request: JsValue, on_text: js_sys::Function) -> js_sys::Promise {
         let shared = Rc::clone(&self.inner);
+        let cancel = self.cancel.clone();
         future_to_promise(async move {
             let req: GenerateRequest = from_js(request, "generate request")?;
             with_inner(&shared, |mut inner| async move {
+                // A stop meant for an earlier generation must not end this one.
+                cancel.reset();
                 let result = generate(&mut inner, req, &on_text).await;
                 (inner, result)
             })
