@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::{fixtures, session};
 use medphi::backend::{Backend, CpuBackend};
-use medphi::eval::{evaluate_item, sample_json, task_metrics, Item, Sample, Task};
+use medphi::eval::{evaluate_item, sample_json, task_results, Item, Sample, Task};
 use medphi::generate::Session;
 use medphi::model::Logits;
 use medphi::tokenizer::PhiTokenizer;
@@ -158,9 +158,9 @@ fn loglikelihoods_predictions_and_metrics_match_lm_eval() {
                     "{task} doc {doc_id}"
                 );
             }
-            samples.push(ours);
+            samples.push(sample_json(item, &ours));
         }
-        let ours = task_metrics(task, &samples);
+        let ours = task_results(task, &samples);
         let theirs = &results["results"][task];
         for key in [
             "acc,none",
@@ -440,4 +440,98 @@ fn eval_report_draws_runs_beside_published_rows() {
     );
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+/// `medphi eval` stopped by Ctrl-C (exit 130, no results.json) or killed outright (a line
+/// half-written) and then run with `--resume` ends with the uninterrupted run's samples files
+/// byte for byte and its results.json up to timings; without `--resume` it refuses to start
+/// over a run's samples.
+#[test]
+fn an_interrupted_eval_resumes_to_the_same_results() {
+    let args = [
+        "--task",
+        "medqa_4options_continuation",
+        "--data",
+        &data(0),
+        "--task",
+        "mmlu_anatomy",
+        "--data",
+        &data(3),
+    ];
+    let (whole, expected) = run_eval(&args);
+    let eval_cmd = |out: &std::path::Path, extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_medphi"));
+        cmd.args(["eval", "--model"])
+            .arg(fixtures().join("tiny-phi"))
+            .args(args)
+            .arg("--output")
+            .arg(out)
+            .args(extra);
+        cmd
+    };
+    let samples = |dir: &std::path::Path, task: &str| {
+        std::fs::read_to_string(dir.join(format!("samples_{task}.jsonl"))).unwrap_or_default()
+    };
+    let without_timing = |mut v: Value| {
+        v.as_object_mut()
+            .unwrap()
+            .remove("total_evaluation_time_seconds");
+        v["config"].as_object_mut().unwrap().remove("items_per_s");
+        v
+    };
+    for signal in ["INT", "KILL"] {
+        let out = tempfile::tempdir().unwrap();
+        let child = eval_cmd(out.path(), &[])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while samples(out.path(), "medqa_4options_continuation")
+            .lines()
+            .count()
+            < 4
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        let stopped = child.wait_with_output().unwrap();
+        assert!(!out.path().join("results.json").exists());
+        let path = out.path().join("samples_medqa_4options_continuation.jsonl");
+        if signal == "INT" {
+            assert_eq!(stopped.status.code(), Some(130));
+            let stderr = String::from_utf8_lossy(&stopped.stderr);
+            assert!(stderr.contains("--resume"), "{stderr}");
+        } else {
+            // What a kill in the middle of a write leaves.
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            std::io::Write::write_all(&mut f, b"{\"doc_id\": 99, \"doc\": {\"quest").unwrap();
+        }
+        let again = eval_cmd(out.path(), &[]).output().unwrap();
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+        assert!(eval_cmd(out.path(), &["--resume"])
+            .status()
+            .unwrap()
+            .success());
+        for task in ["medqa_4options_continuation", "mmlu_anatomy"] {
+            assert!(
+                samples(out.path(), task) == samples(whole.path(), task),
+                "{signal}: {task}"
+            );
+        }
+        let resumed: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("results.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            without_timing(resumed),
+            without_timing(expected.clone()),
+            "{signal}"
+        );
+    }
 }

@@ -66,6 +66,25 @@ fn train(dir: &Path, out: &str, extra: &[&str]) {
     );
 }
 
+/// The model and optimizer state of `b`'s checkpoint at `step` are `a`'s byte for byte,
+/// and `b`'s output folder holds that model.
+fn assert_same_run(a: &Path, b: &Path, step: u64) {
+    let ckpt = format!("checkpoints/step-{step:08}");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let (x, y) = (a.join(&ckpt).join(file), b.join(&ckpt).join(file));
+        assert!(
+            std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(),
+            "{} differs from {}",
+            y.display(),
+            x.display()
+        );
+    }
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap()
+    );
+}
+
 fn metrics(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path.join("metrics.jsonl"))
         .unwrap()
@@ -120,12 +139,7 @@ fn an_interrupted_run_resumes_bit_for_bit() {
             .arg(&parts),
     );
     let whole = dir.path().join("whole");
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            std::fs::read(whole.join(file)).unwrap() == std::fs::read(parts.join(file)).unwrap(),
-            "{file} differs after resume"
-        );
-    }
+    assert_same_run(&whole, &parts, 8);
     let (a, b) = (metrics(&whole), metrics(&parts));
     assert_eq!(b.len(), 8);
     for (x, y) in a.iter().zip(&b) {
@@ -390,4 +404,209 @@ fn lora_trains_only_adapters_and_merges_into_a_full_model() {
                 "3",
             ]),
     );
+}
+
+/// The command of `train`, to run as a child process that a test may kill.
+fn train_cmd(dir: &Path, out: &Path, lr: &str, extra: &[&str]) -> std::process::Command {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, CORPUS.repeat(20)).unwrap();
+    let mut cmd = medphi_cmd();
+    cmd.args(["train", "--stage", "pretrain", "--model-config"])
+        .arg(config(dir))
+        .arg("--tokenizer")
+        .arg(fixtures().join("tiny-phi/tokenizer.json"))
+        .arg("--data")
+        .arg(&corpus)
+        .args(["--steps", "8", "--batch-size", "2", "--seq-len", "16"])
+        .args(["--lr", lr, "--seed", "3", "--eval-every", "4"])
+        .args(["--save-every", "1", "--out"])
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
+/// Runs killed with SIGKILL at random moments (mid-step, mid-checkpoint, mid-metrics) and
+/// resumed, as often as it takes, end with the uninterrupted run's weights and optimizer
+/// state byte for byte, and with each step's metrics exactly once.
+#[test]
+fn killed_runs_resume_to_the_uninterrupted_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let t0 = std::time::Instant::now();
+    run_ok(&mut train_cmd(dir.path(), &whole, "1e-2", &[]));
+    let duration = t0.elapsed();
+    // A fixed plan of kill times, spread over the run's length.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next_fraction = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 1000) as f64 / 1000.0
+    };
+    // A kill that comes after the run ended does not count; then the window shrinks (the
+    // first run may have been slowed by tests running beside it).
+    let mut window = duration;
+    let (mut kills, mut trial) = (0, 0);
+    while kills < 12 {
+        trial += 1;
+        assert!(
+            trial <= 40,
+            "only {kills} of {trial} runs were killed before they ended"
+        );
+        let out = dir.path().join(format!("trial{trial}"));
+        let mut child = train_cmd(dir.path(), &out, "1e-2", &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(window.mul_f64(next_fraction()));
+        if child.try_wait().unwrap().is_some() {
+            window = window.mul_f64(0.7);
+            continue;
+        }
+        kills += 1;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Resume for as long as the run is unfinished; a kill before the first checkpoint
+        // leaves nothing to resume, so that run starts over.
+        let resumed = if out.join("checkpoints").exists() {
+            medphi_cmd()
+                .args(["train", "--stage", "pretrain", "--steps", "8", "--data"])
+                .arg(dir.path().join("corpus.txt"))
+                .arg("--out")
+                .arg(&out)
+                .arg("--resume")
+                .arg(&out)
+                .output()
+                .unwrap()
+        } else {
+            train_cmd(dir.path(), &out, "1e-2", &[]).output().unwrap()
+        };
+        assert!(
+            resumed.status.success(),
+            "trial {trial}: {}",
+            String::from_utf8_lossy(&resumed.stderr)
+        );
+        assert_same_run(&whole, &out, 8);
+        let steps: Vec<u64> = metrics(&out)
+            .iter()
+            .map(|m| m["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "trial {trial}");
+        // Only the last two checkpoints are kept.
+        let kept = std::fs::read_dir(out.join("checkpoints")).unwrap().count();
+        assert_eq!(kept, 2, "trial {trial}");
+    }
+}
+
+/// A damaged newest checkpoint is passed over (with a warning) for the one before it, and
+/// the resumed run still ends where the uninterrupted one does.
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    run_ok(&mut train_cmd(dir.path(), &whole, "1e-2", &[]));
+    let parts = dir.path().join("parts");
+    run_ok(&mut train_cmd(
+        dir.path(),
+        &parts,
+        "1e-2",
+        &["--stop-after", "5"],
+    ));
+    let newest = parts.join("checkpoints/step-00000005/optimizer.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&newest, bytes).unwrap();
+    let out = run_ok(
+        medphi_cmd()
+            .args(["train", "--stage", "pretrain", "--steps", "8", "--data"])
+            .arg(dir.path().join("corpus.txt"))
+            .arg("--out")
+            .arg(&parts)
+            .arg("--resume")
+            .arg(&parts),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("step-00000005") && stderr.contains("checksum"),
+        "{stderr}"
+    );
+    assert_same_run(&whole, &parts, 8);
+}
+
+/// Two runs with the same seed, data and thread count give identical bytes. The model is
+/// big enough that the kernels' parallel reductions split into several tasks.
+#[test]
+fn same_seed_runs_are_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = fixtures().join("../../models/tiny-medphi");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundled.join("config.json")).unwrap())
+            .unwrap();
+    cfg["hidden_size"] = 64.into();
+    cfg["intermediate_size"] = 256.into();
+    cfg["num_hidden_layers"] = 1.into();
+    cfg["num_attention_heads"] = 4.into();
+    cfg["num_key_value_heads"] = 4.into();
+    let cfg_path = dir.path().join("config.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, CORPUS.repeat(200)).unwrap();
+    let run = |out: &str| {
+        run_ok(
+            medphi_cmd()
+                .args(["train", "--stage", "pretrain", "--model-config"])
+                .arg(&cfg_path)
+                .arg("--tokenizer")
+                .arg(bundled.join("tokenizer.json"))
+                .arg("--data")
+                .arg(&corpus)
+                .args(["--steps", "3", "--batch-size", "8", "--seq-len", "128"])
+                .args(["--lr", "1e-3", "--seed", "5", "--out"])
+                .arg(dir.path().join(out))
+                .env("RAYON_NUM_THREADS", "2"),
+        );
+    };
+    run("a");
+    run("b");
+    assert_same_run(&dir.path().join("a"), &dir.path().join("b"), 3);
+}
+
+/// A step whose loss is not finite is not applied: the run stops with an error naming the
+/// step, and the last good state is saved as a checkpoint.
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let result = train_cmd(dir.path(), &out, "1e30", &["--clip", "0"])
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("step ") && stderr.contains("not applied"),
+        "{stderr}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::fs::read_dir(out.join("checkpoints"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .max()
+                .unwrap()
+                .join("trainer_state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let step = state["step"].as_u64().unwrap();
+    assert!(step < 8, "checkpoint at step {step}");
+    // The saved weights are finite and load.
+    run_ok(medphi_cmd().args(["generate", "--model"]).arg(&out).args([
+        "--prompt",
+        "Scurvy",
+        "--max-new-tokens",
+        "2",
+    ]));
 }

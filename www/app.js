@@ -23,8 +23,16 @@ function status(text, kind = '') {
 
 api.addEventListener('warning', (e) => status(e.detail, 'warning'));
 
+// Whatever loaded it (this page, the console, a test), the status names the model in use.
+api.addEventListener('model', ({ detail: { info, source: src } }) => {
+  if (!info) return;
+  const radio = document.querySelector(`input[name=backend][value=${info.backend}]`);
+  if (radio) radio.checked = true;
+  status(describe(info, src));
+});
+
 function describe(info, src) {
-  const name = src.files ? src.files.map((f) => f.name).join(', ') : src.url.replace(/\/$/, '').split('/').pop();
+  const name = src?.files ? src.files.map((f) => f.name).join(', ') : (src?.url || 'model').replace(/\/$/, '').split('/').pop();
   const params = info.parameters >= 1e9 ? `${(info.parameters / 1e9).toFixed(2)} B` : `${(info.parameters / 1e6).toFixed(1)} M`;
   const where = info.backend === 'webgpu' ? `WebGPU (${info.gpu?.adapter || gpu.adapter || 'adapter'})` : 'CPU (WebAssembly)';
   return `Ready: ${name}, ${params} parameters, ${info.format}, context ${info.context} — on ${where}, loaded in ${(info.loadMs / 1000).toFixed(1)} s`;
@@ -52,18 +60,24 @@ function source() {
   return { url: BUNDLED_MODEL };
 }
 
+let loadsStarted = 0;
+
+// Starts loading at once (no await before api.load: the startup load must be the first
+// request the worker sees, so that a load made from the console supersedes it).
 async function load(src, backend) {
+  const mine = ++loadsStarted;
   setBusy(true);
   const bar = $('load-progress');
   bar.hidden = false;
   bar.value = 0;
   const sizes = new Map();
-  status(`Loading the model on ${backend === 'webgpu' ? 'WebGPU' : 'the CPU'}…`);
+  status(`Loading the model${{ webgpu: ' on WebGPU', cpu: ' on the CPU' }[backend] || ''}…`);
   try {
     const info = await api.load({
       ...src,
       backend,
       onProgress: (p) => {
+        if (mine !== loadsStarted) return;
         sizes.set(p.file, p);
         const loaded = [...sizes.values()].reduce((a, f) => a + f.loaded, 0);
         const total = [...sizes.values()].reduce((a, f) => a + (f.total || f.loaded), 0);
@@ -71,16 +85,18 @@ async function load(src, backend) {
         $('load-detail').textContent = `${p.file}: ${mb(p.loaded)}${p.total ? ` of ${mb(p.total)}` : ''}${p.cached ? ' (from the offline cache)' : ''}`;
       },
     });
-    bar.value = 1;
-    $('load-detail').textContent = `${info.device}`;
-    document.querySelector(`input[name=backend][value=${info.backend}]`).checked = true;
-    status(describe(info, src));
+    if (mine === loadsStarted) {
+      bar.value = 1;
+      $('load-detail').textContent = `${info.device}`;
+    }
     return info;
   } catch (e) {
-    status(`Could not load the model: ${e.message}`, 'error');
+    // Superseded: a later load (this page's or the console's) is under way and its end
+    // sets the status.
+    if (e.name !== 'SupersededError') status(`Could not load the model: ${e.message}`, 'error');
     throw e;
   } finally {
-    bar.hidden = true;
+    if (mine === loadsStarted) bar.hidden = true;
     setBusy(false);
   }
 }
@@ -103,11 +119,14 @@ async function withGpuFallback(task) {
 }
 
 $('load-button').addEventListener('click', async () => {
+  let src;
   try {
-    await load(source(), chosen('backend'));
+    src = source();
   } catch (e) {
     status(`Could not load the model: ${e.message}`, 'error');
+    return;
   }
+  await load(src, chosen('backend')).catch(() => {}); // load() shows the error
 });
 
 $('clear-cache').addEventListener('click', async () => {
@@ -159,10 +178,14 @@ tabs.forEach((t, i) => {
   });
 });
 
+let busyCount = 0;
+
+// Busy while any task (a load, a chat turn, a benchmark run) of this page's is under way.
 function setBusy(on) {
-  busy = on;
-  for (const id of ['send', 'load-button', 'run-samples', 'run-quiz', 'clear']) $(id).disabled = on;
-  $('bench-file').disabled = on;
+  busyCount = Math.max(0, busyCount + (on ? 1 : -1));
+  busy = busyCount > 0;
+  for (const id of ['send', 'load-button', 'run-samples', 'run-quiz', 'clear']) $(id).disabled = busy;
+  $('bench-file').disabled = busy;
 }
 
 // ---- chat ----------------------------------------------------------------------------
@@ -247,7 +270,12 @@ $('clear').addEventListener('click', async () => {
   history = [];
   $('transcript').replaceChildren();
   $('speed').textContent = '';
-  if (api.info) await api.reset();
+  if (!api.info) return;
+  try {
+    await api.reset();
+  } catch (e) {
+    status(`Could not clear the conversation: ${e.message}`, 'error');
+  }
 });
 $('copy').addEventListener('click', async () => {
   const text = [...$('transcript').children].map((m) => `${m.classList.contains('user') ? 'You' : 'Model'}: ${m.textContent}`).join('\n\n');
@@ -484,25 +512,26 @@ $('export').addEventListener('click', () => {
 
 // ---- start ---------------------------------------------------------------------------
 
-async function start() {
-  try {
-    gpu = await api.probe();
-  } catch {
-    gpu = { webgpu: false, reason: 'WebGPU probe failed' };
-  }
-  const webgpuRadio = document.querySelector('input[name=backend][value=webgpu]');
-  webgpuRadio.disabled = !gpu.webgpu;
-  $('adapter-name').textContent = gpu.webgpu ? `(${gpu.adapter})` : `(unavailable: ${gpu.reason})`;
-  const backend = gpu.webgpu ? 'webgpu' : 'cpu';
-  document.querySelector(`input[name=backend][value=${backend}]`).checked = true;
-  try {
-    await load({ url: BUNDLED_MODEL }, backend);
-  } catch (e) {
-    if (backend === 'webgpu' && e.name === 'GpuError') {
-      status(`WebGPU could not take the model (${e.message}); using the CPU.`, 'warning');
-      await load({ url: BUNDLED_MODEL }, 'cpu').catch(() => {});
+// The bundled model loads on WebGPU when it can take it, else on the CPU (the worker
+// decides, and says so if WebGPU fails). The load is sent before anything else, so any
+// request made from the console from now on comes after it.
+function start() {
+  load({ url: BUNDLED_MODEL }, 'auto').catch(() => {}); // load() shows the error
+  api.probe().then(
+    (p) => {
+      gpu = p;
+    },
+    () => {
+      gpu = { webgpu: false, reason: 'WebGPU probe failed' };
+    },
+  ).then(() => {
+    const webgpuRadio = document.querySelector('input[name=backend][value=webgpu]');
+    webgpuRadio.disabled = !gpu.webgpu;
+    $('adapter-name').textContent = gpu.webgpu ? `(${gpu.adapter})` : `(unavailable: ${gpu.reason})`;
+    if (!api.info && !chosen('backend')) {
+      document.querySelector(`input[name=backend][value=${gpu.webgpu ? 'webgpu' : 'cpu'}]`).checked = true;
     }
-  }
+  });
 }
 
 start();

@@ -3,26 +3,37 @@
 // from files the user picked. Downloads from other origins are kept in Cache Storage so
 // the next visit works offline; the page's own files are not, so an updated bundled model
 // is never shadowed by a stale copy.
+//
+// A file enters the cache only once it has arrived whole (as many bytes as its
+// content-length said); a cached file whose body is not the size it was stored with is
+// evicted and downloaded again, so an interrupted download can never be served forever.
+// `signal` (an AbortSignal) ends a download: the promise rejects with an AbortError and
+// nothing of the file is cached.
 
 const CACHE = 'medphi-models-v1';
 // WebAssembly (wasm32) memory ends at 4 GiB and the weights are copied into it whole, so
 // refuse bigger models before downloading gigabytes: Phi-2 in f16 (5.6 GB) does not fit,
-// its q4_0/q8_0 GGUF (1.6/3.0 GB) does.
-const MAX_MODEL_BYTES = 3.5 * 2 ** 30;
+// its q4_0/q8_0 GGUF (1.6/3.0 GB) does. The cap is on the model: all its files together.
+export const MAX_MODEL_BYTES = 3.5 * 2 ** 30;
 
 function tooBig(name, bytes) {
-  return fileError(
+  const e = fileError(
     name,
     `the model is ${(bytes / 2 ** 30).toFixed(1)} GB, more than the ${MAX_MODEL_BYTES / 2 ** 30} GB a browser tab can hold ` +
       'in WebAssembly memory; use a quantized GGUF (q4_0 or q8_0) of it',
   );
+  e.tooBig = true;
+  return e;
 }
 
-export async function loadFiles(source, { progress, warn }) {
-  if (source.files) return readLocal(source.files, progress);
+export async function loadFiles(source, { progress, warn, signal } = {}) {
+  progress ??= () => {};
+  warn ??= () => {};
+  throwIfAborted(signal);
+  if (source.files) return readLocal(source.files, progress, signal);
   if (!source.url) throw inputError('give a model URL or files');
   const url = new URL(source.url, self.location.href);
-  const fetcher = new Fetcher(url.origin !== self.location.origin, progress, warn);
+  const fetcher = new Fetcher(url.origin !== self.location.origin, progress, warn, signal);
   if (url.pathname.endsWith('.gguf')) {
     return [await fetcher.file(url.href, url.pathname.split('/').pop())];
   }
@@ -44,61 +55,118 @@ export async function loadFiles(source, { progress, warn }) {
     throw fileError('model.safetensors.index.json', `not a valid index: ${e.message}`);
   }
   for (const shard of shards) {
-    if (shard.includes('/') || shard.includes('..')) throw fileError('model.safetensors.index.json', `bad shard name ${shard}`);
+    if (typeof shard !== 'string' || shard.includes('/') || shard.includes('..')) {
+      throw fileError('model.safetensors.index.json', `bad shard name ${shard}`);
+    }
     files.push(await fetcher.file(base + shard, shard));
   }
   return [...files, index];
 }
 
 class Fetcher {
-  constructor(useCache, progress, warn) {
+  constructor(useCache, progress, warn, signal) {
     this.useCache = useCache && 'caches' in self;
     this.progress = progress;
     this.warn = warn;
-    this.declared = 0;
+    this.signal = signal;
+    // Bytes of the model's files read so far: the size cap is on their sum.
+    this.total = 0;
   }
 
   async file(url, name, { optional = false } = {}) {
+    throwIfAborted(this.signal);
     const cache = this.useCache ? await self.caches.open(CACHE) : null;
-    const hit = cache ? await cache.match(url) : undefined;
+    if (cache) {
+      const hit = await cache.match(url);
+      if (hit) {
+        const bytes = await this.readCached(cache, url, hit, name);
+        if (bytes) return { name, bytes };
+      }
+    }
     let response;
     try {
-      response = hit || (await fetch(url));
+      response = await fetch(url, { signal: this.signal });
     } catch (e) {
+      if (isAbort(e, this.signal)) throw abortError(name);
       throw fileError(name, `cannot download ${url} (${e.message}); offline and not cached?`);
     }
     if (response.status === 404 && optional) return null;
     if (!response.ok) throw fileError(name, `HTTP ${response.status} for ${url}`);
-    this.declared += Number(response.headers.get('content-length')) || 0;
-    if (this.declared > MAX_MODEL_BYTES) throw tooBig(name, this.declared);
-    const bytes = await this.read(response, name, Boolean(hit));
-    if (cache && !hit) {
-      try {
-        await cache.put(url, new Response(bytes, { headers: { 'content-length': String(bytes.length) } }));
-      } catch (e) {
-        this.warn(
-          e.name === 'QuotaExceededError'
-            ? `Browser storage is full: ${name} works now but will be downloaded again next visit.`
-            : `Could not keep ${name} for offline use: ${e.message}`,
-        );
-      }
+    const declared = contentLength(response);
+    if (declared !== null && this.total + declared > MAX_MODEL_BYTES) throw tooBig(name, this.total + declared);
+    const bytes = await this.read(response, name, false, declared);
+    // A body shorter than its content-length is a download cut short (compressed bodies
+    // are longer than their content-length, which counts the compressed bytes).
+    if (declared !== null && bytes.length < declared) {
+      throw fileError(name, `the download ended early (${bytes.length} of ${declared} bytes); try again`);
     }
+    if (cache) await this.keep(cache, url, name, bytes);
     return { name, bytes };
   }
 
-  async read(response, name, cached) {
-    const total = Number(response.headers.get('content-length')) || 0;
+  /** The cached file's bytes, or null (and the entry evicted) when it is not whole. */
+  async readCached(cache, url, hit, name) {
+    const recorded = contentLength(hit);
+    let bytes = null;
+    try {
+      bytes = await this.read(hit, name, true, recorded);
+    } catch (e) {
+      if (e.name === 'AbortError' || e.tooBig) throw e;
+      bytes = null; // unreadable storage: fetch it again
+    }
+    if (bytes && recorded !== null && bytes.length === recorded) {
+      return bytes;
+    }
+    // Not the size it was stored with (or no size at all): a truncated or damaged
+    // entry. Forget it and download the file again.
+    this.total -= bytes ? bytes.length : 0;
+    await cache.delete(url).catch(() => {});
+    this.warn(`The offline copy of ${name} was incomplete; downloading it again.`);
+    return null;
+  }
+
+  async keep(cache, url, name, bytes) {
+    try {
+      await cache.put(url, new Response(bytes, { headers: { 'content-length': String(bytes.length) } }));
+    } catch (e) {
+      this.warn(
+        e.name === 'QuotaExceededError'
+          ? `Browser storage is full: ${name} works now but will be downloaded again next visit.`
+          : `Could not keep ${name} for offline use: ${e.message}`,
+      );
+    }
+  }
+
+  /** Reads a body whole, counting it against the model's size cap. */
+  async read(response, name, cached, declared) {
+    const total = declared ?? 0;
     const reader = response.body.getReader();
     const chunks = [];
     let loaded = 0;
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      chunks.push(value);
-      loaded += value.length;
-      if (loaded > MAX_MODEL_BYTES) throw tooBig(name, loaded);
-      this.progress({ file: name, loaded, total, cached });
+    const start = this.total;
+    try {
+      for (;;) {
+        throwIfAborted(this.signal, name);
+        let step;
+        try {
+          step = await reader.read();
+        } catch (e) {
+          if (isAbort(e, this.signal)) throw abortError(name);
+          throw fileError(name, `the download failed (${e.message}); try again`);
+        }
+        if (step.done) break;
+        chunks.push(step.value);
+        loaded += step.value.length;
+        this.total = start + loaded;
+        if (this.total > MAX_MODEL_BYTES) throw tooBig(name, this.total);
+        this.progress({ file: name, loaded, total, cached });
+      }
+    } catch (e) {
+      reader.cancel().catch(() => {});
+      this.total = start;
+      throw e;
     }
+    throwIfAborted(this.signal, name);
     const bytes = new Uint8Array(loaded);
     let at = 0;
     for (const c of chunks) {
@@ -110,16 +178,37 @@ class Fetcher {
   }
 }
 
-async function readLocal(files, progress) {
+function contentLength(response) {
+  const v = response.headers.get('content-length');
+  if (v === null || v.trim() === '') return null;
+  const n = Number(v);
+  return Number.isSafeInteger(n) && n >= 0 ? n : null;
+}
+
+async function readLocal(files, progress, signal) {
   const total = files.reduce((a, f) => a + f.size, 0);
   if (total > MAX_MODEL_BYTES) throw tooBig(files.map((f) => f.name).join(', '), total);
   const out = [];
   for (const f of files) {
+    throwIfAborted(signal, f.name);
     progress({ file: f.name, loaded: 0, total: f.size, cached: false });
     out.push({ name: f.name, bytes: new Uint8Array(await f.arrayBuffer()) });
     progress({ file: f.name, loaded: f.size, total: f.size, cached: false });
   }
+  throwIfAborted(signal);
   return out;
+}
+
+function isAbort(e, signal) {
+  return e?.name === 'AbortError' || Boolean(signal?.aborted);
+}
+
+function throwIfAborted(signal, name) {
+  if (signal?.aborted) throw abortError(name);
+}
+
+function abortError(name) {
+  return new DOMException(name ? `the download of ${name} was aborted` : 'the load was aborted', 'AbortError');
 }
 
 function fileError(file, message) {

@@ -3,7 +3,17 @@
 //
 //   await medphi.load({ url: 'models/tiny-medphi/', backend: 'webgpu' })   // -> {backend, ...}
 //   await medphi.generate({ prompt: 'Instruct: What is macrocephaly?\nOutput:', maxNewTokens: 32 })
-//     // -> {inputIds, outputIds, text, stopReason, prefillTokS, decodeTokS}
+//     // -> {inputIds, outputIds, text, stopReason, prefillTokS, decodeTokS, reusedTokens}
+//
+// Requests run one at a time in the order they were made (see worker.js). A `load` made
+// while another is still under way supersedes it: the earlier one rejects with a
+// SupersededError. `generate`, `score`, `reset` and `loseGpuDevice` run on the model of the
+// last `load` made before them, once it has loaded, and reject (SupersededError,
+// LoadFailedError) rather than run on another model if that load does not finish. A failed
+// load leaves the previous model in use. `load`, `generate` and `score` take an AbortSignal
+// (`signal`): aborting rejects the promise with an AbortError at once and drops the request,
+// or ends it if it is running. `info` and `source` always describe the model in use (null
+// while none is); a "model" event says when it changes.
 
 export class MedphiApi extends EventTarget {
   constructor() {
@@ -11,7 +21,9 @@ export class MedphiApi extends EventTarget {
     this.worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
     this.pending = new Map();
     this.nextId = 1;
+    /** The model in use: what its `load` resolved with, or null while none is loaded. */
     this.info = null;
+    /** Where the model in use came from: {url} or {files}. */
     this.source = null;
     this.failed = null;
     this.worker.onmessage = ({ data }) => this.receive(data);
@@ -24,30 +36,56 @@ export class MedphiApi extends EventTarget {
   }
 
   receive(msg) {
-    const p = this.pending.get(msg.id);
     if (msg.type === 'warning') {
       this.dispatchEvent(new CustomEvent('warning', { detail: msg.message }));
       return;
     }
+    if (msg.type === 'model') {
+      // The worker changed models (a load finished, a failed load brought the previous
+      // one back, or a model was freed to make room): this comes before any answer that
+      // depends on it.
+      this.info = msg.info;
+      this.source = msg.source;
+      this.dispatchEvent(new CustomEvent('model', { detail: { info: msg.info, source: msg.source } }));
+      return;
+    }
+    const p = this.pending.get(msg.id);
     if (!p) return;
     if (msg.type === 'text') p.onText?.(msg.piece);
     else if (msg.type === 'progress') p.onProgress?.(msg);
     else {
       this.pending.delete(msg.id);
+      p.cleanup?.();
       if (msg.type === 'result') p.resolve(msg.value);
       else {
-        const e = new Error(msg.message);
-        e.name = msg.name;
+        const e = msg.name === 'AbortError' ? new DOMException(msg.message, 'AbortError') : new Error(msg.message);
+        if (!(e instanceof DOMException)) e.name = msg.name;
         p.reject(e);
       }
     }
   }
 
-  request(type, payload = {}, hooks = {}) {
+  /**
+   * Posts a request; `signal` (an AbortSignal) rejects it with an AbortError and tells
+   * the worker to drop it, or to end it if it is running.
+   */
+  request(type, payload = {}, hooks = {}, signal = undefined) {
     if (this.failed) return Promise.reject(this.failed);
+    if (signal?.aborted) return Promise.reject(new DOMException(`the ${type} request was aborted`, 'AbortError'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, ...hooks });
+      const entry = { resolve, reject, ...hooks };
+      if (signal) {
+        const onAbort = () => {
+          if (!this.pending.has(id)) return;
+          this.pending.delete(id);
+          this.worker.postMessage({ type: 'abort', target: id });
+          reject(new DOMException(`the ${type} request was aborted`, 'AbortError'));
+        };
+        signal.addEventListener('abort', onAbort, { once: true });
+        entry.cleanup = () => signal.removeEventListener('abort', onAbort);
+      }
+      this.pending.set(id, entry);
       this.worker.postMessage({ id, type, ...payload });
     });
   }
@@ -60,22 +98,24 @@ export class MedphiApi extends EventTarget {
   /**
    * Loads a model from `url` (a folder with config.json, tokenizer.json and
    * model.safetensors, or a .gguf file) or from `files` (File objects) on `backend`
-   * ("webgpu" or "cpu"). Resolves to the model's info: {backend, device, parameters, ...}.
+   * ("webgpu", "cpu", or "auto": WebGPU when it can take the model, else the CPU).
+   * Resolves to the model's info: {backend, device, parameters, ...}. Rejects with a
+   * SupersededError if another load is made before this one finishes, and with an
+   * AbortError when `signal` aborts. (`freeFirst`, for tests: free the model in use before
+   * building this one, as is done for models too big to hold two of.)
    */
-  async load({ url, files, backend = 'webgpu', context, onProgress } = {}) {
+  load({ url, files, backend = 'webgpu', context, onProgress, signal, freeFirst } = {}) {
     const source = files ? { files: [...files] } : { url };
-    const info = await this.request('load', { source, backend, context }, { onProgress });
-    this.info = info;
-    this.source = source;
-    return info;
+    return this.request('load', { source, backend, context, freeFirst: Boolean(freeFirst) }, { onProgress }, signal);
   }
 
   /**
    * Generates from `prompt` (with `format` "raw" | "instruct" | "chat" and earlier
-   * `history` turns [{user, assistant}]). `onText(piece)` receives text as it streams.
+   * `history` turns [{user, assistant}]). `onText(piece)` receives text as it streams;
+   * `signal` aborts it (an AbortError; `stop()` instead ends it with what it has).
    */
-  async generate({ onText, ...request } = {}) {
-    const g = await this.request('generate', { request }, { onText });
+  async generate({ onText, signal, ...request } = {}) {
+    const g = await this.request('generate', { request }, { onText }, signal);
     return {
       inputIds: g.input_ids,
       outputIds: g.output_ids,
@@ -87,14 +127,17 @@ export class MedphiApi extends EventTarget {
     };
   }
 
-  /** Ends the running generation after its current token. */
+  /** Ends the running generation before its next token: it resolves with what it has, stopReason "cancelled". */
   stop() {
     this.worker.postMessage({ type: 'stop' });
   }
 
-  /** Scores {context, choices, gold} as lm-eval does: {loglikelihoods, pred, acc, ...}. */
-  score(question) {
-    return this.request('score', { question });
+  /**
+   * Scores {context, choices, gold, mutualInfo?} as lm-eval does: {loglikelihoods, pred,
+   * acc, ...}. `signal` aborts it.
+   */
+  score({ signal, ...question } = {}) {
+    return this.request('score', { question }, {}, signal);
   }
 
   /** Parses a benchmark file's text in its original format into [{context, choices, gold}]. */

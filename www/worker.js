@@ -1,14 +1,111 @@
 // All model work runs here, off the page's thread. Messages in: {id, type, ...}; out:
-// {id, type: "result" | "error" | "text" | "progress" | "warning", ...}. A {type: "stop"}
-// message (no id) ends the running generation at its next token.
+// {id, type: "result" | "error" | "text" | "progress" | "warning"}, and {type: "model",
+// info, source} whenever the model in use changes (info null: none is loaded).
+//
+// Requests run one at a time, in the order they came:
+// - `load`, `generate`, `score`, `reset` and `loseGpuDevice` wait in one queue. `probe`,
+//   `parse` and `clearCache` need no model and answer at once.
+// - A load supersedes every earlier load still queued or running: those reject with a
+//   SupersededError (a running download is aborted; a model built after being superseded
+//   is freed, never installed).
+// - A model request belongs to the most recent load issued before it. It runs on that
+//   load's model once the load has finished; if the load was superseded, aborted or failed,
+//   the request rejects saying so instead of running on another model. (A request issued
+//   after a load failed belongs to the model still in use.)
+// - A failed load leaves the previous model in use. Models small enough to hold two of are
+//   built before the old one is freed; for bigger ones the files are checked first, and if
+//   the new model still fails after the old one was freed, the old one is loaded again
+//   from where it came from, and the error says so.
+// - {type: "stop"} ends the running generation before its next token; {type: "abort",
+//   target: id} drops a queued request or ends a running one (download aborted,
+//   generation stopped).
 import init, { Model, parseBenchmark } from './pkg/medphi.js';
 import { loadFiles } from './fetch-model.js';
 
-const ready = init();
-let model = null;
-let stopRequested = false;
+const CACHE = 'medphi-models-v1';
+// Up to this many bytes (the old model's weights plus the new model's files), a new model
+// is built while the old one is still loaded, so a failure costs nothing. Beyond it the old
+// one is freed first: two models may not fit in wasm memory or on the GPU.
+const TWO_MODELS_BYTES = 2 ** 30;
+const MODEL_REQUESTS = new Set(['generate', 'score', 'reset', 'loseGpuDevice']);
 
-const handlers = {
+let initError = null;
+let initialized = false;
+const ready = init().then(
+  () => {
+    initialized = true;
+    pump();
+  },
+  (e) => {
+    initError = e instanceof Error ? e : new Error(String(e));
+    initialized = true;
+    pump();
+  },
+);
+
+/** The model in use: {model, info, seq, source, backend, context}, or null. */
+let current = null;
+/** How to load the model in use again ({seq, source, backend, context}), kept while a new one is built. */
+let remembered = null;
+/** Loads by their sequence number: {state: 'pending'|'done'|'superseded'|'aborted'|'failed', source}. */
+const loads = new Map();
+let loadsIssued = 0;
+/** The load that new model requests belong to (0: none; they use whatever model is loaded). */
+let latestSeq = 0;
+/** Jobs waiting their turn: {id, type, data, seq, settled, ...}. */
+const queue = [];
+let running = null;
+
+// ---- messages ------------------------------------------------------------------------
+
+self.onmessage = ({ data }) => {
+  switch (data.type) {
+    case 'stop':
+      stopRunning();
+      return;
+    case 'abort':
+      abort(data.target);
+      return;
+    case 'load':
+      issueLoad(data);
+      return;
+    default:
+      if (MODEL_REQUESTS.has(data.type)) {
+        queue.push({ id: data.id, type: data.type, data, seq: latestSeq, settled: false });
+        pump();
+      } else {
+        immediate(data);
+      }
+  }
+};
+
+function post(msg) {
+  self.postMessage(msg);
+}
+
+function settle(job, value) {
+  if (job.settled) return;
+  job.settled = true;
+  post({ id: job.id, type: 'result', value });
+}
+
+function fail(job, err) {
+  if (job.settled) return;
+  job.settled = true;
+  post({ id: job.id, type: 'error', name: err?.name || 'Error', message: err?.message || String(err) });
+}
+
+function warn(message, id) {
+  post({ id, type: 'warning', message });
+}
+
+function announce() {
+  post({ type: 'model', info: current ? current.info : null, source: current ? current.source : null });
+}
+
+// ---- requests that need no model -----------------------------------------------------
+
+const immediateHandlers = {
   async probe() {
     if (!self.navigator.gpu) return { webgpu: false, reason: 'this browser has no WebGPU' };
     const adapter = await self.navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
@@ -18,79 +115,360 @@ const handlers = {
     return { webgpu: true, adapter: name || 'WebGPU adapter', shaderF16: adapter.features.has('shader-f16') };
   },
 
-  async load({ id, source, backend, context }) {
-    const files = await loadFiles(source, {
-      progress: (p) => self.postMessage({ id, type: 'progress', ...p }),
-      warn: (message) => self.postMessage({ id, type: 'warning', message }),
-    });
-    // The old model's memory goes first: two models at once may not fit.
-    if (model) {
-      model.free();
-      model = null;
-    }
-    model = await Model.load(files, backend, context ?? undefined);
-    return model.info();
-  },
-
-  async generate({ id, request }) {
-    requireModel();
-    stopRequested = false;
-    return model.generate(request, (piece) => {
-      self.postMessage({ id, type: 'text', piece });
-      return !stopRequested;
-    });
-  },
-
-  async score({ question }) {
-    requireModel();
-    return model.score(question);
-  },
-
   async parse({ task, text, file }) {
+    await ready;
+    if (initError) throw initError;
     return parseBenchmark(task, text, file);
-  },
-
-  async reset() {
-    if (model) model.reset();
-  },
-
-  // Testing: the path a real device loss takes (see Model.loseGpuDevice).
-  async loseGpuDevice() {
-    requireModel();
-    model.loseGpuDevice();
   },
 
   async clearCache() {
     if (!self.caches) return false;
-    return self.caches.delete('medphi-models-v1');
+    return self.caches.delete(CACHE);
   },
 };
 
-function requireModel() {
-  if (!model) {
-    const e = new Error('no model is loaded');
-    e.name = 'InputError';
-    throw e;
+async function immediate(data) {
+  const job = { id: data.id, settled: false };
+  try {
+    const handler = immediateHandlers[data.type];
+    if (!handler) throw new Error(`unknown request ${data.type}`);
+    settle(job, await handler(data));
+  } catch (err) {
+    fail(job, err);
   }
 }
 
-self.onmessage = async ({ data }) => {
-  if (data.type === 'stop') {
-    stopRequested = true;
+// ---- the queue -----------------------------------------------------------------------
+
+async function pump() {
+  if (running || !initialized) return;
+  while (queue.length) {
+    const job = queue.shift();
+    // Requests already answered (aborted, or their load superseded) are dropped; loads
+    // still run their ending, which may bring the previous model back.
+    if (job.settled && job.type !== 'load') continue;
+    running = job;
+    try {
+      if (initError) throw initError;
+      const value = job.type === 'load' ? await runLoad(job) : await runRequest(job);
+      settle(job, value);
+    } catch (err) {
+      fail(job, err);
+    } finally {
+      running = null;
+    }
+  }
+}
+
+function named(name, message) {
+  const e = new Error(message);
+  e.name = name;
+  return e;
+}
+
+function abortError(what) {
+  return new DOMException(`${what} was aborted`, 'AbortError');
+}
+
+function describeSource(source) {
+  if (!source) return 'no model';
+  if (source.files) return source.files.map((f) => f.name).join(', ');
+  return source.url;
+}
+
+function liveLoads() {
+  return [running, ...queue].filter((j) => j && j.type === 'load' && !j.settled);
+}
+
+/** Rejects the queued requests that belong to load `seq`. */
+function rejectDependents(seq, error) {
+  for (const job of queue) {
+    if (job.type !== 'load' && job.seq === seq) fail(job, error(job));
+  }
+}
+
+/** After load `seq` ended without a model: new requests belong to the model that stays. */
+function fallBack(seq) {
+  if (latestSeq === seq) latestSeq = (current ?? remembered)?.seq ?? 0;
+}
+
+// ---- loads ---------------------------------------------------------------------------
+
+function issueLoad(data) {
+  const seq = ++loadsIssued;
+  for (const job of liveLoads()) {
+    job.superseded = true;
+    job.controller.abort();
+    fail(
+      job,
+      named('SupersededError', `the load of ${describeSource(job.data.source)} was superseded by a later load before it finished`),
+    );
+    const entry = loads.get(job.seq);
+    entry.state = 'superseded';
+    rejectDependents(job.seq, (r) =>
+      named(
+        'SupersededError',
+        `this ${r.type} request was waiting for the load of ${describeSource(entry.source)}, which a later load superseded; ` +
+          'it did not run (issue it again to run it on the newer model)',
+      ),
+    );
+  }
+  loads.set(seq, { state: 'pending', source: data.source });
+  latestSeq = seq;
+  queue.push({ id: data.id, type: 'load', data, seq, settled: false, controller: new AbortController() });
+  pump();
+}
+
+function endedEarly(job) {
+  if (job.superseded) return named('SupersededError', `the load of ${describeSource(job.data.source)} was superseded`);
+  if (job.aborted) return abortError(`the load of ${describeSource(job.data.source)}`);
+  return null;
+}
+
+async function runLoad(job) {
+  const { id, source, backend, context, freeFirst } = job.data;
+  const entry = loads.get(job.seq);
+  try {
+    let early = endedEarly(job);
+    if (early) throw early;
+    const files = await loadFiles(source, {
+      progress: (p) => post({ id, type: 'progress', ...p }),
+      warn: (message) => warn(message, id),
+      signal: job.controller.signal,
+    });
+    if ((early = endedEarly(job))) throw early;
+    const bytes = files.reduce((a, f) => a + f.bytes.length, 0);
+    if (current && (freeFirst || current.info.weightBytes + bytes > TWO_MODELS_BYTES)) {
+      // Only one model fits: refuse what cannot be a model before giving the old one up.
+      precheck(files);
+      current.model.free();
+      current = null;
+      announce();
+    }
+    const built = await build(files, backend, context, id);
+    if ((early = endedEarly(job))) {
+      built.free();
+      throw early;
+    }
+    if (current) current.model.free();
+    const info = built.info();
+    current = { model: built, info, seq: job.seq, source, backend: info.backend, context };
+    remembered = { seq: job.seq, source, backend: info.backend, context };
+    entry.state = 'done';
+    announce();
+    return info;
+  } catch (e) {
+    let err = e;
+    if (entry.state === 'pending') {
+      entry.state = job.aborted ? 'aborted' : 'failed';
+      rejectDependents(job.seq, (r) =>
+        named(
+          'LoadFailedError',
+          `this ${r.type} request was waiting for the load of ${describeSource(source)}, which ${
+            job.aborted ? 'was aborted' : `failed (${e?.message || e})`
+          }; it did not run on another model`,
+        ),
+      );
+    }
+    if (!job.superseded) err = await recover(e);
+    fallBack(job.seq);
+    throw err;
+  }
+}
+
+/** After a failed load: the previous model stays, or is loaded again if it was freed. */
+async function recover(e) {
+  const amend = (suffix) => {
+    const a = e instanceof DOMException ? new DOMException(`${e.message}${suffix}`, e.name) : new Error(`${e?.message || e}${suffix}`);
+    if (!(a instanceof DOMException)) a.name = e?.name || 'Error';
+    return a;
+  };
+  if (current) return amend(` (the model loaded before, ${describeSource(current.source)}, is still in use)`);
+  // A later load is on its way: it, not the model before, decides what is loaded next.
+  if (!remembered || queue.some((j) => j.type === 'load' && !j.settled)) return e;
+  const r = remembered;
+  try {
+    const files = await loadFiles(r.source, { warn: (message) => warn(message) });
+    const model = await build(files, r.backend, r.context);
+    const info = model.info();
+    current = { model, info, seq: r.seq, source: r.source, backend: info.backend, context: r.context };
+    remembered = { ...r, backend: info.backend };
+    announce();
+    return amend(
+      `; the model loaded before it (${describeSource(r.source)}) had been freed to make room and was loaded again` +
+        `${info.backend !== r.backend ? ` on the ${info.backend === 'cpu' ? 'CPU' : info.backend}` : ''}, so it is still in use`,
+    );
+  } catch (e2) {
+    remembered = null;
+    return amend(
+      `; the model loaded before it (${describeSource(r.source)}) had been freed to make room and could not be loaded again ` +
+        `(${e2?.message || e2}), so no model is loaded`,
+    );
+  }
+}
+
+/** Builds the model on `backend`; "auto" is WebGPU when it can take the model, else the CPU. */
+async function build(files, backend, context, id) {
+  const ctx = context ?? undefined;
+  if (backend !== 'auto') {
+    try {
+      return await Model.load(files, backend, ctx);
+    } catch (e) {
+      // A restore on WebGPU that the GPU cannot take any more still brings the model back.
+      if (id !== undefined || backend !== 'webgpu' || e?.name !== 'GpuError') throw e;
+      return Model.load(files, 'cpu', ctx);
+    }
+  }
+  if (await webgpuAvailable()) {
+    try {
+      return await Model.load(files, 'webgpu', ctx);
+    } catch (e) {
+      if (e?.name !== 'GpuError') throw e;
+      warn(`WebGPU could not take the model (${e.message}); using the CPU.`, id);
+    }
+  }
+  return Model.load(files, 'cpu', ctx);
+}
+
+async function webgpuAvailable() {
+  try {
+    return Boolean(self.navigator.gpu && (await self.navigator.gpu.requestAdapter({ powerPreference: 'high-performance' })));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Refuses files that cannot be a model, without building it: config.json and
+ * tokenizer.json must be JSON objects, a safetensors header must lie inside its file and
+ * its tensors' data inside the data, a .gguf must start with GGUF's magic. The full
+ * validation is Model.load's; this catches the files that would fail there early, while
+ * the old model is still loaded.
+ */
+function precheck(files) {
+  const bad = (name, why) => named('FileError', `${name}: ${why}`);
+  for (const { name, bytes } of files) {
+    const base = name.split('/').pop();
+    if (base.endsWith('.json')) {
+      let value;
+      try {
+        value = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+      } catch (e) {
+        throw bad(name, `not valid JSON (${e.message})`);
+      }
+      if (typeof value !== 'object' || value === null || Array.isArray(value)) throw bad(name, 'not a JSON object');
+    } else if (base.endsWith('.safetensors')) {
+      if (bytes.length < 8) throw bad(name, 'too short to be a safetensors file');
+      const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      const n = Number(view.getBigUint64(0, true));
+      if (n > bytes.length - 8) throw bad(name, 'not a safetensors file (its header runs past the end of the file)');
+      let header;
+      try {
+        header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(8, 8 + n)));
+      } catch (e) {
+        throw bad(name, `not a safetensors file (its header is not JSON: ${e.message})`);
+      }
+      const data = bytes.length - 8 - n;
+      for (const [tensor, t] of Object.entries(header ?? {})) {
+        if (tensor === '__metadata__') continue;
+        const [a, b] = t?.data_offsets ?? [];
+        if (!(Number.isSafeInteger(a) && Number.isSafeInteger(b) && a >= 0 && a <= b && b <= data)) {
+          throw bad(name, `tensor ${tensor} lies outside the file (truncated download?)`);
+        }
+      }
+    } else if (base.endsWith('.gguf')) {
+      if (bytes.length < 4 || new TextDecoder().decode(bytes.subarray(0, 4)) !== 'GGUF') {
+        throw bad(name, 'not a GGUF file (no GGUF magic)');
+      }
+    }
+  }
+}
+
+// ---- model requests ------------------------------------------------------------------
+
+/** The model `job` belongs to, or an error saying why it cannot run. */
+function modelFor(job) {
+  if (job.seq) {
+    const entry = loads.get(job.seq);
+    if (entry.state === 'superseded') {
+      throw named('SupersededError', `this ${job.type} request was waiting for the load of ${describeSource(entry.source)}, which a later load superseded`);
+    }
+    if (entry.state !== 'done') {
+      throw named('LoadFailedError', `this ${job.type} request was waiting for the load of ${describeSource(entry.source)}, which ${entry.state === 'aborted' ? 'was aborted' : 'failed'}`);
+    }
+    if (!current || current.seq !== job.seq) {
+      throw named('InputError', `the model this ${job.type} request was made for (${describeSource(entry.source)}) is no longer loaded`);
+    }
+  }
+  if (!current) {
+    if (job.type === 'reset') return null;
+    throw named('InputError', 'no model is loaded');
+  }
+  return current.model;
+}
+
+async function runRequest(job) {
+  const model = modelFor(job);
+  switch (job.type) {
+    case 'generate':
+      return runGenerate(job, model);
+    case 'score': {
+      const value = await model.score(job.data.question);
+      if (job.aborted) throw abortError('the score request');
+      return value;
+    }
+    case 'reset':
+      model?.reset();
+      return undefined;
+    case 'loseGpuDevice':
+      // Testing: the path a real device loss takes (see Model.loseGpuDevice).
+      model.loseGpuDevice();
+      return undefined;
+    default:
+      throw new Error(`unknown request ${job.type}`);
+  }
+}
+
+async function runGenerate(job, model) {
+  job.model = model;
+  const result = model.generate(job.data.request, (piece) => {
+    post({ id: job.id, type: 'text', piece });
+    return !job.stopped;
+  });
+  const value = await result;
+  if (job.aborted) throw abortError('the generate request');
+  return value;
+}
+
+function stopRunning() {
+  const job = running;
+  if (job?.type === 'generate' && job.model) {
+    job.stopped = true;
+    job.model.stop();
+  }
+}
+
+function abort(target) {
+  const job = running?.id === target ? running : queue.find((j) => j.id === target);
+  if (!job || job.aborted) return;
+  job.aborted = true;
+  if (job.type === 'load') {
+    job.controller.abort();
+    const wasLive = !job.settled;
+    fail(job, abortError(`the load of ${describeSource(job.data.source)}`));
+    const entry = loads.get(job.seq);
+    if (wasLive && entry.state === 'pending') {
+      entry.state = 'aborted';
+      rejectDependents(job.seq, (r) =>
+        named('LoadFailedError', `this ${r.type} request was waiting for the load of ${describeSource(entry.source)}, which was aborted; it did not run`),
+      );
+      fallBack(job.seq);
+    }
     return;
   }
-  try {
-    await ready;
-    const handler = handlers[data.type];
-    if (!handler) throw new Error(`unknown request ${data.type}`);
-    const value = await handler(data);
-    self.postMessage({ id: data.id, type: 'result', value });
-  } catch (err) {
-    self.postMessage({
-      id: data.id,
-      type: 'error',
-      name: err?.name || 'Error',
-      message: err?.message || String(err),
-    });
+  fail(job, abortError(`the ${job.type} request`));
+  if (job === running && job.type === 'generate' && job.model) {
+    job.stopped = true;
+    job.model.stop();
   }
-};
+}

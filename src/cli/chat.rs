@@ -29,7 +29,9 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         backend.config().num_hidden_layers,
         backend.capacity()
     );
-    let mut session = Session::new(backend);
+    // Ctrl-C stops the reply being written; the conversation goes on.
+    let interrupt = super::interrupt();
+    let mut session = Session::new(backend).with_cancel(interrupt.clone());
     let mut history: Vec<Turn> = Vec::new();
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
@@ -58,12 +60,14 @@ pub fn chat(args: ChatArgs) -> Result<()> {
             _ => {}
         }
         let prompt = args.prompt_format.render(&history, message);
-        let ids = tokenizer.encode(&prompt)?;
-        let result = pollster::block_on(session.generate(&tokenizer, &ids, &opts, &mut |piece| {
-            write!(stdout, "{piece}")
-                .and_then(|_| stdout.flush())
-                .is_ok()
-        }));
+        interrupt.reset();
+        let result = tokenizer.encode(&prompt).and_then(|ids| {
+            pollster::block_on(session.generate(&tokenizer, &ids, &opts, &mut |piece| {
+                write!(stdout, "{piece}")
+                    .and_then(|_| stdout.flush())
+                    .is_ok()
+            }))
+        });
         match result {
             Ok(g) => {
                 writeln!(stdout)?;
@@ -81,8 +85,8 @@ pub fn chat(args: ChatArgs) -> Result<()> {
                     assistant: g.text,
                 });
             }
-            // A turn that cannot run (say, the conversation outgrew the context) is
-            // reported and the REPL carries on.
+            // A turn that cannot run (say, the conversation outgrew the context, or the
+            // tokenizer refuses the text) is reported and the REPL carries on.
             Err(e) => eprintln!("error: {e}"),
         }
     }

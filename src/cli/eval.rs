@@ -1,7 +1,6 @@
 //! `medphi eval`: lm-eval-compatible benchmark runs, written as `results.json` and
 //! `samples_<task>.jsonl` in the output folder.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,14 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use medphi::backend::Backend;
-use medphi::eval::{self, extract_choice, Item, Task};
-use medphi::generate::{GenerateOptions, Session};
-use serde_json::{json, Value};
+use medphi::eval::{self, Item, Mode, Task};
+use medphi::generate::Session;
+use serde_json::json;
 
 use super::ModelArgs;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
+pub enum ModeArg {
     /// lm-eval's multiple_choice: log-likelihood of each choice (acc, acc_norm; acc_mutual_info
     /// for the continuation tasks).
     Loglikelihood,
@@ -39,7 +38,7 @@ pub struct EvalArgs {
     #[arg(long)]
     limit: Option<usize>,
     #[arg(long, value_enum, default_value = "loglikelihood")]
-    mode: Mode,
+    mode: ModeArg,
     /// Score every choice from scratch instead of continuing the question's KV cache
     /// (what lm-eval does; slower, same numbers).
     #[arg(long)]
@@ -47,8 +46,13 @@ pub struct EvalArgs {
     /// Tokens the model may write per answer in generate mode.
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
+    /// The folder for results.json and samples_<task>.jsonl (written item by item).
     #[arg(long)]
     output: PathBuf,
+    /// Continue an interrupted run in --output: items already in its samples files are kept
+    /// and not scored again.
+    #[arg(long)]
+    resume: bool,
 }
 
 struct LoadedTask {
@@ -57,7 +61,7 @@ struct LoadedTask {
     original: usize,
 }
 
-pub fn eval(args: EvalArgs) -> Result<()> {
+fn load_tasks(args: &EvalArgs) -> Result<Vec<LoadedTask>> {
     if args.task.len() != args.data.len() {
         bail!(
             "give one --data file per --task ({} tasks, {} files)",
@@ -78,126 +82,93 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             original,
         });
     }
+    Ok(tasks)
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let tasks = load_tasks(&args)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("{}", args.output.display()))?;
+    let samples_path = |t: &LoadedTask| args.output.join(format!("samples_{}.jsonl", t.name));
+    let mut done = Vec::new();
+    for task in &tasks {
+        let path = samples_path(task);
+        done.push(if args.resume {
+            eval::resume_samples(&path, &task.items)?
+        } else if path.exists() {
+            bail!(
+                "{} exists: --resume continues that run, or choose another --output",
+                path.display()
+            );
+        } else {
+            Vec::new()
+        });
+    }
+    let mode = match args.mode {
+        ModeArg::Loglikelihood => Mode::Loglikelihood {
+            share_prefix: !args.no_share_prefix,
+        },
+        ModeArg::Generate => Mode::Generate {
+            max_new_tokens: args.max_new_tokens,
+        },
+    };
     let (backend, tokenizer, _) = args.model.load()?;
     let mut session = Session::new(backend);
-
     let total: usize = tasks.iter().map(|t| t.items.len()).sum();
+    let resumed: usize = done.iter().map(Vec::len).sum();
     let pb = ProgressBar::new(total as u64);
     pb.set_style(
         ProgressStyle::with_template("{msg:24} {bar:30} {pos}/{len} items  {per_sec}  ETA {eta}")
             .expect("static template"),
     );
+    pb.set_position(resumed as u64);
+    let interrupt = super::interrupt();
     let started = Instant::now();
-    let mut results = serde_json::Map::new();
-    let mut n_samples = serde_json::Map::new();
-    for task in &tasks {
+    for (task, lines) in tasks.iter().zip(&mut done) {
         pb.set_message(task.name.clone());
-        let mut lines = Vec::with_capacity(task.items.len());
-        let metrics = match args.mode {
-            Mode::Loglikelihood => {
-                let mut samples = Vec::with_capacity(task.items.len());
-                for (doc_id, item) in task.items.iter().enumerate() {
-                    let s = pollster::block_on(eval::evaluate_item(
-                        session.backend_mut(),
-                        &tokenizer,
-                        doc_id,
-                        item,
-                        !args.no_share_prefix,
-                    ))?;
-                    lines.push(eval::sample_json(item, &s));
-                    samples.push(s);
-                    pb.inc(1);
-                }
-                eval::task_metrics(&task.name, &samples)
-            }
-            Mode::Generate => {
-                let opts = GenerateOptions {
-                    max_new_tokens: args.max_new_tokens,
-                    stop: vec!["\n".into()],
-                    ..Default::default()
-                };
-                let mut correct = Vec::with_capacity(task.items.len());
-                for (doc_id, item) in task.items.iter().enumerate() {
-                    let ids = tokenizer.encode(&item.context)?;
-                    let g =
-                        pollster::block_on(
-                            session.generate(&tokenizer, &ids, &opts, &mut |_| true),
-                        )?;
-                    let extracted = extract_choice(&g.text, item);
-                    let ok = extracted == Some(item.gold);
-                    correct.push(f64::from(u8::from(ok)));
-                    lines.push(json!({
-                        "doc_id": doc_id, "doc": item.doc, "target": item.gold,
-                        "arguments": [[item.context, {"until": ["\n"], "max_gen_toks": args.max_new_tokens, "do_sample": false}]],
-                        "resps": [[g.text]],
-                        "filtered_resps": [extracted.map(|i| item.choices[i].clone())],
-                        "exact_match": f64::from(u8::from(ok)),
-                    }));
-                    pb.inc(1);
-                }
-                let (mean, se) = eval::mean_stderr(&correct);
-                json!({"alias": task.name, "exact_match,none": mean,
-                       "exact_match_stderr,none": se.map_or(json!("N/A"), |v| json!(v))})
-            }
-        };
-        let path = args.output.join(format!("samples_{}.jsonl", task.name));
-        let mut file = std::io::BufWriter::new(
-            std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?,
-        );
-        for line in &lines {
-            writeln!(file, "{line}")?;
-        }
-        file.flush()?;
-        results.insert(task.name.clone(), metrics);
-        n_samples.insert(
-            task.name.clone(),
-            json!({"original": task.original, "effective": task.items.len()}),
-        );
+        pollster::block_on(eval::score_items(
+            &mut session,
+            &tokenizer,
+            &task.items,
+            mode,
+            &samples_path(task),
+            lines,
+            &interrupt,
+            &mut || pb.inc(1),
+        ))?;
     }
     pb.finish_and_clear();
+    let scored: usize = done.iter().map(Vec::len).sum();
+    if scored < total {
+        bail!(super::Interrupted(format!(
+            "{scored} of {total} items are in the samples files of {}; --resume continues",
+            args.output.display()
+        )));
+    }
     let secs = started.elapsed().as_secs_f64();
-    let names: Vec<&String> = tasks.iter().map(|t| &t.name).collect();
-    let per_task = |v: Value| -> Value {
-        names
-            .iter()
-            .map(|n| ((*n).clone(), v.clone()))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
-    // Every metric a task reports is an accuracy: higher is better.
-    let higher: serde_json::Map<String, Value> = results
+    let summaries: Vec<eval::report::TaskSummary> = tasks
         .iter()
-        .map(|(name, metrics)| {
-            let metrics = metrics.as_object().expect("built above");
-            let names = metrics
-                .keys()
-                .filter_map(|k| k.strip_suffix(",none"))
-                .filter(|k| !k.contains("stderr"))
-                .map(|k| (k.to_string(), json!(true)))
-                .collect::<serde_json::Map<_, _>>();
-            (name.clone(), Value::Object(names))
+        .zip(&done)
+        .map(|(t, lines)| eval::report::TaskSummary {
+            name: &t.name,
+            original: t.original,
+            lines,
         })
         .collect();
-    let out = json!({
-        "results": results,
-        "n-samples": n_samples,
-        "n-shot": per_task(json!(0)),
-        "higher_is_better": higher,
-        "config": {
-            "model": "medphi",
-            "model_args": format!("pretrained={}", args.model.model.display()),
-            "backend": session.backend().name(),
-            "limit": args.limit,
-            "mode": match args.mode { Mode::Loglikelihood => "loglikelihood", Mode::Generate => "generate" },
-            "share_prefix": !args.no_share_prefix,
-            "items_per_s": total as f64 / secs,
-        },
-        "total_evaluation_time_seconds": format!("{secs}"),
-        "medphi_version": env!("CARGO_PKG_VERSION"),
+    let scored_now = total - resumed;
+    let config = json!({
+        "model": "medphi",
+        "model_args": format!("pretrained={}", args.model.model.display()),
+        "backend": session.backend().name(),
+        "limit": args.limit,
+        "mode": match args.mode { ModeArg::Loglikelihood => "loglikelihood", ModeArg::Generate => "generate" },
+        "share_prefix": !args.no_share_prefix,
+        "items_per_s": scored_now as f64 / secs,
     });
+    let out = eval::report::results_json(&summaries, config, secs);
     let path = args.output.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
+    let tmp = args.output.join(".results.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&out)?)
+        .and_then(|_| std::fs::rename(&tmp, &path))
         .with_context(|| format!("{}", path.display()))?;
     for (name, m) in out["results"].as_object().expect("built above") {
         let shown: Vec<String> = m
@@ -216,8 +187,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         eprintln!("{name:28} {}", shown.join("  "));
     }
     eprintln!(
-        "{total} items in {secs:.1} s ({:.2} items/s) → {}",
-        total as f64 / secs,
+        "{scored_now} items in {secs:.1} s ({:.2} items/s) → {}",
+        scored_now as f64 / secs,
         path.display()
     );
     Ok(())

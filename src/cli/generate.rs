@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use medphi::backend::Backend;
 use medphi::generate::{GenerateOptions, PromptFormat, Session};
@@ -42,7 +42,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         sampling: args.sampling.params(),
         stop,
     };
-    let mut session = Session::new(backend);
+    let interrupt = super::interrupt();
+    let mut session = Session::new(backend).with_cancel(interrupt.clone());
     let mut stdout = std::io::stdout();
     let json = args.json;
     let g = pollster::block_on(
@@ -76,6 +77,12 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             g.decode_tok_s,
             g.stop_reason
         );
+    }
+    if interrupt.is_cancelled() {
+        bail!(super::Interrupted(format!(
+            "stopped after {} tokens",
+            g.output_ids.len()
+        )));
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use medphi::backend::{Backend, CpuBackend};
+use medphi::cancel::Cancel;
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::SamplingParams;
 use medphi::gpu::GpuBackend;
@@ -167,6 +168,40 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
+/// Work stopped by Ctrl-C after saving what it had; the message says how to continue.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted: {}", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The flag Ctrl-C raises. The first Ctrl-C asks the running work to stop at its next safe
+/// point (a token, an item, a training step) and keep what it has; a second one quits at once.
+pub fn interrupt() -> Cancel {
+    static FLAG: std::sync::OnceLock<Cancel> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Cancel::new();
+        let raised = flag.clone();
+        let installed = ctrlc::set_handler(move || {
+            if raised.is_cancelled() {
+                std::process::exit(130);
+            }
+            raised.cancel();
+            eprintln!("\nstopping at the next safe point (Ctrl-C again quits at once)");
+        });
+        if let Err(e) = installed {
+            eprintln!("warning: Ctrl-C will not stop cleanly: {e}");
+        }
+        flag
+    })
+    .clone()
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -184,6 +219,10 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE

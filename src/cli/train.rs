@@ -161,9 +161,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         StageArg::Dpo => Stage::Dpo,
     };
     let mut trainer = if let Some(dir) = &args.resume {
-        Trainer::resume(dir, &device, |config, tok, cfg| {
-            objective(config, tok, cfg, &args.data, &device)
-        })?
+        resume(dir, &args, &device)?
     } else {
         let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer) {
             (Some(dir), None, _) => {
@@ -228,11 +226,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
             group_by_length: args.group_by_length,
         };
         let objective = objective(&config, &tok, &cfg, &args.data, &device)?;
-        if args.out.join("metrics.jsonl").exists() {
+        if args.out.join("checkpoints").exists() {
             bail!(
                 "{} already holds a run; use --resume {0} to continue it",
                 args.out.display()
             );
+        }
+        // A run killed before its first checkpoint leaves only its metrics: start over.
+        let metrics = args.out.join("metrics.jsonl");
+        if metrics.exists() {
+            std::fs::remove_file(&metrics).with_context(|| format!("{}", metrics.display()))?;
         }
         Trainer::new(cfg, tokenizer_json, params, objective, config)?
     };
@@ -251,24 +254,54 @@ pub fn train(args: TrainArgs) -> Result<()> {
             .expect("static template"),
     );
     pb.set_position(trainer.step);
-    trainer.run(&args.out, args.stop_after, &mut |m: &StepMetrics| {
-        pb.set_position(m.step);
-        let eval = m
-            .eval_loss
-            .map(|e| format!(" eval {e:.3}"))
-            .unwrap_or_default();
-        pb.set_message(format!(
-            "loss {:.3}{eval} lr {:.1e} {:.0} tok/s",
-            m.loss, m.lr, m.tokens_per_s
-        ));
-    })?;
+    let interrupt = super::interrupt();
+    trainer.run(
+        &args.out,
+        args.stop_after,
+        &interrupt,
+        &mut |m: &StepMetrics| {
+            pb.set_position(m.step);
+            let eval = m
+                .eval_loss
+                .map(|e| format!(" eval {e:.3}"))
+                .unwrap_or_default();
+            pb.set_message(format!(
+                "loss {:.3}{eval} lr {:.1e} {:.0} tok/s",
+                m.loss, m.lr, m.tokens_per_s
+            ));
+        },
+    )?;
     pb.finish();
     plot(&args.out.join("metrics.jsonl"), &args.out.join("loss.png"))?;
     eprintln!(
         "model, metrics.jsonl and loss.png in {}",
         args.out.display()
     );
+    if interrupt.is_cancelled() {
+        return Err(super::Interrupted(format!(
+            "stopped at step {} with a checkpoint; continue with --resume {}",
+            trainer.step,
+            args.out.display()
+        ))
+        .into());
+    }
     Ok(())
+}
+
+/// The trainer of the newest intact checkpoint in `dir`, with `--out`'s metrics.jsonl made
+/// to end at its step.
+fn resume(dir: &Path, args: &TrainArgs, device: &Device) -> Result<Trainer> {
+    let (checkpoint, state, skipped) = medphi::train::latest_checkpoint(dir)?;
+    for why in skipped {
+        eprintln!("warning: {why}");
+    }
+    let step = state.step;
+    let trainer = Trainer::resume(&checkpoint, state, device, |config, tok, cfg| {
+        objective(config, tok, cfg, &args.data, device)
+    })?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
+    medphi::train::restore_metrics(dir, &args.out, step)?;
+    Ok(trainer)
 }
 
 /// Training and evaluation loss by step.

@@ -4,15 +4,6 @@
 
 use super::tasks::Item;
 
-#[derive(Debug, Clone)]
-pub struct GenerativeResult {
-    pub doc_id: usize,
-    pub answer: String,
-    /// The option the answer names, if any could be read from it.
-    pub extracted: Option<usize>,
-    pub correct: bool,
-}
-
 /// Reads which choice an answer names: a choice label standing alone ("B", "B.", "(B)",
 /// "answer: yes") first, else the one option whose text the answer quotes.
 pub fn extract_choice(answer: &str, item: &Item) -> Option<usize> {

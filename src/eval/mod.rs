@@ -1,17 +1,20 @@
 //! Benchmark evaluation with lm-evaluation-harness's items, prompts, scoring and output
 //! files: `tasks` reads the original files and builds prompts, `scoring` computes
-//! log-likelihoods (sharing each question across its choices), this module aggregates
-//! `acc` / `acc_norm` with lm-eval's standard errors and writes `results.json` and
-//! `samples_<task>.jsonl`, and `generative` scores free-text answers.
+//! log-likelihoods (sharing each question across its choices), this module decides `acc` /
+//! `acc_norm` per item and writes its `samples_<task>.jsonl` line, `run` scores a task's
+//! items into that file as it goes (resumable) and aggregates them with lm-eval's standard
+//! errors, and `generative` reads the option out of free-text answers.
 
 mod generative;
 pub mod report;
+mod run;
 mod scoring;
 mod tasks;
 
 use serde_json::{json, Value};
 
-pub use generative::{extract_choice, GenerativeResult};
+pub use generative::extract_choice;
+pub use run::{resume_samples, score_items, task_results, Mode};
 pub use scoring::{score_item, score_unconditional, ChoiceScore};
 pub use tasks::{Item, Task, MMLU_MEDICAL};
 
@@ -99,37 +102,6 @@ pub fn mean_stderr(values: &[f64]) -> (f64, Option<f64>) {
     }
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, Some((var / n).sqrt()))
-}
-
-/// The `results[task]` entry of lm-eval's results.json.
-pub fn task_metrics(task: &str, samples: &[Sample]) -> Value {
-    let bools = |f: fn(&Sample) -> bool| {
-        samples
-            .iter()
-            .map(|s| f64::from(u8::from(f(s))))
-            .collect::<Vec<_>>()
-    };
-    let (acc, acc_se) = mean_stderr(&bools(|s| s.acc));
-    let (norm, norm_se) = mean_stderr(&bools(|s| s.acc_norm));
-    let stderr = |se: Option<f64>| se.map_or(json!("N/A"), |v| json!(v));
-    let mut metrics = json!({
-        "alias": task,
-        "acc,none": acc,
-        "acc_stderr,none": stderr(acc_se),
-        "acc_norm,none": norm,
-        "acc_norm_stderr,none": stderr(norm_se),
-    });
-    let mutual: Vec<f64> = samples
-        .iter()
-        .filter_map(|s| s.acc_mutual_info)
-        .map(|ok| f64::from(u8::from(ok)))
-        .collect();
-    if !mutual.is_empty() {
-        let (mi, mi_se) = mean_stderr(&mutual);
-        metrics["acc_mutual_info,none"] = json!(mi);
-        metrics["acc_mutual_info_stderr,none"] = stderr(mi_se);
-    }
-    metrics
 }
 
 /// One line of lm-eval's `samples_<task>.jsonl`; the unconditional requests follow the

@@ -1,9 +1,56 @@
-//! Comparing runs: each `results.json` (ours or lm-eval's) becomes one row of accuracies
-//! on the columns medical-LLM papers report, beside published reference rows.
+//! lm-eval's `results.json` for a run, and comparing runs: each `results.json` (ours or
+//! lm-eval's) becomes one row of accuracies on the columns medical-LLM papers report, beside
+//! published reference rows.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+
+/// One task of a run: its samples lines and how many items its file had.
+pub struct TaskSummary<'a> {
+    pub name: &'a str,
+    pub original: usize,
+    pub lines: &'a [Value],
+}
+
+/// lm-eval's `results.json` object: per-task metrics (means and standard errors of the
+/// samples lines), sample counts, and the run's `config`.
+pub fn results_json(tasks: &[TaskSummary], config: Value, seconds: f64) -> Value {
+    let per_task = |f: &dyn Fn(&TaskSummary) -> Value| -> Value {
+        tasks
+            .iter()
+            .map(|t| (t.name.to_string(), f(t)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let results = per_task(&|t| super::task_results(t.name, t.lines));
+    // Every metric a task reports is an accuracy: higher is better.
+    let higher: serde_json::Map<String, Value> = results
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(task, metrics)| {
+            let names = metrics
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| k.strip_suffix(",none"))
+                .filter(|k| !k.contains("stderr"))
+                .map(|k| (k.to_string(), json!(true)))
+                .collect::<serde_json::Map<_, _>>();
+            (task.clone(), Value::Object(names))
+        })
+        .collect();
+    json!({
+        "results": results,
+        "n-samples": per_task(&|t| json!({"original": t.original, "effective": t.lines.len()})),
+        "n-shot": per_task(&|_| json!(0)),
+        "higher_is_better": higher,
+        "config": config,
+        "total_evaluation_time_seconds": format!("{seconds}"),
+        "medphi_version": env!("CARGO_PKG_VERSION"),
+    })
+}
 
 /// The columns of the MedPhi-2 table: PubMedQA, MedQA, MedMCQA, MMLU-medical.
 pub const COLUMNS: [&str; 4] = ["pubmedqa", "medqa", "medmcqa", "mmlu_medical"];

@@ -54,10 +54,17 @@ fn map_rows(len: usize, row: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec
     out
 }
 
-/// Element-wise sum of per-task partial sums.
-fn add_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
-    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-    a
+/// Sums per-task partial vectors in task order. rayon's `reduce` pairs partials in an
+/// order that depends on scheduling, and float addition is not associative: the same run
+/// twice would then differ in the last bits. Collecting first keeps the order fixed.
+fn sum_in_order(partials: impl IndexedParallelIterator<Item = Vec<f32>>, len: usize) -> Vec<f32> {
+    partials
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; len], |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
 }
 
 // ---------------------------------------------------------------- LayerNorm
@@ -172,36 +179,33 @@ impl CustomOp3 for LayerNormGrad {
         let per = rows_per_task(dim);
         let (dx, _) = out.split_at_mut(x.len());
         // Each task writes its rows of dx and returns its partial dw, db, summed after.
-        let partial = dx
-            .par_chunks_mut(dim * per)
-            .enumerate()
-            .map(|(chunk, dx)| {
-                let mut acc = vec![0f32; 2 * dim];
-                let mut wg = vec![0f32; dim];
-                for (i, dx) in dx.chunks_mut(dim).enumerate() {
-                    let r = chunk * per + i;
-                    let x = &x[r * dim..(r + 1) * dim];
-                    let g = &g[r * dim..(r + 1) * dim];
-                    let (mean, rstd) = moments(x, self.eps);
-                    let (mut mean_wg, mut mean_wg_xhat) = (0f32, 0f32);
-                    for j in 0..dim {
-                        let xhat = (x[j] - mean) * rstd;
-                        wg[j] = w[j] * g[j];
-                        mean_wg += wg[j];
-                        mean_wg_xhat += wg[j] * xhat;
-                        acc[j] += g[j] * xhat;
-                        acc[dim + j] += g[j];
-                    }
-                    mean_wg /= dim as f32;
-                    mean_wg_xhat /= dim as f32;
-                    for j in 0..dim {
-                        let xhat = (x[j] - mean) * rstd;
-                        dx[j] = rstd * (wg[j] - mean_wg - xhat * mean_wg_xhat);
-                    }
+        let partials = dx.par_chunks_mut(dim * per).enumerate().map(|(chunk, dx)| {
+            let mut acc = vec![0f32; 2 * dim];
+            let mut wg = vec![0f32; dim];
+            for (i, dx) in dx.chunks_mut(dim).enumerate() {
+                let r = chunk * per + i;
+                let x = &x[r * dim..(r + 1) * dim];
+                let g = &g[r * dim..(r + 1) * dim];
+                let (mean, rstd) = moments(x, self.eps);
+                let (mut mean_wg, mut mean_wg_xhat) = (0f32, 0f32);
+                for j in 0..dim {
+                    let xhat = (x[j] - mean) * rstd;
+                    wg[j] = w[j] * g[j];
+                    mean_wg += wg[j];
+                    mean_wg_xhat += wg[j] * xhat;
+                    acc[j] += g[j] * xhat;
+                    acc[dim + j] += g[j];
                 }
-                acc
-            })
-            .reduce(|| vec![0f32; 2 * dim], add_vecs);
+                mean_wg /= dim as f32;
+                mean_wg_xhat /= dim as f32;
+                for j in 0..dim {
+                    let xhat = (x[j] - mean) * rstd;
+                    dx[j] = rstd * (wg[j] - mean_wg - xhat * mean_wg_xhat);
+                }
+            }
+            acc
+        });
+        let partial = sum_in_order(partials, 2 * dim);
         out[x.len()..].copy_from_slice(&partial);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, dim))))
     }
@@ -270,16 +274,14 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = data(s, l)?;
         let dim = last_dim(l)?;
-        let sums = x
-            .par_chunks(dim * rows_per_task(dim))
-            .map(|rows| {
-                let mut acc = vec![0f32; dim];
-                for row in rows.chunks(dim) {
-                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-                }
-                acc
-            })
-            .reduce(|| vec![0f32; dim], add_vecs);
+        let partials = x.par_chunks(dim * rows_per_task(dim)).map(|rows| {
+            let mut acc = vec![0f32; dim];
+            for row in rows.chunks(dim) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            acc
+        });
+        let sums = sum_in_order(partials, dim);
         Ok((CpuStorage::F32(sums), Shape::from(dim)))
     }
 }

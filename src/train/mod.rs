@@ -9,6 +9,7 @@
 //! `trainer_state.json` and `metrics.jsonl`.
 
 mod batches;
+mod checkpoint;
 mod optim;
 mod params;
 
@@ -20,11 +21,14 @@ use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
 pub use batches::{Batch, Examples, Order};
+pub use checkpoint::{latest as latest_checkpoint, restore_metrics, TrainState};
 pub use optim::{learning_rate, AdamW};
 pub use params::{save_tensors, LoraConfig, Params, Precision, LORA_TARGETS};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::model::{Logits, Phi, PhiConfig};
+use checkpoint::CheckpointWriter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -93,12 +97,6 @@ pub struct TrainConfig {
     pub group_by_length: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TrainState {
-    step: u64,
-    config: TrainConfig,
-}
-
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepMetrics {
@@ -129,6 +127,17 @@ pub struct Trainer {
     order: Order,
     pub config: TrainConfig,
     pub step: u64,
+    /// The step of the last checkpoint written (0: none yet).
+    saved: u64,
+}
+
+/// Whether every value of `t` is finite (0·x is 0 for those, NaN for NaN and ±∞).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let s = (t * 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(s == 0.0)
 }
 
 /// Sum of the masked target log-probabilities of each sequence: `(batch,)`.
@@ -235,13 +244,16 @@ impl Trainer {
             objective,
             config,
             step: 0,
+            saved: 0,
         })
     }
 
-    /// Continues the run saved in `dir`; `objective` rebuilds its data (and reference) from
-    /// the run's saved configuration, as for the original run.
+    /// Continues the run saved in checkpoint folder `dir` (see [`latest_checkpoint`], which
+    /// also verifies it); `objective` rebuilds its data (and reference) from the run's saved
+    /// configuration, as for the original run.
     pub fn resume(
         dir: &Path,
+        state: TrainState,
         device: &Device,
         objective: impl FnOnce(
             &TrainConfig,
@@ -249,12 +261,6 @@ impl Trainer {
             &PhiConfig,
         ) -> Result<Objective>,
     ) -> Result<Self> {
-        let read = |name: &str| {
-            let p = dir.join(name);
-            std::fs::read_to_string(&p).map_err(|e| Error::file(p.display(), e))
-        };
-        let state: TrainState = serde_json::from_str(&read("trainer_state.json")?)
-            .map_err(|e| Error::file(dir.join("trainer_state.json").display(), e))?;
         let (ckpt, params) = match (state.config.lora, &state.config.init_from) {
             (Some(lora), Some(base)) => {
                 let ckpt = crate::checkpoint::Checkpoint::open(base, None, DType::F32)?;
@@ -277,25 +283,27 @@ impl Trainer {
             }
         };
         let objective = objective(&state.config, &ckpt.tokenizer, &ckpt.config)?;
-        let mut trainer = Self::new(
-            ckpt.config,
-            read("tokenizer.json")?,
-            params,
-            objective,
-            state.config,
-        )?;
+        let tokenizer = dir.join("tokenizer.json");
+        let tokenizer_json =
+            std::fs::read_to_string(&tokenizer).map_err(|e| Error::file(tokenizer.display(), e))?;
+        let mut trainer = Self::new(ckpt.config, tokenizer_json, params, objective, state.config)?;
         trainer
             .opt
             .load(&dir.join("optimizer.safetensors"), state.step, device)?;
         trainer.step = state.step;
+        trainer.saved = state.step;
         Ok(trainer)
     }
 
-    /// Trains until step `stop_after` (default: the planned total), writing to `out`.
+    /// Trains until step `stop_after` (default: the planned total) or until `cancel` is
+    /// raised, writing to `out`; the state at the end is always saved as a checkpoint.
+    /// A step whose loss or gradient is not finite stops the run with an error, after the
+    /// last good state is saved.
     pub fn run(
         &mut self,
         out: &Path,
         stop_after: Option<u64>,
+        cancel: &Cancel,
         on_step: &mut dyn FnMut(&StepMetrics),
     ) -> Result<()> {
         std::fs::create_dir_all(out).map_err(|e| Error::file(out.display(), e))?;
@@ -303,8 +311,16 @@ impl Trainer {
             .unwrap_or(self.config.steps)
             .min(self.config.steps);
         let metrics_path = out.join("metrics.jsonl");
-        while self.step < last {
-            let mut m = self.train_step()?;
+        while self.step < last && !cancel.is_cancelled() {
+            let mut m = match self.train_step() {
+                Ok(m) => m,
+                Err(e) => {
+                    if self.saved < self.step {
+                        self.save(out)?;
+                    }
+                    return Err(e);
+                }
+            };
             let c = &self.config;
             if (c.eval_every > 0 && m.step % c.eval_every == 0) || m.step == last {
                 m.eval_loss = Some(self.eval_loss()?);
@@ -317,21 +333,24 @@ impl Trainer {
             let line = serde_json::to_string(&m).map_err(Error::input)?;
             writeln!(f, "{line}").map_err(|e| Error::file(metrics_path.display(), e))?;
             on_step(&m);
-            if (c.save_every > 0 && m.step % c.save_every == 0) || m.step == last {
+            if c.save_every > 0 && m.step % c.save_every == 0 {
                 self.save(out)?;
             }
+        }
+        if self.saved < self.step || !out.join("checkpoints").exists() {
+            self.save(out)?;
         }
         Ok(())
     }
 
     fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
-        self.step += 1;
+        let step = self.step + 1;
         let c = self.config.clone();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
         let (mut loss_sum, mut tokens) = (0.0, 0);
         let (mut accuracy, mut margin) = (0.0, 0.0);
-        let first = (self.step - 1) * (c.grad_accum * c.batch_size) as u64;
+        let first = self.step * (c.grad_accum * c.batch_size) as u64;
         let step_examples: Vec<usize> = (0..(c.grad_accum * c.batch_size) as u64)
             .map(|j| self.order.get(first + j))
             .collect();
@@ -378,19 +397,27 @@ impl Trainer {
             norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         let norm = norm_sq.sqrt();
+        if !(loss_sum.is_finite() && norm.is_finite()) {
+            return Err(Error::input(format!(
+                "step {step}: the loss is {loss_sum} and the gradient norm {norm}; the update was not \
+                 applied and training stopped with the weights of step {} (lower --lr or set --clip)",
+                self.step
+            )));
+        }
         let scale = if c.clip > 0.0 && norm > c.clip {
             c.clip / norm
         } else {
             1.0
         };
-        let lr = learning_rate(self.step, c.lr, c.warmup, c.steps);
+        let lr = learning_rate(step, c.lr, c.warmup, c.steps);
         for ((name, var), g) in self.params.vars.iter().zip(&grads) {
             let next = self.opt.update(name, var.as_tensor(), g, scale, lr)?;
             var.set(&next)?;
         }
         self.opt.t += 1;
+        self.step = step;
         Ok(StepMetrics {
-            step: self.step,
+            step,
             loss: loss_sum,
             lr,
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
@@ -443,22 +470,30 @@ impl Trainer {
         Ok(losses.iter().sum::<f64>() / losses.len().max(1) as f64)
     }
 
-    /// Writes the model folder and the state a resume needs.
-    pub fn save(&self, out: &Path) -> Result<()> {
-        let write = |name: &str, text: &str| {
-            let p = out.join(name);
-            std::fs::write(&p, text).map_err(|e| Error::file(p.display(), e))
-        };
+    /// Writes a checkpoint of the current step (see [`checkpoint`]): the model folder and
+    /// the state a resume needs. Weights that are not all finite are refused.
+    pub fn save(&mut self, out: &Path) -> Result<()> {
+        let trainable = self.params.trainable();
+        for (name, t) in &trainable {
+            if !all_finite(t)? {
+                return Err(Error::input(format!(
+                    "step {}: parameter {name} holds NaN or infinite values; not saved",
+                    self.step
+                )));
+            }
+        }
+        let mut ckpt = CheckpointWriter::new(out, self.step)?;
         let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
-        write("config.json", &json(&self.model_cfg.to_hf_json()))?;
-        write("tokenizer.json", &self.tokenizer_json)?;
+        ckpt.write("config.json", json(&self.model_cfg.to_hf_json()).as_bytes())?;
+        ckpt.write("tokenizer.json", self.tokenizer_json.as_bytes())?;
         match self.params.lora_config() {
-            None => save_tensors(&self.params.trainable(), &out.join("model.safetensors"))?,
+            None => {
+                save_tensors(&trainable, &ckpt.path("model.safetensors"))?;
+                ckpt.added("model.safetensors")?;
+            }
             Some(lora) => {
-                save_tensors(
-                    &self.params.trainable(),
-                    &out.join("adapter_model.safetensors"),
-                )?;
+                save_tensors(&trainable, &ckpt.path("adapter_model.safetensors"))?;
+                ckpt.added("adapter_model.safetensors")?;
                 let peft = serde_json::json!({
                     "peft_type": "LORA",
                     "task_type": "CAUSAL_LM",
@@ -469,22 +504,19 @@ impl Trainer {
                     "target_modules": LORA_TARGETS.map(|t| t.rsplit('.').next().unwrap_or(t)),
                     "base_model_name_or_path": self.config.init_from,
                 });
-                write("adapter_config.json", &json(&peft))?;
+                ckpt.write("adapter_config.json", json(&peft).as_bytes())?;
                 if self.config.merge {
                     let merged = self.params.merged(&self.model_cfg)?;
-                    save_tensors(&merged, &out.join("model.safetensors"))?;
+                    save_tensors(&merged, &ckpt.path("model.safetensors"))?;
+                    ckpt.added("model.safetensors")?;
                 }
             }
         }
-        self.opt.save(&out.join("optimizer.safetensors"))?;
-        let state = TrainState {
-            step: self.step,
-            config: self.config.clone(),
-        };
-        write(
-            "trainer_state.json",
-            &serde_json::to_string_pretty(&state).map_err(Error::input)?,
-        )
+        self.opt.save(&ckpt.path("optimizer.safetensors"))?;
+        ckpt.added("optimizer.safetensors")?;
+        ckpt.commit(&self.config)?;
+        self.saved = self.step;
+        Ok(())
     }
 
     pub fn parameter_count(&self) -> usize {

@@ -156,7 +156,7 @@ impl AdamW {
         for (k, t) in &self.v {
             all.insert(format!("v.{k}"), t.clone());
         }
-        candle_core::safetensors::save(&all, path).map_err(|e| Error::file(path.display(), e))
+        super::save_tensors(&all, path)
     }
 
     /// Restores the moments saved by `save` onto `device`; `t` comes from the trainer state.

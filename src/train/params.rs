@@ -261,7 +261,10 @@ impl Params {
 }
 
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| Error::file(path.display(), e))
+    // In name order, so the same tensors always make the same bytes.
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    safetensors::serialize_to_file(sorted, None, path).map_err(|e| Error::file(path.display(), e))
 }
 
 impl TensorSource for Params {

@@ -273,12 +273,12 @@ impl Model {
     /// reused_tokens}`, the object `medphi generate --json` prints.
     pub fn generate(&self, request: JsValue, on_text: js_sys::Function) -> js_sys::Promise {
         let shared = Rc::clone(&self.inner);
-        let cancel = self.cancel.clone();
+        // A stop meant for an earlier generation must not end this one; lowered here, before
+        // the promise exists, so a `stop()` made right after this call is never lost.
+        self.cancel.reset();
         future_to_promise(async move {
             let req: GenerateRequest = from_js(request, "generate request")?;
             with_inner(&shared, |mut inner| async move {
-                // A stop meant for an earlier generation must not end this one.
-                cancel.reset();
                 let result = generate(&mut inner, req, &on_text).await;
                 (inner, result)
             })
