@@ -19,14 +19,16 @@ fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 # The wgpu tests run on Mesa's lavapipe (a CPU Vulkan driver) when no GPU is present; the
-# browser tests on Debian's Chromium and ChromeDriver.
-if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! command -v chromedriver >/dev/null; then
+# browser tests on Debian's Chromium and ChromeDriver; the fault-injection tests fail system
+# calls with strace.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! command -v chromedriver >/dev/null \
+  || ! command -v strace >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing mesa-vulkan-drivers (lavapipe), chromium, chromium-driver"
+    echo "== installing mesa-vulkan-drivers (lavapipe), chromium, chromium-driver, strace"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 chromium chromium-driver >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 chromium chromium-driver strace >/dev/null
   else
-    echo "error: need mesa-vulkan-drivers, chromium and chromium-driver (apt install them as root)" >&2
+    echo "error: need mesa-vulkan-drivers, chromium, chromium-driver and strace (apt install them as root)" >&2
     exit 1
   fi
 fi

@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use medphi::eval::report::{markdown, published_rows, run_row, Row};
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 #[derive(Args)]
 pub struct EvalReportArgs {
@@ -48,53 +47,51 @@ pub fn eval_report(args: EvalReportArgs) -> Result<()> {
 }
 
 fn draw(rows: &[Row], path: &std::path::Path) -> Result<()> {
-    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow::anyhow!("cannot load the embedded DejaVu font"))?;
     // The report's columns, then the average.
     let groups = ["PubMedQA", "MedQA", "MedMCQA", "MMLU-medical", "average"];
     let slot = rows.len() + 1;
-    let root = BitMapBackend::new(path, (1280, 660)).into_drawing_area();
-    root.fill(&WHITE)?;
-    // Bars on the left, the legend in its own column so it never hides a bar.
-    let (plot, legend) = root.split_horizontally(940);
-    let mut chart = ChartBuilder::on(&plot)
-        .caption("Zero-shot accuracy (%)", ("sans-serif", 28))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..(groups.len() * slot) as f64, 0f64..100f64)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(0)
-        .y_desc("accuracy %")
-        .label_style(("sans-serif", 16))
-        .draw()?;
-    for (g, name) in groups.iter().enumerate() {
-        chart.draw_series(std::iter::once(Text::new(
-            name.to_string(),
-            ((g * slot) as f64 + slot as f64 / 2.0 - 1.0, 97.0),
-            ("sans-serif", 18),
-        )))?;
-    }
-    for (i, row) in rows.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let style = if row.published {
-            color.mix(0.45).filled()
-        } else {
-            color.filled()
-        };
-        let values: Vec<Option<f64>> = row.scores.iter().copied().chain([row.average()]).collect();
-        chart.draw_series(values.iter().enumerate().filter_map(|(g, v)| {
-            v.map(|v| {
-                let x = (g * slot + i) as f64 + 0.5;
-                Rectangle::new([(x, 0.0), (x + 0.9, v)], style)
-            })
-        }))?;
-        let y = 40 + 24 * i as i32;
-        legend.draw(&Rectangle::new([(8, y), (24, y + 14)], style))?;
-        legend.draw(&Text::new(row.label.clone(), (32, y), ("sans-serif", 15)))?;
-    }
-    root.present()?;
-    Ok(())
+    super::chart::save_png(path, (1280, 660), |root| {
+        // Bars on the left, the legend in its own column so it never hides a bar.
+        let (plot, legend) = root.split_horizontally(940);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption("Zero-shot accuracy (%)", ("sans-serif", 28))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..(groups.len() * slot) as f64, 0f64..100f64)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc("accuracy %")
+            .label_style(("sans-serif", 16))
+            .draw()?;
+        for (g, name) in groups.iter().enumerate() {
+            chart.draw_series(std::iter::once(Text::new(
+                name.to_string(),
+                ((g * slot) as f64 + slot as f64 / 2.0 - 1.0, 97.0),
+                ("sans-serif", 18),
+            )))?;
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let style = if row.published {
+                color.mix(0.45).filled()
+            } else {
+                color.filled()
+            };
+            let values: Vec<Option<f64>> =
+                row.scores.iter().copied().chain([row.average()]).collect();
+            chart.draw_series(values.iter().enumerate().filter_map(|(g, v)| {
+                v.map(|v| {
+                    let x = (g * slot + i) as f64 + 0.5;
+                    Rectangle::new([(x, 0.0), (x + 0.9, v)], style)
+                })
+            }))?;
+            let y = 40 + 24 * i as i32;
+            legend.draw(&Rectangle::new([(8, y), (24, y + 14)], style))?;
+            legend.draw(&Text::new(row.label.clone(), (32, y), ("sans-serif", 15)))?;
+        }
+        Ok(())
+    })
 }

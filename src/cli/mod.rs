@@ -2,6 +2,7 @@
 //! spinner, building a backend, and turning every error into one line and exit code 1.
 
 mod bench;
+mod chart;
 mod chat;
 mod data;
 mod eval;

@@ -14,7 +14,6 @@ use medphi::train::{
     Examples, LoraConfig, Objective, Params, Precision, Stage, StepMetrics, TrainConfig, Trainer,
 };
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceKind {
@@ -226,7 +225,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             group_by_length: args.group_by_length,
         };
         let objective = objective(&config, &tok, &cfg, &args.data, &device)?;
-        if args.out.join("checkpoints").exists() {
+        if medphi::train::checkpoint_exists(&args.out)? {
             bail!(
                 "{} already holds a run; use --resume {0} to continue it",
                 args.out.display()
@@ -310,44 +309,41 @@ fn plot(metrics: &Path, png: &Path) -> Result<()> {
         .lines()
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow::anyhow!("cannot load the embedded DejaVu font"))?;
     let max_step = lines.last().map_or(1, |m| m.step).max(1) as f64;
     let max_loss = lines.iter().map(|m| m.loss).fold(0.0, f64::max).max(1e-3) * 1.05;
-    let root = BitMapBackend::new(png, (960, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Loss", ("sans-serif", 26))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..max_step, 0f64..max_loss)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("cross-entropy")
-        .label_style(("sans-serif", 15))
-        .draw()?;
-    chart
-        .draw_series(LineSeries::new(
-            lines.iter().map(|m| (m.step as f64, m.loss)),
-            &BLUE,
-        ))?
-        .label("train")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
-    chart
-        .draw_series(lines.iter().filter_map(|m| {
-            m.eval_loss
-                .map(|e| Circle::new((m.step as f64, e), 4, RED.filled()))
-        }))?
-        .label("held-out")
-        .legend(|(x, y)| Circle::new((x + 9, y), 4, RED.filled()));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    root.present()?;
-    Ok(())
+    super::chart::save_png(png, (960, 540), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption("Loss", ("sans-serif", 26))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..max_step, 0f64..max_loss)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("cross-entropy")
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(
+                lines.iter().map(|m| (m.step as f64, m.loss)),
+                &BLUE,
+            ))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
+        chart
+            .draw_series(lines.iter().filter_map(|m| {
+                m.eval_loss
+                    .map(|e| Circle::new((m.step as f64, e), 4, RED.filled()))
+            }))?
+            .label("held-out")
+            .legend(|(x, y)| Circle::new((x + 9, y), 4, RED.filled()));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()?;
+        Ok(())
+    })
 }

@@ -143,6 +143,11 @@ fn checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// Whether `out` holds any checkpoint (a folder half-written by a failed save is none).
+pub fn exists(out: &Path) -> Result<bool> {
+    Ok(!checkpoints(out)?.is_empty())
+}
+
 /// Reads a checkpoint's state and verifies every file it lists.
 pub fn verify(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE);

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
 pub use batches::{Batch, Examples, Order};
-pub use checkpoint::{latest as latest_checkpoint, restore_metrics, TrainState};
+pub use checkpoint::{
+    exists as checkpoint_exists, latest as latest_checkpoint, restore_metrics, TrainState,
+};
 pub use optim::{learning_rate, AdamW};
 pub use params::{save_tensors, LoraConfig, Params, Precision, LORA_TARGETS};
 
@@ -330,14 +332,16 @@ impl Trainer {
                 .append(true)
                 .open(&metrics_path)
                 .map_err(|e| Error::file(metrics_path.display(), e))?;
-            let line = serde_json::to_string(&m).map_err(Error::input)?;
-            writeln!(f, "{line}").map_err(|e| Error::file(metrics_path.display(), e))?;
+            // One write per line: a kill leaves whole lines and at most one partial.
+            let line = serde_json::to_string(&m).map_err(Error::input)? + "\n";
+            f.write_all(line.as_bytes())
+                .map_err(|e| Error::file(metrics_path.display(), e))?;
             on_step(&m);
             if c.save_every > 0 && m.step % c.save_every == 0 {
                 self.save(out)?;
             }
         }
-        if self.saved < self.step || !out.join("checkpoints").exists() {
+        if self.saved < self.step || !checkpoint::exists(out)? {
             self.save(out)?;
         }
         Ok(())
