@@ -1,9 +1,11 @@
 //! The one interface through which generation and evaluation reach a compute backend.
 //!
 //! A backend owns the model weights and a KV cache for one sequence. Callers append
-//! tokens and get logits back; they may also cut the cache back to a prefix, which is how
-//! chat reuses the conversation so far and how evaluation scores several answer choices
-//! after one pass over the shared question.
+//! tokens with [`Backend::forward`], saying with a [`Want`] what they need back, and may cut
+//! the cache back to a prefix, which is how chat reuses the conversation so far and how
+//! evaluation scores several answer choices after one pass over the shared question. What a
+//! forward hands back is exactly what was asked for ([`Next`]): a GPU picks the greedy token
+//! or the sampling candidates on the device, so decoding moves a few bytes, not a row.
 //!
 //! The forward calls return futures because in the browser a GPU readback can only be
 //! awaited, never waited for; natively the callers drive them with `pollster`.
@@ -13,12 +15,62 @@ use std::pin::Pin;
 
 use candle_core::Tensor;
 
+use crate::candidates::{argmax, top_k, TopK};
 use crate::error::{Error, Result};
-use crate::generate::{top_k, TopK};
 use crate::model::{KvCache, Logits, Phi, PhiConfig};
 
 /// A future borrowed from its backend (boxed so `dyn Backend` stays possible).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// What the caller of a forward needs back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Want {
+    /// The most likely next token among ids below `vocab_limit` (greedy decoding).
+    Greedy { vocab_limit: usize },
+    /// The `k` most likely next tokens among ids below `vocab_limit`, with the row's
+    /// log-normaliser at `temperature` (sampling).
+    Candidates {
+        k: usize,
+        vocab_limit: usize,
+        temperature: f32,
+    },
+    /// The logits row of the last position.
+    LastRow,
+    /// The logits rows of every position run (scoring, parity checks).
+    AllRows,
+}
+
+/// What a forward hands back, one variant per [`Want`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Token(u32),
+    Candidates(TopK),
+    /// One row of `vocab_size` logits (`LastRow`), or one per position, row-major (`AllRows`).
+    Rows(Vec<f32>),
+}
+
+impl Next {
+    /// The logits of a `LastRow` or `AllRows` forward.
+    pub fn rows(self) -> Result<Vec<f32>> {
+        match self {
+            Next::Rows(rows) => Ok(rows),
+            other => Err(Error::input(format!("expected logits rows, got {other:?}"))),
+        }
+    }
+
+    /// What `want` asks of a row of logits on the host.
+    fn from_row(row: &[f32], want: Want) -> Next {
+        match want {
+            Want::Greedy { vocab_limit } => Next::Token(argmax(&row[..vocab_limit.min(row.len())])),
+            Want::Candidates {
+                k,
+                vocab_limit,
+                temperature,
+            } => Next::Candidates(top_k(&row[..vocab_limit.min(row.len())], k, temperature)),
+            Want::LastRow | Want::AllRows => Next::Rows(row.to_vec()),
+        }
+    }
+}
 
 /// What the last forward cost on a device (for `medphi bench`).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -41,45 +93,14 @@ pub trait Backend {
     fn cached(&self) -> usize;
     /// Forgets cached positions from `len` on.
     fn truncate(&mut self, len: usize);
-    /// Runs `tokens` after the cached positions and caches them. Returns row-major logits,
-    /// one row of `vocab_size` per token (`Logits::All`) or for the last token only.
-    fn forward<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        which: Logits,
-    ) -> BoxFuture<'a, Result<Vec<f32>>>;
+    /// Runs `tokens` after the cached positions, caches them, and returns what `want` asks.
+    fn forward<'a>(&'a mut self, tokens: &'a [u32], want: Want) -> BoxFuture<'a, Result<Next>>;
+    /// The logits row of the last position of the last forward, for a sampling draw that
+    /// lands outside the candidates it returned.
+    fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>>;
     /// The device work of the last forward call; `None` for the CPU.
     fn device_stats(&self) -> Option<DeviceStats> {
         None
-    }
-    /// Runs `tokens` like `forward` and returns the `k` most likely next tokens among ids
-    /// below `vocab_limit`, with the row's log-normaliser at `temperature`: what sampling
-    /// needs unless a draw lands outside the candidates. A GPU selects them on the device, so
-    /// a sampled token moves a few numbers instead of a row of logits.
-    fn forward_top_k<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    ) -> BoxFuture<'a, Result<TopK>>;
-    /// The logits row behind the last `forward_top_k`, for a draw that lands outside its
-    /// candidates.
-    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>>;
-    /// Runs `tokens` like `forward` and returns the most likely next token among ids below
-    /// `vocab_limit`. A backend that can take the argmax on its device overrides this, so
-    /// greedy decoding moves one id instead of a row of logits.
-    fn forward_greedy<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        vocab_limit: usize,
-    ) -> BoxFuture<'a, Result<u32>> {
-        Box::pin(async move {
-            let logits = self.forward(tokens, Logits::Last).await?;
-            Ok(crate::generate::argmax(
-                &logits[..vocab_limit.min(logits.len())],
-            ))
-        })
     }
 }
 
@@ -99,34 +120,14 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn truncate(&mut self, len: usize) {
         (**self).truncate(len)
     }
-    fn forward<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        which: Logits,
-    ) -> BoxFuture<'a, Result<Vec<f32>>> {
-        (**self).forward(tokens, which)
+    fn forward<'a>(&'a mut self, tokens: &'a [u32], want: Want) -> BoxFuture<'a, Result<Next>> {
+        (**self).forward(tokens, want)
     }
-    fn forward_greedy<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        vocab_limit: usize,
-    ) -> BoxFuture<'a, Result<u32>> {
-        (**self).forward_greedy(tokens, vocab_limit)
+    fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+        (**self).last_row()
     }
     fn device_stats(&self) -> Option<DeviceStats> {
         (**self).device_stats()
-    }
-    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
-        (**self).last_logits()
-    }
-    fn forward_top_k<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    ) -> BoxFuture<'a, Result<TopK>> {
-        (**self).forward_top_k(tokens, k, vocab_limit, temperature)
     }
 }
 
@@ -134,7 +135,7 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 pub struct CpuBackend {
     model: Phi,
     cache: KvCache,
-    /// The row behind the last `forward_top_k` (moved out by `last_logits`).
+    /// The last row of the last forward that picked a token from it (moved out by `last_row`).
     last_row: Vec<f32>,
 }
 
@@ -174,33 +175,29 @@ impl Backend for CpuBackend {
         self.cache.truncate(len);
     }
 
-    fn forward<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        which: Logits,
-    ) -> BoxFuture<'a, Result<Vec<f32>>> {
-        Box::pin(async move { self.forward_now(tokens, which) })
-    }
-
-    fn forward_top_k<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    ) -> BoxFuture<'a, Result<TopK>> {
+    fn forward<'a>(&'a mut self, tokens: &'a [u32], want: Want) -> BoxFuture<'a, Result<Next>> {
         Box::pin(async move {
-            let row = self.forward_now(tokens, Logits::Last)?;
-            let top = top_k(&row[..vocab_limit.min(row.len())], k, temperature);
-            self.last_row = row;
-            Ok(top)
+            let which = match want {
+                Want::AllRows => Logits::All,
+                _ => Logits::Last,
+            };
+            let rows = self.forward_now(tokens, which)?;
+            Ok(match want {
+                Want::LastRow | Want::AllRows => Next::Rows(rows),
+                Want::Greedy { .. } | Want::Candidates { .. } => {
+                    let next = Next::from_row(&rows, want);
+                    // Kept (moved, not copied) for a draw outside the candidates.
+                    self.last_row = rows;
+                    next
+                }
+            })
         })
     }
 
-    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+    fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
         Box::pin(async move {
             if self.last_row.is_empty() {
-                return Err(Error::input("no forward_top_k row to read"));
+                return Err(Error::input("no forward row to read"));
             }
             Ok(std::mem::take(&mut self.last_row))
         })

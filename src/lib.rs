@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod cancel;
+pub mod candidates;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -5,10 +5,10 @@
 mod common;
 
 use common::{fixtures, reference};
-use medphi::backend::{Backend, BoxFuture, CpuBackend};
+use medphi::backend::{Backend, BoxFuture, CpuBackend, Next, Want};
 use medphi::cancel::Cancel;
-use medphi::generate::{GenerateOptions, Session, StopReason, TopK};
-use medphi::model::{Logits, PhiConfig};
+use medphi::generate::{GenerateOptions, Session, StopReason};
+use medphi::model::PhiConfig;
 
 /// A backend that raises `cancel` during its `at`-th forward (counting from 1).
 struct CancelAt<B> {
@@ -46,32 +46,13 @@ impl<B: Backend> Backend for CancelAt<B> {
     fn forward<'a>(
         &'a mut self,
         tokens: &'a [u32],
-        which: Logits,
-    ) -> BoxFuture<'a, medphi::Result<Vec<f32>>> {
+        want: Want,
+    ) -> BoxFuture<'a, medphi::Result<Next>> {
         self.count();
-        self.inner.forward(tokens, which)
+        self.inner.forward(tokens, want)
     }
-    fn forward_greedy<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        vocab_limit: usize,
-    ) -> BoxFuture<'a, medphi::Result<u32>> {
-        self.count();
-        self.inner.forward_greedy(tokens, vocab_limit)
-    }
-    fn forward_top_k<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    ) -> BoxFuture<'a, medphi::Result<TopK>> {
-        self.count();
-        self.inner
-            .forward_top_k(tokens, k, vocab_limit, temperature)
-    }
-    fn last_logits(&mut self) -> BoxFuture<'_, medphi::Result<Vec<f32>>> {
-        self.inner.last_logits()
+    fn last_row(&mut self) -> BoxFuture<'_, medphi::Result<Vec<f32>>> {
+        self.inner.last_row()
     }
 }
 

@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{fixtures, session};
-use medphi::backend::{Backend, CpuBackend};
+use medphi::backend::{Backend, CpuBackend, Want};
 use medphi::eval::{evaluate_item, sample_json, task_results, Item, Sample, Task};
 use medphi::generate::Session;
-use medphi::model::Logits;
 use medphi::tokenizer::PhiTokenizer;
 use pollster::block_on;
 use serde_json::Value;
@@ -217,7 +216,10 @@ fn mutual_information_subtracts_each_choice_scored_alone_after_eos() {
                 .collect();
             let backend = session.backend_mut();
             backend.truncate(0);
-            let rows = block_on(backend.forward(&ids[..ids.len() - 1], Logits::All)).unwrap();
+            let rows = block_on(backend.forward(&ids[..ids.len() - 1], Want::AllRows))
+                .unwrap()
+                .rows()
+                .unwrap();
             let mut ll = 0.0;
             for (row, &t) in rows.chunks(vocab).zip(&ids[1..]) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

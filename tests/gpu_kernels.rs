@@ -339,7 +339,7 @@ async fn top_k_matches_the_host_selection_with_ties_and_nan() {
             k.top_k(&ctx, enc, request, (&lb, &out)).unwrap()
         });
         let got = ctx.read_as::<u32>(&out, 2 * kk + 1).await.unwrap();
-        let want = medphi::generate::top_k(&logits[..50_295], kk, temperature);
+        let want = medphi::candidates::top_k(&logits[..50_295], kk, temperature);
         assert_eq!(got[..kk], want.ids[..], "k = {count}");
         let values: Vec<f32> = got[kk..2 * kk].iter().map(|&b| f32::from_bits(b)).collect();
         assert_eq!(values, want.logits);
@@ -351,15 +351,15 @@ async fn top_k_matches_the_host_selection_with_ties_and_nan() {
         );
     }
     assert_eq!(
-        medphi::generate::top_k(&logits[..50_295], 1, 1.0).ids,
-        [medphi::generate::argmax(&logits[..50_295])]
+        medphi::candidates::top_k(&logits[..50_295], 1, 1.0).ids,
+        [medphi::candidates::argmax(&logits[..50_295])]
     );
     // Fewer values than k: the missing candidates are marked.
     run(&ctx, |enc| {
         k.top_k(&ctx, enc, (3, 5, 1.0), (&lb, &out)).unwrap()
     });
     let got = ctx.read_as::<u32>(&out, 5).await.unwrap();
-    let want = medphi::generate::top_k(&logits[..3], 5, 1.0);
+    let want = medphi::candidates::top_k(&logits[..3], 5, 1.0);
     assert_eq!(got[..3], want.ids[..]);
     assert_eq!(got[3..], [u32::MAX, u32::MAX]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());

@@ -5,11 +5,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use medphi::backend::Backend;
+use medphi::backend::{Backend, Next, Want};
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::{GenerateOptions, Session};
 use medphi::gpu::{GpuBackend, WeightFormat};
-use medphi::model::Logits;
 use pollster::block_on;
 
 fn gpu(path: &str, tokenizer: Option<&str>) -> (GpuBackend, medphi::tokenizer::PhiTokenizer) {
@@ -28,7 +27,10 @@ fn gpu(path: &str, tokenizer: Option<&str>) -> (GpuBackend, medphi::tokenizer::P
 fn logits_match_transformers_at_every_position() {
     let r = reference();
     let (mut backend, _) = gpu("tiny-phi", None);
-    let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
+    let rows = block_on(backend.forward(&r.input_ids, Want::AllRows))
+        .unwrap()
+        .rows()
+        .unwrap();
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &r.logits);
     eprintln!("wgpu f32: max |Δlogit| = {diff}");
@@ -39,9 +41,17 @@ fn logits_match_transformers_at_every_position() {
 fn cached_decode_matches_full_forward() {
     let r = reference();
     let (mut backend, _) = gpu("tiny-phi", None);
-    let mut rows = block_on(backend.forward(&r.input_ids[..4], Logits::All)).unwrap();
+    let mut rows = block_on(backend.forward(&r.input_ids[..4], Want::AllRows))
+        .unwrap()
+        .rows()
+        .unwrap();
     for &t in &r.input_ids[4..] {
-        rows.extend(block_on(backend.forward(&[t], Logits::Last)).unwrap());
+        rows.extend(
+            block_on(backend.forward(&[t], Want::LastRow))
+                .unwrap()
+                .rows()
+                .unwrap(),
+        );
     }
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     assert!(max_abs_diff(&ours, &r.logits) < 1e-3);
@@ -69,7 +79,10 @@ fn gguf_blocks_are_read_in_place_and_match_transformers_on_the_same_weights() {
         ("tiny-phi-q4_0.gguf", "logits_q4_0"),
     ] {
         let (mut backend, _) = gpu(file, Some("tiny-phi/tokenizer.json"));
-        let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
+        let rows = block_on(backend.forward(&r.input_ids, Want::AllRows))
+            .unwrap()
+            .rows()
+            .unwrap();
         let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
         // The GPU decodes the blocks exactly and multiplies in f32, as transformers does on
         // gguf-py's dequantized weights.
@@ -105,7 +118,10 @@ fn f16_safetensors_stay_f16_on_the_gpu() {
     let mut backend =
         block_on(GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)).unwrap();
     assert_eq!(backend.weight_formats(), vec![WeightFormat::F16]);
-    let rows = block_on(backend.forward(&r.input_ids, Logits::All)).unwrap();
+    let rows = block_on(backend.forward(&r.input_ids, Want::AllRows))
+        .unwrap()
+        .rows()
+        .unwrap();
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     let (cpu, _) = ckpt.into_model(true).unwrap();
     let diff = max_abs_diff(&ours, &forward_all(&cpu, &r.input_ids));
@@ -119,11 +135,11 @@ fn f16_safetensors_stay_f16_on_the_gpu() {
 fn rejects_overlong_input_and_bad_ids() {
     let (mut backend, _) = gpu("tiny-phi", None);
     let too_long = vec![1u32; backend.capacity() + 1];
-    assert!(block_on(backend.forward(&too_long, Logits::Last))
+    assert!(block_on(backend.forward(&too_long, Want::LastRow))
         .unwrap_err()
         .to_string()
         .contains("context"));
-    assert!(block_on(backend.forward(&[60_000], Logits::Last))
+    assert!(block_on(backend.forward(&[60_000], Want::LastRow))
         .unwrap_err()
         .to_string()
         .contains("vocabulary"));
@@ -160,14 +176,26 @@ fn long_prompts_run_in_several_passes_like_the_cpu_path() {
     let (model, _) = open("tiny-phi").into_model(true).unwrap();
     let cpu = forward_all(&model, &ids);
     let (mut backend, _) = gpu("tiny-phi", None);
-    let rows = block_on(backend.forward(&ids, Logits::All)).unwrap();
+    let rows = block_on(backend.forward(&ids, Want::AllRows))
+        .unwrap()
+        .rows()
+        .unwrap();
     let ours = Tensor::from_vec(rows, cpu.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &cpu);
     assert!(diff < 1e-3, "max |Δlogit| vs CPU = {diff}");
     backend.truncate(0);
     let last = cpu.get(199).unwrap().to_vec1::<f32>().unwrap();
-    let greedy = block_on(backend.forward_greedy(&ids, 50_295)).unwrap();
-    assert_eq!(greedy, medphi::generate::argmax(&last[..50_295]));
+    let greedy = block_on(backend.forward(
+        &ids,
+        Want::Greedy {
+            vocab_limit: 50_295,
+        },
+    ))
+    .unwrap();
+    assert_eq!(
+        greedy,
+        Next::Token(medphi::candidates::argmax(&last[..50_295]))
+    );
     assert_eq!(backend.cached(), 200);
 }
 
@@ -180,9 +208,17 @@ fn kv_cache_grows_with_use_and_keeps_its_positions() {
     let (model, _) = open("tiny-phi").into_model(true).unwrap();
     let cpu = forward_all(&model, &ids);
     let (mut backend, _) = gpu("tiny-phi", None);
-    let mut rows = block_on(backend.forward(&ids[..100], Logits::All)).unwrap();
+    let mut rows = block_on(backend.forward(&ids[..100], Want::AllRows))
+        .unwrap()
+        .rows()
+        .unwrap();
     for &t in &ids[100..] {
-        rows.extend(block_on(backend.forward(&[t], Logits::Last)).unwrap());
+        rows.extend(
+            block_on(backend.forward(&[t], Want::LastRow))
+                .unwrap()
+                .rows()
+                .unwrap(),
+        );
     }
     let ours = Tensor::from_vec(rows, cpu.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &cpu);
@@ -213,10 +249,17 @@ fn sampling_on_the_gpu_matches_the_cpu_and_reads_back_candidates() {
     }
     // A top-k of 5 is always decided by the candidates: 11 words come back per token.
     let b = gpu.backend_mut();
-    let top = block_on(b.forward_top_k(&r.input_ids, 5, 50_295, 0.8)).unwrap();
+    let want = Want::Candidates {
+        k: 5,
+        vocab_limit: 50_295,
+        temperature: 0.8,
+    };
+    let Next::Candidates(top) = block_on(b.forward(&r.input_ids, want)).unwrap() else {
+        panic!("a candidates forward returns candidates");
+    };
     assert_eq!(b.device_stats().unwrap().bytes_read, 11 * 4);
-    let row = block_on(b.last_logits()).unwrap();
-    let host = medphi::generate::top_k(&row[..50_295], 5, 0.8);
+    let row = block_on(b.last_row()).unwrap();
+    let host = medphi::candidates::top_k(&row[..50_295], 5, 0.8);
     assert_eq!((&top.ids, &top.logits), (&host.ids, &host.logits));
     // Summation order differs over 50,295 terms.
     assert!((top.log_norm - host.log_norm).abs() < 1e-3);

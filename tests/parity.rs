@@ -6,9 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use medphi::backend::{Backend, CpuBackend};
+use medphi::backend::{Backend, CpuBackend, Want};
 use medphi::generate::{GenerateOptions, SamplingParams};
-use medphi::model::Logits;
 use medphi::tokenizer::TokenStream;
 use pollster::block_on;
 
@@ -42,9 +41,17 @@ fn kv_cache_decode_matches_full_forward() {
     let (model, _) = open("tiny-phi").into_model(true).unwrap();
     let mut backend = CpuBackend::new(model, None).unwrap();
     let split = 5;
-    let mut rows = block_on(backend.forward(&r.input_ids[..split], Logits::All)).unwrap();
+    let mut rows = block_on(backend.forward(&r.input_ids[..split], Want::AllRows))
+        .unwrap()
+        .rows()
+        .unwrap();
     for &t in &r.input_ids[split..] {
-        rows.extend(block_on(backend.forward(&[t], Logits::Last)).unwrap());
+        rows.extend(
+            block_on(backend.forward(&[t], Want::LastRow))
+                .unwrap()
+                .rows()
+                .unwrap(),
+        );
     }
     let ours = Tensor::from_vec(rows, r.logits.shape(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&ours, &r.logits);
@@ -145,7 +152,10 @@ fn matches_candle_transformers_phi() {
             .unwrap();
         let theirs_row = theirs.forward(&input).unwrap().squeeze(0).unwrap();
         let ours_row = Tensor::new(
-            block_on(ours.forward(&[t], Logits::Last)).unwrap(),
+            block_on(ours.forward(&[t], Want::LastRow))
+                .unwrap()
+                .rows()
+                .unwrap(),
             &Device::Cpu,
         )
         .unwrap();

@@ -6,11 +6,10 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use medphi::backend::{Backend, CpuBackend};
+use medphi::backend::{Backend, CpuBackend, Want};
 use medphi::checkpoint::{Checkpoint, NamedBytes};
 use medphi::generate::{GenerateOptions, Session};
 use medphi::gpu::GpuBackend;
-use medphi::model::Logits;
 use medphi::web::{parse_benchmark, Model};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -76,8 +75,10 @@ async fn check_against_reference(backend: impl Backend, limit: f32) {
     let mut session = Session::new(backend);
     let rows = session
         .backend_mut()
-        .forward(&r.input_ids, Logits::All)
+        .forward(&r.input_ids, Want::AllRows)
         .await
+        .unwrap()
+        .rows()
         .unwrap();
     let diff = max_abs_diff(&rows, &r.logits);
     assert!(diff < limit, "logits differ from transformers by {diff}");
@@ -133,8 +134,10 @@ async fn gguf_q8_0_loads_with_its_embedded_tokenizer() {
     let mut session = Session::new(gpu);
     let rows = session
         .backend_mut()
-        .forward(&r.input_ids, Logits::All)
+        .forward(&r.input_ids, Want::AllRows)
         .await
+        .unwrap()
+        .rows()
         .unwrap();
     // Dequantized q8_0 weights, so the reference is transformers on the same dequantized
     // weights (exact up to f32 rounding).

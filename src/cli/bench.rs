@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use medphi::backend::Backend;
-use medphi::generate::{argmax, SAMPLING_CANDIDATES};
-use medphi::model::{Logits, PhiConfig};
+use medphi::backend::{Backend, Next, Want};
+use medphi::candidates::argmax;
+use medphi::generate::SAMPLING_CANDIDATES;
+use medphi::model::PhiConfig;
 use medphi::weights::Safetensors;
 
 use super::ModelArgs;
@@ -56,6 +57,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs prefill then greedy decode through `step` (tokens in, the greedy next token out).
+/// The most likely token a greedy or candidates forward returned.
+fn next_token(next: Next) -> Result<u32> {
+    match next {
+        Next::Token(id) => Ok(id),
+        Next::Candidates(top) if !top.ids.is_empty() => Ok(top.ids[0]),
+        other => bail!("unexpected forward result {other:?}"),
+    }
+}
+
 fn measure(ids: &[u32], gen: usize, mut step: impl FnMut(&[u32]) -> Result<u32>) -> Result<Speed> {
     let t = Instant::now();
     let mut next = step(ids)?;
@@ -149,7 +159,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 backend.truncate(0);
                 // The decoding loop of greedy generation: on a GPU the argmax stays there.
                 ours.push(measure(&ids, args.gen, |t| {
-                    Ok(pollster::block_on(backend.forward_greedy(t, vocab))?)
+                    let want = Want::Greedy { vocab_limit: vocab };
+                    next_token(pollster::block_on(backend.forward(t, want))?)
                 })?);
             } else if let Some(model) = reference.as_mut() {
                 model.clear_kv_cache();
@@ -170,12 +181,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     for route in ["candidates", "rows"] {
         backend.truncate(0);
         let speed = measure(&ids, args.gen, |t| {
-            Ok(if route == "candidates" {
-                let top = SAMPLING_CANDIDATES;
-                pollster::block_on(backend.forward_top_k(t, top, vocab, 1.0))?.ids[0]
+            let want = if route == "candidates" {
+                Want::Candidates {
+                    k: SAMPLING_CANDIDATES,
+                    vocab_limit: vocab,
+                    temperature: 1.0,
+                }
             } else {
-                argmax(&pollster::block_on(backend.forward(t, Logits::Last))?[..vocab])
-            })
+                Want::LastRow
+            };
+            match pollster::block_on(backend.forward(t, want))? {
+                Next::Rows(row) => Ok(argmax(&row[..vocab])),
+                next => next_token(next),
+            }
         })?;
         sampling.insert(
             route.into(),

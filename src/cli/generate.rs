@@ -5,8 +5,8 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use medphi::backend::Backend;
+use medphi::backend::Want;
 use medphi::generate::{GenerateOptions, PromptFormat, Session};
-use medphi::model::Logits;
 
 use super::{ModelArgs, SamplingArgs};
 
@@ -108,7 +108,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let (mut backend, _, _) = args.model.load()?;
     let vocab = backend.config().vocab_size;
-    let flat = pollster::block_on(backend.forward(&ids, Logits::All))?;
+    let flat = pollster::block_on(backend.forward(&ids, Want::AllRows))?.rows()?;
     let rows: Vec<&[f32]> = flat.chunks(vocab).collect();
     super::print_line(serde_json::json!({ "input_ids": ids, "logits": rows }))?;
     Ok(())

@@ -10,9 +10,9 @@
 //! An empty context (lm-eval's unconditional request `("", x)` for `acc_mutual_info`) is
 //! the end-of-text token, and the continuation is `x` itself, encoded alone.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Want};
 use crate::error::{Error, Result};
-use crate::model::Logits;
+
 use crate::tokenizer::PhiTokenizer;
 
 use super::tasks::Item;
@@ -63,7 +63,7 @@ fn token_logprob(row: &[f32], token: u32) -> (f64, bool) {
     let sum: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
     let value = row[token as usize];
     let lp = f64::from(value - max) - sum.ln();
-    let greedy = crate::generate::argmax(row) == token;
+    let greedy = crate::candidates::argmax(row) == token;
     (lp, greedy)
 }
 
@@ -137,7 +137,7 @@ async fn score_pairs(
             let reuse = matches!(&prefix, Some((ids, _)) if ids == ctx);
             if !reuse {
                 backend.truncate(0);
-                let last = backend.forward(ctx, Logits::Last).await?;
+                let last = backend.forward(ctx, Want::LastRow).await?.rows()?;
                 prefix = Some((ctx.clone(), last));
             }
             let (_, last) = prefix.as_ref().expect("set above");
@@ -146,8 +146,9 @@ async fn score_pairs(
                 backend.truncate(ctx.len());
                 rows.extend(
                     backend
-                        .forward(&cont[..cont.len() - 1], Logits::All)
-                        .await?,
+                        .forward(&cont[..cont.len() - 1], Want::AllRows)
+                        .await?
+                        .rows()?,
                 );
             }
             scores.push(score_rows(&rows, vocab, cont));
@@ -163,7 +164,7 @@ async fn score_pairs(
                 )));
             }
             backend.truncate(0);
-            let rows = backend.forward(&all, Logits::All).await?;
+            let rows = backend.forward(&all, Want::AllRows).await?.rows()?;
             let skip = (all.len() - cont.len()) * vocab;
             scores.push(score_rows(&rows[skip..], vocab, cont));
         }

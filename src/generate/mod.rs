@@ -8,12 +8,11 @@ use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
 pub use prompt::{PromptFormat, Turn};
-pub use sampling::{argmax, top_k, Sampler, SamplingParams, TopK, SAMPLING_CANDIDATES};
+pub use sampling::{Sampler, SamplingParams, SAMPLING_CANDIDATES};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Next, Want};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::model::Logits;
 use crate::tokenizer::{PhiTokenizer, TokenStream};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,29 +55,6 @@ pub struct Generation {
     pub decode_tok_s: f64,
     /// Prompt tokens served from the KV cache of an earlier call (chat history).
     pub reused_tokens: usize,
-}
-
-/// What the decoding loop asks a forward for: the greedy token, sampling candidates
-/// (`TopK`) or the whole row of logits. The first two are taken on the device where the
-/// backend can.
-#[derive(Clone, Copy)]
-enum Want {
-    Greedy {
-        vocab_limit: usize,
-    },
-    Candidates {
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    },
-    Row,
-}
-
-/// What a forward hands back to the decoding loop.
-enum Next {
-    Logits(Vec<f32>),
-    Top(TopK),
-    Token(u32),
 }
 
 /// Prompt tokens run per forward during prefill: Stop is heard between pieces, and a long
@@ -133,16 +109,7 @@ impl<B: Backend> Session<B> {
 
     /// Runs `ids` after the cache and returns what `want` asks for.
     async fn run(&mut self, ids: &[u32], want: Want) -> Result<Next> {
-        let b = &mut self.backend;
-        let next = match want {
-            Want::Greedy { vocab_limit } => Next::Token(b.forward_greedy(ids, vocab_limit).await?),
-            Want::Candidates {
-                k,
-                vocab_limit,
-                temperature,
-            } => Next::Top(b.forward_top_k(ids, k, vocab_limit, temperature).await?),
-            Want::Row => Next::Logits(b.forward(ids, Logits::Last).await?),
-        };
+        let next = self.backend.forward(ids, want).await?;
         self.cached_ids.extend_from_slice(ids);
         Ok(next)
     }
@@ -165,7 +132,7 @@ impl<B: Backend> Session<B> {
             if self.cancel.is_cancelled() {
                 return Ok((None, common));
             }
-            self.run(&rest[..PREFILL_CHUNK], Want::Row).await?;
+            self.run(&rest[..PREFILL_CHUNK], Want::LastRow).await?;
             rest = &rest[PREFILL_CHUNK..];
         }
         if self.cancel.is_cancelled() {
@@ -220,7 +187,7 @@ impl<B: Backend> Session<B> {
             None if opts.sampling.temperature == 0.0 && opts.sampling.repetition_penalty == 1.0 => {
                 Want::Greedy { vocab_limit }
             }
-            None => Want::Row,
+            None => Want::LastRow,
         };
         let t0 = Instant::now();
         let (next, reused) = self.prefill(input_ids, want).await?;
@@ -266,11 +233,11 @@ impl<B: Backend> Session<B> {
             let limit = d.vocab_limit;
             let id = match &mut next {
                 Next::Token(id) => *id,
-                Next::Logits(logits) => d.sampler.sample(&mut logits[..limit], &d.history)?,
-                Next::Top(top) => match d.sampler.sample_top(top)? {
+                Next::Rows(logits) => d.sampler.sample(&mut logits[..limit], &d.history)?,
+                Next::Candidates(top) => match d.sampler.sample_top(top)? {
                     Some(id) => id,
                     None => {
-                        let mut row = self.backend.last_logits().await?;
+                        let mut row = self.backend.last_row().await?;
                         d.sampler.sample(&mut row[..limit], &d.history)?
                     }
                 },

@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::candidates::{argmax, top_k, TopK};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,44 +66,6 @@ impl SamplingParams {
 
 /// How many candidates sampling asks a backend for.
 pub const SAMPLING_CANDIDATES: usize = 64;
-
-/// The `k` most likely next tokens and the log-normaliser of the whole row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TopK {
-    /// Most likely first; the lower id first on ties.
-    pub ids: Vec<u32>,
-    pub logits: Vec<f32>,
-    /// log Σ exp(logit / temperature) over every (non-NaN) logit of the row.
-    pub log_norm: f32,
-}
-
-/// `TopK` of a row of logits on the host (what the GPU's top_k.wgsl computes on the device).
-pub fn top_k(logits: &[f32], k: usize, temperature: f32) -> TopK {
-    let mut cands: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| !l.is_nan())
-        .map(|(i, &l)| (i as u32, l))
-        .collect();
-    let max = cands
-        .iter()
-        .map(|c| c.1 / temperature)
-        .fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = cands.iter().map(|c| (c.1 / temperature - max).exp()).sum();
-    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if k < cands.len() {
-        if k > 0 {
-            cands.select_nth_unstable_by(k - 1, order);
-        }
-        cands.truncate(k);
-    }
-    cands.sort_unstable_by(order);
-    TopK {
-        ids: cands.iter().map(|c| c.0).collect(),
-        logits: cands.iter().map(|c| c.1).collect(),
-        log_norm: max + sum.ln(),
-    }
-}
 
 /// `exp(logit / temp)` of `logits` (largest first) normalised to sum to 1.
 fn softmax(logits: &[f32], temp: f32) -> Vec<f32> {
@@ -247,17 +210,6 @@ impl Sampler {
         let i = walk(&probs, u * total).unwrap_or(probs.len() - 1);
         Ok(top.ids[i])
     }
-}
-
-/// Index of the largest logit; the first one on ties, as torch.argmax.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

@@ -17,9 +17,9 @@ use super::kernels::{
     attention_partials_len, AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat,
     MAX_TOP_K,
 };
-use crate::backend::{BoxFuture, DeviceStats};
+use crate::backend::{BoxFuture, DeviceStats, Next, Want};
+use crate::candidates::TopK;
 use crate::error::{Error, Result};
-use crate::generate::TopK;
 use crate::model::{Activation, Logits, PhiConfig};
 use crate::weights::{TensorSource, Weight};
 
@@ -696,33 +696,27 @@ impl crate::backend::Backend for GpuBackend {
         self.len = self.len.min(len);
     }
 
-    fn forward<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        which: Logits,
-    ) -> BoxFuture<'a, Result<Vec<f32>>> {
-        Box::pin(self.forward_async(tokens, which))
+    fn forward<'a>(&'a mut self, tokens: &'a [u32], want: Want) -> BoxFuture<'a, Result<Next>> {
+        Box::pin(async move {
+            Ok(match want {
+                Want::Greedy { vocab_limit } => {
+                    Next::Token(self.forward_greedy_async(tokens, vocab_limit).await?)
+                }
+                Want::Candidates {
+                    k,
+                    vocab_limit,
+                    temperature,
+                } => Next::Candidates(
+                    self.forward_top_k_async(tokens, k, vocab_limit, temperature)
+                        .await?,
+                ),
+                Want::LastRow => Next::Rows(self.forward_async(tokens, Logits::Last).await?),
+                Want::AllRows => Next::Rows(self.forward_async(tokens, Logits::All).await?),
+            })
+        })
     }
 
-    fn forward_greedy<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        vocab_limit: usize,
-    ) -> BoxFuture<'a, Result<u32>> {
-        Box::pin(self.forward_greedy_async(tokens, vocab_limit))
-    }
-
-    fn forward_top_k<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    ) -> BoxFuture<'a, Result<TopK>> {
-        Box::pin(self.forward_top_k_async(tokens, k, vocab_limit, temperature))
-    }
-
-    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+    fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
         Box::pin(self.last_logits_async())
     }
 

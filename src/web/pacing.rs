@@ -9,10 +9,9 @@
 use gloo_timers::future::TimeoutFuture;
 use web_time::Instant;
 
-use crate::backend::{Backend, BoxFuture};
+use crate::backend::{Backend, BoxFuture, Next, Want};
 use crate::error::Result;
-use crate::generate::TopK;
-use crate::model::{Logits, PhiConfig};
+use crate::model::PhiConfig;
 
 const EVERY_MS: u128 = 30;
 
@@ -53,41 +52,13 @@ impl<B: Backend> Backend for Paced<B> {
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
     }
-    fn forward<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        which: Logits,
-    ) -> BoxFuture<'a, Result<Vec<f32>>> {
+    fn forward<'a>(&'a mut self, tokens: &'a [u32], want: Want) -> BoxFuture<'a, Result<Next>> {
         Box::pin(async move {
             self.pace().await;
-            self.inner.forward(tokens, which).await
+            self.inner.forward(tokens, want).await
         })
     }
-    fn forward_greedy<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        vocab_limit: usize,
-    ) -> BoxFuture<'a, Result<u32>> {
-        Box::pin(async move {
-            self.pace().await;
-            self.inner.forward_greedy(tokens, vocab_limit).await
-        })
-    }
-    fn forward_top_k<'a>(
-        &'a mut self,
-        tokens: &'a [u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
-    ) -> BoxFuture<'a, Result<TopK>> {
-        Box::pin(async move {
-            self.pace().await;
-            self.inner
-                .forward_top_k(tokens, k, vocab_limit, temperature)
-                .await
-        })
-    }
-    fn last_logits(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
-        self.inner.last_logits()
+    fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
+        self.inner.last_row()
     }
 }
