@@ -195,7 +195,7 @@ async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
         let g = JsFuture::from(model.generate(request, on_text.as_ref().clone().into()))
             .await
             .unwrap();
-        let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "output_ids")).unwrap();
+        let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "outputIds")).unwrap();
         assert_eq!(ids, r.greedy_ids[..16], "{backend}");
         assert_eq!(get(&g, "text").as_string().unwrap(), *streamed.borrow());
     }
@@ -214,8 +214,8 @@ async fn returning_false_from_the_callback_stops_generation() {
     let g = JsFuture::from(model.generate(request, on_text.as_ref().clone().into()))
         .await
         .unwrap();
-    assert_eq!(get(&g, "stop_reason").as_string().unwrap(), "cancelled");
-    let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "output_ids")).unwrap();
+    assert_eq!(get(&g, "stopReason").as_string().unwrap(), "cancelled");
+    let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "outputIds")).unwrap();
     assert!(ids.len() < 50);
 }
 
@@ -232,6 +232,28 @@ async fn scores_a_parsed_medqa_question() {
     let ll: Vec<f64> = serde_wasm_bindgen::from_value(get(&scored, "loglikelihoods")).unwrap();
     assert_eq!(ll.len(), 4);
     assert!(ll.iter().all(|v| v.is_finite() && *v < 0.0), "{ll:?}");
+    // The page's report is `medphi eval`'s: its sample line and results object.
+    let sample = get(&scored, "sample");
+    let doc: serde_json::Value = serde_wasm_bindgen::from_value(get(&sample, "doc")).unwrap();
+    assert_eq!(doc["answer_idx"], "B");
+    let samples = js_sys::Array::of1(&sample);
+    let report = medphi::web::eval_report(
+        "medqa_4options",
+        samples.into(),
+        1,
+        serde_wasm_bindgen::to_value(&serde_json::json!({"model": "medphi"})).unwrap(),
+        1.5,
+    )
+    .unwrap();
+    let report: serde_json::Value = serde_wasm_bindgen::from_value(report).unwrap();
+    let acc = if get(&scored, "acc").as_bool().unwrap() {
+        1.0
+    } else {
+        0.0
+    };
+    assert_eq!(report["results"]["medqa_4options"]["acc,none"], acc);
+    assert_eq!(report["n-samples"]["medqa_4options"]["effective"], 1);
+    assert_eq!(report["samples"]["medqa_4options"][0]["target"], 1);
 }
 
 #[wasm_bindgen_test]

@@ -299,15 +299,6 @@ function softmax(xs) {
   return e.map((x) => x / s);
 }
 
-/** lm-eval's mean and standard error (sample standard deviation / √n). */
-function meanStderr(values) {
-  const n = values.length;
-  const mean = values.reduce((a, b) => a + b, 0) / n;
-  if (n < 2) return [mean, null];
-  const variance = values.reduce((a, v) => a + (v - mean) ** 2, 0) / (n - 1);
-  return [mean, Math.sqrt(variance / n)];
-}
-
 /** The choice the model picked: by mutual information where the question asks for it. */
 function picked(r) {
   return r.predMutualInfo ?? r.pred;
@@ -354,17 +345,25 @@ function renderQuestion(q, r, index) {
   return li;
 }
 
-function renderSummary(results, total, label) {
-  const accs = results.map((r) => (correct(r) ? 1 : 0));
-  const [acc, se] = meanStderr(accs);
-  const metric = results.some((r) => r.accMutualInfo !== undefined) ? 'mutual-information accuracy' : 'accuracy';
+/**
+ * The summary line and bar, from lm-eval's results object of the run so far (`report`):
+ * acc_mutual_info where the task has it (option texts scored), else acc, with its stderr.
+ */
+function renderSummary(report, task, results, total, label) {
+  const metrics = report.results[task];
+  const key = metrics['acc_mutual_info,none'] !== undefined ? 'acc_mutual_info' : 'acc';
+  const acc = metrics[`${key},none`];
+  const stderr = metrics[`${key}_stderr,none`];
+  const se = typeof stderr === 'number' ? stderr : null; // "N/A" for a single question
+  const metric = key === 'acc_mutual_info' ? 'mutual-information accuracy' : 'accuracy';
+  const scored = report['n-samples'][task].effective;
   const chance = results.length ? results.reduce((a, r) => a + 1 / r.probs.length, 0) / results.length : 0.25;
   const el = $('bench-summary');
   el.replaceChildren();
   const head = document.createElement('div');
   head.innerHTML = `<span class="big"></span> <span class="detail"></span>`;
   head.querySelector('.big').textContent = `${(100 * acc).toFixed(1)}%`;
-  head.querySelector('.detail').textContent = ` ${metric}${se === null ? '' : ` ± ${(100 * se).toFixed(1)} (stderr)`} on ${results.length} of ${total} ${label} questions; chance is ${(100 * chance).toFixed(0)}%`;
+  head.querySelector('.detail').textContent = ` ${metric}${se === null ? '' : ` ± ${(100 * se).toFixed(1)} (stderr)`} on ${scored} of ${total} ${label} questions; chance is ${(100 * chance).toFixed(0)}%`;
   const bar = document.createElement('div');
   bar.className = 'accuracy-bar';
   bar.setAttribute('role', 'img');
@@ -376,10 +375,22 @@ function renderSummary(results, total, label) {
   line.title = 'chance';
   bar.append(fill, line);
   el.append(head, bar);
-  return { acc, acc_stderr: se, chance };
 }
 
-async function runBenchmark(questions, label) {
+/** Where the model in use came from, as `medphi eval` writes it in `model_args`. */
+function modelArgs(src) {
+  const where = src?.files ? src.files.map((f) => f.name).join(',') : src?.url || 'unknown';
+  return `pretrained=${where}`;
+}
+
+/**
+ * Scores `questions` (parsed from a file of `original` questions as lm-eval task `task`),
+ * showing each with its bars and verdict and the summary so far. The summary and the
+ * Export button's JSON are lm-eval's results object, built by the wasm package from the
+ * questions' sample lines (`medphi eval`'s results.json, plus `samples`); `label` names the
+ * run for people.
+ */
+async function runBenchmark(questions, { task, label, original = questions.length }) {
   if (!api.info) {
     status('Load a model first.', 'error');
     return;
@@ -393,8 +404,31 @@ async function runBenchmark(questions, label) {
   const bar = $('bench-progress');
   bar.hidden = false;
   bar.value = 0;
+  $('bench-summary').replaceChildren();
+  lastRun = null;
   const results = [];
+  const samples = [];
   const t0 = performance.now();
+  const report = () => {
+    const seconds = (performance.now() - t0) / 1000;
+    return api.report({
+      task,
+      samples,
+      original,
+      seconds,
+      config: {
+        model: 'medphi',
+        model_args: modelArgs(api.source),
+        backend: api.info?.backend,
+        device: api.info?.device,
+        limit: questions.length < original ? questions.length : null,
+        mode: 'loglikelihood',
+        share_prefix: true,
+        items_per_s: samples.length / seconds,
+        label,
+      },
+    });
+  };
   try {
     for (const [i, q] of questions.entries()) {
       if (benchStop) break;
@@ -403,38 +437,18 @@ async function runBenchmark(questions, label) {
       // log-likelihood gain from the question.
       r.probs = softmax(r.unconditional ? r.loglikelihoods.map((ll, j) => ll - r.unconditional[j]) : r.loglikelihoods);
       results.push(r);
+      samples.push(r.sample);
       list.append(renderQuestion(q, r, i));
       bar.value = (i + 1) / questions.length;
-      renderSummary(results, questions.length, label);
+      renderSummary(await report(), task, results, questions.length, label);
     }
-    const summary = renderSummary(results, questions.length, label);
     const secs = (performance.now() - t0) / 1000;
     status(`Scored ${results.length} ${label} questions in ${secs.toFixed(1)} s.`);
-    lastRun = {
-      task: label,
-      model: api.info,
-      n: results.length,
-      ...summary,
-      items: questions.slice(0, results.length).map((q, i) => ({
-        context: q.context,
-        choices: q.choices,
-        gold: q.gold,
-        loglikelihoods: results[i].loglikelihoods,
-        probabilities: results[i].probs,
-        pred: results[i].pred,
-        pred_norm: results[i].predNorm,
-        acc: results[i].acc,
-        acc_norm: results[i].accNorm,
-        ...(results[i].accMutualInfo === undefined
-          ? {}
-          : {
-              unconditional_loglikelihoods: results[i].unconditional,
-              pred_mutual_info: results[i].predMutualInfo,
-              acc_mutual_info: results[i].accMutualInfo,
-            }),
-      })),
-    };
-    $('export').disabled = false;
+    if (samples.length) {
+      lastRun = { task, report: await report() };
+      renderSummary(lastRun.report, task, results, questions.length, label);
+      $('export').disabled = false;
+    }
   } catch (e) {
     status(`Scoring failed: ${e.message}`, 'error');
   } finally {
@@ -453,8 +467,12 @@ async function runMedqaFile(url, label, limit) {
   try {
     const text = await (await fetch(url)).text();
     const task = medqaTask();
-    const questions = (await api.parseBenchmark(task, text, url)).slice(0, limit);
-    await runBenchmark(questions, task === 'medqa_4options' ? label : `${label} (option texts)`);
+    const all = await api.parseBenchmark(task, text, url);
+    await runBenchmark(all.slice(0, limit), {
+      task,
+      label: task === 'medqa_4options' ? label : `${label} (option texts)`,
+      original: all.length,
+    });
   } catch (e) {
     status(`Could not read ${url}: ${e.message}`, 'error');
   }
@@ -490,7 +508,7 @@ $('bench-file').addEventListener('change', async (e) => {
     if (![...select.options].some((o) => o.value === task)) select.add(new Option(task, task));
     select.value = task;
     const questions = await api.parseBenchmark(task, text, file.name);
-    await runBenchmark(questions, `${task} (${file.name})`);
+    await runBenchmark(questions, { task, label: `${task} (${file.name})` });
   } catch (err) {
     status(`Could not use ${file.name}: ${err.message}`, 'error');
   }
@@ -502,10 +520,11 @@ $('bench-stop').addEventListener('click', () => {
 
 $('export').addEventListener('click', () => {
   if (!lastRun) return;
-  const blob = new Blob([JSON.stringify(lastRun, null, 2)], { type: 'application/json' });
+  // lm-eval's results.json of the run, with its sample lines under `samples`.
+  const blob = new Blob([JSON.stringify(lastRun.report, null, 2)], { type: 'application/json' });
   const a = document.createElement('a');
   a.href = URL.createObjectURL(blob);
-  a.download = 'medphi-medqa-results.json';
+  a.download = `medphi-${lastRun.task}-results.json`;
   a.click();
   setTimeout(() => URL.revokeObjectURL(a.href), 1000);
 });

@@ -4,13 +4,26 @@
 //   await medphi.load({ url: 'models/tiny-medphi/', backend: 'webgpu' })   // -> {backend, ...}
 //   await medphi.generate({ prompt: 'Instruct: What is macrocephaly?\nOutput:', maxNewTokens: 32 })
 //     // -> {inputIds, outputIds, text, stopReason, prefillTokS, decodeTokS, reusedTokens}
+//     //    (what `medphi generate --json` prints, in camelCase, straight from the wasm Model)
+//   const qs = await medphi.parseBenchmark('medqa_4options', text, 'medqa_test.jsonl')
+//     // -> [{context, choices, gold, mutualInfo, doc, docId}]
+//   const r = await medphi.score(qs[0])
+//     // -> {loglikelihoods, pred, acc, ..., sample}: `sample` is the question's line of
+//     //    lm-eval's samples_<task>.jsonl, as `medphi eval` writes it
+//   await medphi.report({ task: 'medqa_4options', samples: [r.sample], original: qs.length,
+//                         config: { model: 'medphi' }, seconds: 1 })
+//     // -> lm-eval's results object (`medphi eval`'s results.json, from the same Rust code):
+//     //    {results: {[task]: {'acc,none', 'acc_stderr,none', ...}}, 'n-samples', 'n-shot',
+//     //     higher_is_better, config, total_evaluation_time_seconds, medphi_version,
+//     //     samples: {[task]: [lines]}}
 //
 // Requests run one at a time in the order they were made (see worker.js). A `load` made
 // while another is still under way supersedes it: the earlier one rejects with a
 // SupersededError. `generate`, `score`, `reset` and `loseGpuDevice` run on the model of the
 // last `load` made before them, once it has loaded, and reject (SupersededError,
 // LoadFailedError) rather than run on another model if that load does not finish. A failed
-// load leaves the previous model in use. `load`, `generate` and `score` take an AbortSignal
+// load leaves the previous model in use. `probe`, `parseBenchmark`, `report` and `clearCache`
+// need no model and answer at once. `load`, `generate` and `score` take an AbortSignal
 // (`signal`): aborting rejects the promise with an AbortError at once and drops the request,
 // or ends it if it is running. `info` and `source` always describe the model in use (null
 // while none is); a "model" event says when it changes.
@@ -110,21 +123,17 @@ export class MedphiApi extends EventTarget {
   }
 
   /**
-   * Generates from `prompt` (with `format` "raw" | "instruct" | "chat" and earlier
-   * `history` turns [{user, assistant}]). `onText(piece)` receives text as it streams;
+   * Generates from `prompt` (with `format` "raw" | "instruct" | "chat", earlier `history`
+   * turns [{user, assistant}], and `maxNewTokens`, `temperature`, `topP`, `topK`,
+   * `repetitionPenalty`, `seed`, `stop`). `onText(piece)` receives text as it streams;
    * `signal` aborts it (an AbortError; `stop()` instead ends it with what it has).
+   * Resolves to the wasm Model's result as it is: {inputIds, outputIds, text, stopReason,
+   * prefillTokS, decodeTokS, reusedTokens} (ids: the prompt's and the generated ones, EOS
+   * excluded; stopReason "eos" | "max_tokens" | "stop_string" | "context_full" |
+   * "cancelled"; reusedTokens: prompt tokens already in the KV cache).
    */
-  async generate({ onText, signal, ...request } = {}) {
-    const g = await this.request('generate', { request }, { onText }, signal);
-    return {
-      inputIds: g.input_ids,
-      outputIds: g.output_ids,
-      text: g.text,
-      stopReason: g.stop_reason,
-      prefillTokS: g.prefill_tok_s,
-      decodeTokS: g.decode_tok_s,
-      reusedTokens: g.reused_tokens,
-    };
+  generate({ onText, signal, ...request } = {}) {
+    return this.request('generate', { request }, { onText }, signal);
   }
 
   /** Ends the running generation before its next token: it resolves with what it has, stopReason "cancelled". */
@@ -133,16 +142,41 @@ export class MedphiApi extends EventTarget {
   }
 
   /**
-   * Scores {context, choices, gold, mutualInfo?} as lm-eval does: {loglikelihoods, pred,
-   * acc, ...}. `signal` aborts it.
+   * Scores a question of `parseBenchmark` ({context, choices, gold, mutualInfo?, doc?,
+   * docId?}) as lm-eval does. Resolves to {loglikelihoods, isGreedy, pred, predNorm, acc,
+   * accNorm, sample}, and for `mutualInfo` questions also {unconditional, predMutualInfo,
+   * accMutualInfo}. `sample` is the question's line of lm-eval's samples_<task>.jsonl as
+   * `medphi eval` writes it (doc_id, doc, target, arguments, resps, filtered_resps, acc,
+   * acc_norm, and acc_mutual_info for continuation tasks); give those lines to `report`.
+   * `signal` aborts it.
    */
   score({ signal, ...question } = {}) {
     return this.request('score', { question }, {}, signal);
   }
 
-  /** Parses a benchmark file's text in its original format into [{context, choices, gold}]. */
+  /**
+   * Parses a benchmark file's text in its original format (`task`: an lm-eval task name,
+   * e.g. "medqa_4options", "medqa_4options_continuation", "pubmedqa", "mmlu_anatomy";
+   * `file` names it in errors) into [{context, choices, gold, mutualInfo, doc, docId}]
+   * with lm-eval's prompts (doc: the original record; docId: its index in the file).
+   */
   parseBenchmark(task, text, file) {
     return this.request('parse', { task, text, file });
+  }
+
+  /**
+   * lm-eval's results object for a run of `task` (its lm-eval name), built by the Rust code
+   * that writes `medphi eval`'s results.json: `samples` are the `sample` lines `score`
+   * resolved with, `original` the question count of the file, `config` an object
+   * describing the run (e.g. {model, model_args, backend, device, label}), `seconds` its
+   * duration. Resolves to {results: {[task]: {alias, 'acc,none', 'acc_stderr,none',
+   * 'acc_norm,none', ..., 'acc_mutual_info,none', ...}}, 'n-samples': {[task]: {original,
+   * effective}}, 'n-shot', higher_is_better, config, total_evaluation_time_seconds,
+   * medphi_version, samples: {[task]: [lines]}}. A standard error is "N/A" for one sample.
+   * Needs no model.
+   */
+  report({ task, samples, original, config = {}, seconds = 0 } = {}) {
+    return this.request('report', { task, samples, original: original ?? samples?.length ?? 0, config, seconds });
   }
 
   /** Forgets the cached conversation. */

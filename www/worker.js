@@ -4,7 +4,8 @@
 //
 // Requests run one at a time, in the order they came:
 // - `load`, `generate`, `score`, `reset` and `loseGpuDevice` wait in one queue. `probe`,
-//   `parse` and `clearCache` need no model and answer at once.
+//   `parse`, `report` and `clearCache` need no model and answer at once (`parse` and
+//   `report` once the wasm module is initialised).
 // - A load supersedes every earlier load still queued or running: those reject with a
 //   SupersededError (a running download is aborted; a model built after being superseded
 //   is freed, never installed).
@@ -19,7 +20,7 @@
 // - {type: "stop"} ends the running generation before its next token; {type: "abort",
 //   target: id} drops a queued request or ends a running one (download aborted,
 //   generation stopped).
-import init, { Model, parseBenchmark } from './pkg/medphi.js';
+import init, { Model, evalReport, parseBenchmark } from './pkg/medphi.js';
 import { loadFiles } from './fetch-model.js';
 
 const CACHE = 'medphi-models-v1';
@@ -119,6 +120,13 @@ const immediateHandlers = {
     await ready;
     if (initError) throw initError;
     return parseBenchmark(task, text, file);
+  },
+
+  // lm-eval's results object for scored sample lines: the same Rust code as `medphi eval`.
+  async report({ task, samples, original, config, seconds }) {
+    await ready;
+    if (initError) throw initError;
+    return evalReport(task, samples, original, config, seconds);
   },
 
   async clearCache() {

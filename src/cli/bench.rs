@@ -56,7 +56,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs prefill then greedy decode through `step` (tokens in, the greedy next token out).
 /// The most likely token a greedy or candidates forward returned.
 fn next_token(next: Next) -> Result<u32> {
     match next {
@@ -66,6 +65,7 @@ fn next_token(next: Next) -> Result<u32> {
     }
 }
 
+/// Runs prefill then greedy decode through `step` (tokens in, the greedy next token out).
 fn measure(ids: &[u32], gen: usize, mut step: impl FnMut(&[u32]) -> Result<u32>) -> Result<Speed> {
     let t = Instant::now();
     let mut next = step(ids)?;
@@ -109,16 +109,27 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// candle-transformers' phi over the same weights: the model folder's safetensors, or the
+/// bundled model's (`dir` None).
 fn candle_reference(
-    dir: &Path,
+    dir: Option<&Path>,
     cfg: &PhiConfig,
 ) -> Result<candle_transformers::models::phi::Model> {
     use candle_transformers::models::phi;
     let config: phi::Config = serde_json::from_value(cfg.to_hf_json())?;
-    let files = safetensors_files(dir)?;
-    // SAFETY: read-only map of files we just validated through our own loader.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)?
+    let vb = match dir {
+        Some(dir) => {
+            let files = safetensors_files(dir)?;
+            // SAFETY: read-only map of files we just validated through our own loader.
+            unsafe {
+                candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)?
+            }
+        }
+        None => candle_nn::VarBuilder::from_buffered_safetensors(
+            super::bundled::WEIGHTS.to_vec(),
+            DType::F32,
+            &Device::Cpu,
+        )?,
     };
     Ok(phi::Model::new(&config, vb)?)
 }
@@ -130,7 +141,6 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let t = Instant::now();
     let (mut backend, tokenizer, format) = args.model.load()?;
     let load_s = t.elapsed().as_secs_f64();
-    let cfg = backend.config().clone();
     if args.prompt_len + args.gen > backend.capacity() {
         bail!(
             "--prompt-len {} + --gen {} exceeds the context of {} tokens",
@@ -140,13 +150,55 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     let ids = prompt_ids(&tokenizer, args.prompt_len)?;
-    let vocab = tokenizer.vocab_limit().min(cfg.vocab_size);
+    let vocab = tokenizer.vocab_limit().min(backend.config().vocab_size);
+    let (ours, theirs) = greedy_rounds(&args, backend.as_mut(), &ids, vocab)?;
+    let greedy_stats = backend.device_stats();
+    let sampling = sampling_routes(backend.as_mut(), &ids, args.gen, vocab)?;
+    let mut out = serde_json::json!({
+        "model": args.model.source(),
+        "format": format,
+        "backend": backend.name(),
+        "load_s": load_s,
+        "prompt_len": args.prompt_len,
+        "gen": args.gen,
+        "rounds": args.rounds,
+        "prefill_tok_s": ours.prefill_tok_s,
+        "decode_tok_s": ours.decode_tok_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "device_per_decode_token": greedy_stats,
+        "sampling_decode": sampling,
+    });
+    if let Some(theirs) = theirs {
+        out["candle_transformers_phi"] = serde_json::json!({
+            "prefill_tok_s": theirs.prefill_tok_s,
+            "decode_tok_s": theirs.decode_tok_s,
+        });
+        out["decode_speedup_vs_candle"] =
+            serde_json::json!(ours.decode_tok_s / theirs.decode_tok_s);
+        out["prefill_speedup_vs_candle"] =
+            serde_json::json!(ours.prefill_tok_s / theirs.prefill_tok_s);
+    }
+    if args.json {
+        super::print_line(out)?;
+    } else {
+        super::print_line(serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}
+
+/// Median speeds of greedy decoding over `--rounds`, ours and (with --compare-candle)
+/// candle-transformers' on the same weights, taking turns.
+fn greedy_rounds(
+    args: &BenchArgs,
+    backend: &mut dyn Backend,
+    ids: &[u32],
+    vocab: usize,
+) -> Result<(Speed, Option<Speed>)> {
     let mut reference = if args.compare_candle {
-        Some(candle_reference(&args.model.model, &cfg)?)
+        Some(candle_reference(args.model.path(), backend.config())?)
     } else {
         None
     };
-
     let pb = ProgressBar::new(args.rounds as u64);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg}").expect("static template"),
@@ -158,13 +210,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             if turn == 0 {
                 backend.truncate(0);
                 // The decoding loop of greedy generation: on a GPU the argmax stays there.
-                ours.push(measure(&ids, args.gen, |t| {
+                ours.push(measure(ids, args.gen, |t| {
                     let want = Want::Greedy { vocab_limit: vocab };
                     next_token(pollster::block_on(backend.forward(t, want))?)
                 })?);
             } else if let Some(model) = reference.as_mut() {
                 model.clear_kv_cache();
-                theirs.push(measure(&ids, args.gen, |t| {
+                theirs.push(measure(ids, args.gen, |t| {
                     let input = Tensor::new(t, &Device::Cpu)?.unsqueeze(0)?;
                     let logits = model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?;
                     Ok(argmax(&logits[..vocab]))
@@ -174,13 +226,28 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let greedy_stats = backend.device_stats();
-    // Sampling's decoding loop two ways: the top candidates selected where the logits are,
-    // or the whole row brought to the host (what sampling costs without device selection).
+    let summarize = |v: &[Speed]| Speed {
+        prefill_tok_s: median(v.iter().map(|s| s.prefill_tok_s).collect()),
+        decode_tok_s: median(v.iter().map(|s| s.decode_tok_s).collect()),
+    };
+    Ok((
+        summarize(&ours),
+        (!theirs.is_empty()).then(|| summarize(&theirs)),
+    ))
+}
+
+/// Sampling's decoding loop two ways: the top candidates selected where the logits are, or
+/// the whole row brought to the host (what sampling costs without device selection).
+fn sampling_routes(
+    backend: &mut dyn Backend,
+    ids: &[u32],
+    gen: usize,
+    vocab: usize,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut sampling = serde_json::Map::new();
     for route in ["candidates", "rows"] {
         backend.truncate(0);
-        let speed = measure(&ids, args.gen, |t| {
+        let speed = measure(ids, gen, |t| {
             let want = if route == "candidates" {
                 Want::Candidates {
                     k: SAMPLING_CANDIDATES,
@@ -203,40 +270,5 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             }),
         );
     }
-    let summarize = |v: &[Speed]| Speed {
-        prefill_tok_s: median(v.iter().map(|s| s.prefill_tok_s).collect()),
-        decode_tok_s: median(v.iter().map(|s| s.decode_tok_s).collect()),
-    };
-    let ours = summarize(&ours);
-    let mut out = serde_json::json!({
-        "model": args.model.model.display().to_string(),
-        "format": format,
-        "backend": backend.name(),
-        "load_s": load_s,
-        "prompt_len": args.prompt_len,
-        "gen": args.gen,
-        "rounds": args.rounds,
-        "prefill_tok_s": ours.prefill_tok_s,
-        "decode_tok_s": ours.decode_tok_s,
-        "peak_rss_mib": peak_rss_mib(),
-        "device_per_decode_token": greedy_stats,
-        "sampling_decode": sampling,
-    });
-    if !theirs.is_empty() {
-        let theirs = summarize(&theirs);
-        out["candle_transformers_phi"] = serde_json::json!({
-            "prefill_tok_s": theirs.prefill_tok_s,
-            "decode_tok_s": theirs.decode_tok_s,
-        });
-        out["decode_speedup_vs_candle"] =
-            serde_json::json!(ours.decode_tok_s / theirs.decode_tok_s);
-        out["prefill_speedup_vs_candle"] =
-            serde_json::json!(ours.prefill_tok_s / theirs.prefill_tok_s);
-    }
-    if args.json {
-        super::print_line(out)?;
-    } else {
-        super::print_line(serde_json::to_string_pretty(&out)?)?;
-    }
-    Ok(())
+    Ok(sampling)
 }

@@ -88,21 +88,10 @@ fn load_tasks(args: &EvalArgs) -> Result<Vec<LoadedTask>> {
 pub fn eval(args: EvalArgs) -> Result<()> {
     let tasks = load_tasks(&args)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("{}", args.output.display()))?;
-    let samples_path = |t: &LoadedTask| args.output.join(format!("samples_{}.jsonl", t.name));
-    let mut done = Vec::new();
-    for task in &tasks {
-        let path = samples_path(task);
-        done.push(if args.resume {
-            eval::resume_samples(&path, &task.items)?
-        } else if path.exists() {
-            bail!(
-                "{} exists: --resume continues that run, or choose another --output",
-                path.display()
-            );
-        } else {
-            Vec::new()
-        });
-    }
+    let mut done = tasks
+        .iter()
+        .map(|t| earlier_samples(&args, t))
+        .collect::<Result<Vec<_>>>()?;
     let mode = match args.mode {
         ModeArg::Loglikelihood => Mode::Loglikelihood {
             share_prefix: !args.no_share_prefix,
@@ -130,7 +119,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             &tokenizer,
             &task.items,
             mode,
-            &samples_path(task),
+            &samples_path(&args, task),
             lines,
             &interrupt,
             &mut || pb.inc(1),
@@ -157,7 +146,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let scored_now = total - resumed;
     let config = json!({
         "model": "medphi",
-        "model_args": format!("pretrained={}", args.model.model.display()),
+        "model_args": format!("pretrained={}", args.model.source()),
         "backend": session.backend().name(),
         "limit": args.limit,
         "mode": match args.mode { ModeArg::Loglikelihood => "loglikelihood", ModeArg::Generate => "generate" },
@@ -165,16 +154,47 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         "items_per_s": scored_now as f64 / secs,
     });
     let out = eval::report::results_json(&summaries, config, secs);
+    let path = write_results(&args, &out)?;
+    eprintln!(
+        "{scored_now} items in {secs:.1} s ({:.2} items/s) → {}",
+        scored_now as f64 / secs,
+        path.display()
+    );
+    Ok(())
+}
+
+fn samples_path(args: &EvalArgs, task: &LoadedTask) -> PathBuf {
+    args.output.join(format!("samples_{}.jsonl", task.name))
+}
+
+/// The samples lines an interrupted run left for `task` (with `--resume`); none for a new
+/// run, which will not overwrite another run's samples.
+fn earlier_samples(args: &EvalArgs, task: &LoadedTask) -> Result<Vec<serde_json::Value>> {
+    let path = samples_path(args, task);
+    if args.resume {
+        return Ok(eval::resume_samples(&path, &task.items)?);
+    }
+    if path.exists() {
+        bail!(
+            "{} exists: --resume continues that run, or choose another --output",
+            path.display()
+        );
+    }
+    Ok(Vec::new())
+}
+
+/// Writes results.json (whole or not at all) and prints each task's metrics.
+fn write_results(args: &EvalArgs, out: &serde_json::Value) -> Result<PathBuf> {
     let path = args.output.join("results.json");
     let tmp = args.output.join(".results.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&out)?)
+    std::fs::write(&tmp, serde_json::to_string_pretty(out)?)
         .and_then(|_| std::fs::rename(&tmp, &path))
         .with_context(|| format!("{}", path.display()))?;
-    for (name, m) in out["results"].as_object().expect("built above") {
+    for (name, m) in out["results"].as_object().into_iter().flatten() {
         let shown: Vec<String> = m
             .as_object()
-            .expect("built above")
-            .iter()
+            .into_iter()
+            .flatten()
             .filter(|(k, _)| k.ends_with(",none") && !k.contains("stderr"))
             .map(|(k, v)| {
                 format!(
@@ -186,10 +206,5 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             .collect();
         eprintln!("{name:28} {}", shown.join("  "));
     }
-    eprintln!(
-        "{scored_now} items in {secs:.1} s ({:.2} items/s) → {}",
-        scored_now as f64 / secs,
-        path.display()
-    );
-    Ok(())
+    Ok(path)
 }

@@ -2,6 +2,7 @@
 //! spinner, building a backend, and turning every error into one line and exit code 1.
 
 mod bench;
+mod bundled;
 mod chart;
 mod chat;
 mod data;
@@ -57,7 +58,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Table and bar chart (PNG) comparing eval runs with published scores.
     EvalReport(eval_report::EvalReportArgs),
-    /// Train: pretraining (from scratch or a checkpoint) or SFT.
+    /// Train: pretraining (from scratch or a checkpoint), SFT, DPO, LoRA.
     Train(Box<train::TrainArgs>),
     /// Write a model folder as a phi2 GGUF (for llama.cpp and the page).
     ExportGguf(export::ExportArgs),
@@ -74,17 +75,13 @@ pub enum BackendKind {
     Wgpu,
 }
 
-/// The model trained by this project (models/tiny-medphi/README.md), found through the
-/// source tree the binary was built from.
-const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-medphi");
-
 /// How to find and run a model; shared by every subcommand.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// A model folder (config.json, tokenizer.json, safetensors) or a .gguf file. The default
-    /// is the bundled tiny-medphi.
-    #[arg(long, env = "MEDPHI_MODEL", default_value = BUNDLED_MODEL)]
-    model: PathBuf,
+    /// A model folder (config.json, tokenizer.json, safetensors) or a .gguf file. Without it,
+    /// the bundled tiny-medphi, which is built into this binary.
+    #[arg(long, env = "MEDPHI_MODEL")]
+    model: Option<PathBuf>,
     /// tokenizer.json to use instead of the model's own (needed for GGUF files without one).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -96,11 +93,34 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model's folder or file, or the bundled model's name, for reports.
+    pub fn source(&self) -> String {
+        self.model
+            .as_ref()
+            .map_or_else(|| bundled::NAME.to_string(), |p| p.display().to_string())
+    }
+
+    /// The model folder or file given; `None` for the bundled model.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.model.as_deref()
+    }
+
+    /// The checkpoint, with its headers read and checked.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        Ok(match &self.model {
+            Some(path) => Checkpoint::open(path, self.tokenizer.as_deref(), DType::F32)?,
+            None if self.tokenizer.is_some() => {
+                anyhow::bail!("--tokenizer goes with --model (the bundled model has its own)")
+            }
+            None => bundled::checkpoint()?,
+        })
+    }
+
     /// Opens the checkpoint, checks it and builds the backend, with a spinner meanwhile.
     /// Also returns the checkpoint's format ("safetensors" or "gguf").
     pub fn load(&self) -> Result<(Box<dyn Backend>, PhiTokenizer, &'static str)> {
-        let spinner = spinner(&format!("loading {}", self.model.display()));
-        let ckpt = Checkpoint::open(&self.model, self.tokenizer.as_deref(), DType::F32)?;
+        let spinner = spinner(&format!("loading {}", self.source()));
+        let ckpt = self.checkpoint()?;
         let format = ckpt.format;
         let (backend, tokenizer): (Box<dyn Backend>, PhiTokenizer) = match self.backend {
             BackendKind::Cpu => {

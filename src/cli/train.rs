@@ -23,77 +23,122 @@ pub enum DeviceKind {
 
 #[derive(Args)]
 pub struct TrainArgs {
+    /// pretrain: next-token loss on a text corpus; sft: loss on the responses of
+    /// prompt/response pairs; dpo: preference pairs against the starting model.
     #[arg(long, value_enum)]
     stage: StageArg,
-    /// config.json of a new model (pretraining from random initialisation).
-    #[arg(long)]
-    model_config: Option<PathBuf>,
-    /// tokenizer.json for a new model.
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// A model folder to start from (continued pretraining, SFT).
-    #[arg(long)]
-    init_from: Option<PathBuf>,
-    /// Corpus (.txt, documents separated by blank lines), SFT pairs (.jsonl with prompt,
-    /// response) or DPO pairs (.jsonl with prompt, chosen, rejected).
+    /// Corpus (.txt, documents separated by blank lines) for pretrain; prompt/response pairs
+    /// (.jsonl) for sft; prompt/chosen/rejected pairs (.jsonl) for dpo.
     #[arg(long)]
     data: PathBuf,
+    /// The output folder: a loadable model folder, metrics.jsonl, loss.png and checkpoints/.
+    #[arg(long)]
+    out: PathBuf,
     /// Total steps the schedule is planned for.
     #[arg(long)]
     steps: u64,
-    #[arg(long, default_value_t = 8)]
+
+    /// A model folder to start from (continued pretraining, sft, dpo, LoRA).
+    #[arg(long, help_heading = "The model to train")]
+    init_from: Option<PathBuf>,
+    /// config.json of a new model, initialised at random (pretrain).
+    #[arg(long, help_heading = "The model to train")]
+    model_config: Option<PathBuf>,
+    /// tokenizer.json of a new model (with --model-config), or instead of --init-from's.
+    #[arg(long, help_heading = "The model to train")]
+    tokenizer: Option<PathBuf>,
+
+    #[arg(long, default_value_t = 8, help_heading = "Optimisation (every stage)")]
     batch_size: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, help_heading = "Optimisation (every stage)")]
     grad_accum: usize,
-    #[arg(long, default_value_t = 128)]
+    /// Tokens per example: pretraining windows, and the longest sft/dpo example kept.
+    #[arg(
+        long,
+        default_value_t = 128,
+        help_heading = "Optimisation (every stage)"
+    )]
     seq_len: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate (AdamW, warmup then cosine to a tenth).
+    #[arg(
+        long,
+        default_value_t = 1e-3,
+        help_heading = "Optimisation (every stage)"
+    )]
     lr: f64,
     /// Warmup steps (default: 5% of --steps).
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimisation (every stage)")]
     warmup: Option<u64>,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(
+        long,
+        default_value_t = 0.1,
+        help_heading = "Optimisation (every stage)"
+    )]
     weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
+    /// Global gradient-norm limit (0: off).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        help_heading = "Optimisation (every stage)"
+    )]
     clip: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Optimisation (every stage)")]
     seed: u64,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "cpu",
+        help_heading = "Optimisation (every stage)"
+    )]
     device: DeviceKind,
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 50)]
-    eval_every: u64,
-    #[arg(long, default_value_t = 4)]
-    eval_batches: usize,
-    #[arg(long, default_value_t = 0)]
-    save_every: u64,
-    /// End after this step (with a checkpoint), as if interrupted.
-    #[arg(long)]
-    stop_after: Option<u64>,
-    /// Continue the run checkpointed in this folder.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// DPO's β.
-    #[arg(long, default_value_t = 0.1)]
-    beta: f64,
-    /// Train LoRA adapters of this rank on q/k/v/dense/fc1/fc2, the base frozen.
-    #[arg(long)]
-    lora_rank: Option<usize>,
-    /// LoRA scale numerator (the update is alpha / rank · B·A).
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    /// LoRA: also write the merged full model, not only the adapters.
-    #[arg(long)]
-    merge: bool,
     /// Precision of the forward and backward pass (weights and optimizer state stay f32).
     /// bf16 needs --device cuda: candle's CPU matmul has no bf16.
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "f32",
+        help_heading = "Optimisation (every stage)"
+    )]
     precision: PrecisionArg,
-    /// SFT/DPO: batch examples of similar length together (groups of 50 batches, each sorted
-    /// by length), so batches carry little padding.
-    #[arg(long)]
+
+    /// DPO's β: how far the policy may move from the reference.
+    #[arg(long, default_value_t = 0.1, help_heading = "sft and dpo")]
+    beta: f64,
+    /// Batch examples of similar length together (groups of 50 batches, each sorted by
+    /// length), so batches carry little padding.
+    #[arg(long, help_heading = "sft and dpo")]
     group_by_length: bool,
+
+    /// Train LoRA adapters of this rank on q/k/v/dense/fc1/fc2, the base (--init-from) frozen.
+    #[arg(long, help_heading = "LoRA (with --init-from)")]
+    lora_rank: Option<usize>,
+    /// LoRA scale numerator (the update is alpha / rank · B·A).
+    #[arg(long, default_value_t = 16.0, help_heading = "LoRA (with --init-from)")]
+    lora_alpha: f64,
+    /// Also write the merged full model, not only the adapters.
+    #[arg(long, help_heading = "LoRA (with --init-from)")]
+    merge: bool,
+
+    /// Held-out loss every this many steps.
+    #[arg(
+        long,
+        default_value_t = 50,
+        help_heading = "Evaluation and checkpoints"
+    )]
+    eval_every: u64,
+    /// Held-out batches per evaluation.
+    #[arg(long, default_value_t = 4, help_heading = "Evaluation and checkpoints")]
+    eval_batches: usize,
+    /// Checkpoint every this many steps (0: only at the end, or when stopped by Ctrl-C).
+    #[arg(long, default_value_t = 0, help_heading = "Evaluation and checkpoints")]
+    save_every: u64,
+    /// End after this step (with a checkpoint), as if interrupted.
+    #[arg(long, help_heading = "Evaluation and checkpoints")]
+    stop_after: Option<u64>,
+    /// Continue the run in this folder from its newest intact checkpoint (--data and --steps
+    /// as before; the rest comes from the checkpoint).
+    #[arg(long, help_heading = "Evaluation and checkpoints")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -154,89 +199,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => bail!("this medphi was built without CUDA: build with `--features cuda` (scripts/cuda-toolkit.sh installs nvcc)"),
     };
-    let stage = match args.stage {
-        StageArg::Pretrain => Stage::Pretrain,
-        StageArg::Sft => Stage::Sft,
-        StageArg::Dpo => Stage::Dpo,
-    };
-    let mut trainer = if let Some(dir) = &args.resume {
-        resume(dir, &args, &device)?
-    } else {
-        let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer) {
-            (Some(dir), None, _) => {
-                let ckpt = Checkpoint::open(dir, args.tokenizer.as_deref(), DType::F32)?;
-                let params = match args.lora_rank {
-                    Some(rank) => {
-                        let lora = LoraConfig {
-                            rank,
-                            alpha: args.lora_alpha,
-                        };
-                        let src = ckpt.weights.as_ref();
-                        Params::lora(&ckpt.config, src, lora, args.seed, None, &device)?
-                    }
-                    None => Params::from_source(&ckpt.config, ckpt.weights.as_ref(), &device)?,
-                };
-                let tok = args.tokenizer.clone().unwrap_or(dir.join("tokenizer.json"));
-                (ckpt.config, tok, params)
-            }
-            (None, Some(cfg_path), Some(tok)) => {
-                let json = std::fs::read_to_string(cfg_path).with_context(|| format!("{}", cfg_path.display()))?;
-                let cfg = PhiConfig::from_json(&json, &cfg_path.display().to_string())?;
-                let params = Params::init(&cfg, args.seed, &device)?;
-                (cfg, tok.clone(), params)
-            }
-            _ => bail!("give either --init-from MODEL_DIR, or --model-config and --tokenizer for a new model"),
-        };
-        if args.lora_rank.is_some() && args.init_from.is_none() {
-            bail!("LoRA trains adapters on an existing model: give --init-from MODEL_DIR");
-        }
-        let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
-            .with_context(|| format!("{}", tokenizer_path.display()))?;
-        let tok = PhiTokenizer::from_bytes(
-            tokenizer_json.as_bytes(),
-            &tokenizer_path.display().to_string(),
-        )?;
-        let config = TrainConfig {
-            stage,
-            steps: args.steps,
-            batch_size: args.batch_size,
-            grad_accum: args.grad_accum,
-            seq_len: args.seq_len,
-            lr: args.lr,
-            warmup: args.warmup.unwrap_or(args.steps / 20),
-            weight_decay: args.weight_decay,
-            clip: args.clip,
-            seed: args.seed,
-            eval_every: args.eval_every,
-            eval_batches: args.eval_batches,
-            save_every: args.save_every,
-            beta: args.beta,
-            init_from: args.init_from.clone(),
-            lora: args.lora_rank.map(|rank| LoraConfig {
-                rank,
-                alpha: args.lora_alpha,
-            }),
-            merge: args.merge,
-            precision: match args.precision {
-                PrecisionArg::F32 => Precision::F32,
-                PrecisionArg::Bf16 => Precision::Bf16,
-                PrecisionArg::F16 => Precision::F16,
-            },
-            group_by_length: args.group_by_length,
-        };
-        let objective = objective(&config, &tok, &cfg, &args.data, &device)?;
-        if medphi::train::checkpoint_exists(&args.out)? {
-            bail!(
-                "{} already holds a run; use --resume {0} to continue it",
-                args.out.display()
-            );
-        }
-        // A run killed before its first checkpoint leaves only its metrics: start over.
-        let metrics = args.out.join("metrics.jsonl");
-        if metrics.exists() {
-            std::fs::remove_file(&metrics).with_context(|| format!("{}", metrics.display()))?;
-        }
-        Trainer::new(cfg, tokenizer_json, params, objective, config)?
+    let mut trainer = match &args.resume {
+        Some(dir) => resume(dir, &args, &device)?,
+        None => start(&args, &device)?,
     };
     eprintln!(
         "training {} parameters, stage {:?}, from step {} to {}",
@@ -285,6 +250,105 @@ pub fn train(args: TrainArgs) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// A new run: the model (fresh from --model-config, or --init-from's, or LoRA adapters on
+/// it), its data and the run's configuration from the flags.
+fn start(args: &TrainArgs, device: &Device) -> Result<Trainer> {
+    if args.lora_rank.is_some() && args.init_from.is_none() {
+        bail!("LoRA trains adapters on an existing model: give --init-from MODEL_DIR");
+    }
+    let (cfg, tokenizer_path, params) = match (&args.init_from, &args.model_config, &args.tokenizer)
+    {
+        (Some(dir), None, _) => {
+            let ckpt = Checkpoint::open(dir, args.tokenizer.as_deref(), DType::F32)?;
+            let src = ckpt.weights.as_ref();
+            let params = match args.lora_rank {
+                Some(rank) => {
+                    let lora = LoraConfig {
+                        rank,
+                        alpha: args.lora_alpha,
+                    };
+                    Params::lora(&ckpt.config, src, lora, args.seed, None, device)?
+                }
+                None => Params::from_source(&ckpt.config, src, device)?,
+            };
+            let tok = args.tokenizer.clone().unwrap_or(dir.join("tokenizer.json"));
+            (ckpt.config, tok, params)
+        }
+        (None, Some(cfg_path), Some(tok)) => {
+            let json = std::fs::read_to_string(cfg_path)
+                .with_context(|| format!("{}", cfg_path.display()))?;
+            let cfg = PhiConfig::from_json(&json, &cfg_path.display().to_string())?;
+            let params = Params::init(&cfg, args.seed, device)?;
+            (cfg, tok.clone(), params)
+        }
+        _ => bail!(
+            "give either --init-from MODEL_DIR, or --model-config and --tokenizer for a new model"
+        ),
+    };
+    let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
+        .with_context(|| format!("{}", tokenizer_path.display()))?;
+    let tok = PhiTokenizer::from_bytes(
+        tokenizer_json.as_bytes(),
+        &tokenizer_path.display().to_string(),
+    )?;
+    let config = train_config(args);
+    let objective = objective(&config, &tok, &cfg, &args.data, device)?;
+    if medphi::train::checkpoint_exists(&args.out)? {
+        bail!(
+            "{} already holds a run; use --resume {0} to continue it",
+            args.out.display()
+        );
+    }
+    // A run killed before its first checkpoint leaves only its metrics: start over.
+    let metrics = args.out.join("metrics.jsonl");
+    if metrics.exists() {
+        std::fs::remove_file(&metrics).with_context(|| format!("{}", metrics.display()))?;
+    }
+    Ok(Trainer::new(
+        cfg,
+        tokenizer_json,
+        params,
+        objective,
+        config,
+    )?)
+}
+
+/// Everything that decides a new run, from the flags.
+fn train_config(args: &TrainArgs) -> TrainConfig {
+    TrainConfig {
+        stage: match args.stage {
+            StageArg::Pretrain => Stage::Pretrain,
+            StageArg::Sft => Stage::Sft,
+            StageArg::Dpo => Stage::Dpo,
+        },
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        seq_len: args.seq_len,
+        lr: args.lr,
+        warmup: args.warmup.unwrap_or(args.steps / 20),
+        weight_decay: args.weight_decay,
+        clip: args.clip,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        eval_batches: args.eval_batches,
+        save_every: args.save_every,
+        beta: args.beta,
+        init_from: args.init_from.clone(),
+        lora: args.lora_rank.map(|rank| LoraConfig {
+            rank,
+            alpha: args.lora_alpha,
+        }),
+        merge: args.merge,
+        precision: match args.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => Precision::F16,
+        },
+        group_by_length: args.group_by_length,
+    }
 }
 
 /// The trainer of the newest intact checkpoint in `dir`, with `--out`'s metrics.jsonl made

@@ -163,8 +163,19 @@ fn jsonl(lines: &[serde_json::Value]) -> String {
 /// Builds every output from `sources`; the same seed gives the same bytes.
 pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let by_id: HashMap<&str, &Term> = hpo::index(&sources.terms);
-    let mut held_out: HashSet<&str> = HashSet::new();
+    // The order of the steps is the order of the draws from `rng`: the outputs depend on it.
+    let held_out = held_out(sources, &mut rng);
+    let mut b = Builder::new(sources, held_out);
+    b.add_terms(&mut rng);
+    b.add_definition_questions(&mut rng)?;
+    b.add_diseases(&mut rng);
+    b.add_codes();
+    b.finish(&mut rng)
+}
+
+/// The terms and diseases kept out of training: one in `TEST_EVERY` of each, at random.
+fn held_out<'a>(sources: &'a Sources, rng: &mut StdRng) -> HashSet<&'a str> {
+    let mut held_out = HashSet::new();
     for list in [
         sources
             .terms
@@ -175,188 +186,255 @@ pub fn build(sources: &Sources, seed: u64) -> Result<DataSet> {
     ] {
         let mut ids = list;
         ids.sort_unstable();
-        ids.shuffle(&mut rng);
+        ids.shuffle(rng);
         held_out.extend(ids.iter().take(ids.len() / TEST_EVERY));
     }
+    held_out
+}
 
-    let mut corpus = Vec::new();
-    let (mut sft, mut dpo, mut train, mut test) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut terms = Vec::new();
-    let mut pairs_of: HashMap<&str, Vec<serde_json::Value>> = HashMap::new();
-    let defined: Vec<&Term> = sources.terms.iter().filter(|t| t.def.is_some()).collect();
-    let term_names: Vec<&str> = defined.iter().map(|t| t.name.as_str()).collect();
-    let definitions: Vec<&str> = defined.iter().filter_map(|t| t.def.as_deref()).collect();
+/// The outputs as they are gathered, before the final shuffles.
+struct Builder<'a> {
+    sources: &'a Sources,
+    by_id: HashMap<&'a str, &'a Term>,
+    held_out: HashSet<&'a str>,
+    /// The terms with a definition, their names and their definitions.
+    defined: Vec<&'a Term>,
+    corpus: Vec<String>,
+    sft: Vec<serde_json::Value>,
+    dpo: Vec<serde_json::Value>,
+    train: Vec<serde_json::Value>,
+    test: Vec<serde_json::Value>,
+    terms: Vec<serde_json::Value>,
+    /// Each training term's term ↔ definition pairs, for the drill and the polish.
+    pairs_of: HashMap<&'a str, Vec<serde_json::Value>>,
+}
 
-    for t in &sources.terms {
-        let parents: Vec<&str> = t
-            .parents
+impl<'a> Builder<'a> {
+    fn new(sources: &'a Sources, held_out: HashSet<&'a str>) -> Self {
+        Self {
+            sources,
+            by_id: hpo::index(&sources.terms),
+            held_out,
+            defined: sources.terms.iter().filter(|t| t.def.is_some()).collect(),
+            corpus: Vec::new(),
+            sft: Vec::new(),
+            dpo: Vec::new(),
+            train: Vec::new(),
+            test: Vec::new(),
+            terms: Vec::new(),
+            pairs_of: HashMap::new(),
+        }
+    }
+
+    /// Each term's corpus paragraph; for training terms, SFT pairs (definition, synonym,
+    /// parent), a term pair and a DPO pair against another term's definition.
+    fn add_terms(&mut self, rng: &mut StdRng) {
+        let definitions: Vec<&str> = self
+            .defined
             .iter()
-            .filter_map(|p| by_id.get(p.as_str()))
-            .map(|p| p.name.as_str())
+            .filter_map(|t| t.def.as_deref())
             .collect();
-        let mut text = format!("{}.", t.name);
-        if let Some(def) = &t.def {
-            text.push_str(&format!(" {def}"));
-        }
-        if !t.synonyms.is_empty() {
-            text.push_str(&format!(" Also called: {}.", t.synonyms.join("; ")));
-        }
-        if !parents.is_empty() {
-            text.push_str(&format!(
-                " {} is a kind of {}.",
-                t.name,
-                parents.join(" and ").to_lowercase()
-            ));
-        }
-        corpus.push(text);
-        if held_out.contains(t.id.as_str()) {
-            continue;
-        }
-        if let Some(def) = &t.def {
-            let prompt = instruct(&format!("What is {}?", t.name.to_lowercase()));
-            let pair = json!({"prompt": prompt, "response": format!(" {def}")});
-            sft.push(pair.clone());
-            pairs_of.entry(&t.id).or_default().push(pair.clone());
-            terms.push(pair);
-            if let Some(wrong) = definitions.choose(&mut rng).filter(|w| *w != def) {
-                dpo.push(json!({"prompt": prompt, "chosen": format!(" {def}"), "rejected": format!(" {wrong}")}));
+        for t in &self.sources.terms {
+            let parents: Vec<&str> = t
+                .parents
+                .iter()
+                .filter_map(|p| self.by_id.get(p.as_str()))
+                .map(|p| p.name.as_str())
+                .collect();
+            let mut text = format!("{}.", t.name);
+            if let Some(def) = &t.def {
+                text.push_str(&format!(" {def}"));
+            }
+            if !t.synonyms.is_empty() {
+                text.push_str(&format!(" Also called: {}.", t.synonyms.join("; ")));
+            }
+            if !parents.is_empty() {
+                text.push_str(&format!(
+                    " {} is a kind of {}.",
+                    t.name,
+                    parents.join(" and ").to_lowercase()
+                ));
+            }
+            self.corpus.push(text);
+            if self.held_out.contains(t.id.as_str()) {
+                continue;
+            }
+            if let Some(def) = &t.def {
+                let prompt = instruct(&format!("What is {}?", t.name.to_lowercase()));
+                let pair = json!({"prompt": prompt, "response": format!(" {def}")});
+                self.sft.push(pair.clone());
+                self.pairs_of.entry(&t.id).or_default().push(pair.clone());
+                self.terms.push(pair);
+                if let Some(wrong) = definitions.choose(rng).filter(|w| *w != def) {
+                    self.dpo.push(json!({"prompt": prompt, "chosen": format!(" {def}"), "rejected": format!(" {wrong}")}));
+                }
+            }
+            if let Some(syn) = t.synonyms.first() {
+                let prompt = instruct(&format!("Give another name for {}.", t.name.to_lowercase()));
+                self.sft
+                    .push(json!({"prompt": prompt, "response": format!(" {syn}")}));
+            }
+            if let Some(parent) = parents.first() {
+                let prompt = instruct(&format!(
+                    "What kind of finding is {}?",
+                    t.name.to_lowercase()
+                ));
+                self.sft.push(json!({"prompt": prompt, "response": format!(" {} is a kind of {}.", t.name, parent.to_lowercase())}));
             }
         }
-        if let Some(syn) = t.synonyms.first() {
-            let prompt = instruct(&format!("Give another name for {}.", t.name.to_lowercase()));
-            sft.push(json!({"prompt": prompt, "response": format!(" {syn}")}));
-        }
-        if let Some(parent) = parents.first() {
-            let prompt = instruct(&format!(
-                "What kind of finding is {}?",
-                t.name.to_lowercase()
-            ));
-            sft.push(json!({"prompt": prompt, "response": format!(" {} is a kind of {}.", t.name, parent.to_lowercase())}));
-        }
     }
 
-    // Definition → term questions (the term is the held-out unit).
-    for t in &defined {
-        let def = t.def.as_deref().unwrap_or_default();
-        let Some((opts, gold)) = options(&mut rng, &t.name, &term_names) else {
-            continue;
-        };
-        let q = format!("Which term matches this definition: {def}");
-        let record = medqa_record(&q, &opts, gold, "hpo-definition");
-        if held_out.contains(t.id.as_str()) {
-            test.push(record);
-        } else {
-            let pair = answered(Task::MedQa4Continuation, &record)?;
-            pairs_of.entry(&t.id).or_default().push(pair.clone());
-            terms.push(pair);
-            train.push(record);
+    /// Definition → term questions (the term is the held-out unit).
+    fn add_definition_questions(&mut self, rng: &mut StdRng) -> Result<()> {
+        let term_names: Vec<&str> = self.defined.iter().map(|t| t.name.as_str()).collect();
+        for t in &self.defined {
+            let def = t.def.as_deref().unwrap_or_default();
+            let Some((opts, gold)) = options(rng, &t.name, &term_names) else {
+                continue;
+            };
+            let q = format!("Which term matches this definition: {def}");
+            let record = medqa_record(&q, &opts, gold, "hpo-definition");
+            if self.held_out.contains(t.id.as_str()) {
+                self.test.push(record);
+            } else {
+                let pair = answered(Task::MedQa4Continuation, &record)?;
+                self.pairs_of.entry(&t.id).or_default().push(pair.clone());
+                self.terms.push(pair);
+                self.train.push(record);
+            }
         }
+        Ok(())
     }
 
-    // Phenotypes → disease questions, and disease paragraphs for the corpus.
-    let disease_names: Vec<&str> = sources.diseases.iter().map(|d| d.name.as_str()).collect();
-    for d in &sources.diseases {
-        let names: Vec<&str> = d
-            .phenotypes
+    /// Phenotypes → disease questions, and disease paragraphs for the corpus.
+    fn add_diseases(&mut self, rng: &mut StdRng) {
+        let disease_names: Vec<&str> = self
+            .sources
+            .diseases
             .iter()
-            .filter_map(|p| by_id.get(p.as_str()))
-            .map(|t| t.name.as_str())
+            .map(|d| d.name.as_str())
             .collect();
-        if names.len() < 3 {
-            continue;
-        }
-        corpus.push(format!(
-            "{} is characterised by {}.",
-            d.name,
-            names
+        for d in &self.sources.diseases {
+            let names: Vec<&str> = d
+                .phenotypes
                 .iter()
-                .take(12)
-                .map(|n| n.to_lowercase())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        let shown: Vec<String> = names.iter().take(5).map(|n| n.to_lowercase()).collect();
-        let q = format!(
-            "A patient presents with {}. Which diagnosis is most likely?",
-            shown.join(", ")
-        );
-        let Some((opts, gold)) = options(&mut rng, &d.name, &disease_names) else {
-            continue;
-        };
-        let record = medqa_record(&q, &opts, gold, "hpo-disease");
-        if held_out.contains(d.id.as_str()) {
-            test.push(record);
-            continue;
+                .filter_map(|p| self.by_id.get(p.as_str()))
+                .map(|t| t.name.as_str())
+                .collect();
+            if names.len() < 3 {
+                continue;
+            }
+            self.corpus.push(format!(
+                "{} is characterised by {}.",
+                d.name,
+                names
+                    .iter()
+                    .take(12)
+                    .map(|n| n.to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            let shown: Vec<String> = names.iter().take(5).map(|n| n.to_lowercase()).collect();
+            let q = format!(
+                "A patient presents with {}. Which diagnosis is most likely?",
+                shown.join(", ")
+            );
+            let Some((opts, gold)) = options(rng, &d.name, &disease_names) else {
+                continue;
+            };
+            let record = medqa_record(&q, &opts, gold, "hpo-disease");
+            if self.held_out.contains(d.id.as_str()) {
+                self.test.push(record);
+                continue;
+            }
+            self.train.push(record);
+            let prompt = instruct(&format!(
+                "Which disease presents with {}?",
+                shown.join(", ")
+            ));
+            self.sft
+                .push(json!({"prompt": prompt, "response": format!(" {}", d.name)}));
+            let wrong = &opts[(gold + 1) % 4];
+            self.dpo.push(json!({"prompt": prompt, "chosen": format!(" {}", d.name), "rejected": format!(" {wrong}")}));
         }
-        train.push(record);
-        let prompt = instruct(&format!(
-            "Which disease presents with {}?",
-            shown.join(", ")
-        ));
-        sft.push(json!({"prompt": prompt, "response": format!(" {}", d.name)}));
-        let wrong = &opts[(gold + 1) % 4];
-        dpo.push(json!({"prompt": prompt, "chosen": format!(" {}", d.name), "rejected": format!(" {wrong}")}));
     }
 
-    for c in &sources.codes {
-        corpus.push(format!("ICD-10-CM code {}: {}.", c.code, c.desc));
-        sft.push(json!({
-            "prompt": instruct(&format!("What does ICD-10-CM code {} describe?", c.code)),
-            "response": format!(" {}", c.desc),
-        }));
+    /// ICD-10-CM codes: a corpus line and an SFT pair each.
+    fn add_codes(&mut self) {
+        for c in &self.sources.codes {
+            self.corpus
+                .push(format!("ICD-10-CM code {}: {}.", c.code, c.desc));
+            self.sft.push(json!({
+                "prompt": instruct(&format!("What does ICD-10-CM code {} describe?", c.code)),
+                "response": format!(" {}", c.desc),
+            }));
+        }
     }
 
-    // The training questions also teach the answer format lm-eval scores: the MedQA prompt
-    // followed by the letter.
-    for record in &train {
-        sft.push(answered(Task::MedQa4, record)?);
+    /// The answered training questions, the shuffles, the drill and polish sets, and counts.
+    fn finish(mut self, rng: &mut StdRng) -> Result<DataSet> {
+        // The training questions also teach the answer format lm-eval scores: the MedQA
+        // prompt followed by the letter.
+        for record in &self.train {
+            self.sft.push(answered(Task::MedQa4, record)?);
+        }
+        let Self {
+            sources,
+            mut corpus,
+            mut sft,
+            mut dpo,
+            mut train,
+            mut test,
+            mut terms,
+            pairs_of,
+            ..
+        } = self;
+        corpus.shuffle(rng);
+        sft.shuffle(rng);
+        dpo.shuffle(rng);
+        train.shuffle(rng);
+        test.shuffle(rng);
+        // Last, so that adding this set left every other output's bytes as they were.
+        terms.shuffle(rng);
+        let pairs = |ids: &[&str]| -> Vec<serde_json::Value> {
+            ids.iter()
+                .flat_map(|id| pairs_of[id].iter().cloned())
+                .collect()
+        };
+        let ranked = most_annotated(pairs_of.keys().copied().collect(), &sources.diseases);
+        let mut term_drill = pairs(&drilled(&ranked, CORE_TERMS));
+        term_drill.shuffle(rng);
+        let (core, rest) = ranked.split_at(CORE_TERMS.min(ranked.len()));
+        let mut core_terms = pairs(core);
+        core_terms.shuffle(rng);
+        let mut others = pairs(rest);
+        others.shuffle(rng);
+        let core_terms = with_forgetting_tail(core_terms, others);
+        let counts = BTreeMap::from([
+            ("hpo_terms", sources.terms.len()),
+            ("diseases", sources.diseases.len()),
+            ("icd10cm_codes", sources.codes.len()),
+            ("corpus_paragraphs", corpus.len()),
+            ("sft_pairs", sft.len()),
+            ("dpo_pairs", dpo.len()),
+            ("mcq_train", train.len()),
+            ("mcq_test", test.len()),
+            ("term_pairs", terms.len()),
+            ("term_drill_pairs", term_drill.len()),
+            ("core_term_pairs", core_terms.len()),
+        ]);
+        Ok(DataSet {
+            corpus: corpus.join("\n\n") + "\n",
+            sft: jsonl(&sft),
+            dpo: jsonl(&dpo),
+            mcq_train: jsonl(&train),
+            mcq_test: jsonl(&test),
+            terms: jsonl(&terms),
+            term_drill: jsonl(&term_drill),
+            core_terms: jsonl(&core_terms),
+            counts,
+        })
     }
-
-    corpus.shuffle(&mut rng);
-    sft.shuffle(&mut rng);
-    dpo.shuffle(&mut rng);
-    train.shuffle(&mut rng);
-    test.shuffle(&mut rng);
-    // Last, so that adding this set left every other output's bytes as they were.
-    terms.shuffle(&mut rng);
-    let pairs = |ids: &[&str]| -> Vec<serde_json::Value> {
-        ids.iter()
-            .flat_map(|id| pairs_of[id].iter().cloned())
-            .collect()
-    };
-    let ranked = most_annotated(pairs_of.keys().copied().collect(), &sources.diseases);
-    let mut term_drill = pairs(&drilled(&ranked, CORE_TERMS));
-    term_drill.shuffle(&mut rng);
-    let (core, rest) = ranked.split_at(CORE_TERMS.min(ranked.len()));
-    let mut core_terms = pairs(core);
-    core_terms.shuffle(&mut rng);
-    let mut others = pairs(rest);
-    others.shuffle(&mut rng);
-    let core_terms = with_forgetting_tail(core_terms, others);
-    let counts = BTreeMap::from([
-        ("hpo_terms", sources.terms.len()),
-        ("diseases", sources.diseases.len()),
-        ("icd10cm_codes", sources.codes.len()),
-        ("corpus_paragraphs", corpus.len()),
-        ("sft_pairs", sft.len()),
-        ("dpo_pairs", dpo.len()),
-        ("mcq_train", train.len()),
-        ("mcq_test", test.len()),
-        ("term_pairs", terms.len()),
-        ("term_drill_pairs", term_drill.len()),
-        ("core_term_pairs", core_terms.len()),
-    ]);
-    Ok(DataSet {
-        corpus: corpus.join("\n\n") + "\n",
-        sft: jsonl(&sft),
-        dpo: jsonl(&dpo),
-        mcq_train: jsonl(&train),
-        mcq_test: jsonl(&test),
-        terms: jsonl(&terms),
-        term_drill: jsonl(&term_drill),
-        core_terms: jsonl(&core_terms),
-        counts,
-    })
 }
 
 #[cfg(test)]

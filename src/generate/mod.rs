@@ -45,6 +45,7 @@ pub enum StopReason {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Generation {
     pub input_ids: Vec<u32>,
     /// Generated ids, EOS excluded.

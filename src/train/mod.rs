@@ -178,6 +178,17 @@ fn dpo_loss(
     Ok((loss, accuracy, margin))
 }
 
+/// One step's summed gradient (in `params.vars` order), loss and what it saw.
+#[derive(Default)]
+struct StepGradients {
+    grads: Vec<Tensor>,
+    loss: f64,
+    tokens: usize,
+    /// DPO only.
+    reward_accuracy: f64,
+    reward_margin: f64,
+}
+
 enum CurrentModel<'a> {
     Built(&'a Phi),
     Rebuilt(Box<Phi>),
@@ -351,13 +362,52 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.step + 1;
         let c = self.config.clone();
+        let g = self.gradients()?;
+        let mut norm_sq = 0.0;
+        for g in &g.grads {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = norm_sq.sqrt();
+        if !(g.loss.is_finite() && norm.is_finite()) {
+            return Err(Error::input(format!(
+                "step {step}: the loss is {} and the gradient norm {norm}; the update was not \
+                 applied and training stopped with the weights of step {} (lower --lr or set --clip)",
+                g.loss, self.step
+            )));
+        }
+        let scale = if c.clip > 0.0 && norm > c.clip {
+            c.clip / norm
+        } else {
+            1.0
+        };
+        let lr = learning_rate(step, c.lr, c.warmup, c.steps);
+        for ((name, var), grad) in self.params.vars.iter().zip(&g.grads) {
+            let next = self.opt.update(name, var.as_tensor(), grad, scale, lr)?;
+            var.set(&next)?;
+        }
+        self.opt.t += 1;
+        self.step = step;
+        let dpo = matches!(self.objective, Objective::Dpo { .. });
+        Ok(StepMetrics {
+            step,
+            loss: g.loss,
+            lr,
+            tokens_per_s: g.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            grad_norm: norm,
+            eval_loss: None,
+            reward_accuracy: dpo.then_some(g.reward_accuracy),
+            reward_margin: dpo.then_some(g.reward_margin),
+        })
+    }
+
+    /// The next step's gradient, summed over its `grad_accum` micro-batches, with its loss.
+    fn gradients(&mut self) -> Result<StepGradients> {
+        let per_step = (self.config.grad_accum * self.config.batch_size) as u64;
+        let first = self.step * per_step;
+        let step_examples: Vec<usize> = (0..per_step).map(|j| self.order.get(first + j)).collect();
+        let c = &self.config;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
-        let (mut loss_sum, mut tokens) = (0.0, 0);
-        let (mut accuracy, mut margin) = (0.0, 0.0);
-        let first = self.step * (c.grad_accum * c.batch_size) as u64;
-        let step_examples: Vec<usize> = (0..(c.grad_accum * c.batch_size) as u64)
-            .map(|j| self.order.get(first + j))
-            .collect();
+        let mut out = StepGradients::default();
         // The weights only change after the last micro-batch: one model serves them all.
         let model = self.current_model()?;
         let model = model.get();
@@ -366,7 +416,7 @@ impl Trainer {
             let loss = match &self.objective {
                 Objective::Lm(examples) => {
                     let batch = examples.batch(idx, &device)?;
-                    tokens += batch.input.elem_count();
+                    out.tokens += batch.input.elem_count();
                     masked_loss(model, &batch)?
                 }
                 Objective::Dpo {
@@ -375,15 +425,15 @@ impl Trainer {
                     reference,
                 } => {
                     let (bc, br) = (chosen.batch(idx, &device)?, rejected.batch(idx, &device)?);
-                    tokens += bc.input.elem_count() + br.input.elem_count();
+                    out.tokens += bc.input.elem_count() + br.input.elem_count();
                     let (loss, acc, m) = dpo_loss(model, reference, (&bc, &br), c.beta)?;
-                    accuracy += acc / c.grad_accum as f64;
-                    margin += m / c.grad_accum as f64;
+                    out.reward_accuracy += acc / c.grad_accum as f64;
+                    out.reward_margin += m / c.grad_accum as f64;
                     loss
                 }
             };
             let loss = (loss / c.grad_accum as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            out.loss += loss.to_scalar::<f32>()? as f64;
             let g = loss.backward()?;
             for ((name, var), acc) in self.params.vars.iter().zip(grads.iter_mut()) {
                 let gi = g
@@ -395,41 +445,8 @@ impl Trainer {
                 });
             }
         }
-        let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
-        let mut norm_sq = 0.0;
-        for g in &grads {
-            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let norm = norm_sq.sqrt();
-        if !(loss_sum.is_finite() && norm.is_finite()) {
-            return Err(Error::input(format!(
-                "step {step}: the loss is {loss_sum} and the gradient norm {norm}; the update was not \
-                 applied and training stopped with the weights of step {} (lower --lr or set --clip)",
-                self.step
-            )));
-        }
-        let scale = if c.clip > 0.0 && norm > c.clip {
-            c.clip / norm
-        } else {
-            1.0
-        };
-        let lr = learning_rate(step, c.lr, c.warmup, c.steps);
-        for ((name, var), g) in self.params.vars.iter().zip(&grads) {
-            let next = self.opt.update(name, var.as_tensor(), g, scale, lr)?;
-            var.set(&next)?;
-        }
-        self.opt.t += 1;
-        self.step = step;
-        Ok(StepMetrics {
-            step,
-            loss: loss_sum,
-            lr,
-            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            grad_norm: norm,
-            eval_loss: None,
-            reward_accuracy: matches!(self.objective, Objective::Dpo { .. }).then_some(accuracy),
-            reward_margin: matches!(self.objective, Objective::Dpo { .. }).then_some(margin),
-        })
+        out.grads = grads.into_iter().flatten().collect();
+        Ok(out)
     }
 
     /// The model over the current weights: the one built at the start, or one rebuilt from

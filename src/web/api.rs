@@ -15,7 +15,8 @@ use crate::backend::{Backend, CpuBackend};
 use crate::cancel::Cancel;
 use crate::checkpoint::{Checkpoint, NamedBytes};
 use crate::error::Error;
-use crate::eval::{evaluate_item, Item, Task};
+use crate::eval::report::{results_json, TaskSummary};
+use crate::eval::{evaluate_item, sample_json, Item, Task};
 use crate::generate::{GenerateOptions, PromptFormat, SamplingParams, Session, Turn};
 use crate::gpu::{GpuBackend, GpuInfo};
 use crate::tokenizer::PhiTokenizer;
@@ -93,6 +94,12 @@ struct Question {
     /// Also score each choice alone and pick by mutual information (continuation tasks).
     #[serde(default)]
     mutual_info: bool,
+    /// The record the question came from, and its index in its file (for the lm-eval
+    /// sample line).
+    #[serde(default)]
+    doc: serde_json::Value,
+    #[serde(default)]
+    doc_id: usize,
 }
 
 #[derive(Serialize)]
@@ -112,6 +119,8 @@ struct Scored {
     pred_mutual_info: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     acc_mutual_info: Option<bool>,
+    /// The question's line of lm-eval's `samples_<task>.jsonl`, as `medphi eval` writes it.
+    sample: serde_json::Value,
 }
 
 fn busy() -> JsValue {
@@ -269,8 +278,8 @@ impl Model {
     /// Generates a reply to `request` (`{prompt, format: "raw"|"instruct"|"chat", history:
     /// [{user, assistant}], maxNewTokens, temperature, topP, topK, repetitionPenalty, seed,
     /// stop}`), calling `on_text(piece)` as text arrives; `on_text` returns `false` to stop.
-    /// Resolves to `{input_ids, output_ids, text, stop_reason, prefill_tok_s, decode_tok_s,
-    /// reused_tokens}`, the object `medphi generate --json` prints.
+    /// Resolves to `{inputIds, outputIds, text, stopReason, prefillTokS, decodeTokS,
+    /// reusedTokens}`: what `medphi generate --json` prints, in JavaScript's camelCase.
     pub fn generate(&self, request: JsValue, on_text: js_sys::Function) -> js_sys::Promise {
         let shared = Rc::clone(&self.inner);
         // A stop meant for an earlier generation must not end this one; lowered here, before
@@ -287,8 +296,9 @@ impl Model {
     }
 
     /// Scores a multiple-choice question `{context, choices, gold}` as lm-eval does.
-    /// Resolves to `{loglikelihoods, isGreedy, pred, predNorm, acc, accNorm}`, and for
-    /// `mutualInfo` questions also `{unconditional, predMutualInfo, accMutualInfo}`.
+    /// Resolves to `{loglikelihoods, isGreedy, pred, predNorm, acc, accNorm, sample}`, and for
+    /// `mutualInfo` questions also `{unconditional, predMutualInfo, accMutualInfo}`; `sample`
+    /// is the question's lm-eval sample line (see `evalReport`).
     pub fn score(&self, question: JsValue) -> js_sys::Promise {
         let shared = Rc::clone(&self.inner);
         future_to_promise(async move {
@@ -300,8 +310,9 @@ impl Model {
                     q.gold
                 ))));
             }
+            let doc_id = q.doc_id;
             let item = Item {
-                doc: serde_json::Value::Null,
+                doc: q.doc,
                 context: q.context,
                 choices: q.choices,
                 gold: q.gold,
@@ -309,7 +320,7 @@ impl Model {
             };
             with_inner(&shared, |mut inner| async move {
                 let Inner { session, tokenizer } = &mut inner;
-                let result = evaluate_item(session.backend_mut(), tokenizer, 0, &item, true)
+                let result = evaluate_item(session.backend_mut(), tokenizer, doc_id, &item, true)
                     .await
                     .map_err(js_error)
                     .and_then(|s| {
@@ -327,6 +338,7 @@ impl Model {
                                 .collect(),
                             pred_mutual_info: s.pred_mutual_info,
                             acc_mutual_info: s.acc_mutual_info,
+                            sample: sample_json(&item, &s),
                         })
                     });
                 (inner, result)
@@ -379,12 +391,40 @@ pub fn parse_benchmark(task: &str, text: &str, file: &str) -> Result<JsValue, Js
     let items = task.load(text, file).map_err(js_error)?;
     let questions: Vec<Question> = items
         .into_iter()
-        .map(|i| Question {
+        .enumerate()
+        .map(|(doc_id, i)| Question {
             context: i.context,
             choices: i.choices,
             gold: i.gold,
             mutual_info: i.mutual_info,
+            doc: i.doc,
+            doc_id,
         })
         .collect();
     to_js(&questions)
+}
+
+/// lm-eval's results object for scored questions of `task`, built by the code that writes
+/// `medphi eval`'s results.json: `samples` are the `sample` lines `score` returned,
+/// `original` the question count of the file, `config` the run's description, `seconds` its
+/// duration. The samples themselves are included under `samples[task]`, as lm-eval's
+/// in-memory results carry them.
+#[wasm_bindgen(js_name = evalReport)]
+pub fn eval_report(
+    task: &str,
+    samples: JsValue,
+    original: usize,
+    config: JsValue,
+    seconds: f64,
+) -> Result<JsValue, JsValue> {
+    let lines: Vec<serde_json::Value> = from_js(samples, "samples")?;
+    let config: serde_json::Value = from_js(config, "config")?;
+    let summary = TaskSummary {
+        name: task,
+        original,
+        lines: &lines,
+    };
+    let mut report = results_json(&[summary], config, seconds);
+    report["samples"] = serde_json::json!({ task: lines });
+    to_js(&report)
 }

@@ -10,7 +10,7 @@
 mod api;
 mod pacing;
 
-pub use api::{parse_benchmark, Model};
+pub use api::{eval_report, parse_benchmark, Model};
 
 use wasm_bindgen::prelude::*;
 

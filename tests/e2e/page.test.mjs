@@ -139,10 +139,48 @@ test('Stop ends a generation on each backend, from the API and from the button',
   await context.close();
 });
 
-/** Clicks Export JSON and returns the downloaded run. */
+/** Clicks Export JSON and returns the downloaded run (lm-eval's results object) and its file name. */
 async function exportResults(page) {
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export')]);
-  return JSON.parse(readFileSync(await download.path(), 'utf8'));
+  return { exported: JSON.parse(readFileSync(await download.path(), 'utf8')), filename: download.suggestedFilename() };
+}
+
+/**
+ * The exported `results[task]` are lm-eval's aggregates of the exported sample lines: each
+ * metric the mean of the samples' per-item values, its stderr the sample standard deviation
+ * over √n ("N/A" for one sample).
+ */
+function assertMetricsAreSampleMeans(exported, task, names) {
+  const metrics = exported.results[task];
+  const lines = exported.samples[task];
+  for (const name of names) {
+    const values = lines.map((l) => l[name]);
+    assert.ok(values.every((v) => v === 0 || v === 1), `${name}: ${values}`);
+    const n = values.length;
+    const mean = values.reduce((a, b) => a + b, 0) / n;
+    assert.ok(Math.abs(metrics[`${name},none`] - mean) < 1e-12, `${name}: ${metrics[`${name},none`]} vs ${mean}`);
+    if (n < 2) {
+      assert.equal(metrics[`${name}_stderr,none`], 'N/A', name);
+    } else {
+      const se = Math.sqrt(values.reduce((a, v) => a + (v - mean) ** 2, 0) / (n - 1) / n);
+      assert.ok(Math.abs(metrics[`${name}_stderr,none`] - se) < 1e-12, `${name} stderr: ${metrics[`${name}_stderr,none`]} vs ${se}`);
+    }
+  }
+}
+
+/** The summary's big number and stderr, as the page shows them. */
+async function shownAccuracy(page) {
+  const big = await page.textContent('#bench-summary .big');
+  const detail = await page.textContent('#bench-summary .detail');
+  return { percent: big, stderr: detail.match(/± (\d+\.\d) \(stderr\)/)?.[1] ?? null };
+}
+
+/** Asserts the summary shows the exported `metric` and its stderr, as percentages to one decimal. */
+async function assertShowsMetric(page, exported, task, metric) {
+  const shown = await shownAccuracy(page);
+  const m = exported.results[task];
+  assert.equal(shown.percent, `${(100 * m[`${metric},none`]).toFixed(1)}%`);
+  assert.equal(shown.stderr, (100 * m[`${metric}_stderr,none`]).toFixed(1));
 }
 
 test('the MedQA panel scores the bundled sample questions with bars and exports JSON', async () => {
@@ -158,9 +196,15 @@ test('the MedQA panel scores the bundled sample questions with bars and exports 
     s.map((e) => parseFloat(e.style.width)),
   );
   assert.ok(Math.abs(widths.reduce((a, b) => a + b, 0) - 100) < 0.5, `probabilities sum to 100%: ${widths}`);
-  const exported = await exportResults(page);
-  assert.equal(exported.n, 12);
-  assert.equal(exported.items.length, 12);
+  const { exported, filename } = await exportResults(page);
+  const task = 'medqa_4options';
+  assert.equal(filename, `medphi-${task}-results.json`);
+  assert.deepEqual(exported['n-samples'][task], { original: 12, effective: 12 });
+  assert.equal(exported.samples[task].length, 12);
+  assert.deepEqual(exported.samples[task].map((l) => l.doc_id), [...Array(12).keys()]);
+  assert.equal(exported.results[task]['acc_mutual_info,none'], undefined, 'letters: no mutual information');
+  assertMetricsAreSampleMeans(exported, task, ['acc', 'acc_norm']);
+  await assertShowsMetric(page, exported, task, 'acc');
   await page.screenshot({ path: `${out}/medqa.png`, fullPage: true });
   assert.deepEqual(errors, []);
   await context.close();
@@ -177,20 +221,34 @@ test('option-text scoring asks the bare question and picks by mutual information
   const question = await first.locator('.question-text').textContent();
   assert.match(question, /^Question: .*\nAnswer:$/s);
   assert.doesNotMatch(question, /\nA\. /);
-  const exported = await exportResults(page);
-  for (const item of exported.items) {
-    assert.equal(item.unconditional_loglikelihoods.length, 4);
-    const pmi = item.loglikelihoods.map((ll, i) => ll - item.unconditional_loglikelihoods[i]);
-    assert.equal(item.pred_mutual_info, pmi.indexOf(Math.max(...pmi)));
-    assert.equal(item.acc_mutual_info, item.pred_mutual_info === item.gold);
+  const { exported, filename } = await exportResults(page);
+  const task = 'medqa_4options_continuation';
+  assert.equal(filename, `medphi-${task}-results.json`);
+  assert.deepEqual(exported['n-samples'][task], { original: 12, effective: 12 });
+  const lines = exported.samples[task];
+  assert.equal(lines.length, 12);
+  // lm-eval's sample lines: 4 requests (question, " option") then 4 unconditional ("", option);
+  // the pick by mutual information is the largest gain of the first over the second.
+  const predMutualInfo = (line) => {
+    const ll = line.filtered_resps.map(([v]) => v);
+    const pmi = ll.slice(0, 4).map((v, i) => v - ll[4 + i]);
+    return pmi.indexOf(Math.max(...pmi));
+  };
+  for (const line of lines) {
+    assert.equal(line.arguments.length, 8);
+    assert.equal(line.filtered_resps.length, 8);
+    assert.ok(line.arguments.slice(4).every(([context]) => context === ''), JSON.stringify(line.arguments));
+    assert.equal(line.acc_mutual_info, predMutualInfo(line) === line.target ? 1 : 0);
   }
+  assert.equal(lines[0].arguments[0][0], question);
   const picked = await first.locator('.option').evaluateAll((rows) => rows.findIndex((r) => r.classList.contains('pick')));
-  assert.equal(picked, exported.items[0].pred_mutual_info);
+  assert.equal(picked, predMutualInfo(lines[0]));
   // The bars show the normalised gains, so the picked option has the longest bar.
   const widths = await first.locator('.option .bar > span').evaluateAll((s) => s.map((e) => parseFloat(e.style.width)));
   assert.equal(widths.indexOf(Math.max(...widths)), picked);
-  const accuracy = exported.items.filter((i) => i.acc_mutual_info).length / 12;
-  assert.ok(Math.abs(exported.acc - accuracy) < 1e-9, `${exported.acc} vs ${accuracy}`);
+  // The accuracy shown is the exported metric, the mean of the lines' acc_mutual_info.
+  assertMetricsAreSampleMeans(exported, task, ['acc', 'acc_norm', 'acc_mutual_info']);
+  await assertShowsMetric(page, exported, task, 'acc_mutual_info');
   await page.screenshot({ path: `${out}/medqa-option-texts.png`, fullPage: true });
   assert.deepEqual(errors, []);
   await context.close();
@@ -206,8 +264,14 @@ test("the bundled model's held-out questions run from the panel, and Stop ends t
   await page.waitForSelector('#status:has-text("tiny-medphi held-out")', { timeout: 60_000 });
   const n = await page.locator('#bench-results > li').count();
   assert.ok(n >= 3 && n < 100, `${n} questions scored before Stop`);
-  const held = readFileSync(`${root}models/tiny-medphi/medqa_test.jsonl`, 'utf8').split('\n')[0];
-  const first = JSON.parse(held);
+  const heldOut = readFileSync(`${root}models/tiny-medphi/medqa_test.jsonl`, 'utf8').split('\n').filter((l) => l.trim());
+  const first = JSON.parse(heldOut[0]);
+  // The export covers what was scored, out of the whole file.
+  const { exported } = await exportResults(page);
+  const task = 'medqa_4options_continuation';
+  assert.deepEqual(exported['n-samples'][task], { original: heldOut.length, effective: n });
+  assert.equal(exported.config.limit, 100);
+  assert.deepEqual(exported.samples[task][0].doc, first);
   assert.equal(await page.locator('#bench-results > li .question-text').first().textContent(), `Question: ${first.question}\nAnswer:`);
   assert.deepEqual(errors, []);
   await context.close();
