@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use medphi::gpu::{GpuContext, Kernels, MatmulParams, WeightFormat};
+use medphi::gpu::{GpuContext, GpuLinear, GpuNorm, GpuTensor, Kernels, WeightFormat};
 
 /// Declares each async test body as a native `#[test]` and a browser test.
 macro_rules! native_and_browser {
@@ -80,16 +80,14 @@ async fn check_matmul(format: WeightFormat, sizes: &[(usize, usize, usize)]) {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let (xb, wb, bb) = (
-            ctx.upload("x", &values(&x)).unwrap(),
-            ctx.upload_bytes("w", &bytes).unwrap(),
-            ctx.upload("b", &values(&b)).unwrap(),
-        );
-        let y = ctx.storage("y", m * n).unwrap();
+        let xb = ctx.upload("x", &values(&x), &[m, kk]).unwrap();
+        let linear = GpuLinear {
+            w: ctx.upload_bytes("w", &bytes, &[n, kk], format).unwrap(),
+            b: Some(ctx.upload("b", &values(&b), &[n]).unwrap()),
+        };
+        let y = ctx.zeros("y", &[m, n]).unwrap();
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let p = MatmulParams::new(m as u32, n as u32, kk as u32, true);
-        k.matmul(&ctx, &mut enc, p, format, (&xb, &wb, &bb, &y))
-            .unwrap();
+        k.matmul(&ctx, &mut enc, m, &xb, &linear, (&y, 0)).unwrap();
         ctx.queue.submit([enc.finish()]);
         let got = ctx.read(&y, m * n).await.unwrap();
         let diff = max_diff(&got, &values(&expected));
@@ -144,19 +142,14 @@ async fn embedding_gathers_from_quantized_tables() {
         let expected = decoded
             .index_select(&Tensor::new(&ids, &Device::Cpu).unwrap(), 0)
             .unwrap();
-        let table = ctx.upload_bytes("table", &bytes).unwrap();
-        let out = ctx.storage("out", ids.len() * dim).unwrap();
-        let idb = u32_buffer(&ctx, &ids);
+        let table = ctx
+            .upload_bytes("table", &bytes, &[rows, dim], format)
+            .unwrap();
+        let out = ctx.zeros("out", &[ids.len(), dim]).unwrap();
+        let idb = u32_tensor(&ctx, &ids);
         run(&ctx, |enc| {
-            k.embedding(
-                &ctx,
-                enc,
-                ids.len() as u32,
-                dim as u32,
-                (0, rows as u32, format),
-                (&idb, &table, &out),
-            )
-            .unwrap()
+            k.embedding(&ctx, enc, ids.len(), &idb, (&table, 0), &out)
+                .unwrap()
         });
         let got = ctx.read(&out, ids.len() * dim).await.unwrap();
         assert!(max_diff(&got, &values(&expected)) < 1e-6, "{format:?}");
@@ -171,22 +164,15 @@ async fn layer_norm_matches_candle() {
         let g = (rand(&[dim], 0.1) + 1.0).unwrap();
         let b = rand(&[dim], 0.1);
         let expected = candle_nn::ops::layer_norm(&x, &g, &b, 1e-5).unwrap();
-        let (xb, gb, bb) = (
-            ctx.upload("x", &values(&x)).unwrap(),
-            ctx.upload("g", &values(&g)).unwrap(),
-            ctx.upload("b", &values(&b)).unwrap(),
-        );
-        let y = ctx.storage("y", rows * dim).unwrap();
+        let xb = ctx.upload("x", &values(&x), &[rows, dim]).unwrap();
+        let norm = GpuNorm {
+            w: ctx.upload("g", &values(&g), &[dim]).unwrap(),
+            b: ctx.upload("b", &values(&b), &[dim]).unwrap(),
+            eps: 1e-5,
+        };
+        let y = ctx.zeros("y", &[rows, dim]).unwrap();
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        k.layer_norm(
-            &ctx,
-            &mut enc,
-            rows as u32,
-            dim as u32,
-            1e-5,
-            (&xb, &gb, &bb, &y),
-        )
-        .unwrap();
+        k.layer_norm(&ctx, &mut enc, rows, &xb, &norm, &y).unwrap();
         ctx.queue.submit([enc.finish()]);
         let got = ctx.read(&y, rows * dim).await.unwrap();
         let diff = max_diff(&got, &values(&expected));
@@ -200,10 +186,9 @@ async fn gelu_new_matches_candle_and_stays_finite_for_large_inputs() {
     input.extend([-1e4, -80.0, -20.0, 20.0, 80.0, 1e4]);
     let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap();
     let expected = values(&x.gelu().unwrap());
-    let buf = ctx.upload("x", &input).unwrap();
+    let buf = ctx.upload("x", &input, &[1, input.len()]).unwrap();
     let mut enc = ctx.device.create_command_encoder(&Default::default());
-    k.gelu_new(&ctx, &mut enc, input.len() as u32, &buf)
-        .unwrap();
+    k.gelu_new(&ctx, &mut enc, 1, &buf).unwrap();
     ctx.queue.submit([enc.finish()]);
     let got = ctx.read(&buf, input.len()).await.unwrap();
     assert!(got.iter().all(|v| v.is_finite()), "gelu produced NaN/inf");
@@ -235,16 +220,23 @@ async fn device_errors_become_errors_not_panics() {
     let (ctx, k) = ctx().await;
     // Reading back a buffer created without COPY_SRC is a validation error, which wgpu
     // would turn into a panic by default.
-    let x = ctx.upload("x", &[1.0; 4]).unwrap();
-    let tiny = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("tiny"),
-        size: 4,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let x = ctx.upload("x", &[1.0; 4], &[1, 4]).unwrap();
+    let tiny = GpuTensor {
+        buffer: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tiny"),
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        }),
+        shape: vec![1, 1],
+        format: WeightFormat::F32,
+    };
+    let linear = GpuLinear {
+        w: x.clone(),
+        b: None,
+    };
     let mut enc = ctx.device.create_command_encoder(&Default::default());
-    let p = MatmulParams::new(1, 1, 4, false);
-    k.matmul(&ctx, &mut enc, p, WeightFormat::F32, (&x, &x, &x, &tiny))
+    k.matmul(&ctx, &mut enc, 1, &x, &linear, (&tiny, 0))
         .unwrap();
     ctx.queue.submit([enc.finish()]);
     let err = ctx.read(&tiny, 1).await.unwrap_err().to_string();
@@ -257,14 +249,10 @@ fn run(ctx: &GpuContext, record: impl FnOnce(&mut wgpu::CommandEncoder)) {
     ctx.queue.submit([enc.finish()]);
 }
 
-fn u32_buffer(ctx: &GpuContext, data: &[u32]) -> wgpu::Buffer {
-    use wgpu::util::DeviceExt;
-    ctx.device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("u32"),
-            contents: bytemuck::cast_slice(data),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
+/// u32 values (token ids, top-k output) in a tensor of their length.
+fn u32_tensor(ctx: &GpuContext, data: &[u32]) -> GpuTensor {
+    let bits: Vec<f32> = data.iter().map(|&v| f32::from_bits(v)).collect();
+    ctx.upload("u32", &bits, &[data.len()]).unwrap()
 }
 
 async fn embedding_gathers_rows_across_table_chunks() {
@@ -275,24 +263,21 @@ async fn embedding_gathers_rows_across_table_chunks() {
     let expected = table
         .index_select(&Tensor::new(&ids, &Device::Cpu).unwrap(), 0)
         .unwrap();
-    let out = ctx.storage("out", ids.len() * dim).unwrap();
-    let idb = u32_buffer(&ctx, &ids);
+    let out = ctx.zeros("out", &[ids.len(), dim]).unwrap();
+    let idb = u32_tensor(&ctx, &ids);
     let all = values(&table);
     // The table bound as two row chunks, as for an embedding larger than one binding.
     for (start, count) in [(0usize, 25usize), (25, 25)] {
         let chunk = ctx
-            .upload("chunk", &all[start * dim..(start + count) * dim])
+            .upload(
+                "chunk",
+                &all[start * dim..(start + count) * dim],
+                &[count, dim],
+            )
             .unwrap();
         run(&ctx, |enc| {
-            k.embedding(
-                &ctx,
-                enc,
-                ids.len() as u32,
-                dim as u32,
-                (start as u32, count as u32, WeightFormat::F32),
-                (&idb, &chunk, &out),
-            )
-            .unwrap()
+            k.embedding(&ctx, enc, ids.len(), &idb, (&chunk, start), &out)
+                .unwrap()
         });
     }
     let got = ctx.read(&out, ids.len() * dim).await.unwrap();
@@ -307,13 +292,13 @@ async fn residual_matches_a_plain_sum() {
         values(&rand(&[n], 1.0)),
         values(&rand(&[n], 1.0)),
     );
-    let xb = ctx.upload("x", &a).unwrap();
+    let xb = ctx.upload("x", &a, &[1, n]).unwrap();
     let (bb, cb) = (
-        ctx.upload("attn", &b).unwrap(),
-        ctx.upload("mlp", &c).unwrap(),
+        ctx.upload("attn", &b, &[1, n]).unwrap(),
+        ctx.upload("mlp", &c, &[1, n]).unwrap(),
     );
     run(&ctx, |enc| {
-        k.residual(&ctx, enc, n as u32, (&xb, &bb, &cb)).unwrap()
+        k.residual(&ctx, enc, 1, (&xb, &bb, &cb)).unwrap()
     });
     let got = ctx.read(&xb, n).await.unwrap();
     let expected: Vec<f32> = (0..n).map(|i| a[i] + b[i] + c[i]).collect();
@@ -330,8 +315,8 @@ async fn top_k_matches_the_host_selection_with_ties_and_nan() {
     for i in 0..10 {
         logits[1000 + 37 * i] = 20.0 - (i / 2) as f32; // pairs of equal values
     }
-    let lb = ctx.upload("logits", &logits).unwrap();
-    let out = u32_buffer(&ctx, &[0; 2 * 64 + 1]);
+    let lb = ctx.upload("logits", &logits, &[1, logits.len()]).unwrap();
+    let out = u32_tensor(&ctx, &[0; 2 * 64 + 1]);
     for (count, temperature) in [(1u32, 1.0f32), (7, 0.7), (64, 1.3)] {
         let kk = count as usize;
         run(&ctx, |enc| {
@@ -440,19 +425,19 @@ async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
         })
         .unzip();
     let (cos_b, sin_b) = (
-        ctx.upload("cos", &cos).unwrap(),
-        ctx.upload("sin", &sin).unwrap(),
+        ctx.upload("cos", &cos, &[cap, half]).unwrap(),
+        ctx.upload("sin", &sin, &[cap, half]).unwrap(),
     );
-    let k_cache = ctx.storage("k_cache", kv_heads * cap * hd).unwrap();
-    let v_cache = ctx.storage("v_cache", kv_heads * cap * hd).unwrap();
+    let k_cache = ctx.zeros("k_cache", &[kv_heads, cap, hd]).unwrap();
+    let v_cache = ctx.zeros("v_cache", &[kv_heads, cap, hd]).unwrap();
     let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
     // Prefill, decode, and decodes over more than SPLIT_KEYS keys (split over the sequence
     // into 2 and 3 parts, then merged).
     assert_eq!(medphi::gpu::SPLIT_KEYS, 256);
     let partials = ctx
-        .storage(
+        .zeros(
             "partials",
-            medphi::gpu::attention_partials_len(heads, hd, cap),
+            &[medphi::gpu::attention_partials_len(heads, hd, cap)],
         )
         .unwrap();
     for (start, seq) in [
@@ -472,12 +457,12 @@ async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
             all_v.push(v[t * kv_heads * hd..][..kv_heads * hd].to_vec());
         }
         let (qb, kb, vb) = (
-            ctx.upload("q", &q).unwrap(),
-            ctx.upload("k", &kk).unwrap(),
-            ctx.upload("v", &v).unwrap(),
+            ctx.upload("q", &q, &[seq, heads * hd]).unwrap(),
+            ctx.upload("k", &kk, &[seq, kv_heads * hd]).unwrap(),
+            ctx.upload("v", &v, &[seq, kv_heads * hd]).unwrap(),
         );
-        let q_out = ctx.storage("q_rot", q.len()).unwrap();
-        let out = ctx.storage("attn", q.len()).unwrap();
+        let q_out = ctx.zeros("q_rot", &[seq, heads * hd]).unwrap();
+        let out = ctx.zeros("attn", &[seq, heads * hd]).unwrap();
         let shape = medphi::gpu::AttentionShape {
             seq: seq as u32,
             heads: heads as u32,
@@ -499,7 +484,13 @@ async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
                 v_cache: &v_cache,
             };
             k.rope_kv(&ctx, enc, shape, b).unwrap();
-            let b = (&q_out, &k_cache, &v_cache, &partials, &out);
+            let b = medphi::gpu::AttentionBuffers {
+                q: &q_out,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
+                partials: &partials,
+                out: &out,
+            };
             k.attention(&ctx, enc, shape, b).unwrap();
         });
         let got = ctx.read(&out, q.len()).await.unwrap();

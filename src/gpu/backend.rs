@@ -1,49 +1,21 @@
 //! The whole Phi-2 forward pass on the GPU: weights, KV cache and activations stay in GPU
-//! buffers; one command encoder per forward records every dispatch, and only the logits
-//! rows asked for come back.
-//!
-//! Weight matrices stay in their stored format: f32, f16 (packed pairs) or GGUF q8_0/q4_0
-//! blocks, uploaded as-is and dequantized inside the kernels; other GGUF block types are
-//! dequantized to f32 at load. Norms and biases are f32.
-
-use std::collections::HashSet;
-
-use candle_core::quantized::GgmlDType;
-use candle_core::DType;
-use wgpu::Buffer;
+//! buffers; one command encoder per forward records every dispatch, and only what the
+//! caller asked for comes back (a token, the sampling candidates, or logits rows).
 
 use super::context::GpuContext;
 use super::kernels::{
-    attention_partials_len, AttentionShape, Kernels, MatmulParams, RopeKvBuffers, WeightFormat,
-    MAX_TOP_K,
+    attention_partials_len, AttentionBuffers, AttentionShape, Kernels, RopeKvBuffers, MAX_TOP_K,
 };
+use super::tensor::{GpuTensor, WeightFormat};
+use super::weights::{GpuWeights, Layer};
 use crate::backend::{BoxFuture, DeviceStats, Next, Want};
 use crate::candidates::TopK;
 use crate::error::{Error, Result};
 use crate::model::{Activation, Logits, PhiConfig};
-use crate::weights::{TensorSource, Weight};
+use crate::weights::TensorSource;
 
 /// Tokens processed per recorded pass; longer prompts run in several.
 const CHUNK: usize = 128;
-
-struct Linear {
-    w: Buffer,
-    format: WeightFormat,
-    b: Buffer,
-    out: u32,
-    inp: u32,
-}
-
-struct Layer {
-    ln_w: Buffer,
-    ln_b: Buffer,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    dense: Linear,
-    fc1: Linear,
-    fc2: Linear,
-}
 
 /// Everything sized by the number of positions: each layer's K and V cache (laid out
 /// `[kv_head][allocated][head_dim]`), the rotary tables and attention's split partials.
@@ -51,11 +23,11 @@ struct Layer {
 /// forward needs more, so memory follows the tokens run, not the context a config allows.
 struct Positions {
     allocated: usize,
-    k_cache: Vec<Buffer>,
-    v_cache: Vec<Buffer>,
-    cos: Buffer,
-    sin: Buffer,
-    partials: Buffer,
+    k_cache: Vec<GpuTensor>,
+    v_cache: Vec<GpuTensor>,
+    cos: GpuTensor,
+    sin: GpuTensor,
+    partials: GpuTensor,
 }
 
 /// Positions allocated by the first forward (more if it needs more).
@@ -63,7 +35,7 @@ const FIRST_POSITIONS: usize = 128;
 
 impl Positions {
     fn new(ctx: &GpuContext, cfg: &PhiConfig, allocated: usize) -> Result<Self> {
-        let cache = cfg.num_key_value_heads * allocated * cfg.head_dim();
+        let cache = [cfg.num_key_value_heads, allocated, cfg.head_dim()];
         let rd = cfg.rotary_dim();
         let (cos, sin): (Vec<f32>, Vec<f32>) = (0..allocated)
             .flat_map(|p| (0..rd / 2).map(move |j| (p, j)))
@@ -75,21 +47,19 @@ impl Positions {
             })
             .unzip();
         let layers = 0..cfg.num_hidden_layers;
+        let partials = attention_partials_len(cfg.num_attention_heads, cfg.head_dim(), allocated);
         Ok(Self {
             allocated,
             k_cache: layers
                 .clone()
-                .map(|i| ctx.storage(&format!("layer {i} k cache"), cache))
+                .map(|i| ctx.zeros(&format!("layer {i} k cache"), &cache))
                 .collect::<Result<_>>()?,
             v_cache: layers
-                .map(|i| ctx.storage(&format!("layer {i} v cache"), cache))
+                .map(|i| ctx.zeros(&format!("layer {i} v cache"), &cache))
                 .collect::<Result<_>>()?,
-            cos: ctx.upload("cos", &cos)?,
-            sin: ctx.upload("sin", &sin)?,
-            partials: ctx.storage(
-                "attention partials",
-                attention_partials_len(cfg.num_attention_heads, cfg.head_dim(), allocated),
-            )?,
+            cos: ctx.upload("cos", &cos, &[allocated, rd / 2])?,
+            sin: ctx.upload("sin", &sin, &[allocated, rd / 2])?,
+            partials: ctx.zeros("attention partials", &[partials])?,
         })
     }
 
@@ -108,9 +78,9 @@ impl Positions {
         for (old, new) in pairs.chain(self.v_cache.iter().zip(&bigger.v_cache)) {
             for head in 0..cfg.num_key_value_heads as u64 {
                 enc.copy_buffer_to_buffer(
-                    old,
+                    &old.buffer,
                     head * self.allocated as u64 * row,
-                    new,
+                    &new.buffer,
                     head * allocated as u64 * row,
                     len as u64 * row,
                 );
@@ -123,86 +93,47 @@ impl Positions {
 
 /// Activations for up to `CHUNK` tokens, allocated once.
 struct Scratch {
-    ids: Buffer,
-    x: Buffer,
-    h: Buffer,
-    q: Buffer,
-    k: Buffer,
-    v: Buffer,
-    q_rot: Buffer,
-    attn: Buffer,
-    proj: Buffer,
-    mlp_hidden: Buffer,
-    mlp: Buffer,
-    last: Buffer,
+    /// Token ids (u32 bits).
+    ids: GpuTensor,
+    x: GpuTensor,
+    h: GpuTensor,
+    q: GpuTensor,
+    k: GpuTensor,
+    v: GpuTensor,
+    q_rot: GpuTensor,
+    attn: GpuTensor,
+    proj: GpuTensor,
+    mlp_hidden: GpuTensor,
+    mlp: GpuTensor,
+    /// The last position's hidden state, when only its logits are wanted.
+    last: GpuTensor,
     /// The last position's top-k candidates and log-normaliser (top_k.wgsl's layout); the
     /// greedy token is its first word.
-    top: Buffer,
+    top: GpuTensor,
     /// Logits of the last position: the per-token output, so allocated once.
-    last_logits: Buffer,
+    last_logits: GpuTensor,
 }
 
-/// A matrix split into row ranges that each fit one storage binding.
-struct RowChunks {
-    format: WeightFormat,
-    chunks: Vec<(u32, u32, Buffer, Option<Buffer>)>,
-}
-
-/// A weight matrix read from the checkpoint, as the bytes the GPU will hold.
-struct HostMatrix {
-    bytes: Vec<u8>,
-    format: WeightFormat,
-    cols: usize,
-}
-
-impl HostMatrix {
-    /// `stored_f16`: the checkpoint holds this matrix as f16 (the source hands it over
-    /// upcast to f32, so packing it back to f16 is exact).
-    fn read(
-        src: &dyn TensorSource,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        stored_f16: bool,
-    ) -> Result<Self> {
-        let dense = |t: candle_core::Tensor, f16: bool| -> Result<(Vec<u8>, WeightFormat)> {
-            let t = t.flatten_all()?;
-            Ok(if f16 {
-                let halves = t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?;
-                (
-                    halves.iter().flat_map(|h| h.to_le_bytes()).collect(),
-                    WeightFormat::F16,
-                )
-            } else {
-                let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                (bytemuck::cast_slice(&values).to_vec(), WeightFormat::F32)
-            })
-        };
-        let (bytes, format) = match src.tensor(name, &[rows, cols])? {
-            Weight::Quantized(q) => match q.dtype() {
-                GgmlDType::Q8_0 => (q.data()?.into_owned(), WeightFormat::Q8_0),
-                GgmlDType::Q4_0 => (q.data()?.into_owned(), WeightFormat::Q4_0),
-                GgmlDType::F16 => (q.data()?.into_owned(), WeightFormat::F16),
-                _ => dense(q.dequantize(&candle_core::Device::Cpu)?, false)?,
-            },
-            Weight::Dense(t) => dense(t, stored_f16)?,
-        };
-        if bytes.len() != rows * format.row_bytes(cols) {
-            return Err(Error::file(
-                name,
-                format!("{} bytes for {rows}×{cols} in {format:?}", bytes.len()),
-            ));
-        }
+impl Scratch {
+    fn new(ctx: &GpuContext, cfg: &PhiConfig, rows: usize) -> Result<Self> {
+        let (h, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let kv = cfg.num_key_value_heads * cfg.head_dim();
         Ok(Self {
-            bytes,
-            format,
-            cols,
+            ids: ctx.zeros("ids", &[rows])?,
+            x: ctx.zeros("x", &[rows, h])?,
+            h: ctx.zeros("h", &[rows, h])?,
+            q: ctx.zeros("q", &[rows, h])?,
+            k: ctx.zeros("k", &[rows, kv])?,
+            v: ctx.zeros("v", &[rows, kv])?,
+            q_rot: ctx.zeros("q_rot", &[rows, h])?,
+            attn: ctx.zeros("attn", &[rows, h])?,
+            proj: ctx.zeros("proj", &[rows, h])?,
+            mlp_hidden: ctx.zeros("mlp_hidden", &[rows, inter])?,
+            mlp: ctx.zeros("mlp", &[rows, h])?,
+            last: ctx.zeros("last", &[1, h])?,
+            top: ctx.zeros("top-k", &[2 * MAX_TOP_K as usize + 1])?,
+            last_logits: ctx.zeros("last logits", &[1, vocab])?,
         })
-    }
-
-    fn rows(&self, start: usize, count: usize) -> &[u8] {
-        let row = self.format.row_bytes(self.cols);
-        &self.bytes[start * row..(start + count) * row]
     }
 }
 
@@ -210,21 +141,12 @@ pub struct GpuBackend {
     ctx: GpuContext,
     kernels: Kernels,
     cfg: PhiConfig,
-    embed: RowChunks,
-    layers: Vec<Layer>,
-    final_ln_w: Buffer,
-    final_ln_b: Buffer,
-    lm_head: RowChunks,
+    weights: GpuWeights,
     positions: Positions,
     scratch: Scratch,
     capacity: usize,
     len: usize,
     stats: DeviceStats,
-}
-
-fn host(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let t = src.tensor(name, shape)?.dense()?;
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 impl GpuBackend {
@@ -251,133 +173,16 @@ impl GpuBackend {
         let capacity = context
             .unwrap_or(usize::MAX)
             .min(cfg.max_position_embeddings);
-        let (h, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let kv = cfg.num_key_value_heads * cfg.head_dim();
-        let upload = |name: &str, shape: &[usize]| -> Result<Buffer> {
-            ctx.upload(name, &host(src, name, shape)?)
-        };
-        let stored_f16: HashSet<String> = src
-            .stored_tensors()
-            .into_iter()
-            .filter(|t| t.dtype == "F16")
-            .map(|t| t.name)
-            .collect();
-        let matrix = |name: &str, rows: usize, cols: usize| {
-            HostMatrix::read(src, name, rows, cols, stored_f16.contains(name))
-        };
-        let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear> {
-            let name = format!("{prefix}.weight");
-            let w = matrix(&name, out, inp)?;
-            Ok(Linear {
-                w: ctx.upload_bytes(&name, &w.bytes)?,
-                format: w.format,
-                b: upload(&format!("{prefix}.bias"), &[out])?,
-                out: out as u32,
-                inp: inp as u32,
-            })
-        };
-        let embed_name = "model.embed_tokens.weight";
-        let embed = Self::row_chunks(
-            &ctx,
-            &matrix(embed_name, vocab, h)?,
-            embed_name,
-            None,
-            vocab,
-        )?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(Layer {
-                ln_w: upload(&format!("{p}.input_layernorm.weight"), &[h])?,
-                ln_b: upload(&format!("{p}.input_layernorm.bias"), &[h])?,
-                q: linear(&format!("{p}.self_attn.q_proj"), h, h)?,
-                k: linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
-                v: linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
-                dense: linear(&format!("{p}.self_attn.dense"), h, h)?,
-                fc1: linear(&format!("{p}.mlp.fc1"), inter, h)?,
-                fc2: linear(&format!("{p}.mlp.fc2"), h, inter)?,
-            });
-        }
-        let head_name = if cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let head_bias = host(src, "lm_head.bias", &[vocab])?;
-        let lm_head = Self::row_chunks(
-            &ctx,
-            &matrix(head_name, vocab, h)?,
-            head_name,
-            Some(&head_bias),
-            vocab,
-        )?;
-        let rows = CHUNK.min(capacity);
-        let scratch = Scratch {
-            ids: ctx.storage("ids", rows)?,
-            x: ctx.storage("x", rows * h)?,
-            h: ctx.storage("h", rows * h)?,
-            q: ctx.storage("q", rows * h)?,
-            k: ctx.storage("k", rows * kv)?,
-            v: ctx.storage("v", rows * kv)?,
-            q_rot: ctx.storage("q_rot", rows * h)?,
-            attn: ctx.storage("attn", rows * h)?,
-            proj: ctx.storage("proj", rows * h)?,
-            mlp_hidden: ctx.storage("mlp_hidden", rows * inter)?,
-            mlp: ctx.storage("mlp", rows * h)?,
-            last: ctx.storage("last", h)?,
-            top: ctx.storage("top-k", 2 * MAX_TOP_K as usize + 1)?,
-            last_logits: ctx.storage("last logits", vocab)?,
-        };
         Ok(Self {
+            weights: GpuWeights::upload(&ctx, cfg, src)?,
             positions: Positions::new(&ctx, cfg, FIRST_POSITIONS.min(capacity))?,
-            final_ln_w: upload("model.final_layernorm.weight", &[h])?,
-            final_ln_b: upload("model.final_layernorm.bias", &[h])?,
+            scratch: Scratch::new(&ctx, cfg, CHUNK.min(capacity))?,
             ctx,
             kernels,
             cfg: cfg.clone(),
-            embed,
-            layers,
-            lm_head,
-            scratch,
             capacity,
             len: 0,
             stats: DeviceStats::default(),
-        })
-    }
-
-    /// Uploads matrix `name` (`rows` rows) as row ranges that each fit one binding.
-    fn row_chunks(
-        ctx: &GpuContext,
-        m: &HostMatrix,
-        name: &str,
-        bias: Option<&[f32]>,
-        rows: usize,
-    ) -> Result<RowChunks> {
-        let limit = ctx
-            .info
-            .max_storage_buffer_binding_size
-            .min(ctx.info.max_buffer_size);
-        let row_bytes = m.format.row_bytes(m.cols) as u64;
-        // Each chunk is its own buffer, indexed from 0, so any row count works.
-        let per_chunk = ((limit / row_bytes) as usize).min(rows);
-        if per_chunk == 0 {
-            return Err(Error::gpu(format!(
-                "one row of {name} ({row_bytes} bytes) exceeds the adapter's binding limit {limit}"
-            )));
-        }
-        let mut chunks = Vec::new();
-        for start in (0..rows).step_by(per_chunk) {
-            let n = per_chunk.min(rows - start);
-            let w = ctx.upload_bytes(name, m.rows(start, n))?;
-            let b = bias
-                .as_ref()
-                .map(|b| ctx.upload("bias", &b[start..start + n]))
-                .transpose()?;
-            chunks.push((start as u32, n as u32, w, b));
-        }
-        Ok(RowChunks {
-            format: m.format,
-            chunks,
         })
     }
 
@@ -393,148 +198,125 @@ impl GpuBackend {
 
     /// The formats the weight matrices are held in on the GPU, each once.
     pub fn weight_formats(&self) -> Vec<WeightFormat> {
-        let mut formats = vec![self.embed.format, self.lm_head.format];
-        for l in &self.layers {
-            formats.extend([
-                l.q.format,
-                l.k.format,
-                l.v.format,
-                l.dense.format,
-                l.fc1.format,
-                l.fc2.format,
-            ]);
-        }
-        let mut seen = Vec::new();
-        for f in formats {
-            if !seen.contains(&f) {
-                seen.push(f);
-            }
-        }
-        seen
-    }
-
-    fn linear(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        l: &Linear,
-        m: u32,
-        x: &Buffer,
-        y: &Buffer,
-    ) -> Result<()> {
-        let p = MatmulParams::new(m, l.out, l.inp, true);
-        self.kernels
-            .matmul(&self.ctx, enc, p, l.format, (x, &l.w, &l.b, y))
+        self.weights.formats()
     }
 
     /// Records and submits the pass for `tokens` (at most `CHUNK`) after the cached
     /// positions, in one encoder; with `top = Some((limit, k, temperature))` it ends with the
     /// top `k` of the last logits row over ids below `limit`, left in `scratch.top` (with the
-    /// log-normaliser unless the temperature is 0). Returns the logits buffer and its row
-    /// count.
+    /// log-normaliser unless the temperature is 0). Returns the logits and their row count.
     fn forward_chunk(
         &mut self,
         tokens: &[u32],
         which: Logits,
         top: Option<(u32, u32, f32)>,
-    ) -> Result<(Buffer, u32)> {
-        let cfg = &self.cfg;
-        let (seq, h) = (tokens.len() as u32, cfg.hidden_size as u32);
+    ) -> Result<(GpuTensor, usize)> {
         let shape = AttentionShape {
-            seq,
-            heads: cfg.num_attention_heads as u32,
-            kv_heads: cfg.num_key_value_heads as u32,
-            head_dim: cfg.head_dim() as u32,
-            rotary_dim: cfg.rotary_dim() as u32,
+            seq: tokens.len() as u32,
+            heads: self.cfg.num_attention_heads as u32,
+            kv_heads: self.cfg.num_key_value_heads as u32,
+            head_dim: self.cfg.head_dim() as u32,
+            rotary_dim: self.cfg.rotary_dim() as u32,
             start: self.len as u32,
             capacity: self.positions.allocated as u32,
         };
+        self.ctx
+            .queue
+            .write_buffer(&self.scratch.ids.buffer, 0, bytemuck::cast_slice(tokens));
+        self.kernels.begin_step();
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        self.record_embedding(&mut enc, tokens.len())?;
+        for (i, layer) in self.weights.layers.iter().enumerate() {
+            self.record_layer(&mut enc, i, layer, shape)?;
+        }
+        let (logits, rows) = self.record_head(&mut enc, tokens.len(), which, top)?;
+        self.ctx.queue.submit([enc.finish()]);
+        self.stats.dispatches += self.kernels.dispatches_in_step();
+        self.stats.submissions += 1;
+        self.len += tokens.len();
+        Ok((logits, rows))
+    }
+
+    /// `x = embedding[ids]`, one dispatch per row chunk of the table.
+    fn record_embedding(&self, enc: &mut wgpu::CommandEncoder, seq: usize) -> Result<()> {
         let s = &self.scratch;
-        let (k, ctx) = (&self.kernels, &self.ctx);
-        ctx.queue
-            .write_buffer(&s.ids, 0, bytemuck::cast_slice(tokens));
-        k.begin_step();
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        for (start, count, table, _) in &self.embed.chunks {
-            k.embedding(
-                ctx,
-                &mut enc,
-                seq,
-                h,
-                (*start, *count, self.embed.format),
-                (&s.ids, table, &s.x),
-            )?;
+        for (start, chunk) in &self.weights.embed.chunks {
+            let table = (&chunk.w, *start);
+            self.kernels
+                .embedding(&self.ctx, enc, seq, &s.ids, table, &s.x)?;
         }
-        let eps = cfg.layer_norm_eps as f32;
+        Ok(())
+    }
+
+    /// One decoder block over the scratch rows: `x += attention(ln(x)) + mlp(ln(x))`, with
+    /// the block's keys and values written into its cache.
+    fn record_layer(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        i: usize,
+        layer: &Layer,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let (s, k, ctx) = (&self.scratch, &self.kernels, &self.ctx);
         let pos = &self.positions;
-        for (i, layer) in self.layers.iter().enumerate() {
-            k.layer_norm(
-                ctx,
-                &mut enc,
-                seq,
-                h,
-                eps,
-                (&s.x, &layer.ln_w, &layer.ln_b, &s.h),
-            )?;
-            self.linear(&mut enc, &layer.q, seq, &s.h, &s.q)?;
-            self.linear(&mut enc, &layer.k, seq, &s.h, &s.k)?;
-            self.linear(&mut enc, &layer.v, seq, &s.h, &s.v)?;
-            let b = RopeKvBuffers {
-                q: &s.q,
-                k: &s.k,
-                v: &s.v,
-                cos: &pos.cos,
-                sin: &pos.sin,
-                q_out: &s.q_rot,
-                k_cache: &pos.k_cache[i],
-                v_cache: &pos.v_cache[i],
-            };
-            k.rope_kv(ctx, &mut enc, shape, b)?;
-            k.attention(
-                ctx,
-                &mut enc,
-                shape,
-                (
-                    &s.q_rot,
-                    &pos.k_cache[i],
-                    &pos.v_cache[i],
-                    &pos.partials,
-                    &s.attn,
-                ),
-            )?;
-            self.linear(&mut enc, &layer.dense, seq, &s.attn, &s.proj)?;
-            self.linear(&mut enc, &layer.fc1, seq, &s.h, &s.mlp_hidden)?;
-            k.gelu_new(ctx, &mut enc, seq * layer.fc1.out, &s.mlp_hidden)?;
-            self.linear(&mut enc, &layer.fc2, seq, &s.mlp_hidden, &s.mlp)?;
-            k.residual(ctx, &mut enc, seq * h, (&s.x, &s.proj, &s.mlp))?;
-        }
+        let seq = shape.seq as usize;
+        k.layer_norm(ctx, enc, seq, &s.x, &layer.norm, &s.h)?;
+        k.matmul(ctx, enc, seq, &s.h, &layer.q, (&s.q, 0))?;
+        k.matmul(ctx, enc, seq, &s.h, &layer.k, (&s.k, 0))?;
+        k.matmul(ctx, enc, seq, &s.h, &layer.v, (&s.v, 0))?;
+        let rope = RopeKvBuffers {
+            q: &s.q,
+            k: &s.k,
+            v: &s.v,
+            cos: &pos.cos,
+            sin: &pos.sin,
+            q_out: &s.q_rot,
+            k_cache: &pos.k_cache[i],
+            v_cache: &pos.v_cache[i],
+        };
+        k.rope_kv(ctx, enc, shape, rope)?;
+        let attention = AttentionBuffers {
+            q: &s.q_rot,
+            k_cache: &pos.k_cache[i],
+            v_cache: &pos.v_cache[i],
+            partials: &pos.partials,
+            out: &s.attn,
+        };
+        k.attention(ctx, enc, shape, attention)?;
+        k.matmul(ctx, enc, seq, &s.attn, &layer.dense, (&s.proj, 0))?;
+        k.matmul(ctx, enc, seq, &s.h, &layer.fc1, (&s.mlp_hidden, 0))?;
+        k.gelu_new(ctx, enc, seq, &s.mlp_hidden)?;
+        k.matmul(ctx, enc, seq, &s.mlp_hidden, &layer.fc2, (&s.mlp, 0))?;
+        k.residual(ctx, enc, seq, (&s.x, &s.proj, &s.mlp))
+    }
+
+    /// The final LayerNorm and the output layer, over every row (`Logits::All`) or the last,
+    /// then `top_k` of the last row if asked. Returns the logits and their row count.
+    fn record_head(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        seq: usize,
+        which: Logits,
+        top: Option<(u32, u32, f32)>,
+    ) -> Result<(GpuTensor, usize)> {
+        let (s, k, ctx) = (&self.scratch, &self.kernels, &self.ctx);
         let (rows, input) = match which {
             Logits::All => (seq, &s.x),
             Logits::Last => {
-                let row = u64::from(h) * 4;
-                enc.copy_buffer_to_buffer(&s.x, u64::from(seq - 1) * row, &s.last, 0, row);
+                let row = (self.cfg.hidden_size * 4) as u64;
+                let at = (seq as u64 - 1) * row;
+                enc.copy_buffer_to_buffer(&s.x.buffer, at, &s.last.buffer, 0, row);
                 (1, &s.last)
             }
         };
-        k.layer_norm(
-            ctx,
-            &mut enc,
-            rows,
-            h,
-            eps,
-            (input, &self.final_ln_w, &self.final_ln_b, &s.h),
-        )?;
-        let vocab = cfg.vocab_size as u32;
+        k.layer_norm(ctx, enc, rows, input, &self.weights.final_norm, &s.h)?;
+        let vocab = self.cfg.vocab_size;
         let logits = match which {
             Logits::Last => s.last_logits.clone(),
-            Logits::All => ctx.storage("logits", (rows * vocab) as usize)?,
+            Logits::All => ctx.zeros("logits", &[rows, vocab])?,
         };
-        for (start, count, w, b) in &self.lm_head.chunks {
-            let bias = b
-                .as_ref()
-                .ok_or_else(|| Error::gpu("lm_head bias missing"))?;
-            let p = MatmulParams::into_columns(rows, *count, h, true, vocab, *start);
-            let format = self.lm_head.format;
-            k.matmul(ctx, &mut enc, p, format, (&s.h, w, bias, &logits))?;
+        for (start, chunk) in &self.weights.lm_head.chunks {
+            k.matmul(ctx, enc, rows, &s.h, chunk, (&logits, *start))?;
         }
         if let Some((limit, count, temperature)) = top {
             let inv_temp = if temperature > 0.0 {
@@ -542,13 +324,9 @@ impl GpuBackend {
             } else {
                 0.0
             };
-            let request = (limit.min(vocab), count, inv_temp);
-            k.top_k(ctx, &mut enc, request, (&logits, &s.top))?;
+            let request = (limit.min(vocab as u32), count, inv_temp);
+            k.top_k(ctx, enc, request, (&logits, &s.top))?;
         }
-        ctx.queue.submit([enc.finish()]);
-        self.stats.dispatches += k.dispatches_in_step();
-        self.stats.submissions += 1;
-        self.len += tokens.len();
         Ok((logits, rows))
     }
 
@@ -591,7 +369,7 @@ impl GpuBackend {
         Ok(rest)
     }
 
-    async fn forward_async(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    async fn forward_rows(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         self.check_input(tokens)?;
         self.stats = DeviceStats::default();
         let vocab = self.cfg.vocab_size;
@@ -602,8 +380,8 @@ impl GpuBackend {
         };
         for piece in rest.chunks(CHUNK.min(self.capacity)) {
             let (logits, rows) = self.forward_chunk(piece, which, None)?;
-            out.extend(self.ctx.read(&logits, rows as usize * vocab).await?);
-            self.stats.bytes_read += rows as usize * vocab * 4;
+            out.extend(self.ctx.read(&logits, rows * vocab).await?);
+            self.stats.bytes_read += rows * vocab * 4;
         }
         Ok(out)
     }
@@ -628,17 +406,15 @@ impl GpuBackend {
 
     /// Greedy next token, with the argmax (top 1, no normaliser) taken on the GPU: 4 bytes
     /// come back.
-    async fn forward_greedy_async(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
+    async fn forward_greedy(&mut self, tokens: &[u32], vocab_limit: usize) -> Result<u32> {
         Ok(self.forward_top(tokens, (vocab_limit, 1, 0.0), 1).await?[0])
     }
 
     /// Sampling candidates selected on the GPU: 2k + 1 words come back.
-    async fn forward_top_k_async(
+    async fn forward_candidates(
         &mut self,
         tokens: &[u32],
-        k: usize,
-        vocab_limit: usize,
-        temperature: f32,
+        (k, vocab_limit, temperature): (usize, usize, f32),
     ) -> Result<TopK> {
         if !(temperature > 0.0 && temperature.is_finite()) {
             return Err(Error::input(format!(
@@ -660,8 +436,8 @@ impl GpuBackend {
         })
     }
 
-    /// The row behind the last `forward_top_k`, still on the GPU in `last_logits`.
-    async fn last_logits_async(&mut self) -> Result<Vec<f32>> {
+    /// The row behind the last candidates forward, still on the GPU in `last_logits`.
+    async fn read_last_row(&mut self) -> Result<Vec<f32>> {
         if self.len == 0 {
             return Err(Error::input("no forward has run yet"));
         }
@@ -700,24 +476,24 @@ impl crate::backend::Backend for GpuBackend {
         Box::pin(async move {
             Ok(match want {
                 Want::Greedy { vocab_limit } => {
-                    Next::Token(self.forward_greedy_async(tokens, vocab_limit).await?)
+                    Next::Token(self.forward_greedy(tokens, vocab_limit).await?)
                 }
                 Want::Candidates {
                     k,
                     vocab_limit,
                     temperature,
                 } => Next::Candidates(
-                    self.forward_top_k_async(tokens, k, vocab_limit, temperature)
+                    self.forward_candidates(tokens, (k, vocab_limit, temperature))
                         .await?,
                 ),
-                Want::LastRow => Next::Rows(self.forward_async(tokens, Logits::Last).await?),
-                Want::AllRows => Next::Rows(self.forward_async(tokens, Logits::All).await?),
+                Want::LastRow => Next::Rows(self.forward_rows(tokens, Logits::Last).await?),
+                Want::AllRows => Next::Rows(self.forward_rows(tokens, Logits::All).await?),
             })
         })
     }
 
     fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
-        Box::pin(self.last_logits_async())
+        Box::pin(self.read_last_row())
     }
 
     fn device_stats(&self) -> Option<DeviceStats> {

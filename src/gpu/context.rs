@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
 
+use super::tensor::{GpuTensor, WeightFormat};
 use crate::error::{Error, Result};
 
 /// What the adapter is and offers, for `medphi gpu-info` and the page.
@@ -110,14 +111,29 @@ impl GpuContext {
         Ok(())
     }
 
-    /// A storage buffer holding `data`.
-    pub fn upload(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer> {
-        self.upload_bytes(label, bytemuck::cast_slice(data))
+    /// An f32 tensor of `shape` holding `data`.
+    pub fn upload(&self, label: &str, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        self.upload_bytes(label, bytemuck::cast_slice(data), shape, WeightFormat::F32)
     }
 
-    /// A storage buffer holding `bytes`, zero-padded to whole 16-byte vec4s: kernels read
+    /// A tensor of `shape` whose values are `bytes` in `format` (rows of the last dimension;
+    /// GGML blocks as llama.cpp stores them), zero-padded to whole 16-byte vec4s: kernels read
     /// f32 data as vec4s, and GGML blocks come in 18- and 34-byte units.
-    pub fn upload_bytes(&self, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    pub fn upload_bytes(
+        &self,
+        label: &str,
+        bytes: &[u8],
+        shape: &[usize],
+        format: WeightFormat,
+    ) -> Result<GpuTensor> {
+        let cols = shape.last().copied().unwrap_or(1);
+        let rows = shape.iter().product::<usize>() / cols.max(1);
+        if bytes.len() != rows * format.row_bytes(cols) {
+            return Err(Error::gpu(format!(
+                "{label}: {} bytes are not a {shape:?} tensor in {format:?}",
+                bytes.len()
+            )));
+        }
         let size = bytes.len().max(1).next_multiple_of(VEC4);
         self.check_binding(label, size as u64)?;
         let padded;
@@ -127,7 +143,7 @@ impl GpuContext {
             padded = [bytes, &[0; VEC4][..size - bytes.len()]].concat();
             &padded
         };
-        Ok(self
+        let buffer = self
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
@@ -135,27 +151,38 @@ impl GpuContext {
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,
-            }))
+            });
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            format,
+        })
     }
 
-    /// An uninitialised storage buffer of `len` f32s (padded to whole vec4s).
-    pub fn storage(&self, label: &str, len: usize) -> Result<wgpu::Buffer> {
+    /// An f32 tensor of `shape`, zero-filled (padded to whole vec4s).
+    pub fn zeros(&self, label: &str, shape: &[usize]) -> Result<GpuTensor> {
+        let len: usize = shape.iter().product();
         let size = (len.max(1) * 4).next_multiple_of(VEC4) as u64;
         self.check_binding(label, size)?;
-        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        }))
+        });
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            format: WeightFormat::F32,
+        })
     }
 
-    /// Copies `len` f32s back from `buffer`. Awaits the map in the browser; natively the
-    /// same future is driven by blocking on the device.
-    pub async fn read(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
-        self.read_as::<f32>(buffer, len).await
+    /// Copies the first `len` f32s back from `tensor`. Awaits the map in the browser;
+    /// natively the same future is driven by blocking on the device.
+    pub async fn read(&self, tensor: &GpuTensor, len: usize) -> Result<Vec<f32>> {
+        self.read_as::<f32>(tensor, len).await
     }
 
     fn staging_buffer(&self, size: u64) -> wgpu::Buffer {
@@ -175,12 +202,13 @@ impl GpuContext {
         }
     }
 
-    /// Copies `len` values of type `T` (f32, u32) back from `buffer`.
+    /// Copies the first `len` values of type `T` (f32, u32) back from `tensor`.
     pub async fn read_as<T: bytemuck::Pod>(
         &self,
-        buffer: &wgpu::Buffer,
+        tensor: &GpuTensor,
         len: usize,
     ) -> Result<Vec<T>> {
+        let buffer = &tensor.buffer;
         let size = (len * std::mem::size_of::<T>()) as u64;
         let staging = self.staging_buffer(size);
         // A failed copy leaves the map pending forever in the browser, so its validation

@@ -1,100 +1,30 @@
-//! Compute pipelines, compiled once per device, and the recording of their dispatches
-//! into a caller's command encoder (one encoder per forward step).
+//! Compute pipelines, compiled once per device, and the recording of their dispatches into
+//! a caller's command encoder (one encoder per forward step).
+//!
+//! Each kernel's source is its parameter block (generated from `params.rs`), then, for the
+//! kernels that read weights, one `weights_*.wgsl`, then its own `.wgsl`. Its bindings are
+//! read from that source by name, and a dispatch binds buffers by those names, so a buffer
+//! can never land in another's slot; operands are [`GpuTensor`]s whose shapes each kernel
+//! checks before recording.
 
 use std::cell::{Cell, RefCell};
 
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
+use super::params::{
+    AttentionParams, EmbeddingParams, GpuParams, LayerNormParams, LenParams, MatmulParams,
+    MergeParams, RopeParams, TopKParams,
+};
+use super::tensor::{GpuLinear, GpuNorm, GpuTensor, WeightFormat};
 use crate::error::{Error, Result};
 
 /// Largest workgroup count per dispatch dimension that WebGPU guarantees.
 const MAX_GROUPS: u32 = 65_535;
 
-/// How a weight matrix sits in GPU memory. Each format has its own shader snippet
-/// (`weights_*.wgsl`) defining `w_at(i)`, compiled into its own matmul, GEMV and embedding
-/// pipelines, so the kernels read every format in place: GGUF blocks are uploaded as-is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightFormat {
-    F32,
-    /// f16 pairs packed in u32 (no `shader-f16` needed).
-    F16,
-    /// GGML q8_0 blocks (34 bytes per 32 values).
-    Q8_0,
-    /// GGML q4_0 blocks (18 bytes per 32 values).
-    Q4_0,
-}
-
-impl WeightFormat {
-    pub const ALL: [WeightFormat; 4] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0];
-
-    /// Bytes of one row of `cols` values (`cols` a multiple of 32 for the block formats).
-    pub fn row_bytes(self, cols: usize) -> usize {
-        match self {
-            Self::F32 => cols * 4,
-            Self::F16 => cols * 2,
-            Self::Q8_0 => cols / 32 * 34,
-            Self::Q4_0 => cols / 32 * 18,
-        }
-    }
-
-    fn shader(self) -> String {
-        let ggml = include_str!("shaders/weights_ggml.wgsl");
-        match self {
-            Self::F32 => include_str!("shaders/weights_f32.wgsl").to_string(),
-            Self::F16 => include_str!("shaders/weights_f16.wgsl").to_string(),
-            Self::Q8_0 => format!("{ggml}{}", include_str!("shaders/weights_q8_0.wgsl")),
-            Self::Q4_0 => format!("{ggml}{}", include_str!("shaders/weights_q4_0.wgsl")),
-        }
-    }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct MatmulParams {
-    pub m: u32,
-    pub n: u32,
-    pub k: u32,
-    pub has_bias: u32,
-    /// Row stride of the output (≥ n).
-    pub ldy: u32,
-    /// First output column written.
-    pub col_offset: u32,
-    _pad: [u32; 2],
-}
-
-impl MatmulParams {
-    /// A plain `(m × k) · (n × k)ᵀ` into a dense `(m × n)` output.
-    pub fn new(m: u32, n: u32, k: u32, bias: bool) -> Self {
-        Self::into_columns(m, n, k, bias, n, 0)
-    }
-
-    /// The same, writing columns `col_offset..col_offset+n` of an output with rows of `ldy`.
-    pub fn into_columns(m: u32, n: u32, k: u32, bias: bool, ldy: u32, col_offset: u32) -> Self {
-        Self {
-            m,
-            n,
-            k,
-            has_bias: u32::from(bias),
-            ldy,
-            col_offset,
-            _pad: [0; 2],
-        }
-    }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LayerNormParams {
-    rows: u32,
-    dim: u32,
-    eps: f32,
-    _pad: u32,
-}
-
-/// Shapes for `rope_kv` and `attention`: `seq` new tokens at positions `start..`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+/// Shapes for `rope_kv` and `attention`: `seq` new tokens at positions `start..`, in a cache
+/// with room for `capacity` positions per head.
+#[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub seq: u32,
     pub heads: u32,
@@ -103,19 +33,6 @@ pub struct AttentionShape {
     pub rotary_dim: u32,
     pub start: u32,
     pub capacity: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct AttentionParams {
-    seq: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    start: u32,
-    capacity: u32,
-    scale: f32,
-    split_keys: u32,
 }
 
 /// Keys per workgroup when a single query's attention is split over the sequence.
@@ -129,20 +46,37 @@ pub fn attention_partials_len(heads: usize, head_dim: usize, capacity: usize) ->
     heads * capacity.div_ceil(SPLIT_KEYS as usize) * (head_dim + 2)
 }
 
-/// Buffers of `rope_kv`: projections in, rotated queries and the KV cache out.
+/// Operands of `rope_kv`: projections in, rotated queries and the KV cache out.
 pub struct RopeKvBuffers<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
-    pub cos: &'a wgpu::Buffer,
-    pub sin: &'a wgpu::Buffer,
-    pub q_out: &'a wgpu::Buffer,
-    pub k_cache: &'a wgpu::Buffer,
-    pub v_cache: &'a wgpu::Buffer,
+    pub q: &'a GpuTensor,
+    pub k: &'a GpuTensor,
+    pub v: &'a GpuTensor,
+    pub cos: &'a GpuTensor,
+    pub sin: &'a GpuTensor,
+    pub q_out: &'a GpuTensor,
+    pub k_cache: &'a GpuTensor,
+    pub v_cache: &'a GpuTensor,
+}
+
+/// Operands of `attention`: rotated queries, the layer's K and V caches, the split-mode
+/// scratch (`attention_partials_len` floats), and the output.
+pub struct AttentionBuffers<'a> {
+    pub q: &'a GpuTensor,
+    pub k_cache: &'a GpuTensor,
+    pub v_cache: &'a GpuTensor,
+    pub partials: &'a GpuTensor,
+    pub out: &'a GpuTensor,
+}
+
+/// A pipeline and its bindings after the parameter block (number and name), as its WGSL
+/// declares them.
+struct Kernel {
+    pipeline: wgpu::ComputePipeline,
+    bindings: Vec<(u32, String)>,
 }
 
 /// One pipeline per weight format, indexed by `WeightFormat as usize`.
-type PerFormat = [wgpu::ComputePipeline; 4];
+type PerFormat = [Kernel; 4];
 
 /// One dispatch's parameter buffer and bind group, kept from one step to the next: the n-th
 /// dispatch of a forward binds the same buffers as the n-th of the previous one, so only its
@@ -159,99 +93,127 @@ pub struct Kernels {
     next_slot: Cell<usize>,
     matmul: PerFormat,
     gemv: PerFormat,
-    layer_norm: wgpu::ComputePipeline,
-    gelu_new: wgpu::ComputePipeline,
+    layer_norm: Kernel,
+    gelu_new: Kernel,
     embedding: PerFormat,
-    residual: wgpu::ComputePipeline,
-    top_k: wgpu::ComputePipeline,
-    rope_kv: wgpu::ComputePipeline,
-    attention: wgpu::ComputePipeline,
-    attention_merge: wgpu::ComputePipeline,
+    residual: Kernel,
+    top_k: Kernel,
+    rope_kv: Kernel,
+    attention: Kernel,
+    attention_merge: Kernel,
 }
 
-/// `attention`'s buffers: rotated queries, the layer's K and V caches, the split-mode
-/// scratch, and the output.
-pub type AttentionBuffers<'a> = (
-    &'a wgpu::Buffer,
-    &'a wgpu::Buffer,
-    &'a wgpu::Buffer,
-    &'a wgpu::Buffer,
-    &'a wgpu::Buffer,
-);
-
 /// Workgroups for `len` threads of 256, spread over two dimensions past the per-dimension cap.
-fn elementwise_groups(len: u32) -> (u32, u32) {
+fn elementwise_groups(len: u32) -> (u32, u32, u32) {
     let groups = len.div_ceil(256).max(1);
     if groups > MAX_GROUPS {
-        (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
+        (MAX_GROUPS, groups.div_ceil(MAX_GROUPS), 1)
     } else {
-        (groups, 1)
+        (groups, 1, 1)
     }
 }
 
-fn pipeline(device: &wgpu::Device, label: &str, source: &str) -> wgpu::ComputePipeline {
+/// The `@binding(n)` variables of group 0 in `source` after the parameters (n ≥ 1), by number.
+fn binding_names(source: &str) -> Vec<(u32, String)> {
+    let mut found: Vec<(u32, String)> = source
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("@group(0) @binding(")?;
+            let (n, decl) = rest.split_once(')')?;
+            let name = decl.split_once('>')?.1.split_once(':')?.0.trim();
+            Some((n.parse().ok()?, name.to_string()))
+        })
+        .filter(|(n, _)| *n > 0)
+        .collect();
+    found.sort();
+    found
+}
+
+fn kernel<P: GpuParams>(device: &wgpu::Device, label: &str, body: &str) -> Kernel {
+    let source = format!("{}{body}", P::wgsl());
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(label),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
+        source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
     });
-    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(label),
         layout: None,
         module: &module,
         entry_point: Some("main"),
         compilation_options: Default::default(),
         cache: None,
+    });
+    Kernel {
+        pipeline,
+        bindings: binding_names(&source),
+    }
+}
+
+/// `body` compiled once per weight format, after the format's `w_at` and `head`.
+fn per_format<P: GpuParams>(
+    device: &wgpu::Device,
+    label: &str,
+    head: &str,
+    body: &str,
+) -> PerFormat {
+    WeightFormat::ALL.map(|f| {
+        kernel::<P>(
+            device,
+            &format!("{label} {f:?}"),
+            &format!("{}{head}{body}", f.shader()),
+        )
     })
 }
 
-const MATMUL_PARAMS: &str = include_str!("shaders/matmul_params.wgsl");
-
-/// `kernel` compiled once per weight format: `head`, then the format's `w_at`, then `kernel`.
-fn per_format(device: &wgpu::Device, label: &str, head: &str, kernel: &str) -> PerFormat {
-    WeightFormat::ALL.map(|f| {
-        pipeline(
-            device,
-            &format!("{label} {f:?}"),
-            &format!("{head}{}{kernel}", f.shader()),
-        )
-    })
+/// Errors naming `kernel` unless `ok`.
+fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::gpu(format!("{kernel}: {}", what())))
+    }
 }
 
 impl Kernels {
     pub fn new(ctx: &GpuContext) -> Self {
         let d = &ctx.device;
+        let matmul_bindings = include_str!("shaders/matmul_bindings.wgsl");
         Self {
             slots: RefCell::new(Vec::new()),
             next_slot: Cell::new(0),
-            matmul: per_format(
+            matmul: per_format::<MatmulParams>(
                 d,
                 "matmul",
-                MATMUL_PARAMS,
+                matmul_bindings,
                 include_str!("shaders/matmul.wgsl"),
             ),
-            gemv: per_format(d, "gemv", MATMUL_PARAMS, include_str!("shaders/gemv.wgsl")),
-            layer_norm: pipeline(d, "layer_norm", include_str!("shaders/layer_norm.wgsl")),
-            gelu_new: pipeline(
+            gemv: per_format::<MatmulParams>(
                 d,
-                "gelu_new",
-                concat!(
-                    include_str!("shaders/len_params.wgsl"),
-                    include_str!("shaders/gelu_new.wgsl")
-                ),
+                "gemv",
+                matmul_bindings,
+                include_str!("shaders/gemv.wgsl"),
             ),
-            embedding: per_format(d, "embedding", "", include_str!("shaders/embedding.wgsl")),
-            residual: pipeline(
+            layer_norm: kernel::<LayerNormParams>(
                 d,
-                "residual",
-                concat!(
-                    include_str!("shaders/len_params.wgsl"),
-                    include_str!("shaders/residual.wgsl")
-                ),
+                "layer_norm",
+                include_str!("shaders/layer_norm.wgsl"),
             ),
-            top_k: pipeline(d, "top_k", include_str!("shaders/top_k.wgsl")),
-            rope_kv: pipeline(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
-            attention: pipeline(d, "attention", include_str!("shaders/attention.wgsl")),
-            attention_merge: pipeline(
+            gelu_new: kernel::<LenParams>(d, "gelu_new", include_str!("shaders/gelu_new.wgsl")),
+            embedding: per_format::<EmbeddingParams>(
+                d,
+                "embedding",
+                "",
+                include_str!("shaders/embedding.wgsl"),
+            ),
+            residual: kernel::<LenParams>(d, "residual", include_str!("shaders/residual.wgsl")),
+            top_k: kernel::<TopKParams>(d, "top_k", include_str!("shaders/top_k.wgsl")),
+            rope_kv: kernel::<RopeParams>(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
+            attention: kernel::<AttentionParams>(
+                d,
+                "attention",
+                include_str!("shaders/attention.wgsl"),
+            ),
+            attention_merge: kernel::<MergeParams>(
                 d,
                 "attention_merge",
                 include_str!("shaders/attention_merge.wgsl"),
@@ -270,12 +232,8 @@ impl Kernels {
         self.next_slot.get()
     }
 
-    fn slot(
-        ctx: &GpuContext,
-        pipeline: &wgpu::ComputePipeline,
-        params: &[u8],
-        buffers: &[&wgpu::Buffer],
-    ) -> Slot {
+    fn slot(ctx: &GpuContext, kernel: &Kernel, params: &[u8], buffers: &[&wgpu::Buffer]) -> Slot {
+        let pipeline = &kernel.pipeline;
         let uniform = ctx
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -287,9 +245,9 @@ impl Kernels {
             binding: 0,
             resource: uniform.as_entire_binding(),
         }];
-        for (i, b) in buffers.iter().enumerate() {
+        for ((binding, _), b) in kernel.bindings.iter().zip(buffers) {
             entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
+                binding: *binding,
                 resource: b.as_entire_binding(),
             });
         }
@@ -306,13 +264,14 @@ impl Kernels {
         }
     }
 
+    /// Records `kernel` with `params` and the tensors `bound` by binding name.
     fn dispatch(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        pipeline: &wgpu::ComputePipeline,
-        params: &[u8],
-        buffers: &[&wgpu::Buffer],
+        kernel: &Kernel,
+        params: &impl GpuParams,
+        bound: &[(&str, &GpuTensor)],
         groups: (u32, u32, u32),
     ) -> Result<()> {
         if groups.0 > MAX_GROUPS || groups.1 > MAX_GROUPS || groups.2 > MAX_GROUPS {
@@ -320,18 +279,40 @@ impl Kernels {
                 "dispatch of {groups:?} workgroups exceeds {MAX_GROUPS} per dimension"
             )));
         }
+        if let Some((name, _)) = bound
+            .iter()
+            .find(|(name, _)| !kernel.bindings.iter().any(|(_, b)| b == name))
+        {
+            return Err(Error::gpu(format!(
+                "the kernel has no binding {name} (it has {:?})",
+                kernel.bindings
+            )));
+        }
+        let buffers = kernel
+            .bindings
+            .iter()
+            .map(|(_, name)| {
+                bound
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| &t.buffer)
+                    .ok_or_else(|| Error::gpu(format!("binding {name} was not given")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = params.uniform_bytes();
         let index = self.next_slot.get();
         self.next_slot.set(index + 1);
         let mut slots = self.slots.borrow_mut();
+        let pipeline = &kernel.pipeline;
         let reusable = slots.get(index).is_some_and(|slot| {
             slot.pipeline == *pipeline
                 && slot.params.size() == params.len() as u64
                 && slot.buffers.iter().eq(buffers.iter().copied())
         });
         if reusable {
-            ctx.queue.write_buffer(&slots[index].params, 0, params);
+            ctx.queue.write_buffer(&slots[index].params, 0, &params);
         } else {
-            let slot = Self::slot(ctx, pipeline, params, buffers);
+            let slot = Self::slot(ctx, kernel, &params, &buffers);
             match slots.get_mut(index) {
                 Some(old) => *old = slot,
                 None => slots.push(slot),
@@ -345,139 +326,155 @@ impl Kernels {
         Ok(())
     }
 
-    /// One invocation per element over `threads` elements, with four u32 parameters
-    /// (uniform blocks are padded to 16 bytes).
-    fn elementwise(
-        &self,
-        ctx: &GpuContext,
-        encoder: &mut wgpu::CommandEncoder,
-        pipeline: &wgpu::ComputePipeline,
-        threads: u32,
-        params: [u32; 4],
-        buffers: &[&wgpu::Buffer],
-    ) -> Result<()> {
-        let (gx, gy) = elementwise_groups(threads);
-        self.dispatch(
-            ctx,
-            encoder,
-            pipeline,
-            bytemuck::cast_slice(&params),
-            buffers,
-            (gx, gy, 1),
-        )
-    }
-
-    /// `y = x · wᵀ + b` for `x` (m × k), `w` (n × k) stored in `format`; `bias` may be any
-    /// buffer when absent. A single row (decode) takes the GEMV kernel, more rows (prefill)
-    /// the tiled GEMM.
+    /// `y[.., col_offset..] = x · wᵀ + b` over the first `rows` rows of `x` (`[_, in]`), into
+    /// columns `col_offset..col_offset + out` of `y`'s rows. A single row (decode) takes the
+    /// GEMV kernel, more rows (prefill) the tiled GEMM.
     pub fn matmul(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        p: MatmulParams,
-        format: WeightFormat,
-        (x, w, bias, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        rows: usize,
+        x: &GpuTensor,
+        linear: &GpuLinear,
+        (y, col_offset): (&GpuTensor, usize),
     ) -> Result<()> {
-        if p.m == 1 {
-            let (gx, gy) = elementwise_groups(p.n);
-            return self.dispatch(
-                ctx,
-                encoder,
-                &self.gemv[format as usize],
-                bytemuck::bytes_of(&p),
-                &[x, w, bias, y],
-                (gx, gy, 1),
-            );
-        }
-        // matmul.wgsl's 16-row × 64-column tiles.
-        let groups = (p.n.div_ceil(64), p.m.div_ceil(16), 1);
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.matmul[format as usize],
-            bytemuck::bytes_of(&p),
-            &[x, w, bias, y],
-            groups,
-        )
+        let w = &linear.w;
+        let (n, k) = (w.rows(), w.cols());
+        check(x.cols() == k, "matmul", || {
+            format!("x has rows of {}, w of {k}", x.cols())
+        })?;
+        check(
+            rows <= x.rows() && rows <= y.rows() && col_offset + n <= y.cols(),
+            "matmul",
+            || {
+                format!(
+                    "{rows} rows of {n} at column {col_offset} do not fit y {:?}",
+                    y.shape
+                )
+            },
+        )?;
+        let p = MatmulParams {
+            m: rows as u32,
+            n: n as u32,
+            k: k as u32,
+            has_bias: u32::from(linear.b.is_some()),
+            ldy: y.cols() as u32,
+            col_offset: col_offset as u32,
+        };
+        // Without a bias, any buffer fills its binding: has_bias = 0 keeps it unread.
+        let b = linear.b.as_ref().unwrap_or(x);
+        let bound = [("x", x), ("w", w), ("b", b), ("y", y)];
+        let (kernel, groups) = if rows == 1 {
+            (&self.gemv[w.format as usize], elementwise_groups(p.n))
+        } else {
+            // matmul.wgsl's 16-row × 64-column tiles.
+            (
+                &self.matmul[w.format as usize],
+                (p.n.div_ceil(64), p.m.div_ceil(16), 1),
+            )
+        };
+        self.dispatch(ctx, encoder, kernel, &p, &bound, groups)
     }
 
-    /// LayerNorm of `rows` rows of `dim` values.
-    #[allow(clippy::too_many_arguments)]
+    /// LayerNorm of the first `rows` rows of `x` into `y`.
     pub fn layer_norm(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        rows: u32,
-        dim: u32,
-        eps: f32,
-        (x, gamma, beta, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        rows: usize,
+        x: &GpuTensor,
+        norm: &GpuNorm,
+        y: &GpuTensor,
     ) -> Result<()> {
+        let dim = norm.w.len();
+        check(
+            x.cols() == dim && y.cols() == dim && rows <= x.rows() && rows <= y.rows(),
+            "layer_norm",
+            || format!("{rows} rows of {dim} from {:?} into {:?}", x.shape, y.shape),
+        )?;
         let p = LayerNormParams {
-            rows,
-            dim,
-            eps,
-            _pad: 0,
+            rows: rows as u32,
+            dim: dim as u32,
+            eps: norm.eps,
         };
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.layer_norm,
-            bytemuck::bytes_of(&p),
-            &[x, gamma, beta, y],
-            (rows, 1, 1),
-        )
+        let bound = [("x", x), ("gamma", &norm.w), ("beta", &norm.b), ("y", y)];
+        self.dispatch(ctx, encoder, &self.layer_norm, &p, &bound, (p.rows, 1, 1))
     }
 
-    /// gelu_new in place over `len` values.
+    /// gelu_new in place over the first `rows` rows of `x`.
     pub fn gelu_new(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        len: u32,
-        x: &wgpu::Buffer,
+        rows: usize,
+        x: &GpuTensor,
     ) -> Result<()> {
-        self.elementwise(ctx, encoder, &self.gelu_new, len, [len, 0, 0, 0], &[x])
+        check(rows <= x.rows(), "gelu_new", || {
+            format!("{rows} rows of {:?}", x.shape)
+        })?;
+        let p = LenParams {
+            len: (rows * x.cols()) as u32,
+        };
+        let groups = elementwise_groups(p.len);
+        self.dispatch(ctx, encoder, &self.gelu_new, &p, &[("x", x)], groups)
     }
 
-    /// `out[t] = table[ids[t]]` for the ids within rows `row_start..row_start+row_count`
-    /// of the table, which `table` holds (one chunk of a table split by rows).
-    #[allow(clippy::too_many_arguments)]
+    /// `out[t] = table[ids[t]]` for the first `tokens` ids, where `table` holds rows
+    /// `row_start..` of the whole table (one chunk of a table split by rows); ids outside it
+    /// are left to the other chunks' dispatches.
     pub fn embedding(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        tokens: u32,
-        dim: u32,
-        (row_start, row_count, format): (u32, u32, WeightFormat),
-        (ids, table, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        tokens: usize,
+        ids: &GpuTensor,
+        (table, row_start): (&GpuTensor, usize),
+        out: &GpuTensor,
     ) -> Result<()> {
-        let params = [tokens, dim, row_start, row_count];
-        self.elementwise(
-            ctx,
-            encoder,
-            &self.embedding[format as usize],
-            tokens * dim,
-            params,
-            &[ids, table, out],
-        )
+        let dim = table.cols();
+        check(
+            tokens <= ids.len() && out.cols() == dim && tokens <= out.rows(),
+            "embedding",
+            || format!("{tokens} ids of {dim} into {:?}", out.shape),
+        )?;
+        let p = EmbeddingParams {
+            tokens: tokens as u32,
+            dim: dim as u32,
+            row_start: row_start as u32,
+            row_count: table.rows() as u32,
+        };
+        let kernel = &self.embedding[table.format as usize];
+        let bound = [("ids", ids), ("w", table), ("out", out)];
+        let groups = elementwise_groups(p.tokens * p.dim);
+        self.dispatch(ctx, encoder, kernel, &p, &bound, groups)
     }
 
-    /// `x += attn + mlp` over `len` values.
+    /// `x += attn + mlp` over the first `rows` rows.
     pub fn residual(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
-        len: u32,
-        (x, attn, mlp): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        rows: usize,
+        (x, attn, mlp): (&GpuTensor, &GpuTensor, &GpuTensor),
     ) -> Result<()> {
-        self.elementwise(
-            ctx,
-            encoder,
-            &self.residual,
-            len,
-            [len, 0, 0, 0],
-            &[x, attn, mlp],
-        )
+        check(
+            x.cols() == attn.cols()
+                && x.cols() == mlp.cols()
+                && rows <= x.rows().min(attn.rows()).min(mlp.rows()),
+            "residual",
+            || {
+                format!(
+                    "{rows} rows of {:?}, {:?}, {:?}",
+                    x.shape, attn.shape, mlp.shape
+                )
+            },
+        )?;
+        let p = LenParams {
+            len: (rows * x.cols()) as u32,
+        };
+        let bound = [("x", x), ("attn", attn), ("mlp", mlp)];
+        let groups = elementwise_groups(p.len);
+        self.dispatch(ctx, encoder, &self.residual, &p, &bound, groups)
     }
 
     /// The `k` (at most `MAX_TOP_K`) largest of the first `len` values of `x` and their
@@ -487,22 +484,21 @@ impl Kernels {
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
         (len, k, inv_temp): (u32, u32, f32),
-        (x, out): (&wgpu::Buffer, &wgpu::Buffer),
+        (x, out): (&GpuTensor, &GpuTensor),
     ) -> Result<()> {
         if k == 0 || k > MAX_TOP_K {
             return Err(Error::input(format!(
                 "top-k of {k} on the GPU (1 to {MAX_TOP_K})"
             )));
         }
-        let params = [len, k, inv_temp.to_bits(), 0];
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.top_k,
-            bytemuck::cast_slice(&params),
-            &[x, out],
-            (1, 1, 1),
-        )
+        check(
+            len as usize <= x.len() && out.len() > 2 * k as usize,
+            "top_k",
+            || format!("top {k} of {len} from {:?} into {:?}", x.shape, out.shape),
+        )?;
+        let p = TopKParams { len, k, inv_temp };
+        let bound = [("x", x), ("out", out)];
+        self.dispatch(ctx, encoder, &self.top_k, &p, &bound, (1, 1, 1))
     }
 
     /// Rotary embedding of queries into `q_out`; rotated keys and values into the cache.
@@ -513,33 +509,50 @@ impl Kernels {
         shape: AttentionShape,
         b: RopeKvBuffers<'_>,
     ) -> Result<()> {
-        let mut params = [0u32; 8];
-        params[..7].copy_from_slice(bytemuck::cast_slice(&[shape]));
-        let groups = (
-            shape.head_dim.div_ceil(64),
-            shape.heads + shape.kv_heads,
-            shape.seq,
-        );
-        let buffers = [b.q, b.k, b.v, b.cos, b.sin, b.q_out, b.k_cache, b.v_cache];
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.rope_kv,
-            bytemuck::cast_slice(&params),
-            &buffers,
-            groups,
-        )
+        let s = shape;
+        let cache = (s.kv_heads * s.capacity * s.head_dim) as usize;
+        let table = (s.capacity * s.rotary_dim / 2) as usize;
+        check(
+            s.start + s.seq <= s.capacity
+                && b.k_cache.len() >= cache
+                && b.v_cache.len() >= cache
+                && b.cos.len() >= table
+                && b.sin.len() >= table,
+            "rope_kv",
+            || format!("{shape:?} against a cache of {:?}", b.k_cache.shape),
+        )?;
+        let p = RopeParams {
+            seq: s.seq,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            rotary_dim: s.rotary_dim,
+            start: s.start,
+            capacity: s.capacity,
+        };
+        let groups = (s.head_dim.div_ceil(64), s.heads + s.kv_heads, s.seq);
+        let bound = [
+            ("q", b.q),
+            ("k", b.k),
+            ("v", b.v),
+            ("cos_t", b.cos),
+            ("sin_t", b.sin),
+            ("q_out", b.q_out),
+            ("k_cache", b.k_cache),
+            ("v_cache", b.v_cache),
+        ];
+        self.dispatch(ctx, encoder, &self.rope_kv, &p, &bound, groups)
     }
 
     /// Causal attention of the `seq` new (rotated) queries over the cache. A single query
-    /// over more than `SPLIT_KEYS` keys is split over the sequence into `partials` (of
-    /// `attention_partials_len` floats) and merged, so long contexts keep the GPU busy.
+    /// over more than `SPLIT_KEYS` keys is split over the sequence into `partials` and
+    /// merged, so long contexts keep the GPU busy.
     pub fn attention(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
         shape: AttentionShape,
-        (q, k_cache, v_cache, partials, out): AttentionBuffers,
+        b: AttentionBuffers<'_>,
     ) -> Result<()> {
         if shape.head_dim > 128 {
             return Err(Error::gpu(format!(
@@ -547,7 +560,7 @@ impl Kernels {
                 shape.head_dim
             )));
         }
-        let params = AttentionParams {
+        let p = AttentionParams {
             seq: shape.seq,
             heads: shape.heads,
             kv_heads: shape.kv_heads,
@@ -557,38 +570,52 @@ impl Kernels {
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
             split_keys: 0,
         };
+        let caches = [("q", b.q), ("k_cache", b.k_cache), ("v_cache", b.v_cache)];
         let keys = shape.start + shape.seq;
         if shape.seq > 1 || keys <= SPLIT_KEYS {
-            return self.dispatch(
-                ctx,
-                encoder,
-                &self.attention,
-                bytemuck::bytes_of(&params),
-                &[q, k_cache, v_cache, out],
-                (shape.heads, shape.seq, 1),
-            );
+            let bound = [caches[0], caches[1], caches[2], ("out", b.out)];
+            let groups = (shape.heads, shape.seq, 1);
+            return self.dispatch(ctx, encoder, &self.attention, &p, &bound, groups);
         }
         let splits = keys.div_ceil(SPLIT_KEYS);
+        let needed =
+            attention_partials_len(shape.heads as usize, shape.head_dim as usize, keys as usize);
+        check(b.partials.len() >= needed, "attention", || {
+            format!(
+                "{needed} partials for {keys} keys, {:?} given",
+                b.partials.shape
+            )
+        })?;
         let split = AttentionParams {
             split_keys: SPLIT_KEYS,
-            ..params
+            ..p
         };
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.attention,
-            bytemuck::bytes_of(&split),
-            &[q, k_cache, v_cache, partials],
-            (shape.heads, splits, 1),
-        )?;
-        let merge = [shape.heads, shape.head_dim, splits, 0];
-        self.dispatch(
-            ctx,
-            encoder,
-            &self.attention_merge,
-            bytemuck::cast_slice(&merge),
-            &[partials, out],
-            (shape.heads, 1, 1),
-        )
+        let bound = [caches[0], caches[1], caches[2], ("out", b.partials)];
+        let groups = (shape.heads, splits, 1);
+        self.dispatch(ctx, encoder, &self.attention, &split, &bound, groups)?;
+        let merge = MergeParams {
+            heads: shape.heads,
+            head_dim: shape.head_dim,
+            splits,
+        };
+        let bound = [("partials", b.partials), ("out", b.out)];
+        let groups = (shape.heads, 1, 1);
+        self.dispatch(ctx, encoder, &self.attention_merge, &merge, &bound, groups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binding_names;
+
+    #[test]
+    fn binding_names_are_read_from_the_kernel_source_in_binding_order() {
+        let source = "@group(0) @binding(0) var<uniform> p: Params;\n\
+                      @group(0) @binding(3) var<storage, read_write> y: array<f32>;\n\
+                      @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;\n";
+        assert_eq!(
+            binding_names(source),
+            [(1, "x".to_string()), (3, "y".to_string())]
+        );
     }
 }

@@ -8,18 +8,6 @@
 // [max, sum, acc[0..head_dim]] to `out` for attention_merge.wgsl, so a single query still
 // keeps many workgroups busy.
 
-struct Params {
-    seq: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    start: u32,
-    capacity: u32,
-    scale: f32,
-    split_keys: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;

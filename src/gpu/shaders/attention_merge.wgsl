@@ -2,14 +2,6 @@
 // out[h, d] = Σ_s acc_s[d]·e^(m_s − M) / Σ_s l_s·e^(m_s − M), with M the largest m_s.
 // One workgroup per head; its threads take every 32nd dimension.
 
-struct Params {
-    heads: u32,
-    head_dim: u32,
-    splits: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> partials: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 

@@ -2,14 +2,6 @@
 // weights `w`, in any format: a weights_*.wgsl is prepended). A table larger than one
 // storage binding (Phi-2's 51200 × 2560) is bound in row chunks, one dispatch per chunk.
 
-struct Params {
-    tokens: u32,
-    dim: u32,
-    row_start: u32,
-    row_count: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 

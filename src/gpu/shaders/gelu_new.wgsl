@@ -4,7 +4,6 @@
 // large |a|, and tanh(±10) is already ±1 in f32.
 // Params: len_params.wgsl.
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 
 @compute @workgroup_size(256)

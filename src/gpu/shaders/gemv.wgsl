@@ -5,7 +5,7 @@
 // neighbouring weights, a tree reduction in workgroup memory) was measured 10× slower on
 // the CPU-emulated adapters we test on (lavapipe, SwiftShader: barriers are costly there);
 // on discrete GPUs it may win, which needs measuring on one.
-// Parameters and bindings: matmul_params.wgsl.
+// Parameters: MatmulParams (params.rs); bindings b and y: matmul_bindings.wgsl.
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 

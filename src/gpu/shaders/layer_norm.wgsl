@@ -1,14 +1,6 @@
 // LayerNorm over the last dimension, one workgroup per row, statistics in f32:
 // y = (x - mean) / sqrt(var + eps) * gamma + beta.
 
-struct Params {
-    rows: u32,
-    dim: u32,
-    eps: f32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> gamma: array<f32>;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;

@@ -1,7 +1,7 @@
 // y = x · wᵀ + b, with x (m × k), w (n × k) in Hugging Face's (out, in) layout, b (n).
 // y has row stride `ldy` and the n columns start at `col_offset`, so a weight split by rows
 // (an lm_head larger than one binding) writes its slice of the full logits row.
-// Used for prefill (m > 1); a single row goes to gemv.wgsl. Parameters: matmul_params.wgsl.
+// Used for prefill (m > 1); a single row goes to gemv.wgsl. Parameters: MatmulParams (params.rs); bindings b and y: matmul_bindings.wgsl.
 //
 // A workgroup of 16 × 4 threads computes a 16-row × 64-column tile of y; each thread keeps a
 // 4 × 4 block of it in registers. Per step of 16 along k, the x tile (16 × 16) and the w tile

@@ -1,7 +1,6 @@
 // Phi's parallel block output: x ← x + attn + mlp.
 // Params: len_params.wgsl.
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read> attn: array<f32>;
 @group(0) @binding(3) var<storage, read> mlp: array<f32>;

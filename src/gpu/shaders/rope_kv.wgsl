@@ -1,21 +1,9 @@
 // Partial NeoX rotary embedding on the first `rotary_dim` features of each head, for the
 // tokens at positions start..start+seq. Queries go to `q_out`; keys (rotated) and values are
 // written straight into the KV cache, laid out [kv_head][capacity][head_dim].
-// cos/sin come from the same tables as the CPU path ((max_positions, rotary_dim / 2)),
+// cos/sin come from tables made like the CPU path's ((positions, rotary_dim / 2)),
 // since WGSL's cos/sin are imprecise for large angles.
 
-struct Params {
-    seq: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    rotary_dim: u32,
-    start: u32,
-    capacity: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;

@@ -11,14 +11,6 @@
 // One workgroup: each thread keeps the top k of its strided share sorted in private memory,
 // then k rounds of a tree argmax over the threads' current heads merge them.
 
-struct Params {
-    len: u32,
-    k: u32,
-    inv_temp: f32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<u32>;
 
