@@ -11,8 +11,8 @@ use super::weights::{GpuWeights, Layer};
 use crate::backend::{BoxFuture, DeviceStats, Next, Want};
 use crate::candidates::TopK;
 use crate::error::{Error, Result};
+use crate::model::TensorSource;
 use crate::model::{Activation, Logits, PhiConfig};
-use crate::weights::TensorSource;
 
 /// Tokens processed per recorded pass; longer prompts run in several.
 const CHUNK: usize = 128;

@@ -12,8 +12,9 @@ use candle_core::DType;
 use super::context::GpuContext;
 use super::tensor::{GpuLinear, GpuNorm, WeightFormat};
 use crate::error::{Error, Result};
+use crate::model::names::{Site, TensorId};
 use crate::model::PhiConfig;
-use crate::weights::{TensorSource, Weight};
+use crate::model::{TensorSource, Weight};
 
 /// One decoder block's weights.
 pub struct Layer {
@@ -99,42 +100,46 @@ impl HostMatrix {
 /// Reads tensors from a checkpoint and uploads them.
 struct Uploader<'a> {
     ctx: &'a GpuContext,
+    cfg: &'a PhiConfig,
     src: &'a dyn TensorSource,
     /// Names of the matrices the checkpoint stores as f16 (kept f16 on the GPU).
     stored_f16: HashSet<String>,
 }
 
 impl Uploader<'_> {
-    fn vector(&self, name: &str, len: usize) -> Result<super::GpuTensor> {
-        let values = self.host(name, len)?;
-        self.ctx.upload(name, &values, &[len])
+    fn vector(&self, id: TensorId) -> Result<super::GpuTensor> {
+        let values = self.host(id)?;
+        self.ctx.upload(&id.hf(), &values, &[values.len()])
     }
 
-    fn host(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let t = self.src.tensor(name, &[len])?.dense()?;
+    fn host(&self, id: TensorId) -> Result<Vec<f32>> {
+        let t = self.src.tensor(&id.hf(), &id.shape(self.cfg))?.dense()?;
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 
-    fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<HostMatrix> {
-        HostMatrix::read(self.src, name, shape, self.stored_f16.contains(name))
+    fn matrix(&self, id: TensorId) -> Result<HostMatrix> {
+        let name = id.hf();
+        let shape = id.shape(self.cfg);
+        let stored_f16 = self.stored_f16.contains(&name);
+        HostMatrix::read(self.src, &name, (shape[0], shape[1]), stored_f16)
     }
 
-    fn norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<GpuNorm> {
+    fn norm(&self, site: Site) -> Result<GpuNorm> {
         Ok(GpuNorm {
-            w: self.vector(&format!("{prefix}.weight"), dim)?,
-            b: self.vector(&format!("{prefix}.bias"), dim)?,
-            eps,
+            w: self.vector(site.weight())?,
+            b: self.vector(site.bias())?,
+            eps: self.cfg.layer_norm_eps as f32,
         })
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<GpuLinear> {
-        let name = format!("{prefix}.weight");
-        let m = self.matrix(&name, (out, inp))?;
+    fn linear(&self, site: Site) -> Result<GpuLinear> {
+        let m = self.matrix(site.weight())?;
+        let shape = site.weight().shape(self.cfg);
         Ok(GpuLinear {
             w: self
                 .ctx
-                .upload_bytes(&name, &m.bytes, &[out, inp], m.format)?,
-            b: Some(self.vector(&format!("{prefix}.bias"), out)?),
+                .upload_bytes(&site.weight().hf(), &m.bytes, &shape, m.format)?,
+            b: Some(self.vector(site.bias())?),
         })
     }
 
@@ -178,6 +183,7 @@ impl GpuWeights {
     pub fn upload(ctx: &GpuContext, cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Self> {
         let up = Uploader {
             ctx,
+            cfg,
             src,
             stored_f16: src
                 .stored_tensors()
@@ -186,41 +192,35 @@ impl GpuWeights {
                 .map(|t| t.name)
                 .collect(),
         };
-        let (h, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let kv = cfg.num_key_value_heads * cfg.head_dim();
-        let eps = cfg.layer_norm_eps as f32;
-        let embed_name = "model.embed_tokens.weight";
-        let embed = up.row_chunks(&up.matrix(embed_name, (vocab, h))?, embed_name, None, vocab)?;
+        let vocab = cfg.vocab_size;
+        let embed_id = Site::Embedding.weight();
+        let embed = up.row_chunks(&up.matrix(embed_id)?, &embed_id.hf(), None, vocab)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let p = format!("model.layers.{i}");
                 Ok(Layer {
-                    norm: up.norm(&format!("{p}.input_layernorm"), h, eps)?,
-                    q: up.linear(&format!("{p}.self_attn.q_proj"), h, h)?,
-                    k: up.linear(&format!("{p}.self_attn.k_proj"), kv, h)?,
-                    v: up.linear(&format!("{p}.self_attn.v_proj"), kv, h)?,
-                    dense: up.linear(&format!("{p}.self_attn.dense"), h, h)?,
-                    fc1: up.linear(&format!("{p}.mlp.fc1"), inter, h)?,
-                    fc2: up.linear(&format!("{p}.mlp.fc2"), h, inter)?,
+                    norm: up.norm(Site::Norm(i))?,
+                    q: up.linear(Site::Q(i))?,
+                    k: up.linear(Site::K(i))?,
+                    v: up.linear(Site::V(i))?,
+                    dense: up.linear(Site::Dense(i))?,
+                    fc1: up.linear(Site::Fc1(i))?,
+                    fc2: up.linear(Site::Fc2(i))?,
                 })
             })
             .collect::<Result<_>>()?;
-        let head_name = if cfg.tie_word_embeddings {
-            embed_name
+        // A tied output layer reads the embedding's matrix.
+        let head_id = if cfg.tie_word_embeddings {
+            embed_id
         } else {
-            "lm_head.weight"
+            Site::Head.weight()
         };
-        let head_bias = up.host("lm_head.bias", vocab)?;
-        let lm_head = up.row_chunks(
-            &up.matrix(head_name, (vocab, h))?,
-            head_name,
-            Some(&head_bias),
-            vocab,
-        )?;
+        let head_bias = up.host(Site::Head.bias())?;
+        let lm_head =
+            up.row_chunks(&up.matrix(head_id)?, &head_id.hf(), Some(&head_bias), vocab)?;
         Ok(Self {
             embed,
             layers,
-            final_norm: up.norm("model.final_layernorm", h, eps)?,
+            final_norm: up.norm(Site::FinalNorm)?,
             lm_head,
         })
     }

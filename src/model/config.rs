@@ -245,7 +245,7 @@ impl PhiConfig {
     /// transformers 4 and 5 read.
     /// Parameters of the model this config describes (tied embeddings counted once).
     pub fn parameter_count(&self) -> usize {
-        super::expected_tensors(self)
+        super::names::expected_tensors(self)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum()

@@ -1,10 +1,15 @@
-//! The Phi-2 architecture: its configuration and its forward pass on candle tensors.
+//! The Phi-2 architecture: its configuration, its tensors' names in every layout, and its
+//! forward pass on candle tensors.
 
 mod config;
 pub mod grad_kernels;
 mod kv_cache;
+pub mod names;
 mod phi;
+mod source;
 
 pub use config::{Activation, PhiConfig};
 pub use kv_cache::KvCache;
-pub use phi::{expected_tensors, Logits, Phi};
+pub use names::expected_tensors;
+pub use phi::{Logits, Phi};
+pub use source::{StoredTensor, TensorSource, Weight};

@@ -21,8 +21,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::config::{Activation, PhiConfig};
 use super::grad_kernels;
 use super::kv_cache::KvCache;
+use super::names::{expected_tensors, Site};
+use super::source::{TensorSource, Weight};
 use crate::error::{Error, Result};
-use crate::weights::{TensorSource, Weight};
 
 /// Which positions to compute logits for: all (scoring, parity) or the last (generation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,19 +44,10 @@ enum LinearWeight {
 }
 
 impl Linear {
-    fn load(
-        src: &dyn TensorSource,
-        prefix: &str,
-        out_dim: usize,
-        in_dim: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        let weight = src.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        let bias = if bias {
-            Some(src.tensor(&format!("{prefix}.bias"), &[out_dim])?.dense()?)
-        } else {
-            None
-        };
+    fn load(src: &dyn TensorSource, site: Site, cfg: &PhiConfig) -> Result<Self> {
+        let (w, b) = (site.weight(), site.bias());
+        let weight = src.tensor(&w.hf(), &w.shape(cfg))?;
+        let bias = Some(src.tensor(&b.hf(), &b.shape(cfg))?.dense()?);
         let weight = match weight {
             Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
             Weight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
@@ -82,11 +74,12 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(src: &dyn TensorSource, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+    fn load(src: &dyn TensorSource, site: Site, cfg: &PhiConfig) -> Result<Self> {
+        let (w, b) = (site.weight(), site.bias());
         Ok(Self {
-            weight: src.tensor(&format!("{prefix}.weight"), &[dim])?.dense()?,
-            bias: src.tensor(&format!("{prefix}.bias"), &[dim])?.dense()?,
-            eps,
+            weight: src.tensor(&w.hf(), &w.shape(cfg))?.dense()?,
+            bias: src.tensor(&b.hf(), &b.shape(cfg))?.dense()?,
+            eps: cfg.layer_norm_eps,
         })
     }
 
@@ -179,16 +172,14 @@ struct Block {
 
 impl Block {
     fn load(src: &dyn TensorSource, cfg: &PhiConfig, i: usize) -> Result<Self> {
-        let p = format!("model.layers.{i}");
-        let (h, kv) = (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim());
         Ok(Self {
-            norm: LayerNorm::load(src, &format!("{p}.input_layernorm"), h, cfg.layer_norm_eps)?,
-            q: Linear::load(src, &format!("{p}.self_attn.q_proj"), h, h, true)?,
-            k: Linear::load(src, &format!("{p}.self_attn.k_proj"), kv, h, true)?,
-            v: Linear::load(src, &format!("{p}.self_attn.v_proj"), kv, h, true)?,
-            dense: Linear::load(src, &format!("{p}.self_attn.dense"), h, h, true)?,
-            fc1: Linear::load(src, &format!("{p}.mlp.fc1"), cfg.intermediate_size, h, true)?,
-            fc2: Linear::load(src, &format!("{p}.mlp.fc2"), h, cfg.intermediate_size, true)?,
+            norm: LayerNorm::load(src, Site::Norm(i), cfg)?,
+            q: Linear::load(src, Site::Q(i), cfg)?,
+            k: Linear::load(src, Site::K(i), cfg)?,
+            v: Linear::load(src, Site::V(i), cfg)?,
+            dense: Linear::load(src, Site::Dense(i), cfg)?,
+            fc1: Linear::load(src, Site::Fc1(i), cfg)?,
+            fc2: Linear::load(src, Site::Fc2(i), cfg)?,
         })
     }
 }
@@ -203,60 +194,26 @@ pub struct Phi {
     fused: bool,
 }
 
-/// Every tensor a `PhiForCausalLM` checkpoint must hold, with its shape (HF names).
-pub fn expected_tensors(cfg: &PhiConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let kv = cfg.num_key_value_heads * cfg.head_dim();
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("input_layernorm.weight", vec![h]),
-            ("input_layernorm.bias", vec![h]),
-            ("self_attn.q_proj.weight", vec![h, h]),
-            ("self_attn.q_proj.bias", vec![h]),
-            ("self_attn.k_proj.weight", vec![kv, h]),
-            ("self_attn.k_proj.bias", vec![kv]),
-            ("self_attn.v_proj.weight", vec![kv, h]),
-            ("self_attn.v_proj.bias", vec![kv]),
-            ("self_attn.dense.weight", vec![h, h]),
-            ("self_attn.dense.bias", vec![h]),
-            ("mlp.fc1.weight", vec![i, h]),
-            ("mlp.fc1.bias", vec![i]),
-            ("mlp.fc2.weight", vec![h, i]),
-            ("mlp.fc2.bias", vec![h]),
-        ] {
-            out.push((format!("{p}.{name}"), shape));
-        }
-    }
-    out.push(("model.final_layernorm.weight".to_string(), vec![h]));
-    out.push(("model.final_layernorm.bias".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![v, h]));
-    }
-    out.push(("lm_head.bias".to_string(), vec![v]));
-    out
-}
-
 impl Phi {
     /// Loads every tensor from `src` after checking all names and shapes against `cfg`.
     pub fn load(cfg: &PhiConfig, src: &dyn TensorSource, fused: bool) -> Result<Self> {
         cfg.validate()?;
         src.check(&expected_tensors(cfg))?;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = src.tensor("model.embed_tokens.weight", &[v, h])?.dense()?;
+        let e = Site::Embedding.weight();
+        let embed = src.tensor(&e.hf(), &e.shape(cfg))?.dense()?;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(src, cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = LayerNorm::load(src, "model.final_layernorm", h, cfg.layer_norm_eps)?;
+        let final_norm = LayerNorm::load(src, Site::FinalNorm, cfg)?;
         let lm_head = if cfg.tie_word_embeddings {
-            let bias = src.tensor("lm_head.bias", &[v])?.dense()?;
+            let b = Site::Head.bias();
+            let bias = src.tensor(&b.hf(), &b.shape(cfg))?.dense()?;
             Linear {
                 weight: LinearWeight::Dense(candle_nn::Linear::new(embed.clone(), None)),
                 bias: Some(bias),
             }
         } else {
-            Linear::load(src, "lm_head", v, h, true)?
+            Linear::load(src, Site::Head, cfg)?
         };
         let rotary = Rotary::new(cfg, embed.dtype(), embed.device())?;
         Ok(Self {

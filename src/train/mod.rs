@@ -25,7 +25,7 @@ pub use checkpoint::{
     exists as checkpoint_exists, latest as latest_checkpoint, restore_metrics, TrainState,
 };
 pub use optim::{learning_rate, AdamW};
-pub use params::{save_tensors, LoraConfig, Params, Precision, LORA_TARGETS};
+pub use params::{save_tensors, LoraConfig, Params, Precision};
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
@@ -522,7 +522,7 @@ impl Trainer {
                     "lora_alpha": lora.alpha,
                     "lora_dropout": 0.0,
                     "bias": "none",
-                    "target_modules": LORA_TARGETS.map(|t| t.rsplit('.').next().unwrap_or(t)),
+                    "target_modules": crate::model::names::LINEARS.map(|s| s(0).peft_target()),
                     "base_model_name_or_path": self.config.init_from,
                 });
                 ckpt.write("adapter_config.json", json(&peft).as_bytes())?;

@@ -12,18 +12,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::names::{Part, TensorId, LINEARS};
 use crate::model::{expected_tensors, PhiConfig};
-use crate::weights::{StoredTensor, TensorSource, Weight};
-
-/// The linear layers LoRA adapts, as in PEFT's usual Phi-2 target list.
-pub const LORA_TARGETS: [&str; 6] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.dense",
-    "mlp.fc1",
-    "mlp.fc2",
-];
+use crate::model::{StoredTensor, TensorSource, Weight};
 
 /// The dtype of the forward and backward pass. The `Var`s (master weights) and the
 /// optimizer state stay f32 whatever it is: a bf16 update of a bf16 weight rounds most small
@@ -62,11 +53,6 @@ pub struct Params {
     lora: Option<LoraConfig>,
     /// The model sees every weight cast to this.
     precision: Precision,
-}
-
-/// PEFT's name of a layer's adapter matrix: `base_model.model.<layer>.lora_<A|B>.weight`.
-fn adapter_name(layer: &str, which: char) -> String {
-    format!("base_model.model.{layer}.lora_{which}.weight")
 }
 
 impl Params {
@@ -151,34 +137,33 @@ impl Params {
             .transpose()?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut vars = Vec::new();
-        for i in 0..cfg.num_hidden_layers {
-            for target in LORA_TARGETS {
-                let layer = format!("model.layers.{i}.{target}");
-                let (out, inp) = base[&format!("{layer}.weight")].dims2()?;
-                for (which, shape) in [('A', (lora.rank, inp)), ('B', (out, lora.rank))] {
-                    let name = adapter_name(&layer, which);
-                    let t = match &saved {
-                        Some(s) => s
-                            .get(&name)
-                            .ok_or_else(|| Error::input(format!("adapter {name} missing")))?
-                            .clone(),
-                        None if which == 'A' => {
-                            let bound = 1.0 / (inp as f32).sqrt();
-                            let v = (0..lora.rank * inp)
-                                .map(|_| rng.random_range(-bound..bound))
-                                .collect();
-                            Tensor::from_vec(v, shape, &Device::Cpu)?
-                        }
-                        None => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
-                    };
-                    if t.dims() != [shape.0, shape.1] {
-                        return Err(Error::input(format!(
-                            "adapter {name} has shape {:?}",
-                            t.dims()
-                        )));
+        // PEFT's usual Phi-2 targets: every linear layer of every block.
+        for site in (0..cfg.num_hidden_layers).flat_map(|i| LINEARS.map(|s| s(i))) {
+            let w = site.weight();
+            let (out, inp) = (w.shape(cfg)[0], w.shape(cfg)[1]);
+            for (which, name) in site.lora_names().into_iter().enumerate() {
+                let shape = [(lora.rank, inp), (out, lora.rank)][which];
+                let t = match &saved {
+                    Some(s) => s
+                        .get(&name)
+                        .ok_or_else(|| Error::input(format!("adapter {name} missing")))?
+                        .clone(),
+                    None if which == 0 => {
+                        let bound = 1.0 / (inp as f32).sqrt();
+                        let v = (0..lora.rank * inp)
+                            .map(|_| rng.random_range(-bound..bound))
+                            .collect();
+                        Tensor::from_vec(v, shape, &Device::Cpu)?
                     }
-                    vars.push((name, Var::from_tensor(&t.to_device(device)?)?));
+                    None => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+                };
+                if t.dims() != [shape.0, shape.1] {
+                    return Err(Error::input(format!(
+                        "adapter {name} has shape {:?}",
+                        t.dims()
+                    )));
                 }
+                vars.push((name, Var::from_tensor(&t.to_device(device)?)?));
             }
         }
         Ok(Self {
@@ -229,13 +214,14 @@ impl Params {
             .base
             .get(name)
             .ok_or_else(|| Error::input(format!("no parameter {name}")))?;
-        let layer = name.strip_suffix(".weight").unwrap_or(name);
-        let adapted = LORA_TARGETS.iter().any(|t| layer.ends_with(t)) && name.ends_with(".weight");
-        if !adapted {
+        let adapted = TensorId::from_hf(name)
+            .filter(|id| id.part == Part::Weight && id.site.is_linear())
+            .map(|id| id.site.lora_names());
+        let Some([a, b]) = adapted else {
             return Ok(base.clone());
-        }
-        let a = self.var(&adapter_name(layer, 'A'))?.as_tensor();
-        let b = self.var(&adapter_name(layer, 'B'))?.as_tensor();
+        };
+        let a = self.var(&a)?.as_tensor();
+        let b = self.var(&b)?.as_tensor();
         Ok((base + (b.matmul(a)? * (lora.alpha / lora.rank as f64))?)?)
     }
 

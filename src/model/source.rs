@@ -1,0 +1,51 @@
+//! What the model needs from wherever its weights come from (a safetensors or GGUF file, the
+//! trainer's parameters, random values): "tensor NAME of SHAPE", by the transformers names
+//! of `names.rs`. Defined here, beside the model that asks, so the file formats depend on
+//! the model and not the other way round.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// A tensor as the checkpoint stores it: plain values (already converted to the compute
+/// dtype) or a quantized block layout that the matmul dequantizes on the fly.
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// Plain values, dequantizing if needed (for norms, biases and the embedding table).
+    pub fn dense(self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t),
+            Weight::Quantized(q) => Ok(q.dequantize(&candle_core::Device::Cpu)?),
+        }
+    }
+}
+
+/// Summary of one stored tensor, for `medphi info`.
+pub struct StoredTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+/// Where the model's tensors come from.
+pub trait TensorSource {
+    /// The tensor `name` (Hugging Face naming), checked to have exactly `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight>;
+    /// Checks that `name` exists with exactly `shape` and a usable dtype, from headers only.
+    fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()>;
+    /// Checks every `(name, shape)`, so a bad checkpoint fails before any tensor is loaded.
+    fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        expected
+            .iter()
+            .try_for_each(|(name, shape)| self.check_tensor(name, shape))
+    }
+    /// What the file holds, for `medphi info`.
+    fn stored_tensors(&self) -> Vec<StoredTensor>;
+}
