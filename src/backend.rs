@@ -81,6 +81,10 @@ pub struct DeviceStats {
     pub submissions: usize,
     /// Bytes copied back to the host.
     pub bytes_read: usize,
+    /// Bytes the kernels read from device memory: every weight matrix (as held), the
+    /// embedding rows gathered and the KV cache attended over. Per decode token this over
+    /// the token's time is the bandwidth reached.
+    pub bytes_moved: usize,
 }
 
 pub trait Backend {

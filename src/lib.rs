@@ -1,19 +1,25 @@
 //! medphi: Phi-2-family language models, in the browser (WebGPU or wasm CPU) and natively.
 //!
-//! Layers, from the inside out (see ARCHITECTURE.md):
-//! - [`model`]: the Phi-2 configuration and forward pass on candle tensors;
-//! - [`weights`]: safetensors and GGUF readers that hand tensors to the model by name;
-//! - [`tokenizer`]: byte-level BPE and a UTF-8-safe streaming detokenizer;
-//! - [`gpu`]: the wgpu/WebGPU compute kernels (WGSL);
-//! - [`backend`]: the small interface generation and evaluation use to run a model;
-//! - [`cancel`]: the flag that stops generation, evaluation and training at a safe point;
-//! - [`generate`]: sampling, stop strings, prompt formats, streaming generation;
-//! - `train` (native): pretraining and SFT on the differentiable model;
-//! - [`checkpoint`]: finding and opening a model folder or GGUF file;
-//! - [`data`]: training data built from medical ontologies (HPO, ICD-10-CM);
-//! - `web` (wasm32 only): the JavaScript API the browser page's worker calls.
+//! A reading order, from the inside out (ARCHITECTURE.md has the why):
+//! 1. [`model`]: the architecture. `PhiConfig` (config.json, validated), `names` (every
+//!    tensor and its name in each file layout), `TensorSource` (what the model asks of a
+//!    checkpoint), and `Phi`, the whole forward pass in one file on candle tensors.
+//! 2. [`weights`]: safetensors and GGUF files as `TensorSource`s, read as untrusted input;
+//!    [`tokenizer`]: byte-level BPE and a UTF-8-safe streaming detokenizer;
+//!    [`checkpoint`]: a model folder or GGUF file opened and checked as a whole.
+//! 3. [`backend`]: the one interface generation and evaluation use to run a model,
+//!    `forward(tokens, Want) -> Next`, with the CPU implementation; [`gpu`]: the same on
+//!    wgpu/WebGPU, from WGSL kernels; [`candidates`]: top-k and argmax of a logits row.
+//! 4. [`generate`]: a `Session` over a backend, sampling, stop strings, prompt formats;
+//!    [`cancel`]: the flag that stops long work at a safe point.
+//! 5. [`eval`]: benchmark files, lm-eval's scoring, resumable runs and its output records.
+//! 6. `train` (native only): pretraining, SFT, DPO and LoRA on the differentiable model, with
+//!    checkpoints that survive a kill; [`data`]: training data from medical ontologies.
+//! 7. The shells: `web` (wasm32 only) is the JavaScript API the page's worker calls; the CLI
+//!    lives in the binary (`src/main.rs`, `src/cli/`).
 
 pub mod backend;
+pub mod bench;
 pub mod cancel;
 pub mod candidates;
 pub mod checkpoint;

@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use medphi::gpu::{GpuContext, GpuLinear, GpuNorm, GpuTensor, Kernels, WeightFormat};
+use medphi::gpu::{GpuContext, GpuLinear, GpuNorm, GpuTensor, KernelFamily, Kernels, WeightFormat};
 
 /// Declares each async test body as a native `#[test]` and a browser test.
 macro_rules! native_and_browser {
@@ -46,8 +46,26 @@ async fn ctx() -> (GpuContext, Kernels) {
     let ctx = GpuContext::new()
         .await
         .expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)");
-    let kernels = Kernels::new(&ctx);
+    let kernels = Kernels::new(&ctx, KernelFamily::Emulator);
     (ctx, kernels)
+}
+
+/// The kernel variants that differ between families: the emulator family, the gpu family,
+/// and the gpu family without subgroup operations (its workgroup-memory reduction), as an
+/// adapter without them would run it.
+async fn variants() -> Vec<(String, GpuContext, Kernels)> {
+    let mut out = Vec::new();
+    for (name, family, subgroups) in [
+        ("emulator", KernelFamily::Emulator, true),
+        ("gpu", KernelFamily::Gpu, true),
+        ("gpu without subgroups", KernelFamily::Gpu, false),
+    ] {
+        let (mut ctx, _) = ctx().await;
+        ctx.info.subgroups &= subgroups;
+        let kernels = Kernels::new(&ctx, family);
+        out.push((name.to_string(), ctx, kernels));
+    }
+    out
 }
 
 fn rand(shape: &[usize], scale: f64) -> Tensor {
@@ -69,40 +87,49 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// `(x · wᵀ + b)` on the GPU with `w` stored in `format`, against candle on the values those
 /// bytes decode to, for each `(m, n, k)`.
 async fn check_matmul(format: WeightFormat, sizes: &[(usize, usize, usize)]) {
-    let (ctx, k) = ctx().await;
-    for &(m, n, kk) in sizes {
-        let x = rand(&[m, kk], 1.0);
-        let (bytes, decoded) = encode(&rand(&[n, kk], 0.05), format);
-        assert_eq!(bytes.len(), n * format.row_bytes(kk));
-        let b = rand(&[n], 0.1);
-        let expected = x
-            .matmul(&decoded.t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        let xb = ctx.upload("x", &values(&x), &[m, kk]).unwrap();
-        let linear = GpuLinear {
-            w: ctx.upload_bytes("w", &bytes, &[n, kk], format).unwrap(),
-            b: Some(ctx.upload("b", &values(&b), &[n]).unwrap()),
-        };
-        let y = ctx.zeros("y", &[m, n]).unwrap();
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        k.matmul(&ctx, &mut enc, m, &xb, &linear, (&y, 0)).unwrap();
-        ctx.queue.submit([enc.finish()]);
-        let got = ctx.read(&y, m * n).await.unwrap();
-        let diff = max_diff(&got, &values(&expected));
-        assert!(
-            diff < 1e-4,
-            "{format:?} ({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}"
-        );
+    for (variant, ctx, k) in variants().await {
+        for &(m, n, kk) in sizes {
+            let x = rand(&[m, kk], 1.0);
+            let (bytes, decoded) = encode(&rand(&[n, kk], 0.05), format);
+            assert_eq!(bytes.len(), n * format.row_bytes(kk));
+            let b = rand(&[n], 0.1);
+            let expected = x
+                .matmul(&decoded.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let xb = ctx.upload("x", &values(&x), &[m, kk]).unwrap();
+            let linear = GpuLinear {
+                w: ctx.upload_bytes("w", &bytes, &[n, kk], format).unwrap(),
+                b: Some(ctx.upload("b", &values(&b), &[n]).unwrap()),
+            };
+            let y = ctx.zeros("y", &[m, n]).unwrap();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let recorded = k.matmul(&ctx, &mut enc, m, &xb, &linear, (&y, 0));
+            if variant != "emulator" && kk % 32 != 0 {
+                // The gpu kernels read whole 32-value chunks: other row lengths are refused.
+                assert!(recorded.unwrap_err().to_string().contains("multiple of 32"));
+                continue;
+            }
+            recorded.unwrap();
+            ctx.queue.submit([enc.finish()]);
+            let got = ctx.read(&y, m * n).await.unwrap();
+            let diff = max_diff(&got, &values(&expected));
+            assert!(
+                diff < 1e-4,
+                "{variant} {format:?} ({m}×{kk})·({n}×{kk})ᵀ: max diff {diff}"
+            );
+        }
     }
 }
 
 async fn matmul_with_bias_matches_candle() {
     let sizes = [
         (1, 19, 37),
+        (1, 19, 64),
         (3, 64, 128),
         (17, 33, 50),
+        (33, 70, 96),
         (64, 96, 160),
         (1, 1000, 2560),
     ];
@@ -127,7 +154,13 @@ fn encode(w: &Tensor, format: WeightFormat) -> (Vec<u8>, Tensor) {
 async fn matmul_reads_f16_q8_0_and_q4_0_weights_in_place() {
     // GEMV (m = 1) and tiled GEMM, output counts that are not tile multiples, and Phi-2's
     // k = 2560 (80 blocks a row); k is whole blocks of 32.
-    let sizes = [(1, 19, 64), (1, 300, 2560), (5, 33, 96), (17, 70, 2560)];
+    let sizes = [
+        (1, 19, 64),
+        (1, 300, 2560),
+        (5, 33, 96),
+        (17, 70, 2560),
+        (40, 65, 2560),
+    ];
     for format in [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0] {
         check_matmul(format, &sizes).await;
     }
@@ -411,92 +444,96 @@ fn attention_reference(
 }
 
 async fn rotary_kv_cache_and_attention_match_a_plain_reference() {
-    let (ctx, k) = ctx().await;
-    // Phi-2's head (80 dims, 32 rotary) with grouped kv heads, prefill then decode.
-    let (heads, kv_heads, hd, rd, cap, theta) =
-        (4usize, 2usize, 80usize, 32usize, 600usize, 10_000f64);
-    let half = rd / 2;
-    let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cap)
-        .flat_map(|p| (0..half).map(move |j| (p, j)))
-        .map(|(p, j)| {
-            let inv = 1.0 / theta.powf(2.0 * j as f64 / rd as f64) as f32;
-            let a = p as f32 * inv;
-            (a.cos(), a.sin())
-        })
-        .unzip();
-    let (cos_b, sin_b) = (
-        ctx.upload("cos", &cos, &[cap, half]).unwrap(),
-        ctx.upload("sin", &sin, &[cap, half]).unwrap(),
-    );
-    let k_cache = ctx.zeros("k_cache", &[kv_heads, cap, hd]).unwrap();
-    let v_cache = ctx.zeros("v_cache", &[kv_heads, cap, hd]).unwrap();
-    let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
-    // Prefill, decode, and decodes over more than SPLIT_KEYS keys (split over the sequence
-    // into 2 and 3 parts, then merged).
-    assert_eq!(medphi::gpu::SPLIT_KEYS, 256);
-    let partials = ctx
-        .zeros(
-            "partials",
-            &[medphi::gpu::attention_partials_len(heads, hd, cap)],
-        )
-        .unwrap();
-    for (start, seq) in [
-        (0usize, 9usize),
-        (9, 1),
-        (10, 3),
-        (13, 290),
-        (303, 1),
-        (304, 200),
-        (504, 1),
-    ] {
-        let q = values(&rand(&[seq, heads * hd], 1.0));
-        let kk = values(&rand(&[seq, kv_heads * hd], 1.0));
-        let v = values(&rand(&[seq, kv_heads * hd], 1.0));
-        for t in 0..seq {
-            all_k.push(kk[t * kv_heads * hd..][..kv_heads * hd].to_vec());
-            all_v.push(v[t * kv_heads * hd..][..kv_heads * hd].to_vec());
-        }
-        let (qb, kb, vb) = (
-            ctx.upload("q", &q, &[seq, heads * hd]).unwrap(),
-            ctx.upload("k", &kk, &[seq, kv_heads * hd]).unwrap(),
-            ctx.upload("v", &v, &[seq, kv_heads * hd]).unwrap(),
+    for (variant, ctx, k) in variants().await {
+        // Phi-2's head (80 dims, 32 rotary) with grouped kv heads, prefill then decode.
+        let (heads, kv_heads, hd, rd, cap, theta) =
+            (4usize, 2usize, 80usize, 32usize, 600usize, 10_000f64);
+        let half = rd / 2;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cap)
+            .flat_map(|p| (0..half).map(move |j| (p, j)))
+            .map(|(p, j)| {
+                let inv = 1.0 / theta.powf(2.0 * j as f64 / rd as f64) as f32;
+                let a = p as f32 * inv;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        let (cos_b, sin_b) = (
+            ctx.upload("cos", &cos, &[cap, half]).unwrap(),
+            ctx.upload("sin", &sin, &[cap, half]).unwrap(),
         );
-        let q_out = ctx.zeros("q_rot", &[seq, heads * hd]).unwrap();
-        let out = ctx.zeros("attn", &[seq, heads * hd]).unwrap();
-        let shape = medphi::gpu::AttentionShape {
-            seq: seq as u32,
-            heads: heads as u32,
-            kv_heads: kv_heads as u32,
-            head_dim: hd as u32,
-            rotary_dim: rd as u32,
-            start: start as u32,
-            capacity: cap as u32,
-        };
-        run(&ctx, |enc| {
-            let b = medphi::gpu::RopeKvBuffers {
-                q: &qb,
-                k: &kb,
-                v: &vb,
-                cos: &cos_b,
-                sin: &sin_b,
-                q_out: &q_out,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
+        let k_cache = ctx.zeros("k_cache", &[kv_heads, cap, hd]).unwrap();
+        let v_cache = ctx.zeros("v_cache", &[kv_heads, cap, hd]).unwrap();
+        let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+        // Prefill, decode, and decodes over more than SPLIT_KEYS keys (split over the sequence
+        // into 2 and 3 parts, then merged).
+        assert_eq!(medphi::gpu::SPLIT_KEYS, 256);
+        let partials = ctx
+            .zeros(
+                "partials",
+                &[medphi::gpu::attention_partials_len(heads, hd, cap)],
+            )
+            .unwrap();
+        for (start, seq) in [
+            (0usize, 9usize),
+            (9, 1),
+            (10, 3),
+            (13, 290),
+            (303, 1),
+            (304, 200),
+            (504, 1),
+        ] {
+            let q = values(&rand(&[seq, heads * hd], 1.0));
+            let kk = values(&rand(&[seq, kv_heads * hd], 1.0));
+            let v = values(&rand(&[seq, kv_heads * hd], 1.0));
+            for t in 0..seq {
+                all_k.push(kk[t * kv_heads * hd..][..kv_heads * hd].to_vec());
+                all_v.push(v[t * kv_heads * hd..][..kv_heads * hd].to_vec());
+            }
+            let (qb, kb, vb) = (
+                ctx.upload("q", &q, &[seq, heads * hd]).unwrap(),
+                ctx.upload("k", &kk, &[seq, kv_heads * hd]).unwrap(),
+                ctx.upload("v", &v, &[seq, kv_heads * hd]).unwrap(),
+            );
+            let q_out = ctx.zeros("q_rot", &[seq, heads * hd]).unwrap();
+            let out = ctx.zeros("attn", &[seq, heads * hd]).unwrap();
+            let shape = medphi::gpu::AttentionShape {
+                seq: seq as u32,
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                rotary_dim: rd as u32,
+                start: start as u32,
+                capacity: cap as u32,
             };
-            k.rope_kv(&ctx, enc, shape, b).unwrap();
-            let b = medphi::gpu::AttentionBuffers {
-                q: &q_out,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
-                partials: &partials,
-                out: &out,
-            };
-            k.attention(&ctx, enc, shape, b).unwrap();
-        });
-        let got = ctx.read(&out, q.len()).await.unwrap();
-        let expected =
-            attention_reference(&q, &all_k, &all_v, heads, kv_heads, hd, rd, start, theta);
-        let diff = max_diff(&got, &expected);
-        assert!(diff < 1e-4, "start {start}, seq {seq}: max diff {diff}");
+            run(&ctx, |enc| {
+                let b = medphi::gpu::RopeKvBuffers {
+                    q: &qb,
+                    k: &kb,
+                    v: &vb,
+                    cos: &cos_b,
+                    sin: &sin_b,
+                    q_out: &q_out,
+                    k_cache: &k_cache,
+                    v_cache: &v_cache,
+                };
+                k.rope_kv(&ctx, enc, shape, b).unwrap();
+                let b = medphi::gpu::AttentionBuffers {
+                    q: &q_out,
+                    k_cache: &k_cache,
+                    v_cache: &v_cache,
+                    partials: &partials,
+                    out: &out,
+                };
+                k.attention(&ctx, enc, shape, b).unwrap();
+            });
+            let got = ctx.read(&out, q.len()).await.unwrap();
+            let expected =
+                attention_reference(&q, &all_k, &all_v, heads, kv_heads, hd, rd, start, theta);
+            let diff = max_diff(&got, &expected);
+            assert!(
+                diff < 1e-4,
+                "{variant}: start {start}, seq {seq}: max diff {diff}"
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use medphi::backend::{Backend, CpuBackend, Want};
 use medphi::checkpoint::{Checkpoint, NamedBytes};
 use medphi::generate::{GenerateOptions, Session};
-use medphi::gpu::GpuBackend;
+use medphi::gpu::{GpuBackend, KernelChoice};
 use medphi::web::{parse_benchmark, Model};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -22,6 +22,8 @@ const CONFIG: &[u8] = include_bytes!("fixtures/tiny-phi/config.json");
 const TOKENIZER: &[u8] = include_bytes!("fixtures/tiny-phi/tokenizer.json");
 const WEIGHTS: &[u8] = include_bytes!("fixtures/tiny-phi/model.safetensors");
 const Q8_GGUF: &[u8] = include_bytes!("fixtures/tiny-phi-q8_0.gguf");
+const Q4_GGUF: &[u8] = include_bytes!("fixtures/tiny-phi-q4_0.gguf");
+const F16_GGUF: &[u8] = include_bytes!("fixtures/tiny-phi-f16.gguf");
 const REFERENCE: &[u8] = include_bytes!("fixtures/reference.safetensors");
 const PROMPT: &str = "Instruct: What is macrocephaly?\nOutput:";
 
@@ -29,7 +31,8 @@ struct Reference {
     input_ids: Vec<u32>,
     greedy_ids: Vec<u32>,
     logits: Vec<f32>,
-    q8_logits: Vec<f32>,
+    /// transformers on the weights of each GGUF fixture as llama.cpp's gguf-py decodes them.
+    gguf_logits: HashMap<&'static str, Vec<f32>>,
 }
 
 fn reference() -> Reference {
@@ -41,7 +44,10 @@ fn reference() -> Reference {
         input_ids: ids("input_ids"),
         greedy_ids: ids("greedy_ids"),
         logits: flat("logits"),
-        q8_logits: flat("logits_q8_0"),
+        gguf_logits: ["f16", "q8_0", "q4_0"]
+            .into_iter()
+            .map(|f| (f, flat(&format!("logits_{f}"))))
+            .collect(),
     }
 }
 
@@ -70,7 +76,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-async fn check_against_reference(backend: impl Backend, limit: f32) {
+/// All-position logits within `limit` of transformers, and the first `tokens` greedy ids.
+async fn check_against_reference(backend: impl Backend, limit: f32, tokens: usize) {
     let r = reference();
     let mut session = Session::new(backend);
     let rows = session
@@ -84,14 +91,14 @@ async fn check_against_reference(backend: impl Backend, limit: f32) {
     assert!(diff < limit, "logits differ from transformers by {diff}");
     let tokenizer = checkpoint().tokenizer;
     let opts = GenerateOptions {
-        max_new_tokens: r.greedy_ids.len(),
+        max_new_tokens: tokens,
         ..Default::default()
     };
     let g = session
         .generate(&tokenizer, &r.input_ids, &opts, &mut |_| true)
         .await
         .unwrap();
-    assert_eq!(g.output_ids, r.greedy_ids);
+    assert_eq!(g.output_ids, r.greedy_ids[..tokens]);
 }
 
 #[wasm_bindgen_test]
@@ -106,43 +113,57 @@ fn tokenizer_matches_the_reference_ids() {
 #[wasm_bindgen_test]
 async fn cpu_forward_matches_transformers() {
     let (model, _) = checkpoint().into_model(true).unwrap();
-    check_against_reference(CpuBackend::new(model, None).unwrap(), 1e-4).await;
+    check_against_reference(CpuBackend::new(model, None).unwrap(), 1e-4, 64).await;
 }
 
+/// Both kernel families on Chromium's WebGPU (SwiftShader here). SwiftShader runs the gpu
+/// family's barriers slowly, so it decodes 8 tokens here; tests/gpu_model.rs decodes 64 with
+/// each family on lavapipe.
 #[wasm_bindgen_test]
 async fn webgpu_forward_matches_transformers() {
-    let ckpt = checkpoint();
-    let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)
-        .await
-        .expect("WebGPU in the browser (Chrome needs --enable-unsafe-webgpu, see webdriver.json)");
-    check_against_reference(gpu, 1e-3).await;
+    for (kernels, tokens) in [(KernelChoice::Gpu, 8), (KernelChoice::Emulator, 64)] {
+        let ckpt = checkpoint();
+        let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None, kernels)
+            .await
+            .expect(
+                "WebGPU in the browser (Chrome needs --enable-unsafe-webgpu, see webdriver.json)",
+            );
+        check_against_reference(gpu, 1e-3, tokens).await;
+    }
 }
 
+/// Every weight format the GPU reads in place (GGUF files as llama.cpp's gguf package writes
+/// them), with both kernel families.
 #[wasm_bindgen_test]
-async fn gguf_q8_0_loads_with_its_embedded_tokenizer() {
-    let ckpt = Checkpoint::from_bytes(
-        None,
-        None,
-        vec![named("tiny-phi-q8_0.gguf", Q8_GGUF)],
-        DType::F32,
-    )
-    .unwrap();
-    let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None)
-        .await
-        .unwrap();
+async fn gguf_weights_match_transformers_with_both_kernel_families() {
     let r = reference();
-    let mut session = Session::new(gpu);
-    let rows = session
-        .backend_mut()
-        .forward(&r.input_ids, Want::AllRows)
-        .await
-        .unwrap()
-        .rows()
+    for (format, file) in [("f16", F16_GGUF), ("q8_0", Q8_GGUF), ("q4_0", Q4_GGUF)] {
+        // Not every fixture embeds its tokenizer; all share tiny-phi's.
+        let ckpt = Checkpoint::from_bytes(
+            None,
+            Some(named("tokenizer.json", TOKENIZER)),
+            vec![named(&format!("tiny-phi-{format}.gguf"), file)],
+            DType::F32,
+        )
         .unwrap();
-    // Dequantized q8_0 weights, so the reference is transformers on the same dequantized
-    // weights (exact up to f32 rounding).
-    let diff = max_abs_diff(&rows, &r.q8_logits);
-    assert!(diff < 1e-3, "q8_0 logits differ by {diff}");
+        for kernels in [KernelChoice::Gpu, KernelChoice::Emulator] {
+            let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None, kernels)
+                .await
+                .unwrap();
+            let mut session = Session::new(gpu);
+            let rows = session
+                .backend_mut()
+                .forward(&r.input_ids, Want::AllRows)
+                .await
+                .unwrap()
+                .rows()
+                .unwrap();
+            // The reference is transformers on the same decoded weights (exact up to f32
+            // rounding).
+            let diff = max_abs_diff(&rows, &r.gguf_logits[format]);
+            assert!(diff < 1e-3, "{format} {kernels:?}: logits differ by {diff}");
+        }
+    }
 }
 
 fn files(list: &[(&str, &[u8])]) -> js_sys::Array {
@@ -175,15 +196,28 @@ fn error_name(e: JsValue) -> (String, String) {
 
 #[wasm_bindgen_test]
 async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
-    for backend in ["cpu", "webgpu"] {
-        let model = Model::load(fixture_files(), backend.into(), None)
-            .await
-            .unwrap();
+    for (backend, kernels) in [
+        ("cpu", None),
+        ("webgpu", Some("gpu")),
+        ("webgpu", Some("emulator")),
+    ] {
+        let model = Model::load(
+            fixture_files(),
+            backend.into(),
+            None,
+            kernels.map(String::from),
+        )
+        .await
+        .unwrap();
         let info = model.info().unwrap();
         assert_eq!(get(&info, "backend").as_string().unwrap(), backend);
+        assert_eq!(get(&info, "kernels").as_string().as_deref(), kernels);
         let r = reference();
+        // SwiftShader runs the gpu family's barriers slowly: a few tokens show it works
+        // through this API (webgpu_forward_matches_transformers checks 64 of them).
+        let count = if kernels == Some("gpu") { 4 } else { 16 };
         let request = serde_wasm_bindgen::to_value(&serde_json::json!({
-            "prompt": PROMPT, "maxNewTokens": 16, "temperature": 0.0
+            "prompt": PROMPT, "maxNewTokens": count, "temperature": 0.0
         }))
         .unwrap();
         let streamed = std::rc::Rc::new(std::cell::RefCell::new(String::new()));
@@ -196,14 +230,14 @@ async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
             .await
             .unwrap();
         let ids: Vec<u32> = serde_wasm_bindgen::from_value(get(&g, "outputIds")).unwrap();
-        assert_eq!(ids, r.greedy_ids[..16], "{backend}");
+        assert_eq!(ids, r.greedy_ids[..count], "{backend} {kernels:?}");
         assert_eq!(get(&g, "text").as_string().unwrap(), *streamed.borrow());
     }
 }
 
 #[wasm_bindgen_test]
 async fn returning_false_from_the_callback_stops_generation() {
-    let model = Model::load(fixture_files(), "cpu".into(), None)
+    let model = Model::load(fixture_files(), "cpu".into(), None, None)
         .await
         .unwrap();
     let request = serde_wasm_bindgen::to_value(&serde_json::json!({
@@ -225,7 +259,7 @@ async fn scores_a_parsed_medqa_question() {
     let questions = parse_benchmark("medqa_4options", line, "sample.jsonl").unwrap();
     let q = js_sys::Array::from(&questions).get(0);
     assert_eq!(get(&q, "gold").as_f64(), Some(1.0));
-    let model = Model::load(fixture_files(), "cpu".into(), None)
+    let model = Model::load(fixture_files(), "cpu".into(), None, None)
         .await
         .unwrap();
     let scored = JsFuture::from(model.score(q)).await.unwrap();
@@ -290,7 +324,7 @@ async fn bad_files_are_js_errors_not_aborts() {
         ),
     ];
     for (list, name, needle) in cases {
-        let err = Model::load(list, "cpu".into(), None)
+        let err = Model::load(list, "cpu".into(), None, None)
             .await
             .err()
             .expect("bad files must not load");
@@ -298,13 +332,39 @@ async fn bad_files_are_js_errors_not_aborts() {
         assert_eq!(got_name, name, "{message}");
         assert!(message.contains(needle), "{message}");
     }
-    let err = Model::load(fixture_files(), "tpu".into(), None)
+    let err = Model::load(fixture_files(), "tpu".into(), None, None)
         .await
         .err()
         .unwrap();
     assert_eq!(error_name(err).0, "InputError");
     // The module is still alive after all of that.
-    assert!(Model::load(fixture_files(), "cpu".into(), None)
+    assert!(Model::load(fixture_files(), "cpu".into(), None, None)
         .await
         .is_ok());
+}
+
+/// The page's Benchmark button: `medphi bench`'s measurement, with the bandwidth on WebGPU.
+#[wasm_bindgen_test]
+async fn benchmark_reports_speed_and_bandwidth() {
+    for backend in ["cpu", "webgpu"] {
+        let model = Model::load(
+            fixture_files(),
+            backend.into(),
+            None,
+            Some("emulator".into()),
+        )
+        .await
+        .unwrap();
+        let speed = JsFuture::from(model.benchmark(8, 4)).await.unwrap();
+        let number = |k: &str| get(&speed, k).as_f64();
+        assert!(number("decodeTokS").unwrap() > 0.0, "{backend}");
+        assert!(number("prefillTokS").unwrap() > 0.0, "{backend}");
+        if backend == "webgpu" {
+            // The output layer alone is 51,200 rows of 32 floats.
+            assert!(number("bytesPerToken").unwrap() > 51_200.0 * 32.0 * 4.0);
+            assert!(number("effectiveGbS").unwrap() > 0.0);
+        } else {
+            assert!(number("bytesPerToken").is_none());
+        }
+    }
 }

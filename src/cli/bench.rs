@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use medphi::backend::{Backend, Next, Want};
+use medphi::backend::{Backend, BoxFuture, Next, Want};
+use medphi::bench::{decode_speed, Speed};
 use medphi::candidates::argmax;
 use medphi::generate::SAMPLING_CANDIDATES;
 use medphi::model::PhiConfig;
@@ -37,48 +38,9 @@ pub struct BenchArgs {
     json: bool,
 }
 
-/// A prompt of exactly `len` tokens: clinical text, repeated as needed.
-fn prompt_ids(tokenizer: &medphi::tokenizer::PhiTokenizer, len: usize) -> Result<Vec<u32>> {
-    const TEXT: &str = "A 45-year-old man presents with crushing substernal chest pain radiating to the left arm, \
-        diaphoresis and nausea for two hours. ECG shows ST elevation in leads II, III and aVF. ";
-    let base = tokenizer.encode(TEXT)?;
-    Ok(base.iter().copied().cycle().take(len).collect())
-}
-
-#[derive(Default, Clone, Copy)]
-struct Speed {
-    prefill_tok_s: f64,
-    decode_tok_s: f64,
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// The most likely token a greedy or candidates forward returned.
-fn next_token(next: Next) -> Result<u32> {
-    match next {
-        Next::Token(id) => Ok(id),
-        Next::Candidates(top) if !top.ids.is_empty() => Ok(top.ids[0]),
-        other => bail!("unexpected forward result {other:?}"),
-    }
-}
-
-/// Runs prefill then greedy decode through `step` (tokens in, the greedy next token out).
-fn measure(ids: &[u32], gen: usize, mut step: impl FnMut(&[u32]) -> Result<u32>) -> Result<Speed> {
-    let t = Instant::now();
-    let mut next = step(ids)?;
-    let prefill = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..gen {
-        next = step(&[next])?;
-    }
-    let decode = t.elapsed().as_secs_f64();
-    Ok(Speed {
-        prefill_tok_s: ids.len() as f64 / prefill,
-        decode_tok_s: gen as f64 / decode,
-    })
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
@@ -109,29 +71,86 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-/// candle-transformers' phi over the same weights: the model folder's safetensors, or the
-/// bundled model's (`dir` None).
-fn candle_reference(
-    dir: Option<&Path>,
-    cfg: &PhiConfig,
-) -> Result<candle_transformers::models::phi::Model> {
-    use candle_transformers::models::phi;
-    let config: phi::Config = serde_json::from_value(cfg.to_hf_json())?;
-    let vb = match dir {
-        Some(dir) => {
-            let files = safetensors_files(dir)?;
-            // SAFETY: read-only map of files we just validated through our own loader.
-            unsafe {
-                candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)?
+/// candle-transformers' `phi` behind the `Backend` interface, so the same measurement times
+/// it: it decodes greedily and keeps its own KV cache.
+struct CandleReference {
+    model: candle_transformers::models::phi::Model,
+    cfg: PhiConfig,
+    cached: usize,
+}
+
+impl CandleReference {
+    /// The same weights as ours: the model folder's safetensors, or the bundled model's
+    /// (`dir` None).
+    fn load(dir: Option<&Path>, cfg: &PhiConfig) -> Result<Self> {
+        use candle_transformers::models::phi;
+        let config: phi::Config = serde_json::from_value(cfg.to_hf_json())?;
+        let vb = match dir {
+            Some(dir) => {
+                let files = safetensors_files(dir)?;
+                // SAFETY: read-only map of files we just validated through our own loader.
+                unsafe {
+                    candle_nn::VarBuilder::from_mmaped_safetensors(
+                        &files,
+                        DType::F32,
+                        &Device::Cpu,
+                    )?
+                }
             }
-        }
-        None => candle_nn::VarBuilder::from_buffered_safetensors(
-            super::bundled::WEIGHTS.to_vec(),
-            DType::F32,
-            &Device::Cpu,
-        )?,
-    };
-    Ok(phi::Model::new(&config, vb)?)
+            None => candle_nn::VarBuilder::from_buffered_safetensors(
+                super::bundled::WEIGHTS.to_vec(),
+                DType::F32,
+                &Device::Cpu,
+            )?,
+        };
+        Ok(Self {
+            model: phi::Model::new(&config, vb)?,
+            cfg: cfg.clone(),
+            cached: 0,
+        })
+    }
+}
+
+impl Backend for CandleReference {
+    fn name(&self) -> String {
+        "candle-transformers phi".into()
+    }
+    fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+    fn capacity(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+    fn cached(&self) -> usize {
+        self.cached
+    }
+    /// Only a full reset: candle-transformers' cache cannot be cut back part-way.
+    fn truncate(&mut self, _len: usize) {
+        self.model.clear_kv_cache();
+        self.cached = 0;
+    }
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        want: Want,
+    ) -> BoxFuture<'a, medphi::Result<Next>> {
+        Box::pin(async move {
+            let Want::Greedy { vocab_limit } = want else {
+                return Err(medphi::Error::input(
+                    "the candle reference only decodes greedily",
+                ));
+            };
+            let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+            let logits = self.model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?;
+            self.cached += tokens.len();
+            Ok(Next::Token(argmax(
+                &logits[..vocab_limit.min(logits.len())],
+            )))
+        })
+    }
+    fn last_row(&mut self) -> BoxFuture<'_, medphi::Result<Vec<f32>>> {
+        Box::pin(async { Err(medphi::Error::input("the candle reference keeps no rows")) })
+    }
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -139,7 +158,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         bail!("--prompt-len and --rounds must be at least 1");
     }
     let t = Instant::now();
-    let (mut backend, tokenizer, format) = args.model.load()?;
+    let super::Loaded {
+        mut backend,
+        tokenizer,
+        format,
+        kernels,
+    } = args.model.load()?;
     let load_s = t.elapsed().as_secs_f64();
     if args.prompt_len + args.gen > backend.capacity() {
         bail!(
@@ -149,7 +173,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             backend.capacity()
         );
     }
-    let ids = prompt_ids(&tokenizer, args.prompt_len)?;
+    let ids = medphi::bench::prompt_ids(&tokenizer, args.prompt_len)?;
     let vocab = tokenizer.vocab_limit().min(backend.config().vocab_size);
     let (ours, theirs) = greedy_rounds(&args, backend.as_mut(), &ids, vocab)?;
     let greedy_stats = backend.device_stats();
@@ -158,6 +182,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "model": args.model.source(),
         "format": format,
         "backend": backend.name(),
+        "kernels": kernels,
+        "bytes_per_token": ours.bytes_per_token,
+        "effective_gb_s": ours.effective_gb_s,
         "load_s": load_s,
         "prompt_len": args.prompt_len,
         "gen": args.gen,
@@ -195,7 +222,7 @@ fn greedy_rounds(
     vocab: usize,
 ) -> Result<(Speed, Option<Speed>)> {
     let mut reference = if args.compare_candle {
-        Some(candle_reference(args.model.path(), backend.config())?)
+        Some(CandleReference::load(args.model.path(), backend.config())?)
     } else {
         None
     };
@@ -204,31 +231,30 @@ fn greedy_rounds(
         ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg}").expect("static template"),
     );
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let greedy = Want::Greedy { vocab_limit: vocab };
+    let measure = |b: &mut dyn Backend| pollster::block_on(decode_speed(b, ids, args.gen, greedy));
     for round in 0..args.rounds {
         // Alternate which implementation goes first, so warm caches favour neither.
         for turn in [round % 2, 1 - round % 2] {
-            if turn == 0 {
-                backend.truncate(0);
-                // The decoding loop of greedy generation: on a GPU the argmax stays there.
-                ours.push(measure(ids, args.gen, |t| {
-                    let want = Want::Greedy { vocab_limit: vocab };
-                    next_token(pollster::block_on(backend.forward(t, want))?)
-                })?);
-            } else if let Some(model) = reference.as_mut() {
-                model.clear_kv_cache();
-                theirs.push(measure(ids, args.gen, |t| {
-                    let input = Tensor::new(t, &Device::Cpu)?.unsqueeze(0)?;
-                    let logits = model.forward(&input)?.squeeze(0)?.to_vec1::<f32>()?;
-                    Ok(argmax(&logits[..vocab]))
-                })?);
+            match (turn, reference.as_mut()) {
+                (0, _) => ours.push(measure(&mut *backend)?),
+                (_, Some(candle)) => theirs.push(measure(candle)?),
+                (_, None) => {}
             }
         }
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let summarize = |v: &[Speed]| Speed {
-        prefill_tok_s: median(v.iter().map(|s| s.prefill_tok_s).collect()),
-        decode_tok_s: median(v.iter().map(|s| s.decode_tok_s).collect()),
+    // The median of each rate; the bytes moved by a token do not change between rounds.
+    let summarize = |v: &[Speed]| {
+        let decode_tok_s = median(v.iter().map(|s| s.decode_tok_s).collect());
+        let bytes_per_token = v.last().and_then(|s| s.bytes_per_token);
+        Speed {
+            prefill_tok_s: median(v.iter().map(|s| s.prefill_tok_s).collect()),
+            decode_tok_s,
+            bytes_per_token,
+            effective_gb_s: bytes_per_token.map(|b| b as f64 * decode_tok_s / 1e9),
+        }
     };
     Ok((
         summarize(&ours),
@@ -245,23 +271,13 @@ fn sampling_routes(
     vocab: usize,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut sampling = serde_json::Map::new();
-    for route in ["candidates", "rows"] {
-        backend.truncate(0);
-        let speed = measure(ids, gen, |t| {
-            let want = if route == "candidates" {
-                Want::Candidates {
-                    k: SAMPLING_CANDIDATES,
-                    vocab_limit: vocab,
-                    temperature: 1.0,
-                }
-            } else {
-                Want::LastRow
-            };
-            match pollster::block_on(backend.forward(t, want))? {
-                Next::Rows(row) => Ok(argmax(&row[..vocab])),
-                next => next_token(next),
-            }
-        })?;
+    let candidates = Want::Candidates {
+        k: SAMPLING_CANDIDATES,
+        vocab_limit: vocab,
+        temperature: 1.0,
+    };
+    for (route, want) in [("candidates", candidates), ("rows", Want::LastRow)] {
+        let speed = pollster::block_on(decode_speed(backend, ids, gen, want))?;
         sampling.insert(
             route.into(),
             serde_json::json!({

@@ -22,7 +22,9 @@ pub struct ChatArgs {
 }
 
 pub fn chat(args: ChatArgs) -> Result<()> {
-    let (backend, tokenizer, _) = args.model.load()?;
+    let super::Loaded {
+        backend, tokenizer, ..
+    } = args.model.load()?;
     eprintln!(
         "medphi chat on {} ({} layers, context {}). /reset clears the conversation, /exit or Ctrl-D quits.",
         backend.name(),

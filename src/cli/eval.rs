@@ -100,7 +100,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             max_new_tokens: args.max_new_tokens,
         },
     };
-    let (backend, tokenizer, _) = args.model.load()?;
+    let super::Loaded {
+        backend, tokenizer, ..
+    } = args.model.load()?;
     let mut session = Session::new(backend);
     let total: usize = tasks.iter().map(|t| t.items.len()).sum();
     let resumed: usize = done.iter().map(Vec::len).sum();

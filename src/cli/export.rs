@@ -1,5 +1,5 @@
 //! `medphi export-gguf`: a model folder as a phi2 GGUF (f32, q8_0 or q4_0 matrices) with
-//! its tokenizer embedded, for llama.cpp and the page.
+//! its tokenizer embedded, for llama.cpp and the page, written tensor by tensor.
 
 use std::path::PathBuf;
 
@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use medphi::checkpoint::Checkpoint;
-use medphi::model::expected_tensors;
 use medphi::weights::write_gguf;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -35,20 +35,37 @@ pub fn export_gguf(args: ExportArgs) -> Result<()> {
     let tokenizer_path = args.model.join("tokenizer.json");
     let tokenizer = std::fs::read_to_string(&tokenizer_path)
         .with_context(|| format!("{}", tokenizer_path.display()))?;
-    let mut tensors = std::collections::HashMap::new();
-    for (name, shape) in expected_tensors(&ckpt.config) {
-        let t = ckpt.weights.tensor(&name, &shape)?.dense()?;
-        tensors.insert(name, t);
-    }
     let quant = match args.quant {
         Quant::F32 => None,
         Quant::Q8_0 => Some(GgmlDType::Q8_0),
         Quant::Q4_0 => Some(GgmlDType::Q4_0),
     };
     let tmp = args.out.with_extension("gguf.partial");
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
-    write_gguf(&mut file, &ckpt.config, &tensors, &tokenizer, quant)?;
-    drop(file);
+    let file = std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let tensors = medphi::model::names::all_tensors(&ckpt.config).len();
+    let pb = ProgressBar::new(tensors as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} tensors {msg}")
+            .expect("static template"),
+    );
+    write_gguf(
+        &mut writer,
+        &ckpt.config,
+        ckpt.weights.as_ref(),
+        &tokenizer,
+        quant,
+        &mut |name| {
+            pb.set_message(name.to_string());
+            pb.inc(1);
+        },
+    )?;
+    pb.finish_and_clear();
+    writer
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("{}: {}", tmp.display(), e.error()))?
+        .sync_all()
+        .with_context(|| format!("{}", tmp.display()))?;
     // Never leave a half-written file under the final name.
     std::fs::rename(&tmp, &args.out).with_context(|| format!("{}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());

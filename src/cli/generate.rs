@@ -32,7 +32,9 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let (backend, tokenizer, _) = args.model.load()?;
+    let super::Loaded {
+        backend, tokenizer, ..
+    } = args.model.load()?;
     let prompt = args.prompt_format.render(&[], &args.prompt);
     let input_ids = tokenizer.encode(&prompt)?;
     let mut stop = args.prompt_format.stop_strings();
@@ -106,7 +108,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
                 .with_context(|| format!("--tokens: {t:?} is not a token id"))
         })
         .collect::<Result<_>>()?;
-    let (mut backend, _, _) = args.model.load()?;
+    let mut backend = args.model.load()?.backend;
     let vocab = backend.config().vocab_size;
     let flat = pollster::block_on(backend.forward(&ids, Want::AllRows))?.rows()?;
     let rows: Vec<&[f32]> = flat.chunks(vocab).collect();

@@ -26,7 +26,7 @@ use medphi::backend::{Backend, CpuBackend};
 use medphi::cancel::Cancel;
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::SamplingParams;
-use medphi::gpu::GpuBackend;
+use medphi::gpu::{GpuBackend, KernelChoice, KernelFamily};
 use medphi::tokenizer::PhiTokenizer;
 
 #[derive(Parser)]
@@ -90,6 +90,10 @@ pub struct ModelArgs {
     /// Cap the KV cache at this many tokens (default: the model's context length).
     #[arg(long)]
     context: Option<usize>,
+    /// GPU kernels for --backend wgpu: gpu (built for hardware GPUs), emulator (for CPU
+    /// adapters such as lavapipe), or auto (by the adapter's type).
+    #[arg(long, env = "MEDPHI_GPU_KERNELS", default_value = "auto")]
+    gpu_kernels: KernelChoice,
 }
 
 impl ModelArgs {
@@ -117,28 +121,48 @@ impl ModelArgs {
     }
 
     /// Opens the checkpoint, checks it and builds the backend, with a spinner meanwhile.
-    /// Also returns the checkpoint's format ("safetensors" or "gguf").
-    pub fn load(&self) -> Result<(Box<dyn Backend>, PhiTokenizer, &'static str)> {
+    pub fn load(&self) -> Result<Loaded> {
         let spinner = spinner(&format!("loading {}", self.source()));
         let ckpt = self.checkpoint()?;
         let format = ckpt.format;
-        let (backend, tokenizer): (Box<dyn Backend>, PhiTokenizer) = match self.backend {
+        let loaded = match self.backend {
             BackendKind::Cpu => {
                 let (model, tokenizer) = ckpt.into_model(true)?;
-                (Box::new(CpuBackend::new(model, self.context)?), tokenizer)
+                Loaded {
+                    backend: Box::new(CpuBackend::new(model, self.context)?),
+                    tokenizer,
+                    format,
+                    kernels: None,
+                }
             }
             BackendKind::Wgpu => {
                 let gpu = pollster::block_on(GpuBackend::load(
                     &ckpt.config,
                     ckpt.weights.as_ref(),
                     self.context,
+                    self.gpu_kernels,
                 ))?;
-                (Box::new(gpu), ckpt.tokenizer)
+                Loaded {
+                    kernels: Some(gpu.kernel_family()),
+                    backend: Box::new(gpu),
+                    tokenizer: ckpt.tokenizer,
+                    format,
+                }
             }
         };
         spinner.finish_and_clear();
-        Ok((backend, tokenizer, format))
+        Ok(loaded)
     }
+}
+
+/// A model ready to run.
+pub struct Loaded {
+    pub backend: Box<dyn Backend>,
+    pub tokenizer: PhiTokenizer,
+    /// "safetensors" or "gguf".
+    pub format: &'static str,
+    /// The GPU kernel family, on `--backend wgpu`.
+    pub kernels: Option<KernelFamily>,
 }
 
 /// Sampling flags shared by `generate` and `chat`.

@@ -4,7 +4,8 @@
 
 use super::context::GpuContext;
 use super::kernels::{
-    attention_partials_len, AttentionBuffers, AttentionShape, Kernels, RopeKvBuffers, MAX_TOP_K,
+    attention_partials_len, AttentionBuffers, AttentionShape, KernelChoice, KernelFamily, Kernels,
+    RopeKvBuffers, MAX_TOP_K,
 };
 use super::tensor::{GpuTensor, WeightFormat};
 use super::weights::{GpuWeights, Layer};
@@ -151,11 +152,13 @@ pub struct GpuBackend {
 
 impl GpuBackend {
     /// Uploads a checkpoint's weights to a new GPU device, for a context of `context` tokens
-    /// (default: the model's context length); the KV cache grows with the tokens run.
+    /// (default: the model's context length; the KV cache grows with the tokens run), with
+    /// the kernel family `kernels` asks for.
     pub async fn load(
         cfg: &PhiConfig,
         src: &dyn TensorSource,
         context: Option<usize>,
+        kernels: KernelChoice,
     ) -> Result<Self> {
         cfg.validate()?;
         if cfg.hidden_act != Activation::GeluTanh {
@@ -169,7 +172,20 @@ impl GpuBackend {
         }
         src.check(&crate::model::expected_tensors(cfg))?;
         let ctx = GpuContext::new().await?;
-        let kernels = Kernels::new(&ctx);
+        // The gpu family reads whole 32-value chunks of every weight row.
+        let rows_fit =
+            cfg.hidden_size.is_multiple_of(32) && cfg.intermediate_size.is_multiple_of(32);
+        let family = match (kernels.resolve(&ctx.info), kernels) {
+            (KernelFamily::Gpu, KernelChoice::Auto) if !rows_fit => KernelFamily::Emulator,
+            (KernelFamily::Gpu, _) if !rows_fit => {
+                return Err(Error::gpu(format!(
+                    "the gpu kernels need hidden_size and intermediate_size multiples of 32 (this model has {} and {}); use the emulator kernels",
+                    cfg.hidden_size, cfg.intermediate_size
+                )))
+            }
+            (family, _) => family,
+        };
+        let kernels = Kernels::new(&ctx, family);
         let capacity = context
             .unwrap_or(usize::MAX)
             .min(cfg.max_position_embeddings);
@@ -199,6 +215,11 @@ impl GpuBackend {
     /// The formats the weight matrices are held in on the GPU, each once.
     pub fn weight_formats(&self) -> Vec<WeightFormat> {
         self.weights.formats()
+    }
+
+    /// The kernel family recording the matrix products and attention.
+    pub fn kernel_family(&self) -> KernelFamily {
+        self.kernels.family()
     }
 
     /// Records and submits the pass for `tokens` (at most `CHUNK`) after the cached
@@ -233,6 +254,16 @@ impl GpuBackend {
         self.ctx.queue.submit([enc.finish()]);
         self.stats.dispatches += self.kernels.dispatches_in_step();
         self.stats.submissions += 1;
+        let cfg = &self.cfg;
+        let kv_row = cfg.num_key_value_heads * cfg.head_dim() * 4;
+        let embed_row = self.weights.embed.chunks[0]
+            .1
+            .w
+            .format
+            .row_bytes(cfg.hidden_size);
+        self.stats.bytes_moved += self.weights.pass_bytes()
+            + tokens.len() * embed_row
+            + 2 * cfg.num_hidden_layers * (self.len + tokens.len()) * kv_row;
         self.len += tokens.len();
         Ok((logits, rows))
     }

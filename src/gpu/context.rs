@@ -18,6 +18,8 @@ pub struct GpuInfo {
     pub max_compute_workgroup_storage_size: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
+    /// The widest subgroup the adapter may run (0 without subgroups).
+    pub subgroup_max_size: u32,
 }
 
 /// Buffers are whole multiples of this many bytes, so kernels can bind them as vec4 arrays.
@@ -72,6 +74,7 @@ impl GpuContext {
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_max_size: a.subgroup_max_size,
         };
         let fault = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&fault);
@@ -116,9 +119,9 @@ impl GpuContext {
         self.upload_bytes(label, bytemuck::cast_slice(data), shape, WeightFormat::F32)
     }
 
-    /// A tensor of `shape` whose values are `bytes` in `format` (rows of the last dimension;
-    /// GGML blocks as llama.cpp stores them), zero-padded to whole 16-byte vec4s: kernels read
-    /// f32 data as vec4s, and GGML blocks come in 18- and 34-byte units.
+    /// A tensor of `shape` whose values are `bytes` in `format` as a checkpoint stores them
+    /// (rows of the last dimension; GGML blocks as llama.cpp writes them), in the layout the
+    /// kernels read (`WeightFormat::device_bytes`), zero-padded to whole 16-byte vec4s.
     pub fn upload_bytes(
         &self,
         label: &str,
@@ -134,20 +137,14 @@ impl GpuContext {
                 bytes.len()
             )));
         }
-        let size = bytes.len().max(1).next_multiple_of(VEC4);
-        self.check_binding(label, size as u64)?;
-        let padded;
-        let contents = if bytes.len() == size {
-            bytes
-        } else {
-            padded = [bytes, &[0; VEC4][..size - bytes.len()]].concat();
-            &padded
-        };
+        let mut contents = format.device_bytes(bytes, rows, cols);
+        contents.resize(contents.len().max(1).next_multiple_of(VEC4), 0);
+        self.check_binding(label, contents.len() as u64)?;
         let buffer = self
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents,
+                contents: &contents,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,

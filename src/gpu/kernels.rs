@@ -22,6 +22,53 @@ use crate::error::{Error, Result};
 /// Largest workgroup count per dispatch dimension that WebGPU guarantees.
 const MAX_GROUPS: u32 = 65_535;
 
+/// Which kernels record the matrix products and attention: the `gpu` family is built for
+/// hardware GPUs (coalesced 16-byte loads, many workgroups, subgroup reductions), the
+/// `emulator` family for CPU-emulated adapters (lavapipe, SwiftShader), whose costs are the
+/// reverse of a GPU's. Both give the same results; the other kernels are shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFamily {
+    Gpu,
+    Emulator,
+}
+
+/// What a caller asks for: a family, or `Auto`, which takes `gpu` on hardware adapters and
+/// `emulator` on CPU-type ones. (`MEDPHI_GPU_KERNELS` natively, `gpuKernels` in the page.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelChoice {
+    #[default]
+    Auto,
+    Gpu,
+    Emulator,
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "gpu" => Ok(Self::Gpu),
+            "emulator" => Ok(Self::Emulator),
+            other => Err(Error::input(format!(
+                "unknown GPU kernel family {other:?} (expected auto, gpu or emulator)"
+            ))),
+        }
+    }
+}
+
+impl KernelChoice {
+    /// The family for an adapter: `Auto` by its device type.
+    pub fn resolve(self, info: &super::GpuInfo) -> KernelFamily {
+        match self {
+            Self::Gpu => KernelFamily::Gpu,
+            Self::Emulator => KernelFamily::Emulator,
+            Self::Auto if info.device_type == "Cpu" => KernelFamily::Emulator,
+            Self::Auto => KernelFamily::Gpu,
+        }
+    }
+}
+
 /// Shapes for `rope_kv` and `attention`: `seq` new tokens at positions `start..`, in a cache
 /// with room for `capacity` positions per head.
 #[derive(Clone, Copy, Debug)]
@@ -89,6 +136,7 @@ struct Slot {
 }
 
 pub struct Kernels {
+    family: KernelFamily,
     slots: RefCell<Vec<Slot>>,
     next_slot: Cell<usize>,
     matmul: PerFormat,
@@ -130,7 +178,10 @@ fn binding_names(source: &str) -> Vec<(u32, String)> {
 }
 
 fn kernel<P: GpuParams>(device: &wgpu::Device, label: &str, body: &str) -> Kernel {
-    let source = format!("{}{body}", P::wgsl());
+    // WGSL's `enable` directives must come before every declaration.
+    let (enables, rest): (Vec<&str>, Vec<&str>) =
+        body.lines().partition(|l| l.starts_with("enable "));
+    let source = format!("{}\n{}{}", enables.join("\n"), P::wgsl(), rest.join("\n"));
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(label),
         source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
@@ -149,21 +200,56 @@ fn kernel<P: GpuParams>(device: &wgpu::Device, label: &str, body: &str) -> Kerne
     }
 }
 
-/// `body` compiled once per weight format, after the format's `w_at` and `head`.
+/// `body` compiled once per weight format, after `head` and the format's weights snippet
+/// (`weights_*.wgsl` for the emulator family, `gpu/chunks_*.wgsl` for the gpu family).
 fn per_format<P: GpuParams>(
     device: &wgpu::Device,
     label: &str,
-    head: &str,
+    (family, head): (KernelFamily, &str),
     body: &str,
 ) -> PerFormat {
     WeightFormat::ALL.map(|f| {
+        let weights = match family {
+            KernelFamily::Emulator => f.shader(),
+            KernelFamily::Gpu => f.gpu_chunks(),
+        };
         kernel::<P>(
             device,
             &format!("{label} {f:?}"),
-            &format!("{}{head}{body}", f.shader()),
+            &format!("{weights}{head}{body}"),
         )
     })
 }
+
+/// gpu/gemv.wgsl with its row reduction: subgroup operations where the adapter has them and
+/// no subgroup is wider than a row's invocations, workgroup memory otherwise.
+fn gpu_gemv(subgroups: bool) -> String {
+    let body = include_str!("shaders/gpu/gemv.wgsl");
+    if subgroups {
+        let builtins = "@builtin(subgroup_size) subgroup_size: u32,";
+        let enable = if cfg!(target_arch = "wasm32") {
+            "enable subgroups;\n"
+        } else {
+            ""
+        };
+        format!(
+            "{enable}{}{}",
+            include_str!("shaders/gpu/reduce_subgroups.wgsl"),
+            body.replace("SUBGROUP_BUILTINS", builtins)
+                .replace("SUBGROUP_INIT", "subgroup_width = subgroup_size;")
+        )
+    } else {
+        format!(
+            "{}{}",
+            include_str!("shaders/gpu/reduce_workgroup.wgsl"),
+            body.replace("SUBGROUP_BUILTINS", "")
+                .replace("SUBGROUP_INIT", "")
+        )
+    }
+}
+
+/// gpu/gemv.wgsl's invocations per output row: subgroups up to this wide fit in one row.
+const GEMV_LANES: u32 = 64;
 
 /// Errors naming `kernel` unless `ok`.
 fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
@@ -175,24 +261,31 @@ fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
 }
 
 impl Kernels {
-    pub fn new(ctx: &GpuContext) -> Self {
+    /// The pipelines of `family` for this device. `subgroups`: may the gpu family use
+    /// subgroup operations (the adapter has them, at most `GEMV_LANES` wide)?
+    pub fn new(ctx: &GpuContext, family: KernelFamily) -> Self {
         let d = &ctx.device;
-        let matmul_bindings = include_str!("shaders/matmul_bindings.wgsl");
+        let info = &ctx.info;
+        let subgroups = info.subgroups && info.subgroup_max_size <= GEMV_LANES;
+        let matmul_bindings = (family, include_str!("shaders/matmul_bindings.wgsl"));
+        let (matmul, gemv, attention) = match family {
+            KernelFamily::Emulator => (
+                include_str!("shaders/matmul.wgsl").to_string(),
+                include_str!("shaders/gemv.wgsl").to_string(),
+                include_str!("shaders/attention.wgsl"),
+            ),
+            KernelFamily::Gpu => (
+                include_str!("shaders/gpu/matmul.wgsl").to_string(),
+                gpu_gemv(subgroups),
+                include_str!("shaders/gpu/attention.wgsl"),
+            ),
+        };
         Self {
+            family,
             slots: RefCell::new(Vec::new()),
             next_slot: Cell::new(0),
-            matmul: per_format::<MatmulParams>(
-                d,
-                "matmul",
-                matmul_bindings,
-                include_str!("shaders/matmul.wgsl"),
-            ),
-            gemv: per_format::<MatmulParams>(
-                d,
-                "gemv",
-                matmul_bindings,
-                include_str!("shaders/gemv.wgsl"),
-            ),
+            matmul: per_format::<MatmulParams>(d, "matmul", matmul_bindings, &matmul),
+            gemv: per_format::<MatmulParams>(d, "gemv", matmul_bindings, &gemv),
             layer_norm: kernel::<LayerNormParams>(
                 d,
                 "layer_norm",
@@ -202,23 +295,23 @@ impl Kernels {
             embedding: per_format::<EmbeddingParams>(
                 d,
                 "embedding",
-                "",
+                (KernelFamily::Emulator, ""),
                 include_str!("shaders/embedding.wgsl"),
             ),
             residual: kernel::<LenParams>(d, "residual", include_str!("shaders/residual.wgsl")),
             top_k: kernel::<TopKParams>(d, "top_k", include_str!("shaders/top_k.wgsl")),
             rope_kv: kernel::<RopeParams>(d, "rope_kv", include_str!("shaders/rope_kv.wgsl")),
-            attention: kernel::<AttentionParams>(
-                d,
-                "attention",
-                include_str!("shaders/attention.wgsl"),
-            ),
+            attention: kernel::<AttentionParams>(d, "attention", attention),
             attention_merge: kernel::<MergeParams>(
                 d,
                 "attention_merge",
                 include_str!("shaders/attention_merge.wgsl"),
             ),
         }
+    }
+
+    pub fn family(&self) -> KernelFamily {
+        self.family
     }
 
     /// Starts recording a forward step: its dispatches reuse the previous step's bind groups
@@ -364,14 +457,28 @@ impl Kernels {
         // Without a bias, any buffer fills its binding: has_bias = 0 keeps it unread.
         let b = linear.b.as_ref().unwrap_or(x);
         let bound = [("x", x), ("w", w), ("b", b), ("y", y)];
-        let (kernel, groups) = if rows == 1 {
-            (&self.gemv[w.format as usize], elementwise_groups(p.n))
-        } else {
+        let (kernel, groups) = match (self.family, rows) {
+            (KernelFamily::Gpu, _) if !k.is_multiple_of(32) => {
+                return Err(Error::gpu(format!(
+                    "matmul: the gpu kernels need rows of a multiple of 32 values, w has {k}"
+                )))
+            }
+            // gpu/gemv.wgsl: 4 rows per workgroup.
+            (KernelFamily::Gpu, 1) => (
+                &self.gemv[w.format as usize],
+                elementwise_groups(p.n.div_ceil(4) * 256),
+            ),
+            // gpu/matmul.wgsl's 32-row × 64-column tiles.
+            (KernelFamily::Gpu, _) => (
+                &self.matmul[w.format as usize],
+                (p.n.div_ceil(64), p.m.div_ceil(32), 1),
+            ),
+            (KernelFamily::Emulator, 1) => (&self.gemv[w.format as usize], elementwise_groups(p.n)),
             // matmul.wgsl's 16-row × 64-column tiles.
-            (
+            (KernelFamily::Emulator, _) => (
                 &self.matmul[w.format as usize],
                 (p.n.div_ceil(64), p.m.div_ceil(16), 1),
-            )
+            ),
         };
         self.dispatch(ctx, encoder, kernel, &p, &bound, groups)
     }
@@ -554,9 +661,9 @@ impl Kernels {
         shape: AttentionShape,
         b: AttentionBuffers<'_>,
     ) -> Result<()> {
-        if shape.head_dim > 128 {
+        if shape.head_dim > 128 || !shape.head_dim.is_multiple_of(4) {
             return Err(Error::gpu(format!(
-                "head_dim {} exceeds the attention kernel's 128",
+                "head_dim {} is not what the attention kernels take (a multiple of 4, at most 128)",
                 shape.head_dim
             )));
         }

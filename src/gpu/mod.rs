@@ -19,6 +19,7 @@ mod weights;
 pub use backend::GpuBackend;
 pub use context::{GpuContext, GpuInfo};
 pub use kernels::{
-    attention_partials_len, AttentionBuffers, AttentionShape, Kernels, RopeKvBuffers, SPLIT_KEYS,
+    attention_partials_len, AttentionBuffers, AttentionShape, KernelChoice, KernelFamily, Kernels,
+    RopeKvBuffers, SPLIT_KEYS,
 };
 pub use tensor::{GpuLinear, GpuNorm, GpuTensor, WeightFormat};

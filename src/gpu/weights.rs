@@ -225,6 +225,24 @@ impl GpuWeights {
         })
     }
 
+    /// Bytes of weights one pass over the layers and the output layer reads (the embedding
+    /// is gathered, not read whole).
+    pub fn pass_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.norm.bytes()
+                    + [&l.q, &l.k, &l.v, &l.dense, &l.fc1, &l.fc2]
+                        .iter()
+                        .map(|m| m.bytes())
+                        .sum::<usize>()
+            })
+            .sum();
+        let head: usize = self.lm_head.chunks.iter().map(|(_, c)| c.bytes()).sum();
+        layers + self.final_norm.bytes() + head
+    }
+
     /// The formats the weight matrices are held in, each once.
     pub fn formats(&self) -> Vec<WeightFormat> {
         let chunks = self.embed.chunks.iter().chain(&self.lm_head.chunks);

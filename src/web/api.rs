@@ -11,14 +11,15 @@ use web_time::Instant;
 
 use super::pacing::Paced;
 use super::{from_js, js_error, to_js};
-use crate::backend::{Backend, CpuBackend};
+use crate::backend::{Backend, CpuBackend, Want};
+use crate::bench::{decode_speed, prompt_ids};
 use crate::cancel::Cancel;
 use crate::checkpoint::{Checkpoint, NamedBytes};
 use crate::error::Error;
 use crate::eval::report::{results_json, TaskSummary};
 use crate::eval::{evaluate_item, sample_json, Item, Task};
 use crate::generate::{GenerateOptions, PromptFormat, SamplingParams, Session, Turn};
-use crate::gpu::{GpuBackend, GpuInfo};
+use crate::gpu::{GpuBackend, GpuInfo, KernelChoice, KernelFamily};
 use crate::tokenizer::PhiTokenizer;
 
 type Shared = Rc<RefCell<Option<Inner>>>;
@@ -48,6 +49,8 @@ struct ModelInfo {
     /// The backend's own description (adapter name for WebGPU).
     device: String,
     gpu: Option<GpuInfo>,
+    /// WebGPU: the kernel family in use ("gpu" or "emulator").
+    kernels: Option<KernelFamily>,
     format: &'static str,
     weight_bytes: u64,
     parameters: usize,
@@ -182,26 +185,36 @@ fn open_files(files: js_sys::Array) -> Result<Checkpoint, JsValue> {
 #[wasm_bindgen]
 impl Model {
     /// Loads a model from `files` (an array of `{name, bytes: Uint8Array}`) onto `backend`
-    /// ("webgpu" or "cpu"), with the KV cache capped at `context` tokens if given.
+    /// ("webgpu" or "cpu"), with the KV cache capped at `context` tokens if given and, on
+    /// WebGPU, the kernel family `gpu_kernels` ("auto", the default, "gpu" or "emulator").
     pub async fn load(
         files: js_sys::Array,
         backend: String,
         context: Option<u32>,
+        gpu_kernels: Option<String>,
     ) -> Result<Model, JsValue> {
         let t0 = Instant::now();
+        let kernels: KernelChoice = gpu_kernels
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(js_error)?;
         let ckpt = open_files(files)?;
         let context = context.map(|c| c as usize);
         let (format, weight_bytes) = (ckpt.format, ckpt.weight_bytes);
         let parameters = ckpt.config.parameter_count();
         let mut device = None;
+        let mut family = None;
         let (runner, tokenizer, gpu): (Box<dyn Backend>, PhiTokenizer, Option<GpuInfo>) =
             match backend.as_str() {
                 "webgpu" => {
-                    let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), context)
-                        .await
-                        .map_err(js_error)?;
+                    let gpu =
+                        GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), context, kernels)
+                            .await
+                            .map_err(js_error)?;
                     let info = gpu.info().clone();
                     device = Some(gpu.device());
+                    family = Some(gpu.kernel_family());
                     (Box::new(gpu), ckpt.tokenizer, Some(info))
                 }
                 "cpu" => {
@@ -220,6 +233,7 @@ impl Model {
             backend,
             device: runner.name(),
             gpu,
+            kernels: family,
             format,
             weight_bytes,
             parameters,
@@ -289,6 +303,32 @@ impl Model {
             let req: GenerateRequest = from_js(request, "generate request")?;
             with_inner(&shared, |mut inner| async move {
                 let result = generate(&mut inner, req, &on_text).await;
+                (inner, result)
+            })
+            .await
+        })
+    }
+
+    /// Times the prefill of a `promptLen`-token prompt and greedy decoding of `gen` tokens,
+    /// as `medphi bench` does. Resolves to `{prefillTokS, decodeTokS, bytesPerToken,
+    /// effectiveGbS}` (the last two on WebGPU: what a decode token reads from GPU memory and
+    /// the bandwidth that makes). Forgets the cached conversation.
+    pub fn benchmark(&self, prompt_len: u32, gen: u32) -> js_sys::Promise {
+        let shared = Rc::clone(&self.inner);
+        future_to_promise(async move {
+            with_inner(&shared, |mut inner| async move {
+                let Inner { session, tokenizer } = &mut inner;
+                let vocab_limit = tokenizer
+                    .vocab_limit()
+                    .min(session.backend().config().vocab_size);
+                let result = async {
+                    let ids = prompt_ids(tokenizer, prompt_len as usize)?;
+                    let want = Want::Greedy { vocab_limit };
+                    decode_speed(session.backend_mut(), &ids, gen as usize, want).await
+                }
+                .await
+                .map_err(js_error)
+                .and_then(|speed| to_js(&speed));
                 (inner, result)
             })
             .await

@@ -9,7 +9,7 @@
 use gloo_timers::future::TimeoutFuture;
 use web_time::Instant;
 
-use crate::backend::{Backend, BoxFuture, Next, Want};
+use crate::backend::{Backend, BoxFuture, DeviceStats, Next, Want};
 use crate::error::Result;
 use crate::model::PhiConfig;
 
@@ -60,5 +60,8 @@ impl<B: Backend> Backend for Paced<B> {
     }
     fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>> {
         self.inner.last_row()
+    }
+    fn device_stats(&self) -> Option<DeviceStats> {
+        self.inner.device_stats()
     }
 }

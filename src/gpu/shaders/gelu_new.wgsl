@@ -2,7 +2,7 @@
 // x ← 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))).
 // The tanh argument is clamped: WGSL's tanh may compute exp(2a) and overflow to NaN for
 // large |a|, and tanh(±10) is already ±1 in f32.
-// Params: len_params.wgsl.
+// Params: LenParams (params.rs).
 
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 

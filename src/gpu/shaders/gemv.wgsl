@@ -15,10 +15,9 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) n
     if (col >= p.n) {
         return;
     }
-    let base = col * p.k;
     var acc = 0.0;
     for (var i = 0u; i < p.k; i++) {
-        acc += x[i] * w_at(base + i);
+        acc += x[i] * w_at(col, i);
     }
     if (p.has_bias == 1u) {
         acc += b[col];

@@ -46,13 +46,12 @@ fn w4(col: u32, kk: u32) -> vec4<f32> {
     if (col >= p.n) {
         return v;
     }
-    let at = col * p.k + kk;
     if (p.k % 4u == 0u && kk + 4u <= p.k) {
-        return w4_at(at);
+        return w4_at(col, kk);
     }
     for (var j = 0u; j < 4u; j++) {
         if (kk + j < p.k) {
-            v[j] = w_at(at + j);
+            v[j] = w_at(col, kk + j);
         }
     }
     return v;

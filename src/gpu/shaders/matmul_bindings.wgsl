@@ -4,3 +4,7 @@
 
 @group(0) @binding(3) var<storage, read> b: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+fn w_cols() -> u32 {
+    return p.k;
+}

@@ -1,5 +1,5 @@
 // Phi's parallel block output: x ← x + attn + mlp.
-// Params: len_params.wgsl.
+// Params: LenParams (params.rs).
 
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read> attn: array<f32>;
