@@ -64,6 +64,8 @@ WASM_BINDGEN_TEST_TIMEOUT=600 wasm-pack test --headless --chrome --chromedriver 
   --no-default-features --test web --test gpu_kernels 2>&1 | tee -a "$log"
 
 echo "== page end-to-end tests (playwright-core, Debian's chromium)"
+# The layouts test compares the page with the CLI: the binary `cargo test` built above.
+export MEDPHI_BIN="$CARGO_TARGET_DIR/debug/medphi"
 scripts/build-web.sh
 npm ci --no-audit --no-fund --silent
 npm run -s test:e2e 2>&1 | tee -a "$log"

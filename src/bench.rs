@@ -38,13 +38,23 @@ pub async fn decode_speed(
     gen: usize,
     want: Want,
 ) -> Result<Speed> {
-    if ids.is_empty() || ids.len() + gen > backend.capacity() {
+    if ids.is_empty() || gen == 0 {
+        return Err(Error::input(
+            "a speed measurement needs a prompt and at least one generated token",
+        ));
+    }
+    if ids.len() + gen > backend.capacity() {
         return Err(Error::input(format!(
             "a prompt of {} tokens and {gen} more do not fit the context of {}",
             ids.len(),
             backend.capacity()
         )));
     }
+    // One untimed prefill and decode step first: the first dispatches of a freshly loaded
+    // GPU backend include shader compilation, which is not the model's speed.
+    backend.truncate(0);
+    let first = token(backend.forward(ids, want).await?)?;
+    backend.forward(&[first], want).await?;
     backend.truncate(0);
     let t = Instant::now();
     let mut next = token(backend.forward(ids, want).await?)?;

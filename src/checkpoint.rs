@@ -7,7 +7,10 @@ use candle_core::DType;
 use crate::error::{Error, Result};
 use crate::model::{Phi, PhiConfig};
 use crate::tokenizer::PhiTokenizer;
-use crate::weights::{Bytes, Gguf, Safetensors, TensorSource};
+use crate::weights::{
+    Adapter, Bytes, Gguf, MsftLayout, Quantization, QuantizeOnLoad, Safetensors, TensorSource,
+    WithAdapter,
+};
 
 /// A checkpoint whose headers have been read and checked, ready to build a model from.
 pub struct Checkpoint {
@@ -52,6 +55,23 @@ impl Checkpoint {
         })
     }
 
+    /// Merges a LoRA `adapter` into the weights, then converts the matrices to `quantize`
+    /// blocks, each as its tensor is read. The adapter goes first: its update is merged at
+    /// full precision, and quantizing after merging is what an exported merged model gets.
+    pub fn convert_on_load(
+        mut self,
+        adapter: Option<Adapter>,
+        quantize: Option<Quantization>,
+    ) -> Self {
+        if let Some(adapter) = adapter {
+            self.weights = Box::new(WithAdapter::new(self.weights, adapter));
+        }
+        if let Some(q) = quantize {
+            self.weights = Box::new(QuantizeOnLoad::new(self.weights, q));
+        }
+        self
+    }
+
     /// Builds the CPU model (`fused`: inference kernels; `false`: the differentiable path).
     pub fn into_model(self, fused: bool) -> Result<(Phi, PhiTokenizer)> {
         let model = Phi::load(&self.config, self.weights.as_ref(), fused)?;
@@ -81,14 +101,8 @@ impl Checkpoint {
             .into_iter()
             .map(|w| (w.name, Bytes::Owned(w.bytes)))
             .collect();
-        let weights = Safetensors::from_shards(shards, dtype)?;
-        Self::new(
-            config,
-            tokenizer,
-            Box::new(weights),
-            "safetensors",
-            weight_bytes,
-        )
+        let weights = safetensors(shards, dtype, &config)?;
+        Self::new(config, tokenizer, weights, "safetensors", weight_bytes)
     }
 
     fn from_gguf(gguf: Gguf, tokenizer: Option<NamedBytes>, weight_bytes: u64) -> Result<Self> {
@@ -178,14 +192,24 @@ impl Checkpoint {
             weight_bytes += bytes.len() as u64;
             shards.push((f.display().to_string(), bytes));
         }
-        Self::new(
-            config,
-            tokenizer,
-            Box::new(Safetensors::from_shards(shards, dtype)?),
-            "safetensors",
-            weight_bytes,
-        )
+        let weights = safetensors(shards, dtype, &config)?;
+        Self::new(config, tokenizer, weights, "safetensors", weight_bytes)
     }
+}
+
+/// Safetensors shards, read through the phi-msft names when the file uses them (whichever
+/// config format came with it).
+fn safetensors(
+    shards: Vec<(String, Bytes)>,
+    dtype: DType,
+    config: &PhiConfig,
+) -> Result<Box<dyn TensorSource>> {
+    let file = Safetensors::from_shards(shards, dtype)?;
+    Ok(if crate::weights::is_msft(|name| file.contains(name)) {
+        Box::new(MsftLayout::new(Box::new(file), config))
+    } else {
+        Box::new(file)
+    })
 }
 
 fn utf8(file: &NamedBytes) -> Result<String> {

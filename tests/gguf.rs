@@ -304,6 +304,16 @@ fn export_gguf_round_trips_with_its_embedded_tokenizer() {
                 .arg(&out)
                 .args(["--quant", quant]),
         );
+        // llama.cpp refuses a file whose general.file_type is not a u32 (GGUF type 4).
+        let bytes = std::fs::read(&out).unwrap();
+        let key = b"general.file_type";
+        match bytes.windows(key.len()).position(|w| w == key) {
+            Some(at) => {
+                let code = &bytes[at + key.len()..at + key.len() + 4];
+                assert_eq!(code, 4u32.to_le_bytes(), "{quant}: file_type's type");
+            }
+            None => assert_eq!(quant, "f32", "a quantized export names its file type"),
+        }
         // No tokenizer given: the embedded one must encode like the original.
         let ckpt = Checkpoint::open(&out, None, DType::F32).unwrap();
         // GGUF stores the epsilon as f32, as llama.cpp does.

@@ -206,6 +206,8 @@ async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
             backend.into(),
             None,
             kernels.map(String::from),
+            None,
+            None,
         )
         .await
         .unwrap();
@@ -237,7 +239,7 @@ async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
 
 #[wasm_bindgen_test]
 async fn returning_false_from_the_callback_stops_generation() {
-    let model = Model::load(fixture_files(), "cpu".into(), None, None)
+    let model = Model::load(fixture_files(), "cpu".into(), None, None, None, None)
         .await
         .unwrap();
     let request = serde_wasm_bindgen::to_value(&serde_json::json!({
@@ -259,7 +261,7 @@ async fn scores_a_parsed_medqa_question() {
     let questions = parse_benchmark("medqa_4options", line, "sample.jsonl").unwrap();
     let q = js_sys::Array::from(&questions).get(0);
     assert_eq!(get(&q, "gold").as_f64(), Some(1.0));
-    let model = Model::load(fixture_files(), "cpu".into(), None, None)
+    let model = Model::load(fixture_files(), "cpu".into(), None, None, None, None)
         .await
         .unwrap();
     let scored = JsFuture::from(model.score(q)).await.unwrap();
@@ -324,7 +326,7 @@ async fn bad_files_are_js_errors_not_aborts() {
         ),
     ];
     for (list, name, needle) in cases {
-        let err = Model::load(list, "cpu".into(), None, None)
+        let err = Model::load(list, "cpu".into(), None, None, None, None)
             .await
             .err()
             .expect("bad files must not load");
@@ -332,15 +334,17 @@ async fn bad_files_are_js_errors_not_aborts() {
         assert_eq!(got_name, name, "{message}");
         assert!(message.contains(needle), "{message}");
     }
-    let err = Model::load(fixture_files(), "tpu".into(), None, None)
+    let err = Model::load(fixture_files(), "tpu".into(), None, None, None, None)
         .await
         .err()
         .unwrap();
     assert_eq!(error_name(err).0, "InputError");
     // The module is still alive after all of that.
-    assert!(Model::load(fixture_files(), "cpu".into(), None, None)
-        .await
-        .is_ok());
+    assert!(
+        Model::load(fixture_files(), "cpu".into(), None, None, None, None)
+            .await
+            .is_ok()
+    );
 }
 
 /// The page's Benchmark button: `medphi bench`'s measurement, with the bandwidth on WebGPU.
@@ -352,6 +356,8 @@ async fn benchmark_reports_speed_and_bandwidth() {
             backend.into(),
             None,
             Some("emulator".into()),
+            None,
+            None,
         )
         .await
         .unwrap();
@@ -366,5 +372,188 @@ async fn benchmark_reports_speed_and_bandwidth() {
         } else {
             assert!(number("bytesPerToken").is_none());
         }
+    }
+}
+
+const MSFT_CONFIG: &[u8] = include_bytes!("fixtures/tiny-phi-msft/config.json");
+const MSFT_SHARD_1: &[u8] =
+    include_bytes!("fixtures/tiny-phi-msft/model-00001-of-00002.safetensors");
+const MSFT_SHARD_2: &[u8] =
+    include_bytes!("fixtures/tiny-phi-msft/model-00002-of-00002.safetensors");
+const LORA_CONFIG: &[u8] = include_bytes!("fixtures/tiny-phi-lora/adapter_config.json");
+const LORA_WEIGHTS: &[u8] = include_bytes!("fixtures/tiny-phi-lora/adapter_model.safetensors");
+const LAYOUTS_REFERENCE: &[u8] = include_bytes!("fixtures/layouts_reference.safetensors");
+
+fn msft_files() -> js_sys::Array {
+    files(&[
+        ("tiny-phi-msft/config.json", MSFT_CONFIG),
+        ("tiny-phi-msft/tokenizer.json", TOKENIZER),
+        (
+            "tiny-phi-msft/model-00002-of-00002.safetensors",
+            MSFT_SHARD_2,
+        ),
+        (
+            "tiny-phi-msft/model-00001-of-00002.safetensors",
+            MSFT_SHARD_1,
+        ),
+    ])
+}
+
+fn adapter_files() -> js_sys::Array {
+    files(&[
+        ("adapter_config.json", LORA_CONFIG),
+        ("adapter_model.safetensors", LORA_WEIGHTS),
+    ])
+}
+
+/// transformers' (and peft's) greedy ids for the msft checkpoint or tiny-phi + the adapter.
+fn layouts_greedy(which: &str) -> Vec<u32> {
+    let t: HashMap<String, Tensor> =
+        candle_core::safetensors::load_buffer(LAYOUTS_REFERENCE, &Device::Cpu).unwrap();
+    t[&format!("{which}_greedy_ids")]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `count` greedy ids for the fixture prompt, through the JS API.
+async fn greedy_ids(model: &Model, count: usize) -> Vec<u32> {
+    let request = serde_wasm_bindgen::to_value(&serde_json::json!({
+        "prompt": PROMPT, "format": "raw", "maxNewTokens": count, "temperature": 0.0
+    }))
+    .unwrap();
+    let on_text = Closure::<dyn FnMut(String) -> bool>::new(|_: String| true);
+    let g = JsFuture::from(model.generate(request, on_text.as_ref().clone().into()))
+        .await
+        .unwrap();
+    serde_wasm_bindgen::from_value(get(&g, "outputIds")).unwrap()
+}
+
+/// The checkpoints people have: the phi-msft layout in f16 shards and a PEFT adapter on a
+/// phi base, on both backends, with transformers' greedy ids; and quantization on load,
+/// which runs as the same checkpoint exported to a q8_0 GGUF runs.
+#[wasm_bindgen_test]
+async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
+    const TOKENS: usize = 16;
+    let (msft, lora) = (layouts_greedy("msft"), layouts_greedy("lora"));
+    let exported = {
+        let ckpt = Checkpoint::from_bytes(
+            Some(named("config.json", MSFT_CONFIG)),
+            Some(named("tokenizer.json", TOKENIZER)),
+            vec![
+                named("model-00001-of-00002.safetensors", MSFT_SHARD_1),
+                named("model-00002-of-00002.safetensors", MSFT_SHARD_2),
+            ],
+            DType::F32,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        medphi::weights::write_gguf(
+            &mut out,
+            &ckpt.config,
+            ckpt.weights.as_ref(),
+            std::str::from_utf8(TOKENIZER).unwrap(),
+            Some(candle_core::quantized::GgmlDType::Q8_0),
+            &mut |_| {},
+        )
+        .unwrap();
+        out
+    };
+    for backend in ["cpu", "webgpu"] {
+        let kernels = || Some("emulator".to_string());
+        let model = Model::load(msft_files(), backend.into(), None, kernels(), None, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            greedy_ids(&model, TOKENS).await,
+            msft[..TOKENS],
+            "msft {backend}"
+        );
+        let info = model.info().unwrap();
+        assert!(get(&info, "wasmMemoryBytes").as_f64().unwrap() > MSFT_SHARD_1.len() as f64);
+
+        let model = Model::load(
+            fixture_files(),
+            backend.into(),
+            None,
+            kernels(),
+            None,
+            Some(adapter_files()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            get(&model.info().unwrap(), "adaptedMatrices").as_f64(),
+            Some(12.0)
+        );
+        assert_eq!(
+            greedy_ids(&model, TOKENS).await,
+            lora[..TOKENS],
+            "lora {backend}"
+        );
+
+        let on_load = Model::load(
+            msft_files(),
+            backend.into(),
+            None,
+            kernels(),
+            Some("q8_0".into()),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            get(&on_load.info().unwrap(), "quantize")
+                .as_string()
+                .as_deref(),
+            Some("q8_0")
+        );
+        let gguf = Model::load(
+            files(&[("msft-q8_0.gguf", &exported)]),
+            backend.into(),
+            None,
+            kernels(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            greedy_ids(&on_load, TOKENS).await,
+            greedy_ids(&gguf, TOKENS).await,
+            "q8_0 on load vs exported, {backend}"
+        );
+    }
+    // Bad options are errors that name the problem.
+    for (quantize, adapter, needle) in [
+        (Some("q5_k"), None, "unknown quantization"),
+        (
+            None,
+            Some(files(&[("adapter_config.json", LORA_CONFIG)])),
+            "adapter_model.safetensors",
+        ),
+        (
+            None,
+            Some(files(&[
+                ("adapter_config.json", b"{\"r\": 4, \"lora_alpha\": 8}"),
+                ("adapter_model.safetensors", LORA_WEIGHTS),
+            ])),
+            "target_modules",
+        ),
+    ] {
+        let err = Model::load(
+            fixture_files(),
+            "cpu".into(),
+            None,
+            None,
+            quantize.map(String::from),
+            adapter,
+        )
+        .await
+        .err()
+        .expect("a bad option must not load");
+        let (name, message) = error_name(err);
+        assert!(message.contains(needle), "{name}: {message}");
     }
 }

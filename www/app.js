@@ -1,8 +1,40 @@
 // The page: wires the controls to `window.medphi` (medphi-api.js). Model work happens in
 // the worker, so nothing here blocks; this file only renders.
+import { MAX_MODEL_BYTES } from './fetch-model.js';
 import { MedphiApi } from './medphi-api.js';
 
 const BUNDLED_MODEL = 'models/tiny-medphi/';
+// microsoft/phi-2's two f16 shards; converted to q4_0 on load its weights take 1.6 GB.
+const PHI2_BYTES = 5.56e9;
+// The model picker's presets: each fills in the source and the conversion, then Load loads it.
+// MedPhi-2's checkpoint has no repository this page could verify, so its entry asks for
+// the folder URL rather than guess one.
+const PRESETS = {
+  bundled: {
+    source: 'bundled',
+    quantize: '',
+    note: 'tiny-medphi, the demo model that comes with this page: loads at once and works offline.',
+  },
+  'phi-2': {
+    source: 'url',
+    url: 'https://huggingface.co/microsoft/phi-2/resolve/main/',
+    quantize: 'q4_0',
+    note:
+      "Microsoft's Phi-2 (2.7 B parameters) from Hugging Face: its published f16 shards (5.6 GB), converted to q4_0 as they load and kept in this browser for offline use." +
+      // Said until the weights stream into the model: the files must fit in wasm memory whole first.
+      (PHI2_BYTES > MAX_MODEL_BYTES
+        ? ` For now the page copies whole files into WebAssembly memory, which holds at most ${MAX_MODEL_BYTES / 2 ** 30} GB, so it refuses them before they download.`
+        : ''),
+  },
+  'medphi-2': {
+    source: 'url',
+    url: '',
+    quantize: 'q4_0',
+    note:
+      'MedPhi-2 (Phi-2 further trained on medical text): paste the Hugging Face folder URL of its checkpoint ' +
+      '(https://huggingface.co/<org>/<repo>/resolve/main/) into “From a URL”; it is converted to q4_0 as it loads.',
+  },
+};
 const SAMPLES = 'samples/medqa-sample.jsonl';
 const QUIZ_QUESTIONS = 100;
 
@@ -25,17 +57,26 @@ api.addEventListener('warning', (e) => status(e.detail, 'warning'));
 
 // Whatever loaded it (this page, the console, a test), the status names the model in use.
 api.addEventListener('model', ({ detail: { info, source: src } }) => {
+  $('kernels-in-use').textContent = info?.kernels ? `in use: ${info.kernels}` : info ? 'in use: none (CPU backend)' : '';
+  updateBenchmarkButton();
+  refreshCached();
   if (!info) return;
   const radio = document.querySelector(`input[name=backend][value=${info.backend}]`);
   if (radio) radio.checked = true;
   status(describe(info, src));
 });
 
+function modelName(src) {
+  return src?.files ? src.files.map((f) => f.name).join(', ') : (src?.url || 'model').replace(/\/$/, '').split('/').pop();
+}
+
 function describe(info, src) {
-  const name = src?.files ? src.files.map((f) => f.name).join(', ') : (src?.url || 'model').replace(/\/$/, '').split('/').pop();
   const params = info.parameters >= 1e9 ? `${(info.parameters / 1e9).toFixed(2)} B` : `${(info.parameters / 1e6).toFixed(1)} M`;
-  const where = info.backend === 'webgpu' ? `WebGPU (${info.gpu?.adapter || gpu.adapter || 'adapter'})` : 'CPU (WebAssembly)';
-  return `Ready: ${name}, ${params} parameters, ${info.format}, context ${info.context} — on ${where}, loaded in ${(info.loadMs / 1000).toFixed(1)} s`;
+  const kernels = info.kernels ? `, ${info.kernels} kernels` : '';
+  const where = info.backend === 'webgpu' ? `WebGPU (${info.gpu?.adapter || gpu.adapter || 'adapter'}${kernels})` : 'CPU (WebAssembly)';
+  const adapter = src?.adapter ? ` + LoRA adapter ${modelName(src.adapter)} (${info.adaptedMatrices} matrices merged)` : '';
+  const format = info.quantize ? `${info.format} converted to ${info.quantize} on load` : info.format;
+  return `Ready: ${modelName(src)}${adapter}, ${params} parameters, ${format}, context ${info.context} — on ${where}, loaded in ${(info.loadMs / 1000).toFixed(1)} s`;
 }
 
 // ---- loading -------------------------------------------------------------------------
@@ -45,6 +86,7 @@ function chosen(name) {
 }
 
 let pickedFiles = [];
+let pickedAdapter = [];
 
 function source() {
   const kind = chosen('source');
@@ -60,11 +102,25 @@ function source() {
   return { url: BUNDLED_MODEL };
 }
 
+/** The adapter chosen in the panel, as load's options: picked files, else a folder URL, else none. */
+function adapterChoice() {
+  if (pickedAdapter.length) return { adapterFiles: pickedAdapter };
+  const url = $('adapter-url').value.trim();
+  return url ? { adapterUrl: url } : {};
+}
+
+/** `api.source` (where a model came from) as load's options, to load the same model again. */
+function sameSource({ adapter, ...model }) {
+  if (adapter?.files) return { ...model, adapterFiles: adapter.files };
+  return adapter ? { ...model, adapterUrl: adapter.url } : model;
+}
+
 let loadsStarted = 0;
 
 // Starts loading at once (no await before api.load: the startup load must be the first
-// request the worker sees, so that a load made from the console supersedes it).
-async function load(src, backend) {
+// request the worker sees, so that a load made from the console supersedes it). `src`:
+// load's source options (url or files, adapterUrl or adapterFiles); `quantize`: its conversion.
+async function load(src, backend, { quantize } = {}) {
   const mine = ++loadsStarted;
   setBusy(true);
   const bar = $('load-progress');
@@ -76,6 +132,8 @@ async function load(src, backend) {
     const info = await api.load({
       ...src,
       backend,
+      quantize,
+      gpuKernels: $('gpu-kernels').value,
       onProgress: (p) => {
         if (mine !== loadsStarted) return;
         sizes.set(p.file, p);
@@ -87,7 +145,7 @@ async function load(src, backend) {
     });
     if (mine === loadsStarted) {
       bar.value = 1;
-      $('load-detail').textContent = `${info.device}`;
+      $('load-detail').textContent = `${info.device} · WebAssembly memory ${size(info.wasmMemoryBytes)}`;
     }
     return info;
   } catch (e) {
@@ -98,11 +156,18 @@ async function load(src, backend) {
   } finally {
     if (mine === loadsStarted) bar.hidden = true;
     setBusy(false);
+    // Downloads enter the cache file by file, so even a failed load may have kept some.
+    refreshCached();
   }
 }
 
 function mb(bytes) {
   return `${(bytes / 1048576).toFixed(1)} MB`;
+}
+
+function size(bytes) {
+  if (bytes >= 2 ** 30) return `${(bytes / 2 ** 30).toFixed(2)} GB`;
+  return bytes >= 2 ** 20 ? mb(bytes) : `${(bytes / 1024).toFixed(1)} KB`;
 }
 
 // Runs `task`; if the GPU fails under it, reloads the same model on the CPU and retries once.
@@ -112,7 +177,8 @@ async function withGpuFallback(task) {
   } catch (e) {
     if (e.name !== 'GpuError' || api.info?.backend !== 'webgpu') throw e;
     status(`The GPU failed (${e.message}); switching to the CPU…`, 'warning');
-    await load(api.source, 'cpu');
+    // The same model, adapter and conversion, on the CPU.
+    await load(sameSource(api.source), 'cpu', { quantize: api.info.quantize ?? undefined });
     status(`The GPU failed (${e.message}); now running on the CPU.`, 'warning');
     return task();
   }
@@ -126,18 +192,123 @@ $('load-button').addEventListener('click', async () => {
     status(`Could not load the model: ${e.message}`, 'error');
     return;
   }
-  await load(src, chosen('backend')).catch(() => {}); // load() shows the error
+  // An empty choice is no conversion (Model.load's default), not a quantization named "".
+  await load({ ...src, ...adapterChoice() }, chosen('backend'), { quantize: $('quantize').value || undefined }).catch(() => {}); // load() shows the error
+});
+
+$('model-preset').addEventListener('change', () => {
+  const preset = PRESETS[$('model-preset').value];
+  $('preset-note').textContent = preset?.note ?? '';
+  if (!preset) return;
+  document.querySelector(`input[name=source][value=${preset.source}]`).checked = true;
+  $('quantize').value = preset.quantize;
+  if (preset.source !== 'url') return;
+  $('model-url').value = preset.url;
+  if (!preset.url) $('model-url').focus();
 });
 
 $('clear-cache').addEventListener('click', async () => {
-  const removed = await api.clearCache();
-  status(removed ? 'Downloaded models removed from this browser.' : 'There were no downloaded models to remove.');
+  try {
+    const removed = await api.clearCache();
+    status(removed ? 'Downloaded models removed from this browser.' : 'There were no downloaded models to remove.');
+  } catch (e) {
+    status(`Could not remove the downloaded models: ${e.message}`, 'error');
+  }
+  refreshCached();
 });
 
+const ADAPTER_FILE = /^adapter_(config\.json|model\.safetensors)$/;
+
+// Picked model files may include an adapter's (a whole folder picked at once): those go to
+// the adapter, the rest to the model.
 function pick(files) {
-  pickedFiles = [...files];
+  const all = [...files];
+  const adapter = all.filter((f) => ADAPTER_FILE.test(f.name));
+  if (adapter.length) pickAdapter(adapter);
+  const model = all.filter((f) => !ADAPTER_FILE.test(f.name));
+  if (!model.length) return;
+  pickedFiles = model;
   $('picked-files').textContent = pickedFiles.map((f) => `${f.name} (${mb(f.size)})`).join(', ');
   document.querySelector('input[name=source][value=files]').checked = true;
+}
+
+function pickAdapter(files) {
+  pickedAdapter = [...files];
+  $('picked-adapter').textContent = pickedAdapter.map((f) => `${f.name} (${mb(f.size)})`).join(', ');
+  // One adapter at a time: picked files replace a typed URL.
+  if (pickedAdapter.length) $('adapter-url').value = '';
+}
+
+$('adapter-files').addEventListener('change', (e) => {
+  pickAdapter(e.target.files);
+  e.target.value = '';
+});
+$('adapter-url').addEventListener('input', () => {
+  if ($('adapter-url').value.trim()) pickAdapter([]);
+});
+$('adapter-clear').addEventListener('click', () => {
+  pickAdapter([]);
+  $('adapter-url').value = '';
+});
+
+// ---- downloaded models -----------------------------------------------------------------
+
+let cacheListings = 0;
+
+/** Lists the models kept in Cache Storage, each with its size and a Delete button. */
+async function refreshCached() {
+  const mine = ++cacheListings;
+  const list = $('cached-models');
+  let models;
+  try {
+    models = await api.cachedModels();
+  } catch (e) {
+    if (mine !== cacheListings) return;
+    const li = document.createElement('li');
+    li.className = 'muted';
+    li.textContent = `Could not read this browser's storage: ${e.message}`;
+    list.replaceChildren(li);
+    return;
+  }
+  if (mine !== cacheListings) return; // a later listing is on its way
+  if (!models.length) {
+    const li = document.createElement('li');
+    li.className = 'muted';
+    li.textContent = 'None yet: models downloaded from other sites are kept here after their first load.';
+    list.replaceChildren(li);
+    return;
+  }
+  list.replaceChildren(
+    ...models.map((m) => {
+      const li = document.createElement('li');
+      li.dataset.url = m.url;
+      li.dataset.bytes = String(m.bytes);
+      const url = document.createElement('span');
+      url.className = 'cached-url';
+      url.textContent = m.url;
+      url.title = m.files.map((f) => `${f.name} (${size(f.bytes)})`).join('\n');
+      const bytes = document.createElement('span');
+      bytes.className = 'muted cached-size';
+      bytes.textContent = size(m.bytes);
+      const remove = document.createElement('button');
+      remove.type = 'button';
+      remove.className = 'secondary small';
+      remove.textContent = 'Delete';
+      remove.setAttribute('aria-label', `Delete the downloaded copy of ${m.url}`);
+      remove.addEventListener('click', async () => {
+        remove.disabled = true;
+        try {
+          await api.deleteCachedModel(m.url);
+          status(`Deleted the downloaded copy of ${m.url} (${size(m.bytes)}).`);
+        } catch (e) {
+          status(`Could not delete ${m.url}: ${e.message}`, 'error');
+        }
+        refreshCached();
+      });
+      li.append(url, bytes, remove);
+      return li;
+    }),
+  );
 }
 
 $('model-files').addEventListener('change', (e) => pick(e.target.files));
@@ -186,7 +357,147 @@ function setBusy(on) {
   busy = busyCount > 0;
   for (const id of ['send', 'load-button', 'run-samples', 'run-quiz', 'clear']) $(id).disabled = busy;
   $('bench-file').disabled = busy;
+  updateBenchmarkButton();
 }
+
+function updateBenchmarkButton() {
+  $('benchmark-button').disabled = busy || !api.info;
+}
+
+// ---- speed benchmark -----------------------------------------------------------------
+
+const BENCH_PROMPT = 128;
+const BENCH_GEN = 32;
+// The on-paper memory bandwidth of an integrated laptop GPU (docs/gpu.md): the bar's
+// reference mark. A reference, never a measurement.
+const REFERENCE_GB_S = 100;
+
+/** A figure to three significant digits or so: 1234, 56.7, 0.812, 0.0421. */
+function fmt(x) {
+  if (!Number.isFinite(x)) return '—';
+  if (x >= 100) return Math.round(x).toLocaleString('en-US');
+  if (x >= 10) return x.toFixed(1);
+  if (x >= 1) return x.toFixed(2);
+  return x.toPrecision(3);
+}
+
+/** One labelled figure of the benchmark panel. */
+function figure(label, value, unit, key, title = '') {
+  const div = document.createElement('div');
+  div.className = 'figure';
+  div.dataset.key = key;
+  if (title) div.title = title;
+  const dt = document.createElement('dt');
+  dt.textContent = label;
+  const dd = document.createElement('dd');
+  const num = document.createElement('span');
+  num.className = 'value';
+  num.textContent = value;
+  dd.append(num);
+  if (unit) dd.append(` ${unit}`);
+  div.append(dt, dd);
+  return div;
+}
+
+/** Shows a `benchmark()` result: what it ran on, its speeds and, on WebGPU, the bandwidth bar. */
+function renderBenchmark(r, src, seconds) {
+  const el = $('benchmark-result');
+  el.replaceChildren();
+  el.hidden = false;
+  const head = document.createElement('div');
+  head.className = 'bench-head';
+  const adapter = document.createElement('strong');
+  adapter.className = 'adapter';
+  adapter.textContent = r.backend === 'webgpu' ? r.adapter || r.device : 'CPU (WebAssembly)';
+  const kernels = document.createElement('span');
+  kernels.className = 'kernels';
+  kernels.textContent = r.kernels ? `${r.kernels} kernels` : 'no GPU kernels';
+  const detail = document.createElement('span');
+  detail.className = 'muted';
+  detail.textContent = `${r.backend === 'webgpu' ? 'WebGPU' : 'CPU'} · ${modelName(src)} · ${BENCH_PROMPT}-token prompt, ${BENCH_GEN} tokens decoded, ${seconds.toFixed(1)} s`;
+  head.append(adapter, kernels, detail);
+
+  const figures = document.createElement('dl');
+  figures.className = 'figures';
+  const gpuOnly = 'measured on WebGPU only';
+  figures.append(
+    figure('Prefill', fmt(r.prefillTokS), 'tok/s', 'prefill'),
+    figure('Decode', fmt(r.decodeTokS), 'tok/s', 'decode'),
+    r.bytesPerToken == null
+      ? figure('Read per token', '—', '', 'bytes', gpuOnly)
+      : figure('Read per token', fmt(r.bytesPerToken / 1e6), 'MB', 'bytes', `${r.bytesPerToken.toLocaleString('en-US')} bytes read from GPU memory per decoded token`),
+    r.effectiveGbS == null
+      ? figure('Effective bandwidth', '—', '', 'bandwidth', gpuOnly)
+      : figure('Effective bandwidth', fmt(r.effectiveGbS), 'GB/s', 'bandwidth', 'bytes per token × decode tok/s'),
+  );
+  el.append(head, figures);
+
+  if (r.effectiveGbS == null) {
+    const note = document.createElement('div');
+    note.className = 'muted';
+    note.textContent = 'Bytes per token and bandwidth are measured on WebGPU only.';
+    el.append(note);
+    return;
+  }
+  // The bar: the effective bandwidth on a scale whose mark is a ~100 GB/s laptop GPU.
+  const scale = Math.max(REFERENCE_GB_S * 1.25, r.effectiveGbS * 1.1);
+  const pct = (x) => `${((100 * x) / scale).toFixed(2)}%`;
+  const bar = document.createElement('div');
+  bar.className = 'gbs-bar';
+  bar.setAttribute('role', 'img');
+  bar.setAttribute(
+    'aria-label',
+    `effective bandwidth ${fmt(r.effectiveGbS)} GB/s, ${fmt((100 * r.effectiveGbS) / REFERENCE_GB_S)} percent of a ${REFERENCE_GB_S} GB/s laptop GPU's bandwidth on paper`,
+  );
+  const fill = document.createElement('span');
+  fill.style.width = pct(r.effectiveGbS);
+  const mark = document.createElement('i');
+  mark.style.left = pct(REFERENCE_GB_S);
+  mark.title = `~${REFERENCE_GB_S} GB/s: a laptop GPU, on paper`;
+  bar.append(fill, mark);
+  const labels = document.createElement('div');
+  labels.className = 'gbs-scale muted';
+  const zero = document.createElement('span');
+  zero.textContent = '0';
+  const ref = document.createElement('span');
+  ref.className = 'ref';
+  ref.style.left = pct(REFERENCE_GB_S);
+  ref.textContent = `~${REFERENCE_GB_S} GB/s`;
+  labels.append(zero, ref);
+  const note = document.createElement('div');
+  note.className = 'muted gbs-note';
+  note.textContent =
+    `${fmt((100 * r.effectiveGbS) / REFERENCE_GB_S)}% of the ~${REFERENCE_GB_S} GB/s an integrated laptop GPU's memory offers on paper. ` +
+    'The mark is a reference for scale, not a measurement; CPU-emulated adapters (SwiftShader, lavapipe) sit far below it.';
+  el.append(bar, labels, note);
+}
+
+$('benchmark-button').addEventListener('click', async () => {
+  if (busy || !api.info) return;
+  setBusy(true);
+  const state = $('benchmark-state');
+  const bar = $('benchmark-progress');
+  bar.hidden = false;
+  const t0 = performance.now();
+  const tick = () => {
+    state.textContent = `Running… ${((performance.now() - t0) / 1000).toFixed(0)} s (prefill of ${BENCH_PROMPT} tokens, then ${BENCH_GEN} decoded, in the worker)`;
+  };
+  tick();
+  const timer = setInterval(tick, 1000);
+  try {
+    const r = await withGpuFallback(() => api.benchmark({ promptLen: BENCH_PROMPT, gen: BENCH_GEN }));
+    const seconds = (performance.now() - t0) / 1000;
+    renderBenchmark(r, api.source, seconds);
+    state.textContent = `Done in ${seconds.toFixed(1)} s.`;
+  } catch (e) {
+    state.textContent = '';
+    status(`Benchmark failed: ${e.message}`, 'error');
+  } finally {
+    clearInterval(timer);
+    bar.hidden = true;
+    setBusy(false);
+  }
+});
 
 // ---- chat ----------------------------------------------------------------------------
 
@@ -379,8 +690,10 @@ function renderSummary(report, task, results, total, label) {
 
 /** Where the model in use came from, as `medphi eval` writes it in `model_args`. */
 function modelArgs(src) {
-  const where = src?.files ? src.files.map((f) => f.name).join(',') : src?.url || 'unknown';
-  return `pretrained=${where}`;
+  const where = (s) => (s.files ? s.files.map((f) => f.name).join(',') : s.url);
+  const args = `pretrained=${src ? where(src) : 'unknown'}`;
+  // lm-eval's `peft=` argument: the adapter applied to the pretrained model.
+  return src?.adapter ? `${args},peft=${where(src.adapter)}` : args;
 }
 
 /**
@@ -421,6 +734,7 @@ async function runBenchmark(questions, { task, label, original = questions.lengt
         model_args: modelArgs(api.source),
         backend: api.info?.backend,
         device: api.info?.device,
+        quantize: api.info?.quantize ?? null,
         limit: questions.length < original ? questions.length : null,
         mode: 'loglikelihood',
         share_prefix: true,

@@ -1,8 +1,10 @@
 // Gathers a model's files as [{name, bytes: Uint8Array}] for Model.load: from a folder URL
 // (a Hugging Face `resolve/main/` folder, or the bundled `models/…/`), from a .gguf URL, or
-// from files the user picked. Downloads from other origins are kept in Cache Storage so
-// the next visit works offline; the page's own files are not, so an updated bundled model
-// is never shadowed by a stale copy.
+// from files the user picked; and those of a PEFT LoRA adapter to merge into it (a folder
+// URL holding adapter_config.json and adapter_model.safetensors, or the two files picked).
+// Downloads from other origins are kept in Cache Storage so the next visit works offline;
+// the page's own files are not, so an updated bundled model is never shadowed by a stale
+// copy. `cachedModels` lists what is kept, by folder, and `deleteCachedModel` forgets one.
 //
 // A file enters the cache only once it has arrived whole (as many bytes as its
 // content-length said); a cached file whose body is not the size it was stored with is
@@ -13,38 +15,50 @@
 const CACHE = 'medphi-models-v1';
 // WebAssembly (wasm32) memory ends at 4 GiB and the weights are copied into it whole, so
 // refuse bigger models before downloading gigabytes: Phi-2 in f16 (5.6 GB) does not fit,
-// its q4_0/q8_0 GGUF (1.6/3.0 GB) does. The cap is on the model: all its files together.
+// its q4_0/q8_0 GGUF (1.6/3.0 GB) does. The cap is on the model: all its files together,
+// its adapter's included. Converting on load (`quantize`) does not lift it: the stored
+// weights are copied into wasm memory whole before they are converted.
 export const MAX_MODEL_BYTES = 3.5 * 2 ** 30;
 
 function tooBig(name, bytes) {
   const e = fileError(
     name,
     `the model is ${(bytes / 2 ** 30).toFixed(1)} GB, more than the ${MAX_MODEL_BYTES / 2 ** 30} GB a browser tab can hold ` +
-      'in WebAssembly memory; use a quantized GGUF (q4_0 or q8_0) of it',
+      'in WebAssembly memory (converting on load needs the stored weights there first); use a quantized GGUF (q4_0 or q8_0) of it',
   );
   e.tooBig = true;
   return e;
 }
 
+/**
+ * The files of `source` — {url} or {files}, with an optional `adapter` ({url} of an adapter
+ * folder, or {files}) — as {files, adapter}: each [{name, bytes}], `adapter` null without one.
+ */
 export async function loadFiles(source, { progress, warn, signal } = {}) {
   progress ??= () => {};
   warn ??= () => {};
   throwIfAborted(signal);
-  if (source.files) return readLocal(source.files, progress, signal);
+  // Bytes of the model's files (and its adapter's) read so far: the size cap is on their sum.
+  const budget = { total: 0 };
+  const fetcher = (url) => new Fetcher(url.origin !== self.location.origin, budget, progress, warn, signal);
+  const files = await modelFiles(source, budget, fetcher, progress, signal);
+  const adapter = source.adapter ? await adapterFiles(source.adapter, budget, fetcher, progress, signal) : null;
+  return { files, adapter };
+}
+
+async function modelFiles(source, budget, fetcher, progress, signal) {
+  if (source.files) return readLocal(source.files, budget, progress, signal);
   if (!source.url) throw inputError('give a model URL or files');
   const url = new URL(source.url, self.location.href);
-  const fetcher = new Fetcher(url.origin !== self.location.origin, progress, warn, signal);
+  const get = fetcher(url);
   if (url.pathname.endsWith('.gguf')) {
-    return [await fetcher.file(url.href, url.pathname.split('/').pop())];
+    return [await get.file(url.href, url.pathname.split('/').pop())];
   }
-  const base = url.href.endsWith('/') ? url.href : `${url.href}/`;
-  const files = [
-    await fetcher.file(base + 'config.json', 'config.json'),
-    await fetcher.file(base + 'tokenizer.json', 'tokenizer.json'),
-  ];
-  const single = await fetcher.file(base + 'model.safetensors', 'model.safetensors', { optional: true });
+  const base = folder(url);
+  const files = [await get.file(base + 'config.json', 'config.json'), await get.file(base + 'tokenizer.json', 'tokenizer.json')];
+  const single = await get.file(base + 'model.safetensors', 'model.safetensors', { optional: true });
   if (single) return [...files, single];
-  const index = await fetcher.file(base + 'model.safetensors.index.json', 'model.safetensors.index.json', {
+  const index = await get.file(base + 'model.safetensors.index.json', 'model.safetensors.index.json', {
     optional: true,
   });
   if (!index) throw fileError(base, 'no model.safetensors or model.safetensors.index.json in this folder');
@@ -58,19 +72,82 @@ export async function loadFiles(source, { progress, warn, signal } = {}) {
     if (typeof shard !== 'string' || shard.includes('/') || shard.includes('..')) {
       throw fileError('model.safetensors.index.json', `bad shard name ${shard}`);
     }
-    files.push(await fetcher.file(base + shard, shard));
+    files.push(await get.file(base + shard, shard));
   }
   return [...files, index];
 }
 
+/** A PEFT adapter's two files, from its folder URL or as picked (Model.load checks the names). */
+async function adapterFiles(adapter, budget, fetcher, progress, signal) {
+  if (adapter.files) return readLocal(adapter.files, budget, progress, signal);
+  if (!adapter.url) throw inputError('give an adapter folder URL or the adapter files');
+  const url = new URL(adapter.url, self.location.href);
+  const get = fetcher(url);
+  const base = folder(url);
+  const files = [];
+  for (const name of ['adapter_config.json', 'adapter_model.safetensors']) {
+    const file = await get.file(base + name, name, { optional: true });
+    if (!file) {
+      throw fileError(base, `no ${name} in this folder: a PEFT LoRA adapter folder holds adapter_config.json and adapter_model.safetensors`);
+    }
+    files.push(file);
+  }
+  return files;
+}
+
+function folder(url) {
+  return url.href.endsWith('/') ? url.href : `${url.href}/`;
+}
+
+/** Cache entries belong to their folder's model; a .gguf is a model by itself. */
+function modelOf(fileUrl) {
+  return fileUrl.endsWith('.gguf') ? fileUrl : fileUrl.slice(0, fileUrl.lastIndexOf('/') + 1);
+}
+
+/**
+ * The models kept in Cache Storage: [{url, bytes, files: [{name, bytes}]}], one per folder
+ * (or .gguf file), sorted by URL; sizes are those the files were stored with.
+ */
+export async function cachedModels() {
+  if (!('caches' in self) || !(await self.caches.has(CACHE))) return [];
+  const cache = await self.caches.open(CACHE);
+  const models = new Map();
+  for (const request of await cache.keys()) {
+    const response = await cache.match(request);
+    if (!response) continue; // deleted meanwhile (another tab)
+    const bytes = contentLength(response) ?? (await response.arrayBuffer()).byteLength;
+    const url = modelOf(request.url);
+    if (!models.has(url)) models.set(url, { url, bytes: 0, files: [] });
+    const model = models.get(url);
+    model.bytes += bytes;
+    model.files.push({ name: request.url.slice(url.length) || request.url.split('/').pop(), bytes });
+  }
+  return [...models.values()].sort((a, b) => a.url.localeCompare(b.url));
+}
+
+/** Forgets the cached files of the model at `url` (as `cachedModels` names it); resolves to how many. */
+export async function deleteCachedModel(url) {
+  if (!('caches' in self) || !(await self.caches.has(CACHE))) return 0;
+  const cache = await self.caches.open(CACHE);
+  let removed = 0;
+  for (const request of await cache.keys()) {
+    if (modelOf(request.url) === url && (await cache.delete(request))) removed += 1;
+  }
+  return removed;
+}
+
+/** Forgets every cached model; resolves to whether there was any. */
+export async function clearCachedModels() {
+  return 'caches' in self ? self.caches.delete(CACHE) : false;
+}
+
 class Fetcher {
-  constructor(useCache, progress, warn, signal) {
+  constructor(useCache, budget, progress, warn, signal) {
     this.useCache = useCache && 'caches' in self;
+    this.budget = budget;
     this.progress = progress;
     this.warn = warn;
     this.signal = signal;
-    // Bytes of the model's files read so far: the size cap is on their sum.
-    this.total = 0;
   }
 
   async file(url, name, { optional = false } = {}) {
@@ -93,7 +170,7 @@ class Fetcher {
     if (response.status === 404 && optional) return null;
     if (!response.ok) throw fileError(name, `HTTP ${response.status} for ${url}`);
     const declared = contentLength(response);
-    if (declared !== null && this.total + declared > MAX_MODEL_BYTES) throw tooBig(name, this.total + declared);
+    if (declared !== null && this.budget.total + declared > MAX_MODEL_BYTES) throw tooBig(name, this.budget.total + declared);
     const bytes = await this.read(response, name, false, declared);
     // A body shorter than its content-length is a download cut short (compressed bodies
     // are longer than their content-length, which counts the compressed bytes).
@@ -119,7 +196,7 @@ class Fetcher {
     }
     // Not the size it was stored with (or no size at all): a truncated or damaged
     // entry. Forget it and download the file again.
-    this.total -= bytes ? bytes.length : 0;
+    this.budget.total -= bytes ? bytes.length : 0;
     await cache.delete(url).catch(() => {});
     this.warn(`The offline copy of ${name} was incomplete; downloading it again.`);
     return null;
@@ -143,7 +220,7 @@ class Fetcher {
     const reader = response.body.getReader();
     const chunks = [];
     let loaded = 0;
-    const start = this.total;
+    const start = this.budget.total;
     try {
       for (;;) {
         throwIfAborted(this.signal, name);
@@ -157,13 +234,13 @@ class Fetcher {
         if (step.done) break;
         chunks.push(step.value);
         loaded += step.value.length;
-        this.total = start + loaded;
-        if (this.total > MAX_MODEL_BYTES) throw tooBig(name, this.total);
+        this.budget.total = start + loaded;
+        if (this.budget.total > MAX_MODEL_BYTES) throw tooBig(name, this.budget.total);
         this.progress({ file: name, loaded, total, cached });
       }
     } catch (e) {
       reader.cancel().catch(() => {});
-      this.total = start;
+      this.budget.total = start;
       throw e;
     }
     throwIfAborted(this.signal, name);
@@ -185,9 +262,9 @@ function contentLength(response) {
   return Number.isSafeInteger(n) && n >= 0 ? n : null;
 }
 
-async function readLocal(files, progress, signal) {
-  const total = files.reduce((a, f) => a + f.size, 0);
-  if (total > MAX_MODEL_BYTES) throw tooBig(files.map((f) => f.name).join(', '), total);
+async function readLocal(files, budget, progress, signal) {
+  budget.total += files.reduce((a, f) => a + f.size, 0);
+  if (budget.total > MAX_MODEL_BYTES) throw tooBig(files.map((f) => f.name).join(', '), budget.total);
   const out = [];
   for (const f of files) {
     throwIfAborted(signal, f.name);

@@ -16,14 +16,28 @@
 //     //    {results: {[task]: {'acc,none', 'acc_stderr,none', ...}}, 'n-samples', 'n-shot',
 //     //     higher_is_better, config, total_evaluation_time_seconds, medphi_version,
 //     //     samples: {[task]: [lines]}}
+//   await medphi.load({ url: 'models/tiny-medphi/', backend: 'webgpu', gpuKernels: 'gpu' })
+//     // -> {..., kernels: 'gpu'}: the WebGPU kernel family, 'auto' (the default: 'emulator'
+//     //    on CPU-type adapters such as SwiftShader, 'gpu' on hardware GPUs), 'gpu' or 'emulator'
+//   await medphi.load({ url: 'https://huggingface.co/microsoft/phi-2/resolve/main/', quantize: 'q4_0',
+//                       adapterUrl: 'https://huggingface.co/<org>/<lora>/resolve/main/' })
+//     // -> {..., quantize: 'q4_0', adaptedMatrices, wasmMemoryBytes}: f32/f16/bf16 weight
+//     //    matrices converted to GGUF blocks as they load, a PEFT LoRA adapter merged first
+//   await medphi.cachedModels()     // -> [{url, bytes, files: [{name, bytes}]}]: downloads kept offline
+//   await medphi.deleteCachedModel(url)
+//   await medphi.benchmark({ promptLen: 128, gen: 32 })
+//     // -> {prefillTokS, decodeTokS, bytesPerToken, effectiveGbS, backend, device, kernels, adapter}:
+//     //    what `medphi bench` measures (prefill of a promptLen-token clinical prompt, then gen
+//     //    greedy tokens), with the bytes a decode token reads from GPU memory and the
+//     //    bandwidth that makes (null on the CPU backend), labelled with the model in use
 //
 // Requests run one at a time in the order they were made (see worker.js). A `load` made
 // while another is still under way supersedes it: the earlier one rejects with a
-// SupersededError. `generate`, `score`, `reset` and `loseGpuDevice` run on the model of the
-// last `load` made before them, once it has loaded, and reject (SupersededError,
+// SupersededError. `generate`, `score`, `benchmark`, `reset` and `loseGpuDevice` run on the
+// model of the last `load` made before them, once it has loaded, and reject (SupersededError,
 // LoadFailedError) rather than run on another model if that load does not finish. A failed
-// load leaves the previous model in use. `probe`, `parseBenchmark`, `report` and `clearCache`
-// need no model and answer at once. `load`, `generate` and `score` take an AbortSignal
+// load leaves the previous model in use. `probe`, `parseBenchmark`, `report`, `cachedModels`,
+// `deleteCachedModel` and `clearCache` need no model and answer at once. `load`, `generate`, `score` and `benchmark` take an AbortSignal
 // (`signal`): aborting rejects the promise with an AbortError at once and drops the request,
 // or ends it if it is running. `info` and `source` always describe the model in use (null
 // while none is); a "model" event says when it changes.
@@ -36,7 +50,7 @@ export class MedphiApi extends EventTarget {
     this.nextId = 1;
     /** The model in use: what its `load` resolved with, or null while none is loaded. */
     this.info = null;
-    /** Where the model in use came from: {url} or {files}. */
+    /** Where the model in use came from: {url} or {files}, with `adapter` ({url} or {files}) if it had one. */
     this.source = null;
     this.failed = null;
     this.worker.onmessage = ({ data }) => this.receive(data);
@@ -112,14 +126,30 @@ export class MedphiApi extends EventTarget {
    * Loads a model from `url` (a folder with config.json, tokenizer.json and
    * model.safetensors, or a .gguf file) or from `files` (File objects) on `backend`
    * ("webgpu", "cpu", or "auto": WebGPU when it can take the model, else the CPU).
-   * Resolves to the model's info: {backend, device, parameters, ...}. Rejects with a
+   * On WebGPU, `gpuKernels` picks the kernel family: "auto" (the default: "emulator" on
+   * CPU-type adapters such as SwiftShader or lavapipe, "gpu" on hardware GPUs), "gpu" (built
+   * for hardware GPUs) or "emulator" (for CPU-emulated adapters); any other value rejects
+   * with the wasm's InputError. The worker keeps the choice for the reloads it makes itself
+   * (the CPU fall-back, bringing back a model freed for a failed load).
+   * `quantize` ("q8_0" | "q4_0") converts f32/f16/bf16 weight matrices to those GGUF blocks
+   * as they load (any other value rejects with the wasm's InputError, the model in use
+   * untouched). `adapterUrl` (a folder holding adapter_config.json and
+   * adapter_model.safetensors, fetched and cached like a model folder) or `adapterFiles`
+   * (those two File objects; they win over `adapterUrl`, as `files` win over `url`) is a
+   * PEFT LoRA adapter merged into the weights before any conversion. The worker's own
+   * reloads keep the quantization and adapter too.
+   * Resolves to the model's info: {backend, device, gpu, kernels ("gpu" | "emulator" on
+   * WebGPU, null on the CPU), parameters, quantize (null without one), adaptedMatrices (0
+   * without an adapter), wasmMemoryBytes (the wasm memory's size after the load), ...}. Rejects with a
    * SupersededError if another load is made before this one finishes, and with an
    * AbortError when `signal` aborts. (`freeFirst`, for tests: free the model in use before
    * building this one, as is done for models too big to hold two of.)
    */
-  load({ url, files, backend = 'webgpu', context, onProgress, signal, freeFirst } = {}) {
+  load({ url, files, adapterUrl, adapterFiles, backend = 'webgpu', quantize, context, gpuKernels, onProgress, signal, freeFirst } = {}) {
     const source = files ? { files: [...files] } : { url };
-    return this.request('load', { source, backend, context, freeFirst: Boolean(freeFirst) }, { onProgress }, signal);
+    if (adapterFiles) source.adapter = { files: [...adapterFiles] };
+    else if (adapterUrl) source.adapter = { url: adapterUrl };
+    return this.request('load', { source, backend, context, gpuKernels, quantize, freeFirst: Boolean(freeFirst) }, { onProgress }, signal);
   }
 
   /**
@@ -155,6 +185,21 @@ export class MedphiApi extends EventTarget {
   }
 
   /**
+   * Measures the model in use as `medphi bench` does: the prefill of a `promptLen`-token
+   * clinical prompt, then greedy decoding of `gen` tokens (positive integers; the two must
+   * fit the model's context). Resolves to the wasm Model's result, {prefillTokS, decodeTokS,
+   * bytesPerToken, effectiveGbS} (bytesPerToken: what a decode token reads from GPU memory;
+   * effectiveGbS: bytesPerToken × decodeTokS in GB/s; both null on the CPU backend), plus
+   * what it ran on, from the model's info: {backend, device, kernels ("gpu" | "emulator" on
+   * WebGPU, else null), adapter (the WebGPU adapter's name, else null)}. A model request
+   * like `score`: queued, bound to the last load made before it. It forgets the cached
+   * conversation. `signal` aborts it (the numbers being measured are dropped).
+   */
+  benchmark({ promptLen = 128, gen = 32, signal } = {}) {
+    return this.request('benchmark', { promptLen, gen }, {}, signal);
+  }
+
+  /**
    * Parses a benchmark file's text in its original format (`task`: an lm-eval task name,
    * e.g. "medqa_4options", "medqa_4options_continuation", "pubmedqa", "mmlu_anatomy";
    * `file` names it in errors) into [{context, choices, gold, mutualInfo, doc, docId}]
@@ -187,6 +232,20 @@ export class MedphiApi extends EventTarget {
   /** Destroys the WebGPU device as a driver reset would (to try the CPU fall-back). */
   loseGpuDevice() {
     return this.request('loseGpuDevice');
+  }
+
+  /**
+   * The downloaded models kept in Cache Storage for offline use: [{url, bytes, files: [{name,
+   * bytes}]}], one per folder (a .gguf file by itself), with the sizes they were stored with.
+   * Files from the page's own origin (the bundled model) are never kept there.
+   */
+  cachedModels() {
+    return this.request('cachedModels');
+  }
+
+  /** Deletes one model of `cachedModels` (by its `url`) from Cache Storage; resolves to the files removed. */
+  deleteCachedModel(url) {
+    return this.request('deleteCachedModel', { url });
   }
 
   /** Deletes downloaded models from Cache Storage. */

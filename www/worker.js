@@ -3,9 +3,9 @@
 // info, source} whenever the model in use changes (info null: none is loaded).
 //
 // Requests run one at a time, in the order they came:
-// - `load`, `generate`, `score`, `reset` and `loseGpuDevice` wait in one queue. `probe`,
-//   `parse`, `report` and `clearCache` need no model and answer at once (`parse` and
-//   `report` once the wasm module is initialised).
+// - `load`, `generate`, `score`, `benchmark`, `reset` and `loseGpuDevice` wait in one queue. `probe`,
+//   `parse`, `report`, `cachedModels`, `deleteCachedModel` and `clearCache` need no model and
+//   answer at once (`parse` and `report` once the wasm module is initialised).
 // - A load supersedes every earlier load still queued or running: those reject with a
 //   SupersededError (a running download is aborted; a model built after being superseded
 //   is freed, never installed).
@@ -20,15 +20,23 @@
 // - {type: "stop"} ends the running generation before its next token; {type: "abort",
 //   target: id} drops a queued request or ends a running one (download aborted,
 //   generation stopped).
+// - A load's `gpuKernels` ("auto" | "gpu" | "emulator": the WebGPU kernel family) and
+//   `quantize` ("q8_0" | "q4_0": the blocks weights are converted to as they load) go to
+//   Model.load as they are, so an unknown one is refused by the wasm's own InputError (before
+//   anything is downloaded or freed). A load's source may name a LoRA adapter
+//   (`source.adapter`: {url} or {files}), fetched with the model and merged by Model.load.
+//   The reloads made here (the CPU fall-back, bringing a freed model back) keep all of these.
 import init, { Model, evalReport, parseBenchmark } from './pkg/medphi.js';
-import { loadFiles } from './fetch-model.js';
+import { cachedModels, clearCachedModels, deleteCachedModel, loadFiles } from './fetch-model.js';
 
-const CACHE = 'medphi-models-v1';
 // Up to this many bytes (the old model's weights plus the new model's files), a new model
 // is built while the old one is still loaded, so a failure costs nothing. Beyond it the old
 // one is freed first: two models may not fit in wasm memory or on the GPU.
 const TWO_MODELS_BYTES = 2 ** 30;
-const MODEL_REQUESTS = new Set(['generate', 'score', 'reset', 'loseGpuDevice']);
+const MODEL_REQUESTS = new Set(['generate', 'score', 'benchmark', 'reset', 'loseGpuDevice']);
+/** The kernel families and quantizations Model.load knows; anything else is sent to it early for its error. */
+const GPU_KERNELS = new Set(['auto', 'gpu', 'emulator']);
+const QUANTIZATIONS = new Set(['q8_0', 'q4_0']);
 
 let initError = null;
 let initialized = false;
@@ -44,9 +52,12 @@ const ready = init().then(
   },
 );
 
-/** The model in use: {model, info, seq, source, backend, context}, or null. */
+/**
+ * The model in use: {model, info, seq, source, backend, options}, or null. `options` are
+ * what its load asked of Model.load besides the files: {context, gpuKernels, quantize}.
+ */
 let current = null;
-/** How to load the model in use again ({seq, source, backend, context}), kept while a new one is built. */
+/** How to load the model in use again ({seq, source, backend, options}), kept while a new one is built. */
 let remembered = null;
 /** Loads by their sequence number: {state: 'pending'|'done'|'superseded'|'aborted'|'failed', source}. */
 const loads = new Map();
@@ -111,9 +122,7 @@ const immediateHandlers = {
     if (!self.navigator.gpu) return { webgpu: false, reason: 'this browser has no WebGPU' };
     const adapter = await self.navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
     if (!adapter) return { webgpu: false, reason: 'WebGPU is present but offers no adapter' };
-    const i = adapter.info || {};
-    const name = [i.vendor, i.architecture, i.description].filter(Boolean).join(' ');
-    return { webgpu: true, adapter: name || 'WebGPU adapter', shaderF16: adapter.features.has('shader-f16') };
+    return { webgpu: true, adapter: adapterName(adapter), shaderF16: adapter.features.has('shader-f16') };
   },
 
   async parse({ task, text, file }) {
@@ -129,11 +138,24 @@ const immediateHandlers = {
     return evalReport(task, samples, original, config, seconds);
   },
 
-  async clearCache() {
-    if (!self.caches) return false;
-    return self.caches.delete(CACHE);
+  cachedModels() {
+    return cachedModels();
+  },
+
+  deleteCachedModel({ url }) {
+    return deleteCachedModel(url);
+  },
+
+  clearCache() {
+    return clearCachedModels();
   },
 };
+
+/** A WebGPU adapter's name for people, from what the browser tells of it. */
+function adapterName(adapter) {
+  const i = adapter?.info || {};
+  return [i.vendor, i.architecture, i.description].filter(Boolean).join(' ') || 'WebGPU adapter';
+}
 
 async function immediate(data) {
   const job = { id: data.id, settled: false };
@@ -180,8 +202,8 @@ function abortError(what) {
 
 function describeSource(source) {
   if (!source) return 'no model';
-  if (source.files) return source.files.map((f) => f.name).join(', ');
-  return source.url;
+  const where = (s) => (s.files ? s.files.map((f) => f.name).join(', ') : s.url);
+  return source.adapter ? `${where(source)} with the adapter ${where(source.adapter)}` : where(source);
 }
 
 function liveLoads() {
@@ -235,33 +257,36 @@ function endedEarly(job) {
 
 async function runLoad(job) {
   const { id, source, backend, context, freeFirst } = job.data;
+  const options = { context, gpuKernels: choice(job.data.gpuKernels), quantize: choice(job.data.quantize) };
   const entry = loads.get(job.seq);
   try {
     let early = endedEarly(job);
     if (early) throw early;
-    const files = await loadFiles(source, {
+    await checkOptions(options);
+    const loaded = await loadFiles(source, {
       progress: (p) => post({ id, type: 'progress', ...p }),
       warn: (message) => warn(message, id),
       signal: job.controller.signal,
     });
     if ((early = endedEarly(job))) throw early;
-    const bytes = files.reduce((a, f) => a + f.bytes.length, 0);
+    const all = [...loaded.files, ...(loaded.adapter ?? [])];
+    const bytes = all.reduce((a, f) => a + f.bytes.length, 0);
     if (current && (freeFirst || current.info.weightBytes + bytes > TWO_MODELS_BYTES)) {
       // Only one model fits: refuse what cannot be a model before giving the old one up.
-      precheck(files);
+      precheck(all);
       current.model.free();
       current = null;
       announce();
     }
-    const built = await build(files, backend, context, id);
+    const built = await build(loaded, backend, options, id);
     if ((early = endedEarly(job))) {
       built.free();
       throw early;
     }
     if (current) current.model.free();
     const info = built.info();
-    current = { model: built, info, seq: job.seq, source, backend: info.backend, context };
-    remembered = { seq: job.seq, source, backend: info.backend, context };
+    current = { model: built, info, seq: job.seq, source, backend: info.backend, options };
+    remembered = { seq: job.seq, source, backend: info.backend, options };
     entry.state = 'done';
     announce();
     return info;
@@ -296,10 +321,10 @@ async function recover(e) {
   if (!remembered || queue.some((j) => j.type === 'load' && !j.settled)) return e;
   const r = remembered;
   try {
-    const files = await loadFiles(r.source, { warn: (message) => warn(message) });
-    const model = await build(files, r.backend, r.context);
+    const loaded = await loadFiles(r.source, { warn: (message) => warn(message) });
+    const model = await build(loaded, r.backend, r.options);
     const info = model.info();
-    current = { model, info, seq: r.seq, source: r.source, backend: info.backend, context: r.context };
+    current = { model, info, seq: r.seq, source: r.source, backend: info.backend, options: r.options };
     remembered = { ...r, backend: info.backend };
     announce();
     return amend(
@@ -315,27 +340,52 @@ async function recover(e) {
   }
 }
 
-/** Builds the model on `backend`; "auto" is WebGPU when it can take the model, else the CPU. */
-async function build(files, backend, context, id) {
-  const ctx = context ?? undefined;
+/**
+ * Builds the model of `loaded` ({files, adapter}: loadFiles' answer) on `backend` with
+ * `options` ({context, gpuKernels, quantize}); "auto" is WebGPU when it can take the model,
+ * else the CPU.
+ */
+async function build(loaded, backend, options, id) {
+  const on = (b) => Model.load(loaded.files, b, options.context ?? undefined, options.gpuKernels, options.quantize, loaded.adapter ?? undefined);
   if (backend !== 'auto') {
     try {
-      return await Model.load(files, backend, ctx);
+      return await on(backend);
     } catch (e) {
       // A restore on WebGPU that the GPU cannot take any more still brings the model back.
       if (id !== undefined || backend !== 'webgpu' || e?.name !== 'GpuError') throw e;
-      return Model.load(files, 'cpu', ctx);
+      return on('cpu');
     }
   }
   if (await webgpuAvailable()) {
     try {
-      return await Model.load(files, 'webgpu', ctx);
+      return await on('webgpu');
     } catch (e) {
       if (e?.name !== 'GpuError') throw e;
       warn(`WebGPU could not take the model (${e.message}); using the CPU.`, id);
     }
   }
-  return Model.load(files, 'cpu', ctx);
+  return on('cpu');
+}
+
+/** A load's `gpuKernels` or `quantize` as Model.load takes it: undefined (its default) or a string. */
+function choice(value) {
+  return value === undefined || value === null ? undefined : String(value);
+}
+
+/**
+ * Refuses a kernel family or quantization Model.load does not know with its own error,
+ * before the files are downloaded or the model in use is freed. Model.load reads both
+ * choices before its files, so with no files an unknown one is the error it gives.
+ */
+async function checkOptions({ gpuKernels, quantize }) {
+  const known = (value, set) => value === undefined || set.has(value);
+  if (known(gpuKernels, GPU_KERNELS) && known(quantize, QUANTIZATIONS)) return;
+  try {
+    (await Model.load([], 'cpu', undefined, gpuKernels, quantize)).free();
+  } catch (e) {
+    // Its error about the missing files instead: this wasm knows the choices after all.
+    if (/kernel|quantization/i.test(e?.message || '')) throw e;
+  }
 }
 
 async function webgpuAvailable() {
@@ -425,6 +475,8 @@ async function runRequest(job) {
       if (job.aborted) throw abortError('the score request');
       return value;
     }
+    case 'benchmark':
+      return runBenchmark(job, model);
     case 'reset':
       model?.reset();
       return undefined;
@@ -446,6 +498,42 @@ async function runGenerate(job, model) {
   const value = await result;
   if (job.aborted) throw abortError('the generate request');
   return value;
+}
+
+/**
+ * `medphi bench`'s measurement on `model` (the one in use), labelled with what it ran on:
+ * {prefillTokS, decodeTokS, bytesPerToken, effectiveGbS, backend, device, kernels, adapter}.
+ */
+async function runBenchmark(job, model) {
+  const { promptLen, gen } = job.data;
+  for (const [name, v] of [['promptLen', promptLen], ['gen', gen]]) {
+    if (!Number.isSafeInteger(v) || v < 1 || v > 0xffffffff) {
+      throw named('InputError', `benchmark: ${name} must be a positive whole number of tokens (got ${JSON.stringify(v) ?? String(v)})`);
+    }
+  }
+  const { info } = current;
+  const value = await model.benchmark(promptLen, gen);
+  if (job.aborted) throw abortError('the benchmark request');
+  // Browsers may hide the adapter's name from wgpu (it is empty in Chromium): then the
+  // name the browser gives the page's own adapter request, as `probe` reports it.
+  let adapter = null;
+  if (info.backend === 'webgpu') {
+    adapter = info.gpu?.adapter || null;
+    if (!adapter) {
+      try {
+        adapter = adapterName(await self.navigator.gpu?.requestAdapter({ powerPreference: 'high-performance' }));
+      } catch {
+        adapter = info.device;
+      }
+    }
+  }
+  return {
+    ...value,
+    backend: info.backend,
+    device: info.device,
+    kernels: info.kernels ?? null,
+    adapter,
+  };
 }
 
 function stopRunning() {

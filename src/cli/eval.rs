@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use medphi::backend::Backend;
 use medphi::eval::{self, Item, Mode, Task};
 use medphi::generate::Session;
+use medphi::weights::Quantization;
 use serde_json::json;
 
 use super::ModelArgs;
@@ -148,7 +149,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let scored_now = total - resumed;
     let config = json!({
         "model": "medphi",
-        "model_args": format!("pretrained={}", args.model.source()),
+        "model_args": args.model.model_args(),
+        "quantize": args.model.quantize.map(Quantization::name),
         "backend": session.backend().name(),
         "limit": args.limit,
         "mode": match args.mode { ModeArg::Loglikelihood => "loglikelihood", ModeArg::Generate => "generate" },

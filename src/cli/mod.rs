@@ -12,6 +12,7 @@ mod export;
 mod generate;
 mod gpu_info;
 mod info;
+pub mod memory;
 mod train;
 
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use medphi::checkpoint::Checkpoint;
 use medphi::generate::SamplingParams;
 use medphi::gpu::{GpuBackend, KernelChoice, KernelFamily};
 use medphi::tokenizer::PhiTokenizer;
+use medphi::weights::{Adapter, Quantization};
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +92,14 @@ pub struct ModelArgs {
     /// Cap the KV cache at this many tokens (default: the model's context length).
     #[arg(long)]
     context: Option<usize>,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to merge
+    /// into the model's weights as they load.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Convert the weight matrices to GGML q8_0 or q4_0 blocks as they load (f32/f16/bf16
+    /// checkpoints; the blocks `export-gguf` writes).
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// GPU kernels for --backend wgpu: gpu (built for hardware GPUs), emulator (for CPU
     /// adapters such as lavapipe), or auto (by the adapter's type).
     #[arg(long, env = "MEDPHI_GPU_KERNELS", default_value = "auto")]
@@ -104,20 +114,35 @@ impl ModelArgs {
             .map_or_else(|| bundled::NAME.to_string(), |p| p.display().to_string())
     }
 
+    /// The model as lm-eval's `model_args` name it: `pretrained=…`, with `peft=…` for an
+    /// adapter.
+    pub fn model_args(&self) -> String {
+        match &self.adapter {
+            Some(dir) => format!("pretrained={},peft={}", self.source(), dir.display()),
+            None => format!("pretrained={}", self.source()),
+        }
+    }
+
     /// The model folder or file given; `None` for the bundled model.
     pub fn path(&self) -> Option<&std::path::Path> {
         self.model.as_deref()
     }
 
-    /// The checkpoint, with its headers read and checked.
+    /// The checkpoint, with its headers read and checked, and the adapter and conversion
+    /// asked for applied as its tensors are read.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
-        Ok(match &self.model {
+        let ckpt = match &self.model {
             Some(path) => Checkpoint::open(path, self.tokenizer.as_deref(), DType::F32)?,
             None if self.tokenizer.is_some() => {
                 anyhow::bail!("--tokenizer goes with --model (the bundled model has its own)")
             }
             None => bundled::checkpoint()?,
-        })
+        };
+        let adapter = match &self.adapter {
+            Some(dir) => Some(Adapter::open(dir, &ckpt.config)?),
+            None => None,
+        };
+        Ok(ckpt.convert_on_load(adapter, self.quantize))
     }
 
     /// Opens the checkpoint, checks it and builds the backend, with a spinner meanwhile.
@@ -151,6 +176,7 @@ impl ModelArgs {
             }
         };
         spinner.finish_and_clear();
+        memory::release_freed_memory();
         Ok(loaded)
     }
 }

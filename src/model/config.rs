@@ -3,7 +3,9 @@
 //! Two layouts exist in the wild. microsoft/phi-2 (transformers 4) keeps `rope_theta` and
 //! `partial_rotary_factor` at the top level; transformers 5 moves them into a nested
 //! `rope_parameters` object. Both parse to the same struct, and every size is checked
-//! before any tensor is allocated from it.
+//! before any tensor is allocated from it. The `phi-msft` config that microsoft/phi-2 first
+//! shipped with (and early fine-tunes keep) names the same sizes GPT-2 style (`n_embd`,
+//! `n_layer`, `rotary_dim`, …); it is read into the same struct.
 
 use serde::Deserialize;
 
@@ -77,6 +79,45 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
+    // phi-msft's names.
+    n_embd: Option<usize>,
+    n_inner: Option<usize>,
+    n_layer: Option<usize>,
+    n_head: Option<usize>,
+    n_head_kv: Option<usize>,
+    n_positions: Option<usize>,
+    rotary_dim: Option<usize>,
+    layer_norm_epsilon: Option<f64>,
+    activation_function: Option<String>,
+}
+
+impl RawConfig {
+    /// Moves a `phi-msft` config's sizes to transformers' names. Only for that model_type, so
+    /// a transformers config that also carries stray GPT-2 keys is read by its own names.
+    fn into_phi_names(mut self) -> Result<Self> {
+        let n_embd = required(self.n_embd, "n_embd")?;
+        let n_head = required(self.n_head, "n_head")?;
+        if let Some(rotary_dim) = self.rotary_dim {
+            if n_head == 0 || n_embd < n_head {
+                return Err(Error::config(format!(
+                    "n_embd {n_embd} and n_head {n_head} give no head dimension"
+                )));
+            }
+            self.partial_rotary_factor = Some(rotary_dim as f64 / (n_embd / n_head) as f64);
+        }
+        self.model_type = Some("phi".into());
+        self.hidden_size = Some(n_embd);
+        // MixFormer's default MLP width.
+        self.intermediate_size = Some(self.n_inner.unwrap_or(n_embd.saturating_mul(4)));
+        self.num_hidden_layers = self.n_layer;
+        self.num_attention_heads = Some(n_head);
+        self.num_key_value_heads = self.n_head_kv;
+        self.max_position_embeddings = self.n_positions;
+        self.layer_norm_eps = self.layer_norm_epsilon;
+        self.hidden_act = self.activation_function.take();
+        self.rope_parameters = None;
+        Ok(self)
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,10 +143,14 @@ impl PhiConfig {
     }
 
     fn from_raw(raw: RawConfig) -> Result<Self> {
+        let raw = match raw.model_type.as_deref() {
+            Some("phi-msft") => raw.into_phi_names()?,
+            _ => raw,
+        };
         if let Some(model_type) = &raw.model_type {
             if model_type != "phi" {
                 return Err(Error::config(format!(
-                    "model_type is {model_type:?}, only \"phi\" (PhiForCausalLM) is supported"
+                    "model_type is {model_type:?}, only \"phi\" and \"phi-msft\" (PhiForCausalLM) are supported"
                 )));
             }
         }
@@ -241,8 +286,6 @@ impl PhiConfig {
         (self.partial_rotary_factor * self.head_dim() as f64) as usize
     }
 
-    /// The config in the classic (transformers 4 / microsoft/phi-2) layout, which both
-    /// transformers 4 and 5 read.
     /// Parameters of the model this config describes (tied embeddings counted once).
     pub fn parameter_count(&self) -> usize {
         super::names::expected_tensors(self)
@@ -251,6 +294,8 @@ impl PhiConfig {
             .sum()
     }
 
+    /// The config in the classic (transformers 4 / microsoft/phi-2) layout, which both
+    /// transformers 4 and 5 read.
     pub fn to_hf_json(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["PhiForCausalLM"],

@@ -1,6 +1,7 @@
 //! Every tensor of the Phi-2 architecture, and its name in each layout that stores one:
 //! transformers' `PhiForCausalLM` (what safetensors checkpoints and our own outputs use),
-//! llama.cpp's `phi2` GGUF (split or fused q/k/v), and PEFT's LoRA adapters. This is the
+//! the `phi-msft` (MixFormer) layout microsoft/phi-2 first shipped in and early fine-tunes
+//! keep, llama.cpp's `phi2` GGUF (split or fused q/k/v), and PEFT's LoRA adapters. This is the
 //! one place those names are spelled: the CPU model, the GPU backend, the trainer, the
 //! exporter and adapter merging all ask it.
 
@@ -147,6 +148,41 @@ impl TensorId {
         Some((format!("blk.{n}.attn_qkv.{part}"), index))
     }
 
+    /// The name in the `phi-msft` layout, e.g. `transformer.h.3.mixer.out_proj.weight`. q, k
+    /// and v live in one fused `mixer.Wqkv` tensor; [`TensorId::fused_rows`] says where.
+    pub fn msft(self) -> String {
+        let part = match self.part {
+            Part::Weight => "weight",
+            Part::Bias => "bias",
+        };
+        let stem = match self.site {
+            Site::Embedding => "transformer.embd.wte".to_string(),
+            Site::FinalNorm => "lm_head.ln".to_string(),
+            Site::Head => "lm_head.linear".to_string(),
+            Site::Norm(n) => format!("transformer.h.{n}.ln"),
+            Site::Q(n) | Site::K(n) | Site::V(n) => format!("transformer.h.{n}.mixer.Wqkv"),
+            Site::Dense(n) => format!("transformer.h.{n}.mixer.out_proj"),
+            Site::Fc1(n) => format!("transformer.h.{n}.mlp.fc1"),
+            Site::Fc2(n) => format!("transformer.h.{n}.mlp.fc2"),
+        };
+        format!("{stem}.{part}")
+    }
+
+    /// For q, k and v: their rows in a fused q|k|v tensor (q's `hidden_size` rows, then k's
+    /// and v's `num_key_value_heads × head_dim` each), and that tensor's shape.
+    pub fn fused_rows(self, cfg: &PhiConfig) -> Option<(std::ops::Range<usize>, Vec<usize>)> {
+        let (h, kv) = (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim());
+        let rows = match self.site {
+            Site::Q(_) => 0..h,
+            Site::K(_) => h..h + kv,
+            Site::V(_) => h + kv..h + 2 * kv,
+            _ => return None,
+        };
+        let mut shape = self.shape(cfg);
+        shape[0] = h + 2 * kv;
+        Some((rows, shape))
+    }
+
     /// The id of a transformers name; `None` for a name no Phi-2 tensor has.
     pub fn from_hf(name: &str) -> Option<TensorId> {
         let (stem, part) = name.rsplit_once('.')?;
@@ -232,6 +268,8 @@ mod tests {
         assert_eq!(Site::Head.bias().gguf(), "output.bias");
         assert_eq!(Site::Embedding.weight().gguf(), "token_embd.weight");
         assert_eq!(Site::Dense(1).peft_target(), "dense");
+        assert_eq!(Site::V(3).bias().msft(), "transformer.h.3.mixer.Wqkv.bias");
+        assert_eq!(Site::Head.weight().msft(), "lm_head.linear.weight");
         assert_eq!(
             Site::Fc1(2).lora_names()[1],
             "base_model.model.model.layers.2.mlp.fc1.lora_B.weight"
@@ -246,6 +284,15 @@ mod tests {
             assert_eq!(TensorId::from_hf(&id.hf()), Some(id), "{}", id.hf());
         }
         assert_eq!(all_tensors(&cfg).len(), 1 + 2 * 14 + 2 + 2);
+        let gqa = PhiConfig {
+            num_key_value_heads: 1,
+            ..cfg.clone()
+        };
+        assert_eq!(
+            Site::V(0).weight().fused_rows(&gqa),
+            Some((24..32, vec![32, 16]))
+        );
+        assert_eq!(Site::K(0).bias().fused_rows(&cfg), Some((16..32, vec![48])));
         assert_eq!(TensorId::from_hf("model.layers.0.unknown.weight"), None);
         assert_eq!(TensorId::from_hf("model.embed_tokens.bias"), None);
     }

@@ -38,6 +38,18 @@ pub struct StoredTensor {
 pub trait TensorSource {
     /// The tensor `name` (Hugging Face naming), checked to have exactly `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight>;
+    /// Rows `rows` of the 2-D tensor `name` (of `shape`) as plain values, read without the
+    /// rest of it, where the source can (`None` where it cannot: the caller reads the whole
+    /// tensor). Converting a large matrix in row blocks keeps only one block's values in
+    /// memory; Phi-2's 51,200-row output layer is 524 MB as f32.
+    fn dense_rows(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _rows: std::ops::Range<usize>,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Checks that `name` exists with exactly `shape` and a usable dtype, from headers only.
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()>;
     /// Checks every `(name, shape)`, so a bad checkpoint fails before any tensor is loaded.

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::names::{Part, TensorId, LINEARS};
 use crate::model::{expected_tensors, PhiConfig};
 use crate::model::{StoredTensor, TensorSource, Weight};
+use crate::weights::merge_lora;
 
 /// The dtype of the forward and backward pass. The `Var`s (master weights) and the
 /// optimizer state stay f32 whatever it is: a bf16 update of a bf16 weight rounds most small
@@ -222,7 +223,7 @@ impl Params {
         };
         let a = self.var(&a)?.as_tensor();
         let b = self.var(&b)?.as_tensor();
-        Ok((base + (b.matmul(a)? * (lora.alpha / lora.rank as f64))?)?)
+        merge_lora(base, a, b, lora.alpha / lora.rank as f64)
     }
 
     /// Every weight as the model sees it, by Hugging Face name (LoRA merged in).

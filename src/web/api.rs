@@ -20,7 +20,9 @@ use crate::eval::report::{results_json, TaskSummary};
 use crate::eval::{evaluate_item, sample_json, Item, Task};
 use crate::generate::{GenerateOptions, PromptFormat, SamplingParams, Session, Turn};
 use crate::gpu::{GpuBackend, GpuInfo, KernelChoice, KernelFamily};
+use crate::model::PhiConfig;
 use crate::tokenizer::PhiTokenizer;
+use crate::weights::{Adapter, Quantization};
 
 type Shared = Rc<RefCell<Option<Inner>>>;
 
@@ -59,6 +61,12 @@ struct ModelInfo {
     vocab: usize,
     context: usize,
     load_ms: f64,
+    /// The block type weights were converted to on load ("q8_0", "q4_0"), if any.
+    quantize: Option<String>,
+    /// Weight matrices a LoRA adapter changed (0 without one).
+    adapted_matrices: usize,
+    /// The WebAssembly memory's size once loaded: what the load cost the tab's heap.
+    wasm_memory_bytes: f64,
 }
 
 /// What `generate` accepts: the prompt, its format and earlier turns, and sampling options.
@@ -145,24 +153,33 @@ where
 
 /// Sorts the page's files into config, tokenizer and weights by their names, and opens
 /// them as a checkpoint.
+/// Reads `[{name, bytes: Uint8Array}]`, naming each by the last part of its path.
+fn named_files(files: js_sys::Array) -> Result<Vec<(String, NamedBytes)>, JsValue> {
+    files
+        .iter()
+        .map(|file| {
+            let name = js_sys::Reflect::get(&file, &"name".into())
+                .ok()
+                .and_then(|n| n.as_string())
+                .ok_or_else(|| js_error(Error::input("each file needs a string `name`")))?;
+            let bytes = js_sys::Reflect::get(&file, &"bytes".into())
+                .ok()
+                .and_then(|b| b.dyn_into::<js_sys::Uint8Array>().ok())
+                .ok_or_else(|| {
+                    js_error(Error::input(format!(
+                        "{name}: `bytes` must be a Uint8Array"
+                    )))
+                })?
+                .to_vec();
+            let base = name.rsplit('/').next().unwrap_or(&name).to_string();
+            Ok((base, NamedBytes { name, bytes }))
+        })
+        .collect()
+}
+
 fn open_files(files: js_sys::Array) -> Result<Checkpoint, JsValue> {
     let (mut config, mut tokenizer, mut weights) = (None, None, Vec::new());
-    for file in files.iter() {
-        let name = js_sys::Reflect::get(&file, &"name".into())
-            .ok()
-            .and_then(|n| n.as_string())
-            .ok_or_else(|| js_error(Error::input("each file needs a string `name`")))?;
-        let bytes = js_sys::Reflect::get(&file, &"bytes".into())
-            .ok()
-            .and_then(|b| b.dyn_into::<js_sys::Uint8Array>().ok())
-            .ok_or_else(|| {
-                js_error(Error::input(format!(
-                    "{name}: `bytes` must be a Uint8Array"
-                )))
-            })?
-            .to_vec();
-        let base = name.rsplit('/').next().unwrap_or(&name).to_string();
-        let named = NamedBytes { name, bytes };
+    for (base, named) in named_files(files)? {
         match base.as_str() {
             "config.json" => config = Some(named),
             "tokenizer.json" => tokenizer = Some(named),
@@ -182,16 +199,57 @@ fn open_files(files: js_sys::Array) -> Result<Checkpoint, JsValue> {
     Checkpoint::from_bytes(config, tokenizer, weights, DType::F32).map_err(js_error)
 }
 
+/// A PEFT adapter's two files, checked against the model it is for.
+fn open_adapter(files: js_sys::Array, cfg: &PhiConfig) -> Result<Adapter, JsValue> {
+    let (mut config, mut weights) = (None, None);
+    for (base, named) in named_files(files)? {
+        match base.as_str() {
+            "adapter_config.json" => config = Some(named),
+            "adapter_model.safetensors" => weights = Some(named),
+            _ => return Err(js_error(Error::file(
+                &named.name,
+                "not an adapter file (expected adapter_config.json and adapter_model.safetensors)",
+            ))),
+        }
+    }
+    let (Some(config), Some(weights)) = (config, weights) else {
+        return Err(js_error(Error::input(
+            "an adapter needs adapter_config.json and adapter_model.safetensors",
+        )));
+    };
+    let json = String::from_utf8(config.bytes)
+        .map_err(|_| js_error(Error::file(&config.name, "not valid UTF-8")))?;
+    Adapter::from_bytes(&json, &weights.bytes, cfg, &weights.name).map_err(js_error)
+}
+
+/// The size of this module's linear memory.
+fn wasm_memory_bytes() -> f64 {
+    wasm_bindgen::memory()
+        .dyn_into::<js_sys::WebAssembly::Memory>()
+        .map(|m| {
+            m.buffer()
+                .dyn_into::<js_sys::ArrayBuffer>()
+                .map(|b| b.byte_length() as f64)
+                .unwrap_or(0.0)
+        })
+        .unwrap_or(0.0)
+}
+
 #[wasm_bindgen]
 impl Model {
     /// Loads a model from `files` (an array of `{name, bytes: Uint8Array}`) onto `backend`
     /// ("webgpu" or "cpu"), with the KV cache capped at `context` tokens if given and, on
     /// WebGPU, the kernel family `gpu_kernels` ("auto", the default, "gpu" or "emulator").
+    /// `quantize` ("q8_0" or "q4_0") converts f32/f16/bf16 weight matrices to those blocks
+    /// as they load; `adapter` (the files of a PEFT LoRA adapter, as `files`) is merged into
+    /// the weights first.
     pub async fn load(
         files: js_sys::Array,
         backend: String,
         context: Option<u32>,
         gpu_kernels: Option<String>,
+        quantize: Option<String>,
+        adapter: Option<js_sys::Array>,
     ) -> Result<Model, JsValue> {
         let t0 = Instant::now();
         let kernels: KernelChoice = gpu_kernels
@@ -199,7 +257,18 @@ impl Model {
             .unwrap_or("auto")
             .parse()
             .map_err(js_error)?;
+        let quantization: Option<Quantization> = quantize
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(js_error)?;
         let ckpt = open_files(files)?;
+        let adapter = match adapter {
+            Some(files) => Some(open_adapter(files, &ckpt.config)?),
+            None => None,
+        };
+        let adapted_matrices = adapter.as_ref().map_or(0, Adapter::adapted);
+        let ckpt = ckpt.convert_on_load(adapter, quantization);
         let context = context.map(|c| c as usize);
         let (format, weight_bytes) = (ckpt.format, ckpt.weight_bytes);
         let parameters = ckpt.config.parameter_count();
@@ -242,6 +311,9 @@ impl Model {
             vocab: cfg.vocab_size,
             context: runner.capacity(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            quantize,
+            adapted_matrices,
+            wasm_memory_bytes: wasm_memory_bytes(),
         };
         let session = Session::new(Paced::new(runner));
         let cancel = session.cancel_handle();

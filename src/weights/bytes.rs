@@ -35,6 +35,32 @@ impl Bytes {
     }
 }
 
+impl Bytes {
+    /// Says that `range` will not be read again: a mapped file's pages there leave the
+    /// process's resident set (read again from the file if they ever are). Loading reads each
+    /// tensor once, so a checkpoint converted on load does not stay resident beside the model
+    /// built from it. Owned bytes cannot give back part of themselves and stay as they are.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(all(unix, not(target_arch = "wasm32"), feature = "cli"))]
+        if let Bytes::Mapped(m) = self {
+            if range.end <= m.len() && range.start < range.end {
+                // SAFETY: the map is private and read-only, so dropping its pages loses
+                // nothing: the next read faults the same bytes back in from the file. Errors
+                // are ignored because the advice only saves memory.
+                let _ = unsafe {
+                    m.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        range.start,
+                        range.len(),
+                    )
+                };
+            }
+        }
+        #[cfg(not(all(unix, not(target_arch = "wasm32"), feature = "cli")))]
+        let _ = range;
+    }
+}
+
 impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use super::gguf_file::{GgufFile, MetaValue};
 use super::{Bytes, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
+use crate::model::names::{Site, TensorId};
 use crate::model::{Activation, PhiConfig};
 
 pub struct Gguf {
@@ -17,32 +18,6 @@ pub struct Gguf {
     bytes: Bytes,
     file: GgufFile,
     dtype: DType,
-}
-
-/// Maps a Hugging Face tensor name to llama.cpp's phi2 name.
-pub(crate) fn gguf_name(hf: &str) -> Option<String> {
-    let (stem, suffix) = hf.rsplit_once('.')?;
-    let mapped = match stem {
-        "model.embed_tokens" => "token_embd".to_string(),
-        "model.final_layernorm" => "output_norm".to_string(),
-        "lm_head" => "output".to_string(),
-        _ => {
-            let rest = stem.strip_prefix("model.layers.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let part = match part {
-                "input_layernorm" => "attn_norm",
-                "self_attn.q_proj" => "attn_q",
-                "self_attn.k_proj" => "attn_k",
-                "self_attn.v_proj" => "attn_v",
-                "self_attn.dense" => "attn_output",
-                "mlp.fc1" => "ffn_up",
-                "mlp.fc2" => "ffn_down",
-                _ => return None,
-            };
-            format!("blk.{layer}.{part}")
-        }
-    };
-    Some(format!("{mapped}.{suffix}"))
 }
 
 impl Gguf {
@@ -142,12 +117,13 @@ impl Gguf {
         let hidden_size = self.required("phi2.embedding_length")?;
         let heads = self.required("phi2.attention.head_count")?;
         let rope_dims = self.required("phi2.rope.dimension_count")?;
-        let vocab_size = match self.file.tensors.get("token_embd.weight") {
+        let embedding = Site::Embedding.weight().gguf();
+        let vocab_size = match self.file.tensors.get(&embedding) {
             Some(info) => info.shape.first().copied().unwrap_or(0),
             None => {
                 return Err(Error::file(
                     &self.name,
-                    "tensor token_embd.weight is missing",
+                    format!("tensor {embedding} is missing"),
                 ))
             }
         };
@@ -229,33 +205,34 @@ impl Gguf {
             .get(gguf)
             .ok_or_else(|| Error::file(&self.name, format!("tensor {gguf} is missing")))?;
         // `parse` has checked that the range lies within the file and fits type and shape.
-        qtensor(
+        let q = qtensor(
             info.dtype,
             &self.bytes[info.bytes.clone()],
             info.shape.clone(),
         )
-        .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))
+        .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))?;
+        // The blocks were copied out of the file's bytes.
+        self.bytes.release(info.bytes.clone());
+        Ok(q)
     }
 
     /// Resolves a Hugging Face name. Old phi2 GGUFs (from the original `Wqkv` layout) store
     /// q, k and v fused as `attn_qkv`; those are split by rows, which keeps GGML blocks whole.
-    fn locate(&self, hf: &str, shape: &[usize]) -> Result<Located> {
-        let name = gguf_name(hf)
+    fn locate(&self, hf: &str) -> Result<Located> {
+        let id = TensorId::from_hf(hf)
             .ok_or_else(|| Error::file(&self.name, format!("no GGUF name for tensor {hf}")))?;
+        let name = id.gguf();
         if self.file.tensors.contains_key(&name) {
             return Ok(Located::Whole(name));
         }
-        for (i, part) in ["attn_q.", "attn_k.", "attn_v."].iter().enumerate() {
-            if let Some((prefix, suffix)) = name.split_once(part) {
-                let fused = format!("{prefix}attn_qkv.{suffix}");
-                if self.file.tensors.contains_key(&fused) {
-                    let rows = shape.first().copied().unwrap_or(0);
-                    return Ok(Located::Rows {
-                        name: fused,
-                        start: i * rows,
-                        rows,
-                    });
-                }
+        if let Some((fused, _)) = id.gguf_fused() {
+            if self.file.tensors.contains_key(&fused) {
+                let (rows, shape) = id.fused_rows(&self.config()?).expect("q, k or v");
+                return Ok(Located::Rows {
+                    name: fused,
+                    rows,
+                    shape,
+                });
             }
         }
         Err(Error::file(
@@ -267,17 +244,22 @@ impl Gguf {
 
 enum Located {
     Whole(String),
+    /// `rows` of the fused tensor `name`, whose whole shape is `shape`.
     Rows {
         name: String,
-        start: usize,
-        rows: usize,
+        rows: std::ops::Range<usize>,
+        shape: Vec<usize>,
     },
 }
 
 /// A quantized tensor from its GGML bytes. candle reinterprets them as blocks in place, so
 /// bytes that are not aligned for the block type (a file may use any alignment) are copied
 /// into an aligned buffer first.
-fn qtensor(dtype: GgmlDType, data: &[u8], shape: Vec<usize>) -> candle_core::Result<QTensor> {
+pub(super) fn qtensor(
+    dtype: GgmlDType,
+    data: &[u8],
+    shape: Vec<usize>,
+) -> candle_core::Result<QTensor> {
     const ALIGN: usize = std::mem::align_of::<u64>();
     if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
         return candle_core::quantized::ggml_file::qtensor_from_ggml(
@@ -315,20 +297,29 @@ fn slice_rows(q: &QTensor, start: usize, rows: usize) -> candle_core::Result<QTe
 impl TensorSource for Gguf {
     fn tensor(&self, hf: &str, shape: &[usize]) -> Result<Weight> {
         self.check_tensor(hf, shape)?;
-        let q = match self.locate(hf, shape)? {
+        let q = match self.locate(hf)? {
             Located::Whole(name) => self.read(&name)?,
-            Located::Rows { name, start, rows } => {
+            Located::Rows { name, rows, .. } => {
                 let whole = self.read(&name)?;
                 if shape.len() == 1 {
-                    let t = whole.dequantize(&Device::Cpu)?.narrow(0, start, rows)?;
+                    let t = whole
+                        .dequantize(&Device::Cpu)?
+                        .narrow(0, rows.start, rows.len())?;
                     return Ok(Weight::Dense(t.to_dtype(self.dtype)?));
                 }
-                slice_rows(&whole, start, rows)
+                slice_rows(&whole, rows.start, rows.len())
                     .map_err(|e| Error::file(&self.name, format!("tensor {name}: {e}")))?
             }
         };
         // Matrices stay quantized; 1-D tensors (norms, biases) are tiny and used densely.
-        if shape.len() == 1 || matches!(q.dtype(), GgmlDType::F32) {
+        // candle's CPU dot products for q4_1, q5_0 and q5_1 assert an even number of blocks
+        // per row (ggml's old SIMD requirement; a panic in debug builds) although their
+        // generic code handles any: such rare matrices (found by fuzzing) are used densely.
+        let odd_blocks = matches!(
+            q.dtype(),
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+        ) && (shape[shape.len() - 1] / q.dtype().block_size()) % 2 == 1;
+        if shape.len() == 1 || matches!(q.dtype(), GgmlDType::F32) || odd_blocks {
             Ok(Weight::Dense(
                 q.dequantize(&Device::Cpu)?.to_dtype(self.dtype)?,
             ))
@@ -338,14 +329,10 @@ impl TensorSource for Gguf {
     }
 
     fn check_tensor(&self, hf: &str, shape: &[usize]) -> Result<()> {
-        let located = self.locate(hf, shape)?;
+        let located = self.locate(hf)?;
         let (name, expected) = match &located {
             Located::Whole(name) => (name, shape.to_vec()),
-            Located::Rows { name, rows, .. } => {
-                let mut s = shape.to_vec();
-                s[0] = rows * 3;
-                (name, s)
-            }
+            Located::Rows { name, shape, .. } => (name, shape.clone()),
         };
         let info = &self.file.tensors[name];
         if info.shape != expected {
@@ -381,28 +368,5 @@ impl TensorSource for Gguf {
                 dtype: format!("{:?}", info.dtype),
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::gguf_name;
-
-    #[test]
-    fn maps_hf_names_to_llama_cpp_names() {
-        assert_eq!(
-            gguf_name("model.embed_tokens.weight").unwrap(),
-            "token_embd.weight"
-        );
-        assert_eq!(gguf_name("lm_head.bias").unwrap(), "output.bias");
-        assert_eq!(
-            gguf_name("model.layers.12.mlp.fc2.weight").unwrap(),
-            "blk.12.ffn_down.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.self_attn.dense.bias").unwrap(),
-            "blk.0.attn_output.bias"
-        );
-        assert!(gguf_name("model.layers.0.unknown.weight").is_none());
     }
 }

@@ -8,8 +8,7 @@
 
 use std::io::Write;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::DType;
+use candle_core::quantized::GgmlDType;
 
 use crate::error::{Error, Result};
 use crate::model::names::{all_tensors, TensorId};
@@ -20,7 +19,6 @@ const ALIGNMENT: usize = 32;
 /// A metadata value, in the types this writer needs (GGUF's codes).
 enum Meta {
     U32(u32),
-    I32(i32),
     F32(f32),
     String(String),
     Strings(Vec<String>),
@@ -36,10 +34,6 @@ impl Meta {
         match self {
             Meta::U32(v) => {
                 w.extend(4u32.to_le_bytes());
-                w.extend(v.to_le_bytes());
-            }
-            Meta::I32(v) => {
-                w.extend(5u32.to_le_bytes());
                 w.extend(v.to_le_bytes());
             }
             Meta::F32(v) => {
@@ -224,13 +218,14 @@ pub fn write_gguf(
         ("phi2.rope.freq_base", Meta::F32(cfg.rope_theta as f32)),
     ];
     if let Some(q) = quant {
-        // llama.cpp's LLAMA_FTYPE: mostly q4_0 (2), mostly q8_0 (7).
+        // llama.cpp's LLAMA_FTYPE: mostly q4_0 (2), mostly q8_0 (7); a u32, which llama.cpp
+        // checks (an i32 fails its load with "general.file_type has wrong type").
         let file_type = match q {
             GgmlDType::Q4_0 => 2,
             GgmlDType::Q8_0 => 7,
             _ => 0,
         };
-        meta.push(("general.file_type", Meta::I32(file_type)));
+        meta.push(("general.file_type", Meta::U32(file_type)));
     }
     meta.extend(tokenizer_metadata(tokenizer_json, cfg.vocab_size)?);
     let plan: Vec<Planned> = all_tensors(cfg)
@@ -282,11 +277,10 @@ pub fn write_gguf(
     for t in &plan {
         let name = t.id.gguf();
         on_tensor(&name);
-        let dense = src
-            .tensor(&t.id.hf(), &t.shape)?
-            .dense()?
-            .to_dtype(DType::F32)?;
-        let data = QTensor::quantize(&dense, t.dtype)?.data()?.into_owned();
+        let dense = src.tensor(&t.id.hf(), &t.shape)?.dense()?;
+        let data = super::quantize::quantize(&dense, t.dtype)?
+            .data()?
+            .into_owned();
         if data.len() != t.bytes {
             return Err(Error::input(format!(
                 "{name}: {} bytes, {} planned",

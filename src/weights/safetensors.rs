@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use ::safetensors::tensor::{Dtype, Metadata, TensorView};
 use candle_core::safetensors::Load;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::{Bytes, StoredTensor, TensorSource, Weight};
@@ -67,6 +67,11 @@ impl Safetensors {
         })
     }
 
+    /// Whether any shard holds a tensor called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
     /// The shard file names listed by a `model.safetensors.index.json`, deduplicated,
     /// in first-seen order. Names must be plain file names in the same folder.
     pub fn shard_names(index_json: &str, source: &str) -> Result<Vec<String>> {
@@ -93,7 +98,8 @@ impl Safetensors {
         Ok(names)
     }
 
-    fn view(&self, name: &str) -> Result<(&Shard, TensorView<'_>)> {
+    /// The tensor `name`, its shard, and where its bytes lie in that shard.
+    fn view(&self, name: &str) -> Result<(&Shard, TensorView<'_>, std::ops::Range<usize>)> {
         let shard_idx = *self.index.get(name).ok_or_else(|| self.missing(name))?;
         let shard = &self.shards[shard_idx];
         let info = shard
@@ -103,10 +109,11 @@ impl Safetensors {
         let (start, end) = info.data_offsets;
         let base = 8 + shard.header_len;
         // read_metadata has checked that the offsets lie within the buffer.
-        let data = &shard.bytes[base + start..base + end];
+        let extent = base + start..base + end;
+        let data = &shard.bytes[extent.clone()];
         let view = TensorView::new(info.dtype, info.shape.clone(), data)
             .map_err(|e| Error::file(&shard.name, format!("tensor {name}: {e}")))?;
-        Ok((shard, view))
+        Ok((shard, view, extent))
     }
 
     fn missing(&self, name: &str) -> Error {
@@ -118,16 +125,51 @@ impl Safetensors {
 impl TensorSource for Safetensors {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         self.check_tensor(name, shape)?;
-        let (shard, view) = self.view(name)?;
+        let (shard, view, extent) = self.view(name)?;
         let tensor = view
             .load(&Device::Cpu)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(|e| Error::file(&shard.name, format!("tensor {name}: {e}")))?;
+        // `load` copied the values out of the file's bytes.
+        shard.bytes.release(extent);
         Ok(Weight::Dense(tensor))
     }
 
+    fn dense_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Option<Tensor>> {
+        self.check_tensor(name, shape)?;
+        let (shard, view, extent) = self.view(name)?;
+        let [total, cols] = shape else {
+            return Ok(None);
+        };
+        if rows.start > rows.end || rows.end > *total {
+            return Err(Error::input(format!(
+                "rows {rows:?} of the {total}-row tensor {name}"
+            )));
+        }
+        let row_bytes = cols * view.dtype().bitsize() / 8;
+        let part = extent.start + rows.start * row_bytes..extent.start + rows.end * row_bytes;
+        let bad = |e: String| Error::file(&shard.name, format!("tensor {name}: {e}"));
+        let block = TensorView::new(
+            view.dtype(),
+            vec![rows.len(), *cols],
+            &shard.bytes[part.clone()],
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let tensor = block
+            .load(&Device::Cpu)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(|e| bad(e.to_string()))?;
+        shard.bytes.release(part);
+        Ok(Some(tensor))
+    }
+
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let (shard, view) = self.view(name)?;
+        let (shard, view, _) = self.view(name)?;
         if view.shape() != shape {
             return Err(Error::file(
                 &shard.name,
