@@ -10,17 +10,13 @@
 //! The forward calls return futures because in the browser a GPU readback can only be
 //! awaited, never waited for; natively the callers drive them with `pollster`.
 
-use std::future::Future;
-use std::pin::Pin;
-
 use candle_core::Tensor;
 
 use crate::candidates::{argmax, top_k, TopK};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Logits, Phi, PhiConfig};
 
-/// A future borrowed from its backend (boxed so `dyn Backend` stays possible).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+pub use crate::model::BoxFuture;
 
 /// What the caller of a forward needs back.
 #[derive(Debug, Clone, Copy, PartialEq)]

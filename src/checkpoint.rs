@@ -2,14 +2,16 @@
 //! `tokenizer.json`, safetensors single or sharded) or a GGUF file. Natively from paths;
 //! in the browser from byte buffers, through the same parsing code.
 
+use std::rc::Rc;
+
 use candle_core::DType;
 
 use crate::error::{Error, Result};
 use crate::model::{Phi, PhiConfig};
 use crate::tokenizer::PhiTokenizer;
 use crate::weights::{
-    Adapter, Bytes, Gguf, MsftLayout, Quantization, QuantizeOnLoad, Safetensors, TensorSource,
-    WithAdapter,
+    Adapter, Bytes, Gguf, MsftLayout, Quantization, QuantizeOnLoad, RangeRead, Safetensors,
+    TensorSource, WithAdapter,
 };
 
 /// A checkpoint whose headers have been read and checked, ready to build a model from.
@@ -92,16 +94,34 @@ impl Checkpoint {
             let gguf = Gguf::from_bytes(w.name, Bytes::Owned(w.bytes), dtype)?;
             return Self::from_gguf(gguf, tokenizer, weight_bytes);
         }
-        let config = config
-            .ok_or_else(|| Error::input("config.json is required for safetensors weights"))?;
-        let config = PhiConfig::from_json(&utf8(&config)?, &config.name)?;
-        let tokenizer = tokenizer.ok_or_else(|| Error::input("tokenizer.json is required"))?;
-        let tokenizer = PhiTokenizer::from_bytes(&tokenizer.bytes, &tokenizer.name)?;
+        let (config, tokenizer) = config_and_tokenizer(config, tokenizer)?;
         let shards = weights
             .into_iter()
             .map(|w| (w.name, Bytes::Owned(w.bytes)))
             .collect();
-        let weights = safetensors(shards, dtype, &config)?;
+        let weights = in_its_layout(Safetensors::from_shards(shards, dtype)?, &config);
+        Self::new(config, tokenizer, weights, "safetensors", weight_bytes)
+    }
+
+    /// Like `from_bytes`, with safetensors weights read by ranges as each tensor is fetched
+    /// (the browser's downloads kept on disk, picked files): only their headers are read
+    /// here, so a checkpoint larger than memory can stream through.
+    pub async fn from_ranged(
+        config: Option<NamedBytes>,
+        tokenizer: Option<NamedBytes>,
+        weights: Vec<(String, Rc<dyn RangeRead>)>,
+        dtype: DType,
+    ) -> Result<Self> {
+        if let Some((name, _)) = weights.iter().find(|(n, _)| !n.ends_with(".safetensors")) {
+            return Err(Error::file(
+                name,
+                "only safetensors files are read by ranges (give a GGUF file whole)",
+            ));
+        }
+        let weight_bytes = weights.iter().map(|(_, f)| f.size()).sum();
+        let (config, tokenizer) = config_and_tokenizer(config, tokenizer)?;
+        let file = Safetensors::from_ranged(weights, dtype).await?;
+        let weights = in_its_layout(file, &config);
         Self::new(config, tokenizer, weights, "safetensors", weight_bytes)
     }
 
@@ -192,24 +212,32 @@ impl Checkpoint {
             weight_bytes += bytes.len() as u64;
             shards.push((f.display().to_string(), bytes));
         }
-        let weights = safetensors(shards, dtype, &config)?;
+        let weights = in_its_layout(Safetensors::from_shards(shards, dtype)?, &config);
         Self::new(config, tokenizer, weights, "safetensors", weight_bytes)
     }
 }
 
-/// Safetensors shards, read through the phi-msft names when the file uses them (whichever
+/// The model config and tokenizer that safetensors weights need beside them.
+fn config_and_tokenizer(
+    config: Option<NamedBytes>,
+    tokenizer: Option<NamedBytes>,
+) -> Result<(PhiConfig, PhiTokenizer)> {
+    let config =
+        config.ok_or_else(|| Error::input("config.json is required for safetensors weights"))?;
+    let config = PhiConfig::from_json(&utf8(&config)?, &config.name)?;
+    let tokenizer = tokenizer.ok_or_else(|| Error::input("tokenizer.json is required"))?;
+    let tokenizer = PhiTokenizer::from_bytes(&tokenizer.bytes, &tokenizer.name)?;
+    Ok((config, tokenizer))
+}
+
+/// Safetensors weights, read through the phi-msft names when the file uses them (whichever
 /// config format came with it).
-fn safetensors(
-    shards: Vec<(String, Bytes)>,
-    dtype: DType,
-    config: &PhiConfig,
-) -> Result<Box<dyn TensorSource>> {
-    let file = Safetensors::from_shards(shards, dtype)?;
-    Ok(if crate::weights::is_msft(|name| file.contains(name)) {
+fn in_its_layout(file: Safetensors, config: &PhiConfig) -> Box<dyn TensorSource> {
+    if crate::weights::is_msft(|name| file.contains(name)) {
         Box::new(MsftLayout::new(Box::new(file), config))
     } else {
         Box::new(file)
-    })
+    }
 }
 
 fn utf8(file: &NamedBytes) -> Result<String> {

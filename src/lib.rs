@@ -28,6 +28,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gpu;
+pub mod memory_plan;
 pub mod model;
 pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]

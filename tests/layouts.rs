@@ -303,3 +303,132 @@ fn malformed_layouts_and_adapters_are_refused_with_the_reason() {
         .to_string();
     assert!(e.contains("DoRA"), "{e}");
 }
+
+/// A local file read through `RangeRead`, as the page reads a download it keeps on disk,
+/// recording each read.
+struct Recorded {
+    bytes: Vec<u8>,
+    reads: std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<u64>>>>,
+    /// Give back one byte less than asked from the given read on, as a cut-short read would.
+    short_from: usize,
+}
+
+impl medphi::weights::RangeRead for Recorded {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read(
+        &self,
+        range: std::ops::Range<u64>,
+    ) -> medphi::model::BoxFuture<'_, medphi::Result<Vec<u8>>> {
+        self.reads.borrow_mut().push(range.clone());
+        let mut out = self.bytes[range.start as usize..range.end as usize].to_vec();
+        if self.reads.borrow().len() > self.short_from {
+            out.pop();
+        }
+        Box::pin(std::future::ready(Ok(out)))
+    }
+}
+
+type Reads = std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<u64>>>>;
+
+/// The msft fixture read by ranges; reads after the `short_from`th come back a byte short.
+fn ranged_msft(short_from: usize) -> (medphi::Result<Checkpoint>, Reads) {
+    let dir = fixtures().join("tiny-phi-msft");
+    let reads = Reads::default();
+    let files = ["model-00001-of-00002", "model-00002-of-00002"]
+        .map(|shard| {
+            let file: std::rc::Rc<dyn medphi::weights::RangeRead> = std::rc::Rc::new(Recorded {
+                bytes: std::fs::read(dir.join(format!("{shard}.safetensors"))).unwrap(),
+                reads: reads.clone(),
+                short_from,
+            });
+            (format!("{shard}.safetensors"), file)
+        })
+        .into();
+    let named = |f: &str| medphi::checkpoint::NamedBytes {
+        name: f.into(),
+        bytes: std::fs::read(dir.join(f)).unwrap(),
+    };
+    let ckpt = block_on(Checkpoint::from_ranged(
+        Some(named("config.json")),
+        Some(named("tokenizer.json")),
+        files,
+        DType::F32,
+    ));
+    (ckpt, reads)
+}
+
+#[test]
+fn a_checkpoint_read_by_ranges_streams_one_tensor_at_a_time() {
+    let r = LayoutReference::load();
+    let largest = 51_200 * 32 * 2; // the f16 token table and output layer
+    for gpu in [false, true] {
+        let (ckpt, reads) = ranged_msft(usize::MAX);
+        let ckpt = ckpt.unwrap();
+        // Only the two headers (length, then JSON) are read before loading.
+        assert_eq!(reads.borrow().len(), 4);
+        let rows = if gpu {
+            let mut backend = block_on(GpuBackend::load(
+                &ckpt.config,
+                ckpt.weights.as_ref(),
+                None,
+                KernelChoice::Emulator,
+            ))
+            .unwrap();
+            block_on(backend.forward(&r.input_ids, Want::AllRows))
+                .unwrap()
+                .rows()
+                .unwrap()
+        } else {
+            let cfg = ckpt.config.clone();
+            let read = block_on(medphi::weights::ReadAhead::read(
+                ckpt.weights.as_ref(),
+                &cfg,
+                &mut |_| {},
+            ))
+            .unwrap();
+            let model = medphi::model::Phi::load(&cfg, &read, true).unwrap();
+            forward_all(&model, &r.input_ids)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let expected = r.logits("msft");
+        let ours = Tensor::from_vec(rows, expected.shape(), &Device::Cpu).unwrap();
+        let diff = max_abs_diff(&ours, expected);
+        assert!(diff < 1e-3, "gpu={gpu}: max |Δlogit| = {diff}");
+        // Each tensor's bytes were read once, by themselves (the fused Wqkv once for q, k
+        // and v), and no read was larger than the largest tensor.
+        let reads = reads.borrow();
+        let tensor_reads = &reads[4..];
+        assert!(
+            tensor_reads.iter().all(|r| r.end - r.start <= largest),
+            "{tensor_reads:?}"
+        );
+        let mut unique = tensor_reads.to_vec();
+        unique.sort_by_key(|r| (r.start, r.end));
+        unique.dedup();
+        assert_eq!(unique.len(), tensor_reads.len(), "a tensor was read twice");
+        // 1 embedding + 2 × (norm 2, Wqkv 2, out_proj 2, fc1 2, fc2 2) + final norm 2 + head 2.
+        assert_eq!(tensor_reads.len(), 1 + 2 * 10 + 2 + 2);
+    }
+    // A read that comes back short is an error naming what was read, not a panic.
+    let (ckpt, _) = ranged_msft(1);
+    let err = ckpt.err().unwrap().to_string();
+    assert!(err.contains("reading the header"), "{err}");
+    let (ckpt, _) = ranged_msft(4);
+    let ckpt = ckpt.unwrap();
+    let err = block_on(GpuBackend::load(
+        &ckpt.config,
+        ckpt.weights.as_ref(),
+        None,
+        KernelChoice::Emulator,
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("bytes came back for"), "{err}");
+}

@@ -208,6 +208,7 @@ async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
             kernels.map(String::from),
             None,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -239,7 +240,7 @@ async fn the_js_api_generates_the_reference_tokens_and_streams_them() {
 
 #[wasm_bindgen_test]
 async fn returning_false_from_the_callback_stops_generation() {
-    let model = Model::load(fixture_files(), "cpu".into(), None, None, None, None)
+    let model = Model::load(fixture_files(), "cpu".into(), None, None, None, None, None)
         .await
         .unwrap();
     let request = serde_wasm_bindgen::to_value(&serde_json::json!({
@@ -261,7 +262,7 @@ async fn scores_a_parsed_medqa_question() {
     let questions = parse_benchmark("medqa_4options", line, "sample.jsonl").unwrap();
     let q = js_sys::Array::from(&questions).get(0);
     assert_eq!(get(&q, "gold").as_f64(), Some(1.0));
-    let model = Model::load(fixture_files(), "cpu".into(), None, None, None, None)
+    let model = Model::load(fixture_files(), "cpu".into(), None, None, None, None, None)
         .await
         .unwrap();
     let scored = JsFuture::from(model.score(q)).await.unwrap();
@@ -326,7 +327,7 @@ async fn bad_files_are_js_errors_not_aborts() {
         ),
     ];
     for (list, name, needle) in cases {
-        let err = Model::load(list, "cpu".into(), None, None, None, None)
+        let err = Model::load(list, "cpu".into(), None, None, None, None, None)
             .await
             .err()
             .expect("bad files must not load");
@@ -334,14 +335,14 @@ async fn bad_files_are_js_errors_not_aborts() {
         assert_eq!(got_name, name, "{message}");
         assert!(message.contains(needle), "{message}");
     }
-    let err = Model::load(fixture_files(), "tpu".into(), None, None, None, None)
+    let err = Model::load(fixture_files(), "tpu".into(), None, None, None, None, None)
         .await
         .err()
         .unwrap();
     assert_eq!(error_name(err).0, "InputError");
     // The module is still alive after all of that.
     assert!(
-        Model::load(fixture_files(), "cpu".into(), None, None, None, None)
+        Model::load(fixture_files(), "cpu".into(), None, None, None, None, None)
             .await
             .is_ok()
     );
@@ -356,6 +357,7 @@ async fn benchmark_reports_speed_and_bandwidth() {
             backend.into(),
             None,
             Some("emulator".into()),
+            None,
             None,
             None,
         )
@@ -462,9 +464,17 @@ async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
     };
     for backend in ["cpu", "webgpu"] {
         let kernels = || Some("emulator".to_string());
-        let model = Model::load(msft_files(), backend.into(), None, kernels(), None, None)
-            .await
-            .unwrap();
+        let model = Model::load(
+            msft_files(),
+            backend.into(),
+            None,
+            kernels(),
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             greedy_ids(&model, TOKENS).await,
             msft[..TOKENS],
@@ -480,6 +490,7 @@ async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
             kernels(),
             None,
             Some(adapter_files()),
+            None,
         )
         .await
         .unwrap();
@@ -500,6 +511,7 @@ async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
             kernels(),
             Some("q8_0".into()),
             None,
+            None,
         )
         .await
         .unwrap();
@@ -514,6 +526,7 @@ async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
             backend.into(),
             None,
             kernels(),
+            None,
             None,
             None,
         )
@@ -549,6 +562,7 @@ async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
             None,
             quantize.map(String::from),
             adapter,
+            None,
         )
         .await
         .err()
@@ -556,4 +570,189 @@ async fn published_layouts_and_adapters_give_transformers_ids_in_the_browser() {
         let (name, message) = error_name(err);
         assert!(message.contains(needle), "{name}: {message}");
     }
+}
+
+/// `files` as the page gives a download it keeps on disk: `{name, size, read(start, end)}`,
+/// each read recorded in `reads` and refused after `fail_after` of them.
+fn ranged_files(
+    list: &[(&str, &'static [u8])],
+    reads: std::rc::Rc<std::cell::Cell<usize>>,
+    fail_after: usize,
+) -> js_sys::Array {
+    list.iter()
+        .map(|&(name, bytes)| {
+            let o = js_sys::Object::new();
+            js_sys::Reflect::set(&o, &"name".into(), &name.into()).unwrap();
+            js_sys::Reflect::set(&o, &"size".into(), &(bytes.len() as f64).into()).unwrap();
+            let reads = reads.clone();
+            let read = Closure::<dyn FnMut(f64, f64) -> js_sys::Promise>::new(
+                move |start: f64, end: f64| {
+                    reads.set(reads.get() + 1);
+                    if reads.get() > fail_after {
+                        let reset = JsValue::from(js_sys::Error::new("connection reset"));
+                        return js_sys::Promise::reject(&reset);
+                    }
+                    let part = js_sys::Uint8Array::from(&bytes[start as usize..end as usize]);
+                    js_sys::Promise::resolve(&JsValue::from(part))
+                },
+            );
+            js_sys::Reflect::set(&o, &"read".into(), read.as_ref()).unwrap();
+            read.forget();
+            JsValue::from(o)
+        })
+        .collect()
+}
+
+/// Weights read by ranges through the page's `read` function stream through the load a
+/// tensor at a time, on both backends, with transformers' ids; a failed read is a FileError
+/// that says what was being read.
+#[wasm_bindgen_test]
+async fn weights_read_by_ranges_stream_through_the_load() {
+    const TOKENS: usize = 16;
+    let msft = layouts_greedy("msft");
+    let list: [(&str, &'static [u8]); 4] = [
+        ("config.json", MSFT_CONFIG),
+        ("tokenizer.json", TOKENIZER),
+        ("model-00001-of-00002.safetensors", MSFT_SHARD_1),
+        ("model-00002-of-00002.safetensors", MSFT_SHARD_2),
+    ];
+    for backend in ["cpu", "webgpu"] {
+        let reads = std::rc::Rc::new(std::cell::Cell::new(0));
+        let announced = std::rc::Rc::new(std::cell::RefCell::new(Vec::<String>::new()));
+        let sink = announced.clone();
+        let on_tensor =
+            Closure::<dyn FnMut(String, f64, f64)>::new(move |name: String, _: f64, _: f64| {
+                sink.borrow_mut().push(name);
+            });
+        let model = Model::load(
+            ranged_files(&list, reads.clone(), usize::MAX),
+            backend.into(),
+            None,
+            Some("emulator".into()),
+            None,
+            None,
+            Some(on_tensor.as_ref().clone().into()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            greedy_ids(&model, TOKENS).await,
+            msft[..TOKENS],
+            "{backend}"
+        );
+        // config and tokenizer whole, two header reads per shard, then one read per stored
+        // tensor: 1 + 2 × 5 + 2 + 2 weights and biases (q, k and v share Wqkv's two).
+        assert_eq!(reads.get(), 2 + 4 + 25, "{backend}");
+        let announced = announced.borrow();
+        assert_eq!(announced.len(), 1 + 2 * 14 + 2 + 2, "{backend}");
+        assert_eq!(announced[0], "model.embed_tokens.weight");
+    }
+    // The connection drops after the headers and two tensors.
+    let reads = std::rc::Rc::new(std::cell::Cell::new(0));
+    let err = Model::load(
+        ranged_files(&list, reads, 2 + 4 + 2),
+        "webgpu".into(),
+        None,
+        Some("emulator".into()),
+        None,
+        None,
+        None,
+    )
+    .await
+    .err()
+    .expect("a failed read must fail the load");
+    let (name, message) = error_name(err);
+    assert_eq!(name, "FileError", "{message}");
+    assert!(
+        message.contains("connection reset") && message.contains("reading tensor"),
+        "{message}"
+    );
+}
+
+/// A Phi-2-shaped f16 checkpoint (2.7B parameters, 5.6 GB) that exists only as headers:
+/// its `read` serves the safetensors header and records any other read.
+fn phi2_shaped_headers(
+    tensor_reads: std::rc::Rc<std::cell::Cell<usize>>,
+) -> (js_sys::Array, &'static [u8]) {
+    const CONFIG: &str = r#"{"model_type": "phi", "vocab_size": 51200, "hidden_size": 2560,
+        "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "max_position_embeddings": 2048, "partial_rotary_factor": 0.4}"#;
+    let cfg = medphi::model::PhiConfig::from_json(CONFIG, "config.json").unwrap();
+    let mut header = serde_json::Map::new();
+    // u64: wasm32's usize cannot count 5.6 GB.
+    let mut offset = 0u64;
+    for (name, shape) in medphi::model::expected_tensors(&cfg) {
+        let bytes = 2 * shape.iter().product::<usize>() as u64;
+        header.insert(
+            name,
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let json = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut head = (json.len() as u64).to_le_bytes().to_vec();
+    head.extend(json);
+    let head: &'static [u8] = Box::leak(head.into_boxed_slice());
+    let size = head.len() as u64 + offset;
+    let o = js_sys::Object::new();
+    js_sys::Reflect::set(&o, &"name".into(), &"model.safetensors".into()).unwrap();
+    js_sys::Reflect::set(&o, &"size".into(), &(size as f64).into()).unwrap();
+    let read =
+        Closure::<dyn FnMut(f64, f64) -> js_sys::Promise>::new(move |start: f64, end: f64| {
+            // A cast from f64 saturates, so a read past 4 GiB in wasm32 still lands here.
+            let (start, end) = (start as usize, end as usize);
+            if end > head.len() {
+                tensor_reads.set(tensor_reads.get() + 1);
+                let refused = JsValue::from(js_sys::Error::new("a weight byte was read"));
+                return js_sys::Promise::reject(&refused);
+            }
+            let part = &head[start..end];
+            js_sys::Promise::resolve(&JsValue::from(js_sys::Uint8Array::from(part)))
+        });
+    js_sys::Reflect::set(&o, &"read".into(), read.as_ref()).unwrap();
+    read.forget();
+    let list = files(&[
+        ("config.json", CONFIG.as_bytes()),
+        ("tokenizer.json", TOKENIZER),
+    ]);
+    list.push(&o);
+    (list, head)
+}
+
+/// Phi-2 in f16 on the wasm CPU backend needs 11 GB as f32: refused from its headers, before
+/// any weight byte is read, with what would fit.
+#[wasm_bindgen_test]
+async fn a_load_that_cannot_fit_is_refused_before_any_weight_is_read() {
+    let tensor_reads = std::rc::Rc::new(std::cell::Cell::new(0));
+    let (list, _) = phi2_shaped_headers(tensor_reads.clone());
+    let err = Model::load(list, "cpu".into(), None, None, None, None, None)
+        .await
+        .err()
+        .expect("11 GB cannot fit in 4 GiB");
+    let (name, message) = error_name(err);
+    assert_eq!(name, "InputError", "{message}");
+    assert!(
+        message.contains("WebAssembly memory") && message.contains("quantize: 'q4_0'"),
+        "{message}"
+    );
+    assert_eq!(tensor_reads.get(), 0, "no weight byte may be read");
+    // The advice holds: converted to q4_0 the plan passes and the load goes on to read
+    // weights (which this checkpoint does not have).
+    let (list, _) = phi2_shaped_headers(tensor_reads.clone());
+    let err = Model::load(
+        list,
+        "cpu".into(),
+        None,
+        None,
+        Some("q4_0".into()),
+        None,
+        None,
+    )
+    .await
+    .err()
+    .expect("the weights are not there");
+    let (name, message) = error_name(err);
+    assert_eq!(name, "FileError", "{message}");
+    assert!(message.contains("a weight byte was read"), "{message}");
+    assert_eq!(tensor_reads.get(), 1);
 }

@@ -12,6 +12,7 @@ use super::weights::{GpuWeights, Layer};
 use crate::backend::{BoxFuture, DeviceStats, Next, Want};
 use crate::candidates::TopK;
 use crate::error::{Error, Result};
+use crate::memory_plan::{readable, MemoryPlan, Target};
 use crate::model::TensorSource;
 use crate::model::{Activation, Logits, PhiConfig};
 
@@ -189,8 +190,20 @@ impl GpuBackend {
         let capacity = context
             .unwrap_or(usize::MAX)
             .min(cfg.max_position_embeddings);
+        let plan = MemoryPlan::new(&src.stored_tensors(), cfg, capacity, Target::Gpu);
+        let binding = ctx
+            .info
+            .max_storage_buffer_binding_size
+            .min(ctx.info.max_buffer_size);
+        if plan.largest_binding > binding {
+            return Err(Error::input(format!(
+                "a weight matrix of this model takes {} on the GPU, more than the {} this adapter can bind at once; convert on load (quantize q8_0 or q4_0) to shrink it",
+                readable(plan.largest_binding),
+                readable(binding)
+            )));
+        }
         Ok(Self {
-            weights: GpuWeights::upload(&ctx, cfg, src)?,
+            weights: GpuWeights::upload(&ctx, cfg, src).await?,
             positions: Positions::new(&ctx, cfg, FIRST_POSITIONS.min(capacity))?,
             scratch: Scratch::new(&ctx, cfg, CHUNK.min(capacity))?,
             ctx,

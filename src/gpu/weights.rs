@@ -107,39 +107,42 @@ struct Uploader<'a> {
 }
 
 impl Uploader<'_> {
-    fn vector(&self, id: TensorId) -> Result<super::GpuTensor> {
-        let values = self.host(id)?;
+    async fn vector(&self, id: TensorId) -> Result<super::GpuTensor> {
+        let values = self.host(id).await?;
         self.ctx.upload(&id.hf(), &values, &[values.len()])
     }
 
-    fn host(&self, id: TensorId) -> Result<Vec<f32>> {
-        let t = self.src.tensor(&id.hf(), &id.shape(self.cfg))?.dense()?;
+    async fn host(&self, id: TensorId) -> Result<Vec<f32>> {
+        let (name, shape) = (id.hf(), id.shape(self.cfg));
+        self.src.fetch(&name, &shape).await?;
+        let t = self.src.tensor(&name, &shape)?.dense()?;
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 
-    fn matrix(&self, id: TensorId) -> Result<HostMatrix> {
+    async fn matrix(&self, id: TensorId) -> Result<HostMatrix> {
         let name = id.hf();
         let shape = id.shape(self.cfg);
+        self.src.fetch(&name, &shape).await?;
         let stored_f16 = self.stored_f16.contains(&name);
         HostMatrix::read(self.src, &name, (shape[0], shape[1]), stored_f16)
     }
 
-    fn norm(&self, site: Site) -> Result<GpuNorm> {
+    async fn norm(&self, site: Site) -> Result<GpuNorm> {
         Ok(GpuNorm {
-            w: self.vector(site.weight())?,
-            b: self.vector(site.bias())?,
+            w: self.vector(site.weight()).await?,
+            b: self.vector(site.bias()).await?,
             eps: self.cfg.layer_norm_eps as f32,
         })
     }
 
-    fn linear(&self, site: Site) -> Result<GpuLinear> {
-        let m = self.matrix(site.weight())?;
+    async fn linear(&self, site: Site) -> Result<GpuLinear> {
+        let m = self.matrix(site.weight()).await?;
         let shape = site.weight().shape(self.cfg);
         Ok(GpuLinear {
             w: self
                 .ctx
                 .upload_bytes(&site.weight().hf(), &m.bytes, &shape, m.format)?,
-            b: Some(self.vector(site.bias())?),
+            b: Some(self.vector(site.bias()).await?),
         })
     }
 
@@ -179,8 +182,9 @@ impl Uploader<'_> {
 }
 
 impl GpuWeights {
-    /// Reads every tensor of `cfg` from `src` and uploads it.
-    pub fn upload(ctx: &GpuContext, cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Self> {
+    /// Reads every tensor of `cfg` from `src` and uploads it, one tensor at a time: each is
+    /// fetched, converted and uploaded before the next is read.
+    pub async fn upload(ctx: &GpuContext, cfg: &PhiConfig, src: &dyn TensorSource) -> Result<Self> {
         let up = Uploader {
             ctx,
             cfg,
@@ -194,33 +198,33 @@ impl GpuWeights {
         };
         let vocab = cfg.vocab_size;
         let embed_id = Site::Embedding.weight();
-        let embed = up.row_chunks(&up.matrix(embed_id)?, &embed_id.hf(), None, vocab)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                Ok(Layer {
-                    norm: up.norm(Site::Norm(i))?,
-                    q: up.linear(Site::Q(i))?,
-                    k: up.linear(Site::K(i))?,
-                    v: up.linear(Site::V(i))?,
-                    dense: up.linear(Site::Dense(i))?,
-                    fc1: up.linear(Site::Fc1(i))?,
-                    fc2: up.linear(Site::Fc2(i))?,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let embed = up.row_chunks(&up.matrix(embed_id).await?, &embed_id.hf(), None, vocab)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            layers.push(Layer {
+                norm: up.norm(Site::Norm(i)).await?,
+                q: up.linear(Site::Q(i)).await?,
+                k: up.linear(Site::K(i)).await?,
+                v: up.linear(Site::V(i)).await?,
+                dense: up.linear(Site::Dense(i)).await?,
+                fc1: up.linear(Site::Fc1(i)).await?,
+                fc2: up.linear(Site::Fc2(i)).await?,
+            });
+        }
         // A tied output layer reads the embedding's matrix.
         let head_id = if cfg.tie_word_embeddings {
             embed_id
         } else {
             Site::Head.weight()
         };
-        let head_bias = up.host(Site::Head.bias())?;
-        let lm_head =
-            up.row_chunks(&up.matrix(head_id)?, &head_id.hf(), Some(&head_bias), vocab)?;
+        let final_norm = up.norm(Site::FinalNorm).await?;
+        let head_bias = up.host(Site::Head.bias()).await?;
+        let head = up.matrix(head_id).await?;
+        let lm_head = up.row_chunks(&head, &head_id.hf(), Some(&head_bias), vocab)?;
         Ok(Self {
             embed,
             layers,
-            final_norm: up.norm(Site::FinalNorm)?,
+            final_norm,
             lm_head,
         })
     }

@@ -12,4 +12,4 @@ pub use config::{Activation, PhiConfig};
 pub use kv_cache::KvCache;
 pub use names::expected_tensors;
 pub use phi::{Logits, Phi};
-pub use source::{StoredTensor, TensorSource, Weight};
+pub use source::{BoxFuture, StoredTensor, TensorSource, Weight};

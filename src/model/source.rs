@@ -3,6 +3,8 @@
 //! of `names.rs`. Defined here, beside the model that asks, so the file formats depend on
 //! the model and not the other way round.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -10,8 +12,13 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
+/// A future borrowed from its owner: boxed so trait objects stay possible, and not `Send`,
+/// as the browser's futures are not.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
 /// A tensor as the checkpoint stores it: plain values (already converted to the compute
 /// dtype) or a quantized block layout that the matmul dequantizes on the fly.
+#[derive(Clone)]
 pub enum Weight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
@@ -28,16 +35,26 @@ impl Weight {
 }
 
 /// Summary of one stored tensor, for `medphi info`.
+#[derive(Clone)]
 pub struct StoredTensor {
     pub name: String,
     pub shape: Vec<usize>,
     pub dtype: String,
+    /// Its size in the form described (after any conversion a wrapper applies).
+    pub bytes: u64,
 }
 
 /// Where the model's tensors come from.
 pub trait TensorSource {
     /// The tensor `name` (Hugging Face naming), checked to have exactly `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight>;
+    /// Gets the bytes of tensor `name` ready for `tensor`: a file read by ranges (the
+    /// browser's downloads and picked files) fetches them now; any other source has them
+    /// already. Loaders await this before each tensor, so a streamed checkpoint is held one
+    /// tensor at a time.
+    fn fetch<'a>(&'a self, _name: &'a str, _shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Rows `rows` of the 2-D tensor `name` (of `shape`) as plain values, read without the
     /// rest of it, where the source can (`None` where it cannot: the caller reads the whole
     /// tensor). Converting a large matrix in row blocks keeps only one block's values in

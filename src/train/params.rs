@@ -277,6 +277,7 @@ impl TensorSource for Params {
                 name: n.clone(),
                 shape: v.dims().to_vec(),
                 dtype: "F32".into(),
+                bytes: 4 * v.elem_count() as u64,
             })
             .collect()
     }

@@ -3,26 +3,27 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 use web_time::Instant;
 
+use super::files::{open_adapter, open_checkpoint, Announced};
 use super::pacing::Paced;
 use super::{from_js, js_error, to_js};
 use crate::backend::{Backend, CpuBackend, Want};
 use crate::bench::{decode_speed, prompt_ids};
 use crate::cancel::Cancel;
-use crate::checkpoint::{Checkpoint, NamedBytes};
+use crate::checkpoint::Checkpoint;
 use crate::error::Error;
 use crate::eval::report::{results_json, TaskSummary};
 use crate::eval::{evaluate_item, sample_json, Item, Task};
 use crate::generate::{GenerateOptions, PromptFormat, SamplingParams, Session, Turn};
 use crate::gpu::{GpuBackend, GpuInfo, KernelChoice, KernelFamily};
-use crate::model::PhiConfig;
+use crate::memory_plan::{readable, MemoryPlan, Target};
+use crate::model::{expected_tensors, StoredTensor};
 use crate::tokenizer::PhiTokenizer;
-use crate::weights::{Adapter, Quantization};
+use crate::weights::{Adapter, Quantization, ReadAhead};
 
 type Shared = Rc<RefCell<Option<Inner>>>;
 
@@ -151,75 +152,58 @@ where
     result
 }
 
-/// Sorts the page's files into config, tokenizer and weights by their names, and opens
-/// them as a checkpoint.
-/// Reads `[{name, bytes: Uint8Array}]`, naming each by the last part of its path.
-fn named_files(files: js_sys::Array) -> Result<Vec<(String, NamedBytes)>, JsValue> {
-    files
-        .iter()
-        .map(|file| {
-            let name = js_sys::Reflect::get(&file, &"name".into())
-                .ok()
-                .and_then(|n| n.as_string())
-                .ok_or_else(|| js_error(Error::input("each file needs a string `name`")))?;
-            let bytes = js_sys::Reflect::get(&file, &"bytes".into())
-                .ok()
-                .and_then(|b| b.dyn_into::<js_sys::Uint8Array>().ok())
-                .ok_or_else(|| {
-                    js_error(Error::input(format!(
-                        "{name}: `bytes` must be a Uint8Array"
-                    )))
-                })?
-                .to_vec();
-            let base = name.rsplit('/').next().unwrap_or(&name).to_string();
-            Ok((base, NamedBytes { name, bytes }))
-        })
-        .collect()
-}
-
-fn open_files(files: js_sys::Array) -> Result<Checkpoint, JsValue> {
-    let (mut config, mut tokenizer, mut weights) = (None, None, Vec::new());
-    for (base, named) in named_files(files)? {
-        match base.as_str() {
-            "config.json" => config = Some(named),
-            "tokenizer.json" => tokenizer = Some(named),
-            "model.safetensors.index.json" => {}
-            b if b.ends_with(".safetensors") || b.ends_with(".gguf") => weights.push(named),
-            _ => return Err(js_error(Error::file(
-                &named.name,
-                "not a model file (expected config.json, tokenizer.json, *.safetensors or *.gguf)",
-            ))),
-        }
-    }
-    if weights.is_empty() {
-        return Err(js_error(Error::input(
-            "no weights: give a model.safetensors (or its shards) or a .gguf file",
-        )));
-    }
-    Checkpoint::from_bytes(config, tokenizer, weights, DType::F32).map_err(js_error)
-}
-
-/// A PEFT adapter's two files, checked against the model it is for.
-fn open_adapter(files: js_sys::Array, cfg: &PhiConfig) -> Result<Adapter, JsValue> {
-    let (mut config, mut weights) = (None, None);
-    for (base, named) in named_files(files)? {
-        match base.as_str() {
-            "adapter_config.json" => config = Some(named),
-            "adapter_model.safetensors" => weights = Some(named),
-            _ => return Err(js_error(Error::file(
-                &named.name,
-                "not an adapter file (expected adapter_config.json and adapter_model.safetensors)",
-            ))),
-        }
-    }
-    let (Some(config), Some(weights)) = (config, weights) else {
-        return Err(js_error(Error::input(
-            "an adapter needs adapter_config.json and adapter_model.safetensors",
-        )));
+/// Refuses, from headers alone and before any weight is read, a load that cannot fit in
+/// this tab's WebAssembly memory (4 GiB at most), saying what would: the CPU backend holds
+/// the converted weights and the KV cache there, and any load holds the tensor it is
+/// converting (raw, converted and, for the GPU, its upload copy).
+fn refuse_what_cannot_fit(
+    ckpt: &Checkpoint,
+    backend: &str,
+    context: Option<usize>,
+) -> Result<(), JsValue> {
+    const WASM_MEMORY: u64 = 4 << 30;
+    // The module, tokenizer and working buffers.
+    const HEADROOM: u64 = 512 << 20;
+    let stored = ckpt.weights.stored_tensors();
+    let context = context.unwrap_or(usize::MAX);
+    let need = |stored: &[StoredTensor]| {
+        let (target, copies) = match backend {
+            "cpu" => (Target::Cpu, 2),
+            _ => (Target::Gpu, 4),
+        };
+        let plan = MemoryPlan::new(stored, &ckpt.config, context, target);
+        let held = if target == Target::Cpu {
+            plan.total()
+        } else {
+            0
+        };
+        (held + copies * plan.largest_stored + HEADROOM, plan)
     };
-    let json = String::from_utf8(config.bytes)
-        .map_err(|_| js_error(Error::file(&config.name, "not valid UTF-8")))?;
-    Adapter::from_bytes(&json, &weights.bytes, cfg, &weights.name).map_err(js_error)
+    let (bytes, plan) = need(&stored);
+    if bytes <= WASM_MEMORY {
+        return Ok(());
+    }
+    let q4: Vec<StoredTensor> = stored
+        .iter()
+        .cloned()
+        .map(|t| Quantization::Q4_0.stored(t))
+        .collect();
+    let (q4_bytes, _) = need(&q4);
+    let advice = if q4_bytes <= WASM_MEMORY && q4_bytes < bytes {
+        format!("with quantize: 'q4_0' it needs {}", readable(q4_bytes))
+    } else if backend == "cpu" {
+        "use the webgpu backend, a smaller model or a shorter context".to_string()
+    } else {
+        "use a smaller model".to_string()
+    };
+    Err(js_error(Error::input(format!(
+        "this model needs about {} of WebAssembly memory on the {backend} backend (weights {}, KV cache {}, largest tensor {}), more than the {} a browser tab can give; {advice}",
+        readable(bytes),
+        readable(plan.weights),
+        readable(plan.kv_cache),
+        readable(plan.largest_stored),
+        readable(WASM_MEMORY),
+    ))))
 }
 
 /// The size of this module's linear memory.
@@ -237,12 +221,14 @@ fn wasm_memory_bytes() -> f64 {
 
 #[wasm_bindgen]
 impl Model {
-    /// Loads a model from `files` (an array of `{name, bytes: Uint8Array}`) onto `backend`
-    /// ("webgpu" or "cpu"), with the KV cache capped at `context` tokens if given and, on
-    /// WebGPU, the kernel family `gpu_kernels` ("auto", the default, "gpu" or "emulator").
-    /// `quantize` ("q8_0" or "q4_0") converts f32/f16/bf16 weight matrices to those blocks
-    /// as they load; `adapter` (the files of a PEFT LoRA adapter, as `files`) is merged into
-    /// the weights first.
+    /// Loads a model from `files` onto `backend` ("webgpu" or "cpu"), with the KV cache
+    /// capped at `context` tokens if given and, on WebGPU, the kernel family `gpu_kernels`
+    /// ("auto", the default, "gpu" or "emulator"). Each file is `{name, bytes: Uint8Array}`
+    /// or, to stream safetensors weights through the load a tensor at a time,
+    /// `{name, size, read(start, end) → Promise<Uint8Array>}`. `quantize` ("q8_0" or
+    /// "q4_0") converts f32/f16/bf16 weight matrices to those blocks as they load; `adapter`
+    /// (the files of a PEFT LoRA adapter, as `files`) is merged into the weights first;
+    /// `on_tensor(name, index, total)` hears each tensor as its reading starts.
     pub async fn load(
         files: js_sys::Array,
         backend: String,
@@ -250,6 +236,7 @@ impl Model {
         gpu_kernels: Option<String>,
         quantize: Option<String>,
         adapter: Option<js_sys::Array>,
+        on_tensor: Option<js_sys::Function>,
     ) -> Result<Model, JsValue> {
         let t0 = Instant::now();
         let kernels: KernelChoice = gpu_kernels
@@ -262,14 +249,19 @@ impl Model {
             .map(str::parse)
             .transpose()
             .map_err(js_error)?;
-        let ckpt = open_files(files)?;
+        let ckpt = open_checkpoint(files).await?;
         let adapter = match adapter {
-            Some(files) => Some(open_adapter(files, &ckpt.config)?),
+            Some(files) => Some(open_adapter(files, &ckpt.config).await?),
             None => None,
         };
         let adapted_matrices = adapter.as_ref().map_or(0, Adapter::adapted);
-        let ckpt = ckpt.convert_on_load(adapter, quantization);
+        let mut ckpt = ckpt.convert_on_load(adapter, quantization);
+        if let Some(f) = on_tensor {
+            let total = expected_tensors(&ckpt.config).len();
+            ckpt.weights = Box::new(Announced::new(ckpt.weights, f, total));
+        }
         let context = context.map(|c| c as usize);
+        refuse_what_cannot_fit(&ckpt, &backend, context)?;
         let (format, weight_bytes) = (ckpt.format, ckpt.weight_bytes);
         let parameters = ckpt.config.parameter_count();
         let mut device = None;
@@ -287,6 +279,12 @@ impl Model {
                     (Box::new(gpu), ckpt.tokenizer, Some(info))
                 }
                 "cpu" => {
+                    // The CPU model reads synchronously: its tensors are fetched and
+                    // converted ahead, one at a time.
+                    let read = ReadAhead::read(ckpt.weights.as_ref(), &ckpt.config, &mut |_| {})
+                        .await
+                        .map_err(js_error)?;
+                    ckpt.weights = Box::new(read);
                     let (model, tokenizer) = ckpt.into_model(true).map_err(js_error)?;
                     let cpu = CpuBackend::new(model, context).map_err(js_error)?;
                     (Box::new(cpu), tokenizer, None)

@@ -8,6 +8,7 @@
 //! the whole wasm module.
 
 mod api;
+mod files;
 mod pacing;
 
 pub use api::{eval_report, parse_benchmark, Model};

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::names::{Part, TensorId};
-use crate::model::{PhiConfig, StoredTensor, TensorSource, Weight};
+use crate::model::{BoxFuture, PhiConfig, StoredTensor, TensorSource, Weight};
 
 /// The fields of `adapter_config.json` that decide the merge.
 #[derive(Deserialize)]
@@ -202,6 +202,10 @@ impl TensorSource for WithAdapter {
         Ok(Weight::Dense(merge_lora(&w, a, b, self.adapter.scale)?))
     }
 
+    fn fetch<'a>(&'a self, name: &'a str, shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
+        self.base.fetch(name, shape)
+    }
+
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
         self.base.check_tensor(name, shape)
     }
@@ -214,6 +218,7 @@ impl TensorSource for WithAdapter {
             .map(|mut t| {
                 if self.adapter.pairs.contains_key(&t.name) {
                     t.dtype = "F32".into();
+                    t.bytes = 4 * t.shape.iter().product::<usize>() as u64;
                 }
                 t
             })

@@ -366,6 +366,7 @@ impl TensorSource for Gguf {
                 name: name.clone(),
                 shape: info.shape.clone(),
                 dtype: format!("{:?}", info.dtype),
+                bytes: info.bytes.len() as u64,
             })
             .collect()
     }

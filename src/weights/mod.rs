@@ -16,6 +16,8 @@ mod gguf_write;
 mod msft;
 mod quantize;
 mod random;
+mod range_read;
+mod read_ahead;
 mod safetensors;
 
 pub use self::adapter::{merge_lora, Adapter, WithAdapter};
@@ -25,5 +27,7 @@ pub use self::gguf_write::write_gguf;
 pub use self::msft::{is_msft, MsftLayout};
 pub use self::quantize::{Quantization, QuantizeOnLoad};
 pub use self::random::RandomWeights;
+pub use self::range_read::RangeRead;
+pub use self::read_ahead::ReadAhead;
 pub use self::safetensors::Safetensors;
 pub use crate::model::{StoredTensor, TensorSource, Weight};

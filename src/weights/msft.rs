@@ -4,13 +4,14 @@
 //! name and cuts q, k and v out of the fused `Wqkv`, so the model sees transformers' names
 //! whatever the file used.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
-use crate::model::{PhiConfig, StoredTensor, TensorSource, Weight};
+use crate::model::{BoxFuture, PhiConfig, StoredTensor, TensorSource, Weight};
 
 /// Whether a file holding a tensor called `has(name)` uses the msft names: its token table
 /// has the msft name.
@@ -21,9 +22,10 @@ pub fn is_msft(has: impl Fn(&str) -> bool) -> bool {
 pub struct MsftLayout {
     inner: Box<dyn TensorSource>,
     config: PhiConfig,
-    /// The last fused `Wqkv` read: the model asks for q, k and v one after another, and each
-    /// is a view of the same storage, so the fused tensor is converted once, not three times.
-    last_fused: Mutex<Option<(String, Tensor)>>,
+    /// Fused `Wqkv` tensors read, with how many of q, k and v have yet to take their rows:
+    /// each part is a view of the same storage, so the fused tensor is read and converted
+    /// once, and let go when its third part is taken.
+    fused: Mutex<HashMap<String, (Tensor, usize)>>,
 }
 
 impl MsftLayout {
@@ -31,7 +33,7 @@ impl MsftLayout {
         Self {
             inner,
             config: config.clone(),
-            last_fused: Mutex::new(None),
+            fused: Mutex::default(),
         }
     }
 
@@ -44,15 +46,23 @@ impl MsftLayout {
     }
 
     fn fused(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let mut last = self.last_fused.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cached, tensor)) = last.as_ref() {
-            if cached == name {
-                return Ok(tensor.clone());
+        let mut fused = self.fused.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((tensor, left)) = fused.get_mut(name) {
+            let tensor = tensor.clone();
+            *left -= 1;
+            if *left == 0 {
+                fused.remove(name);
             }
+            return Ok(tensor);
         }
         let tensor = self.inner.tensor(name, shape)?.dense()?;
-        *last = Some((name.to_string(), tensor.clone()));
+        fused.insert(name.to_string(), (tensor.clone(), 2));
         Ok(tensor)
+    }
+
+    fn is_read(&self, name: &str) -> bool {
+        let fused = self.fused.lock().unwrap_or_else(|e| e.into_inner());
+        fused.contains_key(name)
     }
 }
 
@@ -73,6 +83,19 @@ impl TensorSource for MsftLayout {
                 Ok(Weight::Dense(whole.narrow(0, rows.start, rows.len())?))
             }
         }
+    }
+
+    fn fetch<'a>(&'a self, hf: &'a str, shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let id = self.id(hf)?;
+            let name = id.msft();
+            match id.fused_rows(&self.config) {
+                None => self.inner.fetch(&name, shape).await,
+                // k and v come out of the fused tensor q's read left behind.
+                Some(_) if self.is_read(&name) => Ok(()),
+                Some((_, fused_shape)) => self.inner.fetch(&name, &fused_shape).await,
+            }
+        })
     }
 
     fn dense_rows(

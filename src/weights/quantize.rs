@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{StoredTensor, TensorSource, Weight};
+use crate::model::{BoxFuture, StoredTensor, TensorSource, Weight};
 
 /// The block types a checkpoint can be converted to on load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,12 +40,30 @@ impl Quantization {
         }
     }
 
+    /// What a stored tensor becomes when converted on load: dense matrices whose rows are
+    /// whole blocks turn into blocks; anything else stays as it is.
+    pub fn stored(self, mut t: StoredTensor) -> StoredTensor {
+        let to = self.ggml();
+        let dense = matches!(t.dtype.as_str(), "F32" | "F16" | "BF16");
+        if dense && converts(to, &t.shape) {
+            t.dtype = format!("{to:?}");
+            let values = t.shape.iter().product::<usize>();
+            t.bytes = (values / to.block_size() * to.type_size()) as u64;
+        }
+        t
+    }
+
     pub fn ggml(self) -> GgmlDType {
         match self {
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4_0 => GgmlDType::Q4_0,
         }
     }
+}
+
+/// Whether a tensor of `shape` becomes `to` blocks: matrices whose rows are whole blocks.
+fn converts(to: GgmlDType, shape: &[usize]) -> bool {
+    shape.len() == 2 && shape[1].is_multiple_of(to.block_size())
 }
 
 /// GGML blocks of `t`. candle's `QTensor::quantize` reads the tensor's whole storage and
@@ -78,10 +96,6 @@ impl QuantizeOnLoad {
     pub fn new(base: Box<dyn TensorSource>, to: Quantization) -> Self {
         Self { base, to }
     }
-
-    fn converts(&self, shape: &[usize]) -> bool {
-        shape.len() == 2 && shape[1].is_multiple_of(self.to.ggml().block_size())
-    }
 }
 
 impl QuantizeOnLoad {
@@ -106,17 +120,21 @@ impl QuantizeOnLoad {
 
 impl TensorSource for QuantizeOnLoad {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        if self.converts(shape) {
+        if converts(self.to.ggml(), shape) {
             if let Some(q) = self.quantize_by_rows(name, shape)? {
                 return Ok(Weight::Quantized(Arc::new(q)));
             }
         }
         match self.base.tensor(name, shape)? {
-            Weight::Dense(t) if self.converts(shape) => {
+            Weight::Dense(t) if converts(self.to.ggml(), shape) => {
                 Ok(Weight::Quantized(Arc::new(quantize(&t, self.to.ggml())?)))
             }
             other => Ok(other),
         }
+    }
+
+    fn fetch<'a>(&'a self, name: &'a str, shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
+        self.base.fetch(name, shape)
     }
 
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
@@ -124,17 +142,10 @@ impl TensorSource for QuantizeOnLoad {
     }
 
     fn stored_tensors(&self) -> Vec<StoredTensor> {
-        let to = format!("{:?}", self.to.ggml());
         self.base
             .stored_tensors()
             .into_iter()
-            .map(|mut t| {
-                let dense = matches!(t.dtype.as_str(), "F32" | "F16" | "BF16");
-                if dense && self.converts(&t.shape) {
-                    t.dtype = to.clone();
-                }
-                t
-            })
+            .map(|t| self.to.stored(t))
             .collect()
     }
 }

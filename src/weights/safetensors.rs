@@ -1,21 +1,50 @@
 //! safetensors checkpoints: one `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json` (as `save_pretrained` writes them).
+//! `model.safetensors.index.json` (as `save_pretrained` writes them). A shard is either all
+//! at hand (memory-mapped, or bytes the browser read whole) or read by ranges as each
+//! tensor is fetched (a download the browser keeps on disk, a picked file), so a checkpoint
+//! larger than the tab's memory streams through one tensor at a time.
+//!
+//! The header is read here rather than by the `safetensors` crate because its offsets are
+//! `usize`: in wasm32 that is 32 bits, and Phi-2's first shard is 5 GB.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
+use std::rc::Rc;
 
-use ::safetensors::tensor::{Dtype, Metadata, TensorView};
+use ::safetensors::tensor::{Dtype, TensorView};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::{Bytes, StoredTensor, TensorSource, Weight};
+use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
+use crate::model::BoxFuture;
+
+/// safetensors' own limit on a header.
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Where a shard's bytes are.
+enum Data {
+    Whole(Bytes),
+    /// Read by ranges; `staged` holds what `fetch` read until a tensor is built from it.
+    Ranged {
+        file: Rc<dyn RangeRead>,
+        staged: RefCell<HashMap<Range<u64>, Vec<u8>>>,
+    },
+}
+
+/// One tensor's header entry, with its bytes' place in the file.
+struct Info {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    extent: Range<u64>,
+}
 
 struct Shard {
     name: String,
-    bytes: Bytes,
-    header_len: usize,
-    metadata: Metadata,
+    data: Data,
+    tensors: HashMap<String, Info>,
 }
 
 pub struct Safetensors {
@@ -30,35 +59,156 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
+#[derive(Deserialize)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+/// The tensors of a file of `file_len` bytes whose JSON header is `json`. Their extents
+/// must tile the rest of the file exactly, as safetensors requires, each as long as its
+/// dtype and shape say, so every extent read later lies within the file.
+fn parse_header(name: &str, json: &[u8], file_len: u64) -> Result<HashMap<String, Info>> {
+    let bad = |m: String| Error::file(name, format!("not a valid safetensors file: {m}"));
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
+    let base = 8 + json.len() as u64;
+    let mut entries = Vec::with_capacity(raw.len());
+    for (tensor, value) in raw {
+        if tensor == "__metadata__" {
+            continue;
+        }
+        let e: Entry = serde_json::from_value(value)
+            .map_err(|e| bad(format!("header entry {tensor}: {e}")))?;
+        entries.push((tensor, e));
+    }
+    entries.sort_by_key(|(_, e)| e.data_offsets);
+    let mut end = 0u64;
+    let mut tensors = HashMap::with_capacity(entries.len());
+    for (tensor, e) in entries {
+        let (start, stop) = e.data_offsets;
+        let bits = e
+            .shape
+            .iter()
+            .try_fold(e.dtype.bitsize() as u64, |n, &d| n.checked_mul(d as u64));
+        let expected = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
+        if start != end || stop.checked_sub(start) != expected {
+            return Err(bad(format!(
+                "tensor {tensor}'s bytes {start}..{stop} do not follow the previous tensor's end {end} with the {expected:?} bytes its dtype and shape need"
+            )));
+        }
+        end = stop;
+        let extent = base + start..base + stop;
+        tensors.insert(
+            tensor,
+            Info {
+                dtype: e.dtype,
+                shape: e.shape,
+                extent,
+            },
+        );
+    }
+    if base.checked_add(end) != Some(file_len) {
+        return Err(bad(format!(
+            "the header describes {end} bytes of tensors, the file has {}",
+            file_len.saturating_sub(base)
+        )));
+    }
+    Ok(tensors)
+}
+
+/// The length of the JSON header a file's first 8 bytes announce, checked against the file.
+fn header_len(name: &str, first8: &[u8], file_len: u64) -> Result<u64> {
+    let bad = |m: &str| Error::file(name, format!("not a valid safetensors file: {m}"));
+    let n: [u8; 8] = first8
+        .try_into()
+        .map_err(|_| bad("shorter than its 8-byte header length"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || 8 + n > file_len {
+        return Err(bad(&format!(
+            "a header of {n} bytes in a file of {file_len}"
+        )));
+    }
+    Ok(n)
+}
+
+/// `range` of bytes that are in memory.
+fn within<'a>(bytes: &'a [u8], range: &Range<u64>) -> &'a [u8] {
+    // Every extent was checked to lie within its file, whose bytes these are.
+    &bytes[range.start as usize..range.end as usize]
+}
+
 impl Safetensors {
     /// Parses and validates the header of each file; `dtype` is the compute dtype that
     /// tensors are converted to when read.
     pub fn from_shards(files: Vec<(String, Bytes)>, dtype: DType) -> Result<Self> {
-        if files.is_empty() {
-            return Err(Error::input("no safetensors files given"));
-        }
+        let shards = files
+            .into_iter()
+            .map(|(name, bytes)| {
+                if bytes.is_empty() {
+                    return Err(Error::file(&name, "file is empty"));
+                }
+                let len = bytes.len() as u64;
+                let n = header_len(&name, bytes.get(..8).unwrap_or(&bytes), len)?;
+                let tensors = parse_header(&name, within(&bytes, &(8..8 + n)), len)?;
+                Ok(Shard {
+                    name,
+                    data: Data::Whole(bytes),
+                    tensors,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(shards, dtype)
+    }
+
+    /// Reads only the header of each file; tensors are read by ranges as they are fetched.
+    pub async fn from_ranged(
+        files: Vec<(String, Rc<dyn RangeRead>)>,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut shards = Vec::with_capacity(files.len());
-        let mut index = HashMap::new();
-        for (name, bytes) in files {
-            if bytes.is_empty() {
+        for (name, file) in files {
+            let len = file.size();
+            if len == 0 {
                 return Err(Error::file(&name, "file is empty"));
             }
-            let (header_len, metadata) = ::safetensors::SafeTensors::read_metadata(&bytes)
-                .map_err(|e| Error::file(&name, format!("not a valid safetensors file: {e}")))?;
-            for tensor in metadata.tensors().keys() {
-                if index.insert(tensor.clone(), shards.len()).is_some() {
+            let first8 = file.read(0..8.min(len)).await?;
+            let n = header_len(&name, &first8, len)?;
+            let json = file.read(8..8 + n).await?;
+            if json.len() as u64 != n {
+                return Err(Error::file(
+                    &name,
+                    format!("reading the header: {} bytes came back for {n}", json.len()),
+                ));
+            }
+            let tensors = parse_header(&name, &json, len)?;
+            shards.push(Shard {
+                name,
+                data: Data::Ranged {
+                    file,
+                    staged: RefCell::default(),
+                },
+                tensors,
+            });
+        }
+        Self::new(shards, dtype)
+    }
+
+    fn new(shards: Vec<Shard>, dtype: DType) -> Result<Self> {
+        if shards.is_empty() {
+            return Err(Error::input("no safetensors files given"));
+        }
+        let mut index = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for tensor in shard.tensors.keys() {
+                if index.insert(tensor.clone(), i).is_some() {
                     return Err(Error::file(
-                        &name,
+                        &shard.name,
                         format!("tensor {tensor} appears in more than one shard"),
                     ));
                 }
             }
-            shards.push(Shard {
-                name,
-                bytes,
-                header_len,
-                metadata,
-            });
         }
         Ok(Self {
             shards,
@@ -99,21 +249,56 @@ impl Safetensors {
     }
 
     /// The tensor `name`, its shard, and where its bytes lie in that shard.
-    fn view(&self, name: &str) -> Result<(&Shard, TensorView<'_>, std::ops::Range<usize>)> {
-        let shard_idx = *self.index.get(name).ok_or_else(|| self.missing(name))?;
-        let shard = &self.shards[shard_idx];
-        let info = shard
-            .metadata
-            .info(name)
+    /// The tensor `name`'s header entry and its shard.
+    fn locate(&self, name: &str) -> Result<(&Shard, &Info)> {
+        let shard = self
+            .index
+            .get(name)
+            .map(|&i| &self.shards[i])
             .ok_or_else(|| self.missing(name))?;
-        let (start, end) = info.data_offsets;
-        let base = 8 + shard.header_len;
-        // read_metadata has checked that the offsets lie within the buffer.
-        let extent = base + start..base + end;
-        let data = &shard.bytes[extent.clone()];
-        let view = TensorView::new(info.dtype, info.shape.clone(), data)
-            .map_err(|e| Error::file(&shard.name, format!("tensor {name}: {e}")))?;
-        Ok((shard, view, extent))
+        Ok((shard, &shard.tensors[name]))
+    }
+
+    /// Values of `shape` from `range` (within tensor `name`'s extent) of the shard's bytes,
+    /// converted to the compute dtype. Once `last` is read, the bytes are let go: a mapped
+    /// file's pages leave memory, a ranged file's staged copy is dropped.
+    fn values(
+        &self,
+        (shard, info): (&Shard, &Info),
+        name: &str,
+        shape: Vec<usize>,
+        range: Range<u64>,
+        last: bool,
+    ) -> Result<Tensor> {
+        let bad = |e: String| Error::file(&shard.name, format!("tensor {name}: {e}"));
+        let load = |bytes: &[u8]| -> Result<Tensor> {
+            let view = TensorView::new(info.dtype, shape.clone(), bytes)
+                .map_err(|e| bad(e.to_string()))?;
+            view.load(&Device::Cpu)
+                .and_then(|t| t.to_dtype(self.dtype))
+                .map_err(|e| bad(e.to_string()))
+        };
+        match &shard.data {
+            Data::Whole(bytes) => {
+                let t = load(within(bytes, &range))?;
+                if last {
+                    bytes.release(range.start as usize..range.end as usize);
+                }
+                Ok(t)
+            }
+            Data::Ranged { staged, .. } => {
+                let mut staged = staged.borrow_mut();
+                let bytes = staged.get(&info.extent).ok_or_else(|| {
+                    Error::input(format!("tensor {name} was read before it was fetched"))
+                })?;
+                let from = info.extent.start;
+                let t = load(within(bytes, &(range.start - from..range.end - from)))?;
+                if last {
+                    staged.remove(&info.extent);
+                }
+                Ok(t)
+            }
+        }
     }
 
     fn missing(&self, name: &str) -> Error {
@@ -125,24 +310,49 @@ impl Safetensors {
 impl TensorSource for Safetensors {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         self.check_tensor(name, shape)?;
-        let (shard, view, extent) = self.view(name)?;
-        let tensor = view
-            .load(&Device::Cpu)
-            .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(|e| Error::file(&shard.name, format!("tensor {name}: {e}")))?;
-        // `load` copied the values out of the file's bytes.
-        shard.bytes.release(extent);
-        Ok(Weight::Dense(tensor))
+        let found = self.locate(name)?;
+        let extent = found.1.extent.clone();
+        let t = self.values(found, name, shape.to_vec(), extent, true)?;
+        Ok(Weight::Dense(t))
+    }
+
+    fn fetch<'a>(&'a self, name: &'a str, shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_tensor(name, shape)?;
+            let (shard, info) = self.locate(name)?;
+            let Data::Ranged { file, staged } = &shard.data else {
+                return Ok(());
+            };
+            if staged.borrow().contains_key(&info.extent) {
+                return Ok(());
+            }
+            let bytes = file
+                .read(info.extent.clone())
+                .await
+                .map_err(|e| Error::file(&shard.name, format!("reading tensor {name}: {e}")))?;
+            let expected = info.extent.end - info.extent.start;
+            if bytes.len() as u64 != expected {
+                return Err(Error::file(
+                    &shard.name,
+                    format!(
+                        "reading tensor {name}: {} bytes came back for {expected}",
+                        bytes.len()
+                    ),
+                ));
+            }
+            staged.borrow_mut().insert(info.extent.clone(), bytes);
+            Ok(())
+        })
     }
 
     fn dense_rows(
         &self,
         name: &str,
         shape: &[usize],
-        rows: std::ops::Range<usize>,
+        rows: Range<usize>,
     ) -> Result<Option<Tensor>> {
         self.check_tensor(name, shape)?;
-        let (shard, view, extent) = self.view(name)?;
+        let found = self.locate(name)?;
         let [total, cols] = shape else {
             return Ok(None);
         };
@@ -151,35 +361,26 @@ impl TensorSource for Safetensors {
                 "rows {rows:?} of the {total}-row tensor {name}"
             )));
         }
-        let row_bytes = cols * view.dtype().bitsize() / 8;
-        let part = extent.start + rows.start * row_bytes..extent.start + rows.end * row_bytes;
-        let bad = |e: String| Error::file(&shard.name, format!("tensor {name}: {e}"));
-        let block = TensorView::new(
-            view.dtype(),
-            vec![rows.len(), *cols],
-            &shard.bytes[part.clone()],
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        let tensor = block
-            .load(&Device::Cpu)
-            .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(|e| bad(e.to_string()))?;
-        shard.bytes.release(part);
-        Ok(Some(tensor))
+        let row_bytes = (cols * found.1.dtype.bitsize() / 8) as u64;
+        let start = found.1.extent.start;
+        let part = start + rows.start as u64 * row_bytes..start + rows.end as u64 * row_bytes;
+        let last = rows.end == *total;
+        let t = self.values(found, name, vec![rows.len(), *cols], part, last)?;
+        Ok(Some(t))
     }
 
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let (shard, view, _) = self.view(name)?;
-        if view.shape() != shape {
+        let (shard, info) = self.locate(name)?;
+        if info.shape != shape {
             return Err(Error::file(
                 &shard.name,
                 format!(
                     "tensor {name} has shape {:?}, the config implies {shape:?}",
-                    view.shape()
+                    info.shape
                 ),
             ));
         }
-        match view.dtype() {
+        match info.dtype {
             Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(()),
             other => Err(Error::file(
                 &shard.name,
@@ -193,14 +394,12 @@ impl TensorSource for Safetensors {
             .shards
             .iter()
             .flat_map(|s| {
-                s.metadata
-                    .tensors()
-                    .into_iter()
-                    .map(|(name, info)| StoredTensor {
-                        name,
-                        shape: info.shape.clone(),
-                        dtype: format!("{:?}", info.dtype),
-                    })
+                s.tensors.iter().map(|(name, info)| StoredTensor {
+                    name: name.clone(),
+                    shape: info.shape.clone(),
+                    dtype: format!("{:?}", info.dtype),
+                    bytes: info.extent.end - info.extent.start,
+                })
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
