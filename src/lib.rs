@@ -16,7 +16,8 @@
 //! 6. `train` (native only): pretraining, SFT, DPO and LoRA on the differentiable model, with
 //!    checkpoints that survive a kill; [`data`]: training data from medical ontologies.
 //! 7. The shells: `web` (wasm32 only) is the JavaScript API the page's worker calls; the CLI
-//!    lives in the binary (`src/main.rs`, `src/cli/`).
+//!    lives in the binary (`src/main.rs`, `src/cli/`). [`fuzzing`] holds the parsers' fuzz
+//!    entry points.
 
 pub mod backend;
 pub mod bench;
@@ -26,6 +27,9 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod eval;
+/// Entry points for the fuzz targets (`fuzz/`) and their replay test: one per parser of
+/// untrusted input (GGUF, safetensors, config.json, tokenizer.json, benchmarks, chat requests).
+pub mod fuzzing;
 pub mod generate;
 pub mod gpu;
 pub mod memory_plan;

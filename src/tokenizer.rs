@@ -20,6 +20,8 @@ impl PhiTokenizer {
         if bytes.is_empty() {
             return Err(Error::file(source, "file is empty"));
         }
+        check_tokenizer_json(bytes)
+            .map_err(|e| Error::file(source, format!("not a valid tokenizer.json: {e}")))?;
         let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::file(source, format!("not a valid tokenizer.json: {e}")))?;
         // The file's truncation would cut prompts without a word (and some settings of it
@@ -83,6 +85,55 @@ impl PhiTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// Checks what `tokenizers` 0.22 would panic on instead of returning an error:
+/// - it parses the `decoder` section with `expect("Helper")`, so any JSON error there (a
+///   file cut short by an interrupted download, `{"decoder":`; invalid UTF-8 or a lone
+///   surrogate escape in one of its strings) panics; the whole file's syntax and the
+///   `decoder` section are parsed here first;
+/// - a BPE model slices `continuing_subword_prefix` off the right part of every merge
+///   (`&b[prefix_len..]`), which panics when that part is shorter than the prefix or the
+///   cut falls inside a character; each such part must start with the prefix.
+///
+/// Everything else is skipped without building anything.
+fn check_tokenizer_json(bytes: &[u8]) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    #[derive(serde::Deserialize)]
+    struct Sections {
+        #[allow(dead_code)]
+        decoder: Option<Value>,
+        model: Option<Model>,
+    }
+    // Only the two fields of `model` that matter are kept (its vocabulary is skipped).
+    #[derive(serde::Deserialize)]
+    struct Model {
+        continuing_subword_prefix: Option<Value>,
+        merges: Option<Value>,
+    }
+    let sections: Sections = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let Some(model) = sections.model else {
+        return Ok(());
+    };
+    let prefix = match &model.continuing_subword_prefix {
+        Some(Value::String(p)) if !p.is_empty() => p,
+        _ => return Ok(()),
+    };
+    let merges = model.merges.as_ref().and_then(Value::as_array);
+    for merge in merges.into_iter().flatten() {
+        // Merges are "left right" strings (older files) or [left, right] pairs.
+        let right = match merge {
+            Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            Value::Array(pair) => pair.get(1).and_then(Value::as_str),
+            _ => None,
+        };
+        if let Some(right) = right.filter(|b| !b.starts_with(prefix.as_str())) {
+            return Err(format!(
+                "model.merges has {merge}, whose right part {right:?} does not start with continuing_subword_prefix {prefix:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Turns a stream of token ids into text pieces, holding back a piece while it ends in a
