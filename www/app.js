@@ -1,11 +1,8 @@
 // The page: wires the controls to `window.medphi` (medphi-api.js). Model work happens in
 // the worker, so nothing here blocks; this file only renders.
-import { MAX_MODEL_BYTES } from './fetch-model.js';
 import { MedphiApi } from './medphi-api.js';
 
 const BUNDLED_MODEL = 'models/tiny-medphi/';
-// microsoft/phi-2's two f16 shards; converted to q4_0 on load its weights take 1.6 GB.
-const PHI2_BYTES = 5.56e9;
 // The model picker's presets: each fills in the source and the conversion, then Load loads it.
 // MedPhi-2's checkpoint has no repository this page could verify, so its entry asks for
 // the folder URL rather than guess one.
@@ -20,11 +17,8 @@ const PRESETS = {
     url: 'https://huggingface.co/microsoft/phi-2/resolve/main/',
     quantize: 'q4_0',
     note:
-      "Microsoft's Phi-2 (2.7 B parameters) from Hugging Face: its published f16 shards (5.6 GB), converted to q4_0 as they load and kept in this browser for offline use." +
-      // Said until the weights stream into the model: the files must fit in wasm memory whole first.
-      (PHI2_BYTES > MAX_MODEL_BYTES
-        ? ` For now the page copies whole files into WebAssembly memory, which holds at most ${MAX_MODEL_BYTES / 2 ** 30} GB, so it refuses them before they download.`
-        : ''),
+      "Microsoft's Phi-2 (2.7 B parameters) from Hugging Face: its published f16 shards (5.6 GB) stream in tensor by tensor, " +
+      'converted to q4_0 as they load (1.6 GB of weights), and are kept in this browser for offline use; an interrupted download continues where it stopped.',
   },
   'medphi-2': {
     source: 'url',
@@ -127,6 +121,8 @@ async function load(src, backend, { quantize } = {}) {
   bar.hidden = false;
   bar.value = 0;
   const sizes = new Map();
+  let download = '';
+  let tensor = '';
   status(`Loading the model${{ webgpu: ' on WebGPU', cpu: ' on the CPU' }[backend] || ''}…`);
   try {
     const info = await api.load({
@@ -136,11 +132,22 @@ async function load(src, backend, { quantize } = {}) {
       gpuKernels: $('gpu-kernels').value,
       onProgress: (p) => {
         if (mine !== loadsStarted) return;
-        sizes.set(p.file, p);
-        const loaded = [...sizes.values()].reduce((a, f) => a + f.loaded, 0);
-        const total = [...sizes.values()].reduce((a, f) => a + (f.total || f.loaded), 0);
-        bar.value = total ? loaded / total : 0;
-        $('load-detail').textContent = `${p.file}: ${mb(p.loaded)}${p.total ? ` of ${mb(p.total)}` : ''}${p.cached ? ' (from the offline cache)' : ''}`;
+        if (p.tensor !== undefined) {
+          // Weights are read, converted and uploaded one tensor at a time: the bar follows
+          // them from here on, while downloads (made as tensors need them) keep their line.
+          tensor = `converting ${p.tensor} (${p.index + 1}/${p.total})`;
+          bar.value = p.index / p.total;
+        } else {
+          sizes.set(p.file, p);
+          const speed = p.bytesPerSecond ? `, ${(p.bytesPerSecond / 1e6).toFixed(1)} MB/s` : '';
+          download = `${p.file}: ${mb(p.loaded)}${p.total ? ` of ${mb(p.total)}` : ''}${speed}${p.cached ? ' (from the offline cache)' : ''}`;
+          if (!tensor) {
+            const loaded = [...sizes.values()].reduce((a, f) => a + f.loaded, 0);
+            const total = [...sizes.values()].reduce((a, f) => a + (f.total || f.loaded), 0);
+            bar.value = total ? loaded / total : 0;
+          }
+        }
+        $('load-detail').textContent = [tensor, download].filter(Boolean).join(' · ');
       },
     });
     if (mine === loadsStarted) {

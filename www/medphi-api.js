@@ -142,8 +142,17 @@ export class MedphiApi extends EventTarget {
    * WebGPU, null on the CPU), parameters, quantize (null without one), adaptedMatrices (0
    * without an adapter), wasmMemoryBytes (the wasm memory's size after the load), ...}. Rejects with a
    * SupersededError if another load is made before this one finishes, and with an
-   * AbortError when `signal` aborts. (`freeFirst`, for tests: free the model in use before
-   * building this one, as is done for models too big to hold two of.)
+   * AbortError when `signal` aborts (a download under way and the reading of the weights
+   * stop). (`freeFirst`, for tests: free the model in use before building this one, as is
+   * done for models too big to hold two of.)
+   * Safetensors weights stream in: Model.load reads them a tensor at a time, by byte ranges
+   * (HTTP Range requests, kept in Cache Storage in parts, for other origins; Blob.slice for
+   * picked files), so their size is limited by the backend, not by WebAssembly memory. A
+   * GGUF file is read whole and refused over 2 GB.
+   * `onProgress` hears downloads, {file, loaded, total, cached, bytesPerSecond} (bytes of
+   * the file at hand, its size, whether they came from the offline cache, the download's
+   * speed), and the weights' reading, {tensor, index, total} (the tensor being read and
+   * converted, its 0-based place, how many there are).
    */
   load({ url, files, adapterUrl, adapterFiles, backend = 'webgpu', quantize, context, gpuKernels, onProgress, signal, freeFirst } = {}) {
     const source = files ? { files: [...files] } : { url };

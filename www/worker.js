@@ -19,7 +19,9 @@
 //   from where it came from, and the error says so.
 // - {type: "stop"} ends the running generation before its next token; {type: "abort",
 //   target: id} drops a queued request or ends a running one (download aborted,
-//   generation stopped).
+//   generation stopped). Safetensors weights are downloaded while Model.load reads them,
+//   tensor by tensor: an aborted or superseded load's reads reject with an AbortError, which
+//   ends Model.load at the tensor it is on.
 // - A load's `gpuKernels` ("auto" | "gpu" | "emulator": the WebGPU kernel family) and
 //   `quantize` ("q8_0" | "q4_0": the blocks weights are converted to as they load) go to
 //   Model.load as they are, so an unknown one is refused by the wasm's own InputError (before
@@ -270,10 +272,11 @@ async function runLoad(job) {
     });
     if ((early = endedEarly(job))) throw early;
     const all = [...loaded.files, ...(loaded.adapter ?? [])];
-    const bytes = all.reduce((a, f) => a + f.bytes.length, 0);
+    // What the files take stored, whether they came whole or are read by ranges.
+    const bytes = all.reduce((a, f) => a + (f.bytes ? f.bytes.length : f.size), 0);
     if (current && (freeFirst || current.info.weightBytes + bytes > TWO_MODELS_BYTES)) {
       // Only one model fits: refuse what cannot be a model before giving the old one up.
-      precheck(all);
+      await precheck(all);
       current.model.free();
       current = null;
       announce();
@@ -346,7 +349,11 @@ async function recover(e) {
  * else the CPU.
  */
 async function build(loaded, backend, options, id) {
-  const on = (b) => Model.load(loaded.files, b, options.context ?? undefined, options.gpuKernels, options.quantize, loaded.adapter ?? undefined);
+  // Weights read by ranges are downloaded and converted tensor by tensor inside Model.load:
+  // the page hears which one is under way.
+  const onTensor = id === undefined ? undefined : (tensor, index, total) => post({ id, type: 'progress', tensor, index, total });
+  const on = (b) =>
+    Model.load(loaded.files, b, options.context ?? undefined, options.gpuKernels, options.quantize, loaded.adapter ?? undefined, onTensor);
   if (backend !== 'auto') {
     try {
       return await on(backend);
@@ -396,17 +403,31 @@ async function webgpuAvailable() {
   }
 }
 
+// A safetensors header longer than this is refused unread (Model.load's own cap is 100 MB).
+const MAX_HEADER_BYTES = 100_000_000;
+
 /**
  * Refuses files that cannot be a model, without building it: config.json and
  * tokenizer.json must be JSON objects, a safetensors header must lie inside its file and
  * its tensors' data inside the data, a .gguf must start with GGUF's magic. The full
  * validation is Model.load's; this catches the files that would fail there early, while
- * the old model is still loaded.
+ * the old model is still loaded. Of a file read by ranges only the header is read.
  */
-function precheck(files) {
+async function precheck(files) {
   const bad = (name, why) => named('FileError', `${name}: ${why}`);
-  for (const { name, bytes } of files) {
+  for (const file of files) {
+    const { name } = file;
     const base = name.split('/').pop();
+    if (file.read && base.endsWith('.safetensors')) {
+      if (file.size < 8) throw bad(name, 'too short to be a safetensors file');
+      const first = await file.read(0, 8);
+      const n = Number(new DataView(first.buffer, first.byteOffset, 8).getBigUint64(0, true));
+      if (n > file.size - 8) throw bad(name, 'not a safetensors file (its header runs past the end of the file)');
+      if (n > MAX_HEADER_BYTES) throw bad(name, `not a safetensors file (its header claims ${n} bytes, more than a header may take)`);
+      safetensorsHeader(name, await file.read(8, 8 + n), file.size - 8 - n);
+      continue;
+    }
+    const { bytes } = file;
     if (base.endsWith('.json')) {
       let value;
       try {
@@ -420,24 +441,29 @@ function precheck(files) {
       const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
       const n = Number(view.getBigUint64(0, true));
       if (n > bytes.length - 8) throw bad(name, 'not a safetensors file (its header runs past the end of the file)');
-      let header;
-      try {
-        header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(8, 8 + n)));
-      } catch (e) {
-        throw bad(name, `not a safetensors file (its header is not JSON: ${e.message})`);
-      }
-      const data = bytes.length - 8 - n;
-      for (const [tensor, t] of Object.entries(header ?? {})) {
-        if (tensor === '__metadata__') continue;
-        const [a, b] = t?.data_offsets ?? [];
-        if (!(Number.isSafeInteger(a) && Number.isSafeInteger(b) && a >= 0 && a <= b && b <= data)) {
-          throw bad(name, `tensor ${tensor} lies outside the file (truncated download?)`);
-        }
-      }
+      safetensorsHeader(name, bytes.subarray(8, 8 + n), bytes.length - 8 - n);
     } else if (base.endsWith('.gguf')) {
       if (bytes.length < 4 || new TextDecoder().decode(bytes.subarray(0, 4)) !== 'GGUF') {
         throw bad(name, 'not a GGUF file (no GGUF magic)');
       }
+    }
+  }
+}
+
+/** Checks a safetensors JSON header: every tensor's data must lie within the `data` bytes after it. */
+function safetensorsHeader(name, json, data) {
+  const bad = (why) => named('FileError', `${name}: ${why}`);
+  let header;
+  try {
+    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(json));
+  } catch (e) {
+    throw bad(`not a safetensors file (its header is not JSON: ${e.message})`);
+  }
+  for (const [tensor, t] of Object.entries(header ?? {})) {
+    if (tensor === '__metadata__') continue;
+    const [a, b] = t?.data_offsets ?? [];
+    if (!(Number.isSafeInteger(a) && Number.isSafeInteger(b) && a >= 0 && a <= b && b <= data)) {
+      throw bad(`tensor ${tensor} lies outside the file (truncated download?)`);
     }
   }
 }
