@@ -244,13 +244,6 @@ fn named(name: &str, bytes: &[u8]) -> NamedBytes {
 pub fn exercise_checkpoint(ckpt: Checkpoint) -> Result<()> {
     ckpt.weights.check(&expected_tensors(&ckpt.config))?;
     let _ = ckpt.config.parameter_count();
-    let stored: usize = ckpt
-        .weights
-        .stored_tensors()
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
-    let _ = stored;
     let mut ids = exercise_tokenizer(&ckpt.tokenizer, SAMPLE_TEXT)?;
     ids.truncate(FORWARD_TOKENS);
     if ids.is_empty() {
