@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:http';
 import { readFileSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './harness.mjs';
 
 const root = new URL('../../', import.meta.url).pathname;
 const reference = JSON.parse(readFileSync(`${root}tests/fixtures/reference.json`, 'utf8'));
@@ -87,19 +87,7 @@ before(async () => {
     server.on('exit', (code) => reject(new Error(`http.server exited with ${code}`)));
   });
   await startRemote();
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--no-sandbox',
-      '--enable-unsafe-webgpu',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--no-first-run',
-      '--disable-quic',
-      '--disable-dev-shm-usage',
-    ],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {

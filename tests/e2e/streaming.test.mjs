@@ -13,7 +13,7 @@ import { spawn } from 'node:child_process';
 import { createServer } from 'node:http';
 import { closeSync, copyFileSync, createReadStream, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './harness.mjs';
 
 const root = new URL('../../', import.meta.url).pathname;
 const out = `${root}target/e2e`;
@@ -249,19 +249,7 @@ before(async () => {
     server.on('exit', (code) => reject(new Error(`http.server exited with ${code}`)));
   });
   await startRemote();
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--no-sandbox',
-      '--enable-unsafe-webgpu',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--no-first-run',
-      '--disable-quic',
-      '--disable-dev-shm-usage',
-    ],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {
