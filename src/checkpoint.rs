@@ -103,22 +103,27 @@ impl Checkpoint {
         Self::new(config, tokenizer, weights, "safetensors", weight_bytes)
     }
 
-    /// Like `from_bytes`, with safetensors weights read by ranges as each tensor is fetched
-    /// (the browser's downloads kept on disk, picked files): only their headers are read
-    /// here, so a checkpoint larger than memory can stream through.
+    /// Like `from_bytes`, with the weights (one GGUF or safetensors files) read by ranges as
+    /// each tensor is fetched (the browser's downloads kept on disk, picked files): only
+    /// their headers are read here, so a checkpoint larger than memory can stream through.
     pub async fn from_ranged(
         config: Option<NamedBytes>,
         tokenizer: Option<NamedBytes>,
         weights: Vec<(String, Rc<dyn RangeRead>)>,
         dtype: DType,
     ) -> Result<Self> {
+        let weight_bytes = weights.iter().map(|(_, f)| f.size()).sum();
+        if weights.len() == 1 && weights[0].0.ends_with(".gguf") {
+            let (name, file) = weights.into_iter().next().expect("one element");
+            let gguf = Gguf::from_ranged(name, file, dtype).await?;
+            return Self::from_gguf(gguf, tokenizer, weight_bytes);
+        }
         if let Some((name, _)) = weights.iter().find(|(n, _)| !n.ends_with(".safetensors")) {
             return Err(Error::file(
                 name,
-                "only safetensors files are read by ranges (give a GGUF file whole)",
+                "expected one .gguf file or safetensors files (a GGUF model is one file by itself)",
             ));
         }
-        let weight_bytes = weights.iter().map(|(_, f)| f.size()).sum();
         let (config, tokenizer) = config_and_tokenizer(config, tokenizer)?;
         let file = Safetensors::from_ranged(weights, dtype).await?;
         let weights = in_its_layout(file, &config);

@@ -15,9 +15,10 @@ use crate::checkpoint::{Checkpoint, NamedBytes};
 use crate::error::{Error, Result};
 use crate::eval::Task;
 use crate::generate::{GenerateOptions, PromptFormat, Sampler, SamplingParams, Turn};
+use crate::memory_plan::{MemoryPlan, Target};
 use crate::model::{expected_tensors, Activation, Logits, PhiConfig};
 use crate::tokenizer::{PhiTokenizer, TokenStream};
-use crate::weights::Safetensors;
+use crate::weights::{GgufFile, Parsed, Safetensors};
 
 /// The text every tokenizer is tried on: a prompt in Phi-2's QA format with accents, a
 /// character outside the BMP and a newline.
@@ -39,21 +40,73 @@ const FORWARD_TOKENS: usize = 8;
 const STREAM_TOKENS: usize = 64;
 
 /// A GGUF file as the page hands it over (`Checkpoint::from_bytes`, one `.gguf`): its
-/// header, config, embedded tokenizer, every tensor the config expects, and a forward pass.
+/// header, config, embedded tokenizer and every tensor the config expects, read
+/// ([`read_checkpoint`]). Its header is also parsed from prefixes, as a file read by ranges
+/// is, which must agree with the whole file.
 pub fn gguf(bytes: &[u8]) -> Result<()> {
-    let weights = vec![NamedBytes {
-        name: "fuzz.gguf".into(),
-        bytes: bytes.to_vec(),
-    }];
-    let ckpt = Checkpoint::from_bytes(None, None, weights, DType::F32)?;
-    exercise_checkpoint(ckpt)
+    gguf_prefixes_agree(bytes);
+    read_checkpoint(&gguf_checkpoint(bytes)?)?;
+    Ok(())
 }
 
-/// safetensors weights beside [`tiny_config_json`] and [`tiny_tokenizer_json`]. The first
-/// byte chooses what the rest is: `mode % 4` 0 or 1: one `model.safetensors`; 2: two
-/// shards, split where the next two bytes say; 3: a `model.safetensors.index.json` (its
-/// shard names). `mode & 4`: the config ties the embeddings (no `lm_head.weight`).
+/// [`gguf`]'s file on to a model and a forward pass ([`exercise_checkpoint`]): the deeper
+/// and much slower target.
+pub fn gguf_forward(bytes: &[u8]) -> Result<()> {
+    exercise_checkpoint(gguf_checkpoint(bytes)?)
+}
+
+fn gguf_checkpoint(bytes: &[u8]) -> Result<Checkpoint> {
+    let weights = vec![named("fuzz.gguf", bytes)];
+    Checkpoint::from_bytes(None, None, weights, DType::F32)
+}
+
+/// Panics unless the header parsed from prefixes of `bytes` (cut at a quarter, half and
+/// three quarters) agrees with the whole file's: a header read from a prefix is the whole
+/// file's, more bytes asked for are more than the prefix and within the file, and an error
+/// found in a prefix is the whole file's error.
+fn gguf_prefixes_agree(bytes: &[u8]) {
+    let whole = GgufFile::parse(bytes);
+    let len = bytes.len();
+    for cut in [len / 4, len / 2, len * 3 / 4] {
+        match GgufFile::parse_prefix(&bytes[..cut], len as u64) {
+            Ok(Parsed::Header(h)) => match &whole {
+                Ok(w) if (&h.metadata, &h.tensors) == (&w.metadata, &w.tensors) => {}
+                other => panic!("a {cut}-byte prefix gave a header, the whole file {other:?}"),
+            },
+            Ok(Parsed::NeedBytes(n)) => {
+                assert!(
+                    n > cut && n <= len,
+                    "a {cut}-byte prefix of {len} asked for {n}"
+                )
+            }
+            Err(e) => assert_eq!(whole.as_ref().err(), Some(&e), "prefix of {cut} bytes"),
+        }
+    }
+}
+
+/// safetensors weights beside [`tiny_config_json`] and [`tiny_tokenizer_json`], every
+/// tensor read ([`read_checkpoint`]). The first byte chooses what the rest is: `mode % 4` 0
+/// or 1: one `model.safetensors`; 2: two shards, split where the next two bytes say; 3: a
+/// `model.safetensors.index.json` (its shard names). `mode & 4`: the config ties the
+/// embeddings (no `lm_head.weight`).
 pub fn safetensors(data: &[u8]) -> Result<()> {
+    if let Some(ckpt) = safetensors_checkpoint(data)? {
+        read_checkpoint(&ckpt)?;
+    }
+    Ok(())
+}
+
+/// [`safetensors`]'s files on to a model and a forward pass ([`exercise_checkpoint`]).
+pub fn safetensors_forward(data: &[u8]) -> Result<()> {
+    match safetensors_checkpoint(data)? {
+        Some(ckpt) => exercise_checkpoint(ckpt),
+        None => Ok(()),
+    }
+}
+
+/// The checkpoint [`safetensors`] describes; `None` for an index (mode 3), which is only
+/// parsed.
+fn safetensors_checkpoint(data: &[u8]) -> Result<Option<Checkpoint>> {
     let (&mode, rest) = data
         .split_first()
         .ok_or_else(|| Error::input("empty input"))?;
@@ -66,7 +119,7 @@ pub fn safetensors(data: &[u8]) -> Result<()> {
                     panic!("shard_names let {n:?} through");
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         2 => {
             let (at, rest) = match rest {
@@ -83,8 +136,7 @@ pub fn safetensors(data: &[u8]) -> Result<()> {
     };
     let config = named("config.json", tiny_config_json(mode & 4 != 0).as_bytes());
     let tokenizer = named("tokenizer.json", tiny_tokenizer_json().as_bytes());
-    let ckpt = Checkpoint::from_bytes(Some(config), Some(tokenizer), weights, DType::F32)?;
-    exercise_checkpoint(ckpt)
+    Checkpoint::from_bytes(Some(config), Some(tokenizer), weights, DType::F32).map(Some)
 }
 
 /// A `config.json`, and what is derived from it before any tensor is read.
@@ -238,13 +290,28 @@ fn named(name: &str, bytes: &[u8]) -> NamedBytes {
     }
 }
 
-/// What `medphi info` and `medphi generate` do with a checkpoint before the first token:
-/// check every tensor from headers, count parameters, tokenize, load every tensor, and run
-/// a short prefill and one decode step.
-pub fn exercise_checkpoint(ckpt: Checkpoint) -> Result<()> {
-    ckpt.weights.check(&expected_tensors(&ckpt.config))?;
+/// What `medphi info` and the page do with a checkpoint before building a model: check
+/// every tensor from headers, count parameters, plan the memory (both targets), tokenize,
+/// and read every tensor the config expects. Returns the sample text's ids.
+pub fn read_checkpoint(ckpt: &Checkpoint) -> Result<Vec<u32>> {
+    let expected = expected_tensors(&ckpt.config);
+    ckpt.weights.check(&expected)?;
     let _ = ckpt.config.parameter_count();
-    let mut ids = exercise_tokenizer(&ckpt.tokenizer, SAMPLE_TEXT)?;
+    let stored = ckpt.weights.stored_tensors();
+    for target in [Target::Cpu, Target::Gpu] {
+        let _ = MemoryPlan::new(&stored, &ckpt.config, usize::MAX, target).total();
+    }
+    let ids = exercise_tokenizer(&ckpt.tokenizer, SAMPLE_TEXT)?;
+    for (name, shape) in &expected {
+        ckpt.weights.tensor(name, shape)?;
+    }
+    Ok(ids)
+}
+
+/// [`read_checkpoint`], then what `medphi generate` does before the first token: build the
+/// model and run a short prefill and one decode step.
+pub fn exercise_checkpoint(ckpt: Checkpoint) -> Result<()> {
+    let mut ids = read_checkpoint(&ckpt)?;
     ids.truncate(FORWARD_TOKENS);
     if ids.is_empty() {
         ids.push(0);

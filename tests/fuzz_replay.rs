@@ -75,11 +75,13 @@ fn replay(target: &str, run: impl Fn(&[u8]) -> Result<()>) {
 #[test]
 fn gguf_corpus() {
     replay("gguf", fuzzing::gguf);
+    replay("gguf", fuzzing::gguf_forward);
 }
 
 #[test]
 fn safetensors_corpus() {
     replay("safetensors", fuzzing::safetensors);
+    replay("safetensors", fuzzing::safetensors_forward);
 }
 
 #[test]
@@ -110,6 +112,7 @@ fn real_files_pass_the_fuzz_targets_code() {
     let fixtures = root().join("tests/fixtures");
     let q8 = std::fs::read(fixtures.join("tiny-phi-q8_0.gguf")).unwrap();
     fuzzing::gguf(&q8).unwrap();
+    fuzzing::gguf_forward(&q8).unwrap();
     // These two carry no tokenizer; the page is then given tokenizer.json beside them.
     let tokenizer = std::fs::read(fixtures.join("tiny-phi/tokenizer.json")).unwrap();
     for gguf in ["tiny-phi-q4_0.gguf", "tiny-phi-f16.gguf"] {

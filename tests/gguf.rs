@@ -12,7 +12,7 @@ use common::*;
 use medphi::checkpoint::Checkpoint;
 use medphi::generate::GenerateOptions;
 use medphi::model::Phi;
-use medphi::weights::{TensorSource, Weight};
+use medphi::weights::{ReadAhead, TensorSource, Weight};
 use pollster::block_on;
 
 fn logits_of(ckpt: Checkpoint, ids: &[u32]) -> Tensor {
@@ -289,6 +289,87 @@ fn fused_attn_qkv_is_split_by_rows() {
         }
     };
     assert!(max_abs_diff(&logits(true, q8), &logits(false, q8)) < 1e-6);
+}
+
+/// `path` read by ranges as the page reads a GGUF it streams: the checkpoint (or its
+/// error), and every read made.
+fn ranged_gguf(path: &std::path::Path, short_from: usize) -> (medphi::Result<Checkpoint>, Reads) {
+    let reads = Reads::default();
+    let file: std::rc::Rc<dyn medphi::weights::RangeRead> = std::rc::Rc::new(Recorded {
+        bytes: std::fs::read(path).unwrap(),
+        reads: reads.clone(),
+        short_from,
+    });
+    let weights = vec![("model.gguf".to_string(), file)];
+    let tokenizer = medphi::checkpoint::NamedBytes {
+        name: "tokenizer.json".into(),
+        bytes: std::fs::read(fixtures().join("tiny-phi/tokenizer.json")).unwrap(),
+    };
+    let ckpt = block_on(Checkpoint::from_ranged(
+        None,
+        Some(tokenizer),
+        weights,
+        DType::F32,
+    ));
+    (ckpt, reads)
+}
+
+#[test]
+fn a_gguf_read_by_ranges_gives_the_whole_files_logits_one_tensor_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = reference();
+    // llama.cpp's q8_0 file, and one with q, k, v fused (each is a row range of one tensor).
+    let fused = dir.path().join("fused.gguf");
+    write_gguf(&fused, true, |t| {
+        if t.rank() == 2 {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        }
+    });
+    // The fixture's header (its embedded tokenizer's 51,200 strings) takes more than the
+    // first read, so it is read again, longer; the other's (no tokenizer) fits.
+    for (path, tensors, header_reads) in [
+        (fixtures().join("tiny-phi-q8_0.gguf"), 1 + 2 * 14 + 2 + 2, 2),
+        (fused, 1 + 2 * 10 + 2 + 2, 1),
+    ] {
+        for gpu in [false, true] {
+            let tok = fixtures().join("tiny-phi/tokenizer.json");
+            let whole = Checkpoint::open(&path, Some(&tok), DType::F32).unwrap();
+            let expected = streamed_logits(&whole, &r.input_ids, gpu);
+            let (ckpt, reads) = ranged_gguf(&path, usize::MAX);
+            // Only the header is read before loading.
+            assert_eq!(reads.borrow().len(), header_reads, "{:?}", reads.borrow());
+            assert!(reads.borrow().iter().all(|r| r.start == 0));
+            assert!(
+                streamed_logits(&ckpt.unwrap(), &r.input_ids, gpu) == expected,
+                "{path:?} gpu={gpu}: the logits differ from the whole file's"
+            );
+            // Each tensor was read once, by itself (a fused qkv once for q, k and v).
+            let reads = reads.borrow();
+            let tensor_reads = &reads[header_reads..];
+            let mut unique = tensor_reads.to_vec();
+            unique.sort_by_key(|r| (r.start, r.end));
+            unique.dedup();
+            assert_eq!(unique.len(), tensor_reads.len(), "a tensor was read twice");
+            assert_eq!(tensor_reads.len(), tensors, "{path:?} gpu={gpu}");
+        }
+    }
+    // A read that comes back short is an error naming what was read, not a panic.
+    let path = fixtures().join("tiny-phi-q8_0.gguf");
+    let err = ranged_gguf(&path, 0).0.err().unwrap().to_string();
+    assert!(err.contains("reading the header"), "{err}");
+    let header_reads = ranged_gguf(&path, usize::MAX).1.borrow().len();
+    let ckpt = ranged_gguf(&path, header_reads).0.unwrap();
+    let err = block_on(ReadAhead::read(
+        ckpt.weights.as_ref(),
+        &ckpt.config,
+        &mut |_| {},
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("bytes came back for"), "{err}");
 }
 
 #[test]

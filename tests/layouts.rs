@@ -304,35 +304,6 @@ fn malformed_layouts_and_adapters_are_refused_with_the_reason() {
     assert!(e.contains("DoRA"), "{e}");
 }
 
-/// A local file read through `RangeRead`, as the page reads a download it keeps on disk,
-/// recording each read.
-struct Recorded {
-    bytes: Vec<u8>,
-    reads: std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<u64>>>>,
-    /// Give back one byte less than asked from the given read on, as a cut-short read would.
-    short_from: usize,
-}
-
-impl medphi::weights::RangeRead for Recorded {
-    fn size(&self) -> u64 {
-        self.bytes.len() as u64
-    }
-
-    fn read(
-        &self,
-        range: std::ops::Range<u64>,
-    ) -> medphi::model::BoxFuture<'_, medphi::Result<Vec<u8>>> {
-        self.reads.borrow_mut().push(range.clone());
-        let mut out = self.bytes[range.start as usize..range.end as usize].to_vec();
-        if self.reads.borrow().len() > self.short_from {
-            out.pop();
-        }
-        Box::pin(std::future::ready(Ok(out)))
-    }
-}
-
-type Reads = std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<u64>>>>;
-
 /// The msft fixture read by ranges; reads after the `short_from`th come back a byte short.
 fn ranged_msft(short_from: usize) -> (medphi::Result<Checkpoint>, Reads) {
     let dir = fixtures().join("tiny-phi-msft");
@@ -369,33 +340,7 @@ fn a_checkpoint_read_by_ranges_streams_one_tensor_at_a_time() {
         let ckpt = ckpt.unwrap();
         // Only the two headers (length, then JSON) are read before loading.
         assert_eq!(reads.borrow().len(), 4);
-        let rows = if gpu {
-            let mut backend = block_on(GpuBackend::load(
-                &ckpt.config,
-                ckpt.weights.as_ref(),
-                None,
-                KernelChoice::Emulator,
-            ))
-            .unwrap();
-            block_on(backend.forward(&r.input_ids, Want::AllRows))
-                .unwrap()
-                .rows()
-                .unwrap()
-        } else {
-            let cfg = ckpt.config.clone();
-            let read = block_on(medphi::weights::ReadAhead::read(
-                ckpt.weights.as_ref(),
-                &cfg,
-                &mut |_| {},
-            ))
-            .unwrap();
-            let model = medphi::model::Phi::load(&cfg, &read, true).unwrap();
-            forward_all(&model, &r.input_ids)
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let rows = streamed_logits(&ckpt, &r.input_ids, gpu);
         let expected = r.logits("msft");
         let ours = Tensor::from_vec(rows, expected.shape(), &Device::Cpu).unwrap();
         let diff = max_abs_diff(&ours, expected);

@@ -3,15 +3,15 @@
 // those of a PEFT LoRA adapter to merge into it (a folder URL holding adapter_config.json and
 // adapter_model.safetensors, or the two files picked).
 //
-// Safetensors weights are handed over as files read by byte ranges, {name, size,
-// read(start, end) → Promise<Uint8Array>}: Model.load reads one tensor at a time, converts
-// and uploads it, and drops its bytes before reading the next, so neither wasm memory nor
-// this worker ever holds a whole multi-GB checkpoint. Picked weights are read with
-// Blob.slice. Weights from other origins are kept in Cache Storage in parts of PART_BYTES
-// (each its own entry), each downloaded with an HTTP Range request the first time a tensor
-// needs it; a server that ignores Range still works (its whole body is cut into parts as it
-// arrives). Every other file — config, tokenizer, index, adapter, and a GGUF, which
-// Model.load reads whole — is handed over whole, {name, bytes}, and kept whole. The page's
+// Weights (safetensors shards or a GGUF file) are handed over as files read by byte ranges,
+// {name, size, read(start, end) → Promise<Uint8Array>}: Model.load reads the header, then
+// one tensor at a time, converts and uploads it, and drops its bytes before reading the
+// next, so neither wasm memory nor this worker ever holds a whole multi-GB checkpoint.
+// Picked weights are read with Blob.slice. Weights from other origins are kept in Cache
+// Storage in parts of PART_BYTES (each its own entry), each downloaded with an HTTP Range
+// request the first time a tensor needs it; a server that ignores Range still works (its
+// whole body is cut into parts as it arrives). Every other file — config, tokenizer, index,
+// adapter — is handed over whole, {name, bytes}, and kept whole. The page's
 // own files (the bundled model) are read whole and never cached, so an updated bundled
 // model is never shadowed by a stale copy. `cachedModels` lists what is kept, by folder, and
 // `deleteCachedModel` forgets one.
@@ -30,10 +30,6 @@ const CACHE = 'medphi-models-v1';
 // cache entry, held in memory only while it downloads, and all that is downloaded again
 // when a part is cut off for good. A file keeps the part size it was first stored with.
 const PART_BYTES = 64 * 2 ** 20;
-// A GGUF file goes into wasm memory whole (Model.load converts and uploads its tensors from
-// there), and wasm32 memory ends at 4 GiB; llama.cpp's 2.96 GB q8_0 GGUF of Phi-2 kills
-// the worker with a wasm trap on both backends. Bigger ones are refused before they download.
-export const MAX_GGUF_BYTES = 2 * 2 ** 30;
 // Tries of one part's download, in a row without a new byte, before the load fails.
 const ATTEMPTS = 5;
 const RETRY_MS = 250; // the first pause between tries; it doubles with each fruitless try
@@ -62,7 +58,10 @@ async function modelFiles(source, fetcher, signal) {
   const url = new URL(source.url, self.location.href);
   const get = fetcher(url);
   if (url.pathname.endsWith('.gguf')) {
-    return [await get.file(url.href, url.pathname.split('/').pop(), { limit: MAX_GGUF_BYTES })];
+    const name = url.pathname.split('/').pop();
+    const file = await get.weights(url.href, name, { optional: true });
+    if (!file) throw fileError(name, `HTTP 404 for ${url.href}`);
+    return [file];
   }
   const base = folder(url);
   const files = [await get.file(base + 'config.json', 'config.json'), await get.file(base + 'tokenizer.json', 'tokenizer.json')];
@@ -109,9 +108,9 @@ async function adapterFiles(adapter, fetcher, signal) {
   return files;
 }
 
-/** A picked model file as Model.load takes it: safetensors read by ranges, the rest whole. */
+/** A picked model file as Model.load takes it: weights read by ranges, the rest whole. */
 async function picked(file, signal) {
-  if (file.name.endsWith('.safetensors')) {
+  if (file.name.endsWith('.safetensors') || file.name.endsWith('.gguf')) {
     return {
       name: file.name,
       size: file.size,
@@ -123,7 +122,6 @@ async function picked(file, signal) {
       },
     };
   }
-  if (file.name.endsWith('.gguf') && file.size > MAX_GGUF_BYTES) throw ggufTooBig(file.name, file.size);
   return whole(file, signal);
 }
 
@@ -132,19 +130,6 @@ async function whole(file, signal) {
   const bytes = new Uint8Array(await file.arrayBuffer());
   throwIfAborted(signal, file.name);
   return { name: file.name, bytes };
-}
-
-function ggufTooBig(name, bytes) {
-  return fileError(
-    name,
-    `the GGUF file is ${gb(bytes)} GB: a GGUF file is read into WebAssembly memory whole, which takes at most ` +
-      `${gb(MAX_GGUF_BYTES)} GB of it beside the model being built (a tab's WebAssembly memory ends at 4 GB). ` +
-      "Use a q4_0 GGUF, or the safetensors checkpoint with quantize: 'q4_0' (safetensors weights stream in tensor by tensor)",
-  );
-}
-
-function gb(bytes) {
-  return (bytes / 2 ** 30).toFixed(2).replace(/\.?0+$/, '');
 }
 
 function folder(url) {
@@ -235,22 +220,21 @@ class Fetcher {
     return StreamedFile.open(this, cache, url, name, optional);
   }
 
-  /** The file kept whole in the cache, {name, bytes}, or null; `limit` caps its size. */
-  async kept(url, name, { limit = Infinity } = {}) {
+  /** The file kept whole in the cache, {name, bytes}, or null. */
+  async kept(url, name) {
     throwIfAborted(this.signal, name);
     if (!this.useCache) return null;
     const cache = await self.caches.open(CACHE);
     const hit = await cache.match(url);
     if (!hit) return null;
     const recorded = contentLength(hit);
-    if (recorded !== null && recorded > limit) throw ggufTooBig(name, recorded);
     const bytes = await this.readCached(cache, url, hit, name, recorded);
     return bytes ? { name, bytes } : null;
   }
 
-  /** A file read whole, {name, bytes}, or null when `optional` and the server has none; `limit` caps its size. */
-  async file(url, name, { optional = false, limit = Infinity } = {}) {
-    const kept = await this.kept(url, name, { limit });
+  /** A file read whole, {name, bytes}, or null when `optional` and the server has none. */
+  async file(url, name, { optional = false } = {}) {
+    const kept = await this.kept(url, name);
     if (kept) return kept;
     const cache = this.useCache ? await self.caches.open(CACHE) : null;
     let response;
@@ -263,11 +247,7 @@ class Fetcher {
     if (response.status === 404 && optional) return null;
     if (!response.ok) throw fileError(name, `HTTP ${response.status} for ${url}`);
     const declared = contentLength(response);
-    if (declared !== null && declared > limit) {
-      response.body?.cancel().catch(() => {});
-      throw ggufTooBig(name, declared);
-    }
-    const bytes = await this.read(response, name, false, declared, limit);
+    const bytes = await this.read(response, name, false, declared);
     // A body shorter than its content-length is a download cut short (compressed bodies
     // are longer than their content-length, which counts the compressed bytes).
     if (declared !== null && bytes.length < declared) {
@@ -281,7 +261,7 @@ class Fetcher {
   async readCached(cache, url, hit, name, recorded) {
     let bytes = null;
     try {
-      bytes = await this.read(hit, name, true, recorded, Infinity);
+      bytes = await this.read(hit, name, true, recorded);
     } catch (e) {
       if (e.name === 'AbortError') throw e;
       bytes = null; // unreadable storage: fetch it again
@@ -311,8 +291,8 @@ class Fetcher {
     }
   }
 
-  /** Reads a body whole; more than `limit` bytes is refused as a GGUF too big to load. */
-  async read(response, name, cached, declared, limit) {
+  /** Reads a body whole. */
+  async read(response, name, cached, declared) {
     const total = declared ?? 0;
     const reader = response.body.getReader();
     const chunks = [];
@@ -330,7 +310,6 @@ class Fetcher {
         if (step.done) break;
         chunks.push(step.value);
         loaded += step.value.length;
-        if (loaded > limit) throw ggufTooBig(name, loaded);
         this.progress({ file: name, loaded, total, cached });
       }
     } catch (e) {

@@ -145,10 +145,10 @@ export class MedphiApi extends EventTarget {
    * AbortError when `signal` aborts (a download under way and the reading of the weights
    * stop). (`freeFirst`, for tests: free the model in use before building this one, as is
    * done for models too big to hold two of.)
-   * Safetensors weights stream in: Model.load reads them a tensor at a time, by byte ranges
-   * (HTTP Range requests, kept in Cache Storage in parts, for other origins; Blob.slice for
-   * picked files), so their size is limited by the backend, not by WebAssembly memory. A
-   * GGUF file is read whole and refused over 2 GB.
+   * Weights (safetensors shards or a GGUF file) stream in: Model.load reads the header,
+   * then a tensor at a time, by byte ranges (HTTP Range requests, kept in Cache Storage in
+   * parts, for other origins; Blob.slice for picked files), so their size is limited by the
+   * backend, not by WebAssembly memory.
    * `onProgress` hears downloads, {file, loaded, total, cached, bytesPerSecond} (bytes of
    * the file at hand, its size, whether they came from the offline cache, the download's
    * speed), and the weights' reading, {tensor, index, total} (the tensor being read and

@@ -427,6 +427,10 @@ async function precheck(files) {
       safetensorsHeader(name, await file.read(8, 8 + n), file.size - 8 - n);
       continue;
     }
+    if (file.read && base.endsWith('.gguf')) {
+      if (file.size < 4 || !isGguf(await file.read(0, 4))) throw bad(name, 'not a GGUF file (no GGUF magic)');
+      continue;
+    }
     const { bytes } = file;
     if (base.endsWith('.json')) {
       let value;
@@ -443,11 +447,13 @@ async function precheck(files) {
       if (n > bytes.length - 8) throw bad(name, 'not a safetensors file (its header runs past the end of the file)');
       safetensorsHeader(name, bytes.subarray(8, 8 + n), bytes.length - 8 - n);
     } else if (base.endsWith('.gguf')) {
-      if (bytes.length < 4 || new TextDecoder().decode(bytes.subarray(0, 4)) !== 'GGUF') {
-        throw bad(name, 'not a GGUF file (no GGUF magic)');
-      }
+      if (bytes.length < 4 || !isGguf(bytes.subarray(0, 4))) throw bad(name, 'not a GGUF file (no GGUF magic)');
     }
   }
+}
+
+function isGguf(first4) {
+  return new TextDecoder().decode(first4) === 'GGUF';
 }
 
 /** Checks a safetensors JSON header: every tensor's data must lie within the `data` bytes after it. */

@@ -2,8 +2,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use super::tensor::{GpuTensor, WeightFormat};
 use crate::error::{Error, Result};
 
@@ -137,18 +135,33 @@ impl GpuContext {
                 bytes.len()
             )));
         }
-        let mut contents = format.device_bytes(bytes, rows, cols);
-        contents.resize(contents.len().max(1).next_multiple_of(VEC4), 0);
-        self.check_binding(label, contents.len() as u64)?;
-        let buffer = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            });
+        let contents = format.device_bytes(bytes, rows, cols);
+        let size = contents.len().max(1).next_multiple_of(VEC4);
+        self.check_binding(label, size as u64)?;
+        // Written from the bytes in place (a new buffer reads as zeros past them): a buffer
+        // mapped at creation would hold a second copy of a 524 MB output layer in the
+        // tab's wasm memory until it is unmapped.
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: size as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        // Writes are whole 4-byte words; a ragged end is padded on its own.
+        let whole = contents.len() / 4 * 4;
+        if whole > 0 {
+            self.queue.write_buffer(&buffer, 0, &contents[..whole]);
+        }
+        if whole < contents.len() {
+            let mut tail = [0u8; 4];
+            tail[..contents.len() - whole].copy_from_slice(&contents[whole..]);
+            self.queue.write_buffer(&buffer, whole as u64, &tail);
+        }
+        // Pending writes keep their staging copies until a submission: flushed per tensor,
+        // a load holds one tensor's staging at a time, not the whole model's.
+        self.queue.submit(std::iter::empty());
         Ok(GpuTensor {
             buffer,
             shape: shape.to_vec(),

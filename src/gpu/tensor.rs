@@ -2,6 +2,8 @@
 //! take their sizes from their operands (and check that they fit) instead of trusting loose
 //! integers beside bare buffers.
 
+use std::borrow::Cow;
+
 /// How a tensor's values sit in GPU memory. Each format has its own shader snippet
 /// (`weights_*.wgsl`) defining `w_at(i)`, compiled into its own matmul, GEMV and embedding
 /// pipelines, so the kernels read every format in place: GGUF blocks are uploaded as-is.
@@ -34,9 +36,9 @@ impl WeightFormat {
     /// The bytes the GPU holds for `rows` rows of `cols` values given as a checkpoint stores
     /// them. The block formats are repacked (weights_ggml.wgsl): each row's quants, then its
     /// scales, padded to 16 bytes, so kernels read whole aligned words; the others are as given.
-    pub fn device_bytes(self, stored: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    pub fn device_bytes(self, stored: &[u8], rows: usize, cols: usize) -> Cow<'_, [u8]> {
         let (block, quants) = match self {
-            Self::F32 | Self::F16 => return stored.to_vec(),
+            Self::F32 | Self::F16 => return Cow::Borrowed(stored),
             Self::Q8_0 => (34, 32),
             Self::Q4_0 => (18, 16),
         };
@@ -54,7 +56,7 @@ impl WeightFormat {
                 dst[at..at + 2].copy_from_slice(&blk[..2]);
             }
         }
-        out
+        Cow::Owned(out)
     }
 
     /// The gpu kernel family's view of this format (gpu/chunks_*.wgsl).

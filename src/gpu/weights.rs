@@ -42,9 +42,25 @@ pub struct GpuWeights {
 
 /// A weight matrix read from the checkpoint, as the bytes the GPU will hold.
 struct HostMatrix {
-    bytes: Vec<u8>,
+    data: HostData,
     format: WeightFormat,
     cols: usize,
+}
+
+/// f32 values stay the `Vec<f32>` they were read into: copying them into bytes would hold a
+/// third copy of Phi-2's 524 MB output layer in wasm memory beside the staged file bytes.
+enum HostData {
+    Bytes(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl HostData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            HostData::Bytes(b) => b,
+            HostData::F32(v) => bytemuck::cast_slice(v),
+        }
+    }
 }
 
 impl HostMatrix {
@@ -56,44 +72,43 @@ impl HostMatrix {
         (rows, cols): (usize, usize),
         stored_f16: bool,
     ) -> Result<Self> {
-        let dense = |t: candle_core::Tensor, f16: bool| -> Result<(Vec<u8>, WeightFormat)> {
+        // The tensor is consumed, so its values are freed as soon as they are copied out.
+        let dense = |t: candle_core::Tensor, f16: bool| -> Result<(HostData, WeightFormat)> {
             let t = t.flatten_all()?;
             Ok(if f16 {
                 let halves = t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?;
-                (
-                    halves.iter().flat_map(|h| h.to_le_bytes()).collect(),
-                    WeightFormat::F16,
-                )
+                let bytes = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+                (HostData::Bytes(bytes), WeightFormat::F16)
             } else {
                 let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                (bytemuck::cast_slice(&values).to_vec(), WeightFormat::F32)
+                (HostData::F32(values), WeightFormat::F32)
             })
         };
-        let (bytes, format) = match src.tensor(name, &[rows, cols])? {
+        let blocks = |q: &candle_core::quantized::QTensor| -> Result<HostData> {
+            Ok(HostData::Bytes(q.data()?.into_owned()))
+        };
+        let (data, format) = match src.tensor(name, &[rows, cols])? {
             Weight::Quantized(q) => match q.dtype() {
-                GgmlDType::Q8_0 => (q.data()?.into_owned(), WeightFormat::Q8_0),
-                GgmlDType::Q4_0 => (q.data()?.into_owned(), WeightFormat::Q4_0),
-                GgmlDType::F16 => (q.data()?.into_owned(), WeightFormat::F16),
+                GgmlDType::Q8_0 => (blocks(&q)?, WeightFormat::Q8_0),
+                GgmlDType::Q4_0 => (blocks(&q)?, WeightFormat::Q4_0),
+                GgmlDType::F16 => (blocks(&q)?, WeightFormat::F16),
                 _ => dense(q.dequantize(&candle_core::Device::Cpu)?, false)?,
             },
             Weight::Dense(t) => dense(t, stored_f16)?,
         };
-        if bytes.len() != rows * format.row_bytes(cols) {
+        let len = data.bytes().len();
+        if len != rows * format.row_bytes(cols) {
             return Err(Error::file(
                 name,
-                format!("{} bytes for {rows}×{cols} in {format:?}", bytes.len()),
+                format!("{len} bytes for {rows}×{cols} in {format:?}"),
             ));
         }
-        Ok(Self {
-            bytes,
-            format,
-            cols,
-        })
+        Ok(Self { data, format, cols })
     }
 
     fn rows(&self, start: usize, count: usize) -> &[u8] {
         let row = self.format.row_bytes(self.cols);
-        &self.bytes[start * row..(start + count) * row]
+        &self.data.bytes()[start * row..(start + count) * row]
     }
 }
 
@@ -141,7 +156,7 @@ impl Uploader<'_> {
         Ok(GpuLinear {
             w: self
                 .ctx
-                .upload_bytes(&site.weight().hf(), &m.bytes, &shape, m.format)?,
+                .upload_bytes(&site.weight().hf(), m.data.bytes(), &shape, m.format)?,
             b: Some(self.vector(site.bias()).await?),
         })
     }

@@ -1,21 +1,44 @@
 //! GGUF files of the `phi2` architecture, as llama.cpp's `convert_hf_to_gguf.py` and
 //! `llama-quantize` write them. Tensors keep their GGML block layout (q4_0, q8_0, k-quants…)
 //! and are multiplied by candle's quantized matmul; names are mapped to Hugging Face's.
+//! A file is either all at hand (memory-mapped, or bytes the browser read whole) or read by
+//! ranges: its header first, then each tensor as it is fetched, so a GGUF larger than the
+//! tab's memory can stream to the GPU.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
-use super::gguf_file::{GgufFile, MetaValue};
-use super::{Bytes, StoredTensor, TensorSource, Weight};
+use super::gguf_file::{GgufFile, MetaValue, Parsed, TensorInfo};
+use super::range_read::{read_exact, Staged};
+use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
-use crate::model::{Activation, PhiConfig};
+use crate::model::{Activation, BoxFuture, PhiConfig};
+
+/// How much of a ranged file is read first for its header; more is read (at least doubling)
+/// while the header goes on. Phi-2's, with its 51,200 tokens and 50,000 merges, is ~2 MB.
+const FIRST_READ: u64 = 1 << 20;
+/// A header (metadata and tensor table) longer than this is refused: it is held in memory
+/// for the whole load, and real ones are a few MB.
+const MAX_HEADER: u64 = 256 << 20;
+
+/// Where the file's bytes are.
+enum Data {
+    Whole(Bytes),
+    /// Read by ranges: `header` holds the file's first bytes (metadata and tensor table,
+    /// which the metadata arrays are decoded from), tensors are staged as they are fetched.
+    Ranged {
+        header: Vec<u8>,
+        tensors: Staged,
+    },
+}
 
 pub struct Gguf {
     name: String,
-    bytes: Bytes,
+    data: Data,
     file: GgufFile,
     dtype: DType,
 }
@@ -25,11 +48,45 @@ impl Gguf {
         if bytes.is_empty() {
             return Err(Error::file(&name, "file is empty"));
         }
-        let file = GgufFile::parse(&bytes)
-            .map_err(|e| Error::file(&name, format!("not a valid GGUF file: {e}")))?;
+        let file = GgufFile::parse(&bytes).map_err(|e| invalid(&name, e))?;
+        Self::new(name, Data::Whole(bytes), file, dtype)
+    }
+
+    /// Reads only the header; tensors are read by ranges as they are fetched.
+    pub async fn from_ranged(name: String, file: Rc<dyn RangeRead>, dtype: DType) -> Result<Self> {
+        let len = file.size();
+        if len == 0 {
+            return Err(Error::file(&name, "file is empty"));
+        }
+        let mut want = FIRST_READ.min(len);
+        loop {
+            let header = read_exact(&*file, &name, 0..want, "the header").await?;
+            match GgufFile::parse_prefix(&header, len).map_err(|e| invalid(&name, e))? {
+                Parsed::Header(parsed) => {
+                    let data = Data::Ranged {
+                        header,
+                        tensors: Staged::new(name.clone(), file),
+                    };
+                    return Self::new(name, data, parsed, dtype);
+                }
+                Parsed::NeedBytes(need) => {
+                    let need = (need as u64).max(want.saturating_mul(2)).min(len);
+                    if need > MAX_HEADER {
+                        return Err(invalid(
+                            &name,
+                            format!("its metadata and tensor table run past the first {MAX_HEADER} bytes"),
+                        ));
+                    }
+                    want = need;
+                }
+            }
+        }
+    }
+
+    fn new(name: String, data: Data, file: GgufFile, dtype: DType) -> Result<Self> {
         let gguf = Self {
             name,
-            bytes,
+            data,
             file,
             dtype,
         };
@@ -97,7 +154,7 @@ impl Gguf {
     ) -> Result<Option<T>> {
         match self.meta(key) {
             None => Ok(None),
-            Some(MetaValue::Array(a)) => decode(a, &self.bytes)
+            Some(MetaValue::Array(a)) => decode(a, self.header())
                 .map(Some)
                 .map_err(|e| Error::file(&self.name, format!("metadata {key}: {e}"))),
             Some(_) => Err(Error::file(
@@ -198,22 +255,44 @@ impl Gguf {
             .map_err(|e| Error::file(&self.name, format!("embedded tokenizer: {e}")))
     }
 
-    fn read(&self, gguf: &str) -> Result<QTensor> {
-        let info = self
-            .file
+    /// The bytes the metadata arrays lie in.
+    fn header(&self) -> &[u8] {
+        match &self.data {
+            Data::Whole(bytes) => bytes,
+            Data::Ranged { header, .. } => header,
+        }
+    }
+
+    /// Tensor `gguf` as stored. After its `last` read its bytes are let go: a mapped file's
+    /// pages leave memory, a ranged file's staged copy is dropped.
+    fn read(&self, gguf: &str, last: bool) -> Result<QTensor> {
+        let info = self.info(gguf)?;
+        let build = |bytes: &[u8]| {
+            qtensor(info.dtype, bytes, info.shape.clone())
+                .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))
+        };
+        match &self.data {
+            Data::Whole(bytes) => {
+                // `parse` has checked that the range lies within the file (whose bytes
+                // these are) and fits type and shape.
+                let range = info.bytes.start as usize..info.bytes.end as usize;
+                let q = build(&bytes[range.clone()])?;
+                if last {
+                    bytes.release(range);
+                }
+                Ok(q)
+            }
+            Data::Ranged { tensors, .. } => {
+                tensors.with(&info.bytes, info.bytes.clone(), gguf, last, build)
+            }
+        }
+    }
+
+    fn info(&self, gguf: &str) -> Result<&TensorInfo> {
+        self.file
             .tensors
             .get(gguf)
-            .ok_or_else(|| Error::file(&self.name, format!("tensor {gguf} is missing")))?;
-        // `parse` has checked that the range lies within the file and fits type and shape.
-        let q = qtensor(
-            info.dtype,
-            &self.bytes[info.bytes.clone()],
-            info.shape.clone(),
-        )
-        .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))?;
-        // The blocks were copied out of the file's bytes.
-        self.bytes.release(info.bytes.clone());
-        Ok(q)
+            .ok_or_else(|| Error::file(&self.name, format!("tensor {gguf} is missing")))
     }
 
     /// Resolves a Hugging Face name. Old phi2 GGUFs (from the original `Wqkv` layout) store
@@ -298,9 +377,14 @@ impl TensorSource for Gguf {
     fn tensor(&self, hf: &str, shape: &[usize]) -> Result<Weight> {
         self.check_tensor(hf, shape)?;
         let q = match self.locate(hf)? {
-            Located::Whole(name) => self.read(&name)?,
-            Located::Rows { name, rows, .. } => {
-                let whole = self.read(&name)?;
+            Located::Whole(name) => self.read(&name, true)?,
+            Located::Rows {
+                name,
+                rows,
+                shape: fused,
+            } => {
+                // q, k and v each read the fused tensor; the last of them lets it go.
+                let whole = self.read(&name, fused.first() == Some(&rows.end))?;
                 if shape.len() == 1 {
                     let t = whole
                         .dequantize(&Device::Cpu)?
@@ -326,6 +410,19 @@ impl TensorSource for Gguf {
         } else {
             Ok(Weight::Quantized(Arc::new(q)))
         }
+    }
+
+    fn fetch<'a>(&'a self, hf: &'a str, shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_tensor(hf, shape)?;
+            let Data::Ranged { tensors, .. } = &self.data else {
+                return Ok(());
+            };
+            let name = match self.locate(hf)? {
+                Located::Whole(name) | Located::Rows { name, .. } => name,
+            };
+            tensors.fetch(self.info(&name)?.bytes.clone(), &name).await
+        })
     }
 
     fn check_tensor(&self, hf: &str, shape: &[usize]) -> Result<()> {
@@ -366,8 +463,12 @@ impl TensorSource for Gguf {
                 name: name.clone(),
                 shape: info.shape.clone(),
                 dtype: format!("{:?}", info.dtype),
-                bytes: info.bytes.len() as u64,
+                bytes: info.bytes.end - info.bytes.start,
             })
             .collect()
     }
+}
+
+fn invalid(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::file(name, format!("not a valid GGUF file: {e}"))
 }

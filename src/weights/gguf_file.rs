@@ -102,12 +102,12 @@ pub struct GgufArray {
 }
 
 /// One tensor of the table: its type, shape (row-major, outermost first, as candle uses
-/// it) and where its bytes lie in the file.
+/// it) and where its bytes lie in the file (`u64`: in wasm32 a file may outgrow `usize`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
     pub dtype: GgmlDType,
     pub shape: Vec<usize>,
-    pub bytes: Range<usize>,
+    pub bytes: Range<u64>,
 }
 
 /// A parsed and validated GGUF header. It refers to the file by byte ranges; the bytes
@@ -118,17 +118,40 @@ pub struct GgufFile {
     pub tensors: BTreeMap<String, TensorInfo>,
 }
 
-/// Reads little-endian values from the file, failing (never panicking) past its end.
+/// What [`GgufFile::parse_prefix`] makes of the first bytes of a file.
+#[derive(Debug)]
+pub enum Parsed {
+    /// The whole header was in the bytes given.
+    Header(GgufFile),
+    /// The header goes on past them: read at least this many bytes from the start.
+    NeedBytes(usize),
+}
+
+/// Reads little-endian values from the first bytes of a file of `file_len` bytes, failing
+/// (never panicking) past their end. Counts are bounded by what the whole file can hold;
+/// a read past the bytes at hand that the file could still satisfy is recorded in `short`.
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    file_len: u64,
+    short: Option<usize>,
 }
 
 type ParseResult<T> = std::result::Result<T, String>;
 
 impl<'a> Reader<'a> {
+    fn whole(bytes: &'a [u8], pos: usize) -> Self {
+        Self {
+            bytes,
+            pos,
+            file_len: bytes.len() as u64,
+            short: None,
+        }
+    }
+
+    /// Bytes left in the file (not only in the bytes at hand), saturating in wasm32.
     fn left(&self) -> usize {
-        self.bytes.len() - self.pos
+        usize::try_from(self.file_len.saturating_sub(self.pos as u64)).unwrap_or(usize::MAX)
     }
 
     fn take(&mut self, n: usize, what: &str) -> ParseResult<&'a [u8]> {
@@ -139,8 +162,15 @@ impl<'a> Reader<'a> {
                 self.left()
             ));
         }
-        let out = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
+        let end = self.pos + n;
+        let Some(out) = self.bytes.get(self.pos..end) else {
+            self.short = Some(end);
+            return Err(format!(
+                "{what} lies past the first {} bytes read",
+                self.bytes.len()
+            ));
+        };
+        self.pos = end;
         Ok(out)
     }
 
@@ -278,7 +308,34 @@ impl GgufFile {
     /// Parses and validates the header of `bytes`: afterwards every tensor's byte range lies
     /// within `bytes` and matches its type and shape exactly.
     pub fn parse(bytes: &[u8]) -> ParseResult<Self> {
-        let mut r = Reader { bytes, pos: 0 };
+        match Self::parse_prefix(bytes, bytes.len() as u64)? {
+            Parsed::Header(file) => Ok(file),
+            // A whole file is never short of itself; said rather than assumed.
+            Parsed::NeedBytes(n) => Err(format!("the header needs {n} bytes")),
+        }
+    }
+
+    /// Parses and validates the header of a file of `file_len` bytes from its first
+    /// `bytes`, as a file read by ranges must be: afterwards every tensor's byte range lies
+    /// within the file, and every array within `bytes`. A valid file's header is parsed
+    /// the same from any prefix that holds it, and from a shorter one asks for more.
+    pub fn parse_prefix(bytes: &[u8], file_len: u64) -> ParseResult<Parsed> {
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            file_len,
+            short: None,
+        };
+        match Self::read_header(&mut r) {
+            Ok(file) => Ok(Parsed::Header(file)),
+            Err(e) => match r.short {
+                Some(need) => Ok(Parsed::NeedBytes(need)),
+                None => Err(e),
+            },
+        }
+    }
+
+    fn read_header(r: &mut Reader) -> ParseResult<Self> {
         let magic = r.array::<4>("the magic number")?;
         if &magic != MAGIC {
             return Err(if magic == *b"FUGG" {
@@ -347,12 +404,10 @@ impl GgufFile {
         let mut tensors = BTreeMap::new();
         for (name, dtype, ggml_dims, offset) in table {
             let info = tensor_info(&name, dtype, ggml_dims, offset, data_start, alignment)?;
-            if info.bytes.end > bytes.len() {
+            if info.bytes.end > r.file_len {
                 return Err(format!(
                     "tensor {name} lies at bytes {}..{}, past the end of the {}-byte file",
-                    info.bytes.start,
-                    info.bytes.end,
-                    bytes.len()
+                    info.bytes.start, info.bytes.end, r.file_len
                 ));
             }
             if tensors.insert(name.clone(), info).is_some() {
@@ -386,14 +441,15 @@ fn tensor_info(
         .ok_or_else(overflow)?;
     let len = (elems / block)
         .checked_mul(dtype.type_size())
-        .ok_or_else(overflow)?;
-    let offset = usize::try_from(offset).map_err(|_| overflow())?;
-    if !offset.is_multiple_of(alignment) {
+        .ok_or_else(overflow)? as u64;
+    if !offset.is_multiple_of(alignment as u64) {
         return Err(format!(
             "tensor {name}: offset {offset} is not a multiple of the alignment {alignment}"
         ));
     }
-    let start = data_start.checked_add(offset).ok_or_else(overflow)?;
+    let start = (data_start as u64)
+        .checked_add(offset)
+        .ok_or_else(overflow)?;
     let end = start.checked_add(len).ok_or_else(overflow)?;
     let mut shape = ggml_dims;
     shape.reverse();
@@ -409,10 +465,7 @@ impl GgufArray {
         let bytes = file
             .get(..self.bytes.end)
             .ok_or("the array lies past the end of the file")?;
-        Ok(Reader {
-            bytes,
-            pos: self.bytes.start,
-        })
+        Ok(Reader::whole(bytes, self.bytes.start))
     }
 
     /// The elements as strings (a string array), decoded from `file`.
@@ -510,6 +563,42 @@ mod tests {
         let mut s = (u64::MAX).to_le_bytes().to_vec();
         s.extend(b"abc");
         assert!(GgufFile::parse(&file(&[kv("s", 8, &s)])).is_err());
+    }
+
+    #[test]
+    fn a_prefix_either_holds_the_whole_header_or_asks_for_more() {
+        // The q8_0 fixture embeds its tokenizer: a header of ~1.5 MB.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-phi-q8_0.gguf"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let whole = GgufFile::parse(&bytes).unwrap();
+        let len = bytes.len();
+        let mut header_end = None;
+        for cut in (0..4096).chain((4096..len).step_by(9973)) {
+            match GgufFile::parse_prefix(&bytes[..cut], len as u64).unwrap() {
+                Parsed::NeedBytes(n) => {
+                    assert!(n > cut && n <= len, "{cut}: asked for {n}");
+                    assert!(header_end.is_none(), "{cut}: short after a whole header");
+                }
+                Parsed::Header(f) => {
+                    assert_eq!(
+                        (f.metadata, f.tensors),
+                        (whole.metadata.clone(), whole.tensors.clone())
+                    );
+                    header_end.get_or_insert(cut);
+                }
+            }
+        }
+        assert!(
+            header_end.is_some_and(|end| end > 1 << 20),
+            "{header_end:?}"
+        );
+        // A file's own errors are errors from a prefix too, not a request for more.
+        let mut bad = bytes.clone();
+        bad[4] = 9;
+        assert!(GgufFile::parse_prefix(&bad[..64], len as u64).is_err());
     }
 
     #[test]

@@ -23,6 +23,8 @@ mod safetensors;
 pub use self::adapter::{merge_lora, Adapter, WithAdapter};
 pub use self::bytes::Bytes;
 pub use self::gguf::Gguf;
+#[cfg(not(target_arch = "wasm32"))] // for `fuzzing`
+pub(crate) use self::gguf_file::{GgufFile, Parsed};
 pub use self::gguf_write::write_gguf;
 pub use self::msft::{is_msft, MsftLayout};
 pub use self::quantize::{Quantization, QuantizeOnLoad};

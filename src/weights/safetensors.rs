@@ -7,7 +7,6 @@
 //! The header is read here rather than by the `safetensors` crate because its offsets are
 //! `usize`: in wasm32 that is 32 bits, and Phi-2's first shard is 5 GB.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
@@ -17,6 +16,7 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::range_read::{read_exact, Staged};
 use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::BoxFuture;
@@ -27,11 +27,8 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Where a shard's bytes are.
 enum Data {
     Whole(Bytes),
-    /// Read by ranges; `staged` holds what `fetch` read until a tensor is built from it.
-    Ranged {
-        file: Rc<dyn RangeRead>,
-        staged: RefCell<HashMap<Range<u64>, Vec<u8>>>,
-    },
+    /// Read by ranges, tensor by tensor as they are fetched.
+    Ranged(Staged),
 }
 
 /// One tensor's header entry, with its bytes' place in the file.
@@ -173,22 +170,13 @@ impl Safetensors {
             if len == 0 {
                 return Err(Error::file(&name, "file is empty"));
             }
-            let first8 = file.read(0..8.min(len)).await?;
+            let first8 = read_exact(&*file, &name, 0..8.min(len), "the header").await?;
             let n = header_len(&name, &first8, len)?;
-            let json = file.read(8..8 + n).await?;
-            if json.len() as u64 != n {
-                return Err(Error::file(
-                    &name,
-                    format!("reading the header: {} bytes came back for {n}", json.len()),
-                ));
-            }
+            let json = read_exact(&*file, &name, 8..8 + n, "the header").await?;
             let tensors = parse_header(&name, &json, len)?;
             shards.push(Shard {
+                data: Data::Ranged(Staged::new(name.clone(), file)),
                 name,
-                data: Data::Ranged {
-                    file,
-                    staged: RefCell::default(),
-                },
                 tensors,
             });
         }
@@ -286,18 +274,7 @@ impl Safetensors {
                 }
                 Ok(t)
             }
-            Data::Ranged { staged, .. } => {
-                let mut staged = staged.borrow_mut();
-                let bytes = staged.get(&info.extent).ok_or_else(|| {
-                    Error::input(format!("tensor {name} was read before it was fetched"))
-                })?;
-                let from = info.extent.start;
-                let t = load(within(bytes, &(range.start - from..range.end - from)))?;
-                if last {
-                    staged.remove(&info.extent);
-                }
-                Ok(t)
-            }
+            Data::Ranged(staged) => staged.with(&info.extent, range, name, last, load),
         }
     }
 
@@ -320,28 +297,10 @@ impl TensorSource for Safetensors {
         Box::pin(async move {
             self.check_tensor(name, shape)?;
             let (shard, info) = self.locate(name)?;
-            let Data::Ranged { file, staged } = &shard.data else {
-                return Ok(());
-            };
-            if staged.borrow().contains_key(&info.extent) {
-                return Ok(());
+            match &shard.data {
+                Data::Ranged(staged) => staged.fetch(info.extent.clone(), name).await,
+                Data::Whole(_) => Ok(()),
             }
-            let bytes = file
-                .read(info.extent.clone())
-                .await
-                .map_err(|e| Error::file(&shard.name, format!("reading tensor {name}: {e}")))?;
-            let expected = info.extent.end - info.extent.start;
-            if bytes.len() as u64 != expected {
-                return Err(Error::file(
-                    &shard.name,
-                    format!(
-                        "reading tensor {name}: {} bytes came back for {expected}",
-                        bytes.len()
-                    ),
-                ));
-            }
-            staged.borrow_mut().insert(info.extent.clone(), bytes);
-            Ok(())
         })
     }
 

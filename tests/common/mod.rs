@@ -123,3 +123,62 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     );
     out
 }
+
+/// A local file read through `RangeRead`, as the page reads a download it keeps on disk,
+/// recording each read.
+pub struct Recorded {
+    pub bytes: Vec<u8>,
+    pub reads: std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<u64>>>>,
+    /// Give back one byte less than asked from the given read on, as a cut-short read would.
+    pub short_from: usize,
+}
+
+impl medphi::weights::RangeRead for Recorded {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read(
+        &self,
+        range: std::ops::Range<u64>,
+    ) -> medphi::model::BoxFuture<'_, medphi::Result<Vec<u8>>> {
+        self.reads.borrow_mut().push(range.clone());
+        let mut out = self.bytes[range.start as usize..range.end as usize].to_vec();
+        if self.reads.borrow().len() > self.short_from {
+            out.pop();
+        }
+        Box::pin(std::future::ready(Ok(out)))
+    }
+}
+
+pub type Reads = std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<u64>>>>;
+
+/// Logits of every row of `ids`, the model loaded as the page loads a streamed checkpoint
+/// (each tensor fetched, then read): on the GPU (emulator kernels) or the CPU model.
+pub fn streamed_logits(ckpt: &Checkpoint, ids: &[u32], gpu: bool) -> Vec<f32> {
+    use medphi::backend::{Backend, Want};
+    use medphi::gpu::{GpuBackend, KernelChoice};
+    use pollster::block_on;
+    let cfg = &ckpt.config;
+    if gpu {
+        let src = ckpt.weights.as_ref();
+        let mut backend =
+            block_on(GpuBackend::load(cfg, src, None, KernelChoice::Emulator)).unwrap();
+        block_on(backend.forward(ids, Want::AllRows))
+            .unwrap()
+            .rows()
+            .unwrap()
+    } else {
+        let read = block_on(medphi::weights::ReadAhead::read(
+            ckpt.weights.as_ref(),
+            cfg,
+            &mut |_| {},
+        ))
+        .unwrap();
+        forward_all(&Phi::load(cfg, &read, true).unwrap(), ids)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+}

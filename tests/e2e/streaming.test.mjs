@@ -2,8 +2,7 @@
 // safetensors checkpoint from another origin is read tensor by tensor with HTTP Range
 // requests and kept in Cache Storage in parts; dropped connections resume, broken parts are
 // evicted, a second visit works offline, an abort stops the reading, wasm memory stays far
-// below the checkpoint's size, and a GGUF too big for wasm memory is refused before it
-// downloads. Same harness as layouts.test.mjs (www/pkg built by scripts/build-web.sh,
+// below the checkpoint's size, and a GGUF streams in the same way (header first). Same harness as layouts.test.mjs (www/pkg built by scripts/build-web.sh,
 // python's http.server serving the repository root, Debian's headless Chromium) plus a
 // cross-origin server that answers Range requests as Hugging Face does, logs every request
 // and can cut or stall one. Measurements go to target/e2e/streaming.json.
@@ -11,7 +10,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:http';
-import { closeSync, copyFileSync, createReadStream, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, createReadStream, existsSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { launchChromium } from './harness.mjs';
 
@@ -628,47 +627,72 @@ test('a big f32 checkpoint streams onto WebGPU with wasm memory under half its s
 
 // ---- GGUF ----------------------------------------------------------------------------
 
-test('a GGUF too big for wasm memory is refused before it downloads (URL or picked file)', async () => {
-  const { page, errors, context } = await openPage();
-  const BIG_GGUF = 2.5 * 2 ** 30;
-  const path = 'tests/fixtures/tiny-phi/too-big.gguf';
-  // Served as a 2.5 GiB file whose body never comes: the refusal must not wait for it.
-  const pending = { closed: false };
-  faults.push({
-    path,
-    act: (req, res) =>
-      new Promise((done) => {
-        res.on('close', () => {
-          pending.closed = true;
-          done();
-        });
-        res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': BIG_GGUF });
-        res.flushHeaders();
-      }),
-  });
-  const sparse = `${out}/too-big.gguf`;
-  const fd = openSync(sparse, 'w');
-  ftruncateSync(fd, BIG_GGUF); // a sparse file: no disk blocks written
-  closeSync(fd);
-  const before = await page.evaluate(() => window.medphi.info);
-  const url = await settle(page, async (settle, url) => settle(window.medphi.load({ url, backend: 'cpu' })), `${remoteBase}${path}`);
-  for (let i = 0; i < 50 && !pending.closed; i++) await new Promise((res) => setTimeout(res, 100));
-  await page.click('#model-panel summary');
-  await page.setInputFiles('#model-files', sparse);
-  await page.click('#load-button');
-  await page.waitForSelector('#status.error', { timeout: 30_000 });
-  const status = await page.textContent('#status');
-  const after = await page.evaluate(async (prompt) => ({ info: window.medphi.info, g: await window.medphi.generate({ prompt, maxNewTokens: 4 }) }), PROMPT);
+const GGUF = 'tests/fixtures/tiny-phi-q8_0.gguf';
 
-  assert.equal(url.error?.name, 'FileError', JSON.stringify(url));
-  for (const message of [url.error.message, status]) {
-    assert.match(message, /too-big\.gguf: the GGUF file is 2\.5 GB/, message);
-    assert.match(message, /Use a q4_0 GGUF, or the safetensors checkpoint with quantize: 'q4_0'/, message);
-    assert.match(message, /still in use/, message);
+test('a cross-origin GGUF streams in by Range requests, header first, and gives the whole file\'s ids on both backends; a picked one too', async () => {
+  const { page, errors, context } = await openPage();
+  const url = `${remoteBase}${GGUF}`;
+  const size = statSync(`${root}${GGUF}`).size;
+  const partBytes = 64 * 1024;
+  // Small parts (a file keeps the part size it was first stored with), so that the header
+  // and each tensor are read from parts of their own.
+  await page.evaluate(
+    async ([name, key, book]) => (await caches.open(name)).put(key, new Response(JSON.stringify(book))),
+    [CACHE, `${url}?medphi=parts`, { size, partBytes, etag: etagOf(GGUF, `${root}${GGUF}`) }],
+  );
+  const notGguf = `${BIG_DIR}not-a-model.gguf`;
+  writeFileSync(`${root}${notGguf}`, 'this is text, not GGUF'.repeat(10));
+  const from = log.length;
+  const r = await page.evaluate(
+    async ([url, sameOrigin, bad, prompt, n]) => {
+      const m = window.medphi;
+      const generate = () => m.generate({ prompt, format: 'raw', maxNewTokens: n, temperature: 0 });
+      const out = {};
+      for (const backend of ['webgpu', 'cpu']) {
+        const kernels = backend === 'webgpu' ? { gpuKernels: 'emulator' } : {};
+        const events = [];
+        out[backend] = { info: await m.load({ url, backend, ...kernels, onProgress: (p) => events.push(p) }), g: await generate(), events };
+        out[`${backend}Whole`] = { info: await m.load({ url: sameOrigin, backend, ...kernels }), g: await generate() };
+      }
+      try {
+        await m.load({ url: bad, backend: 'cpu' });
+      } catch (e) {
+        out.bad = { name: e.name, message: e.message };
+      }
+      out.after = await generate();
+      return out;
+    },
+    [url, `../${GGUF}`, `${remoteBase}${notGguf}`, PROMPT, N],
+  );
+  for (const backend of ['webgpu', 'cpu']) {
+    assert.equal(r[backend].info.backend, backend);
+    assert.equal(r[backend].info.format, 'gguf');
+    assert.ok(r[backend].g.outputIds.length === N, `${backend}: ${r[backend].g.outputIds.length} ids`);
+    assert.deepEqual(r[backend].g.outputIds, r[`${backend}Whole`].g.outputIds, `${backend}: the streamed GGUF gives the ids of the same file read whole`);
+    const tensors = r[backend].events.filter((p) => p.tensor !== undefined);
+    assert.ok(tensors.length > 10 && tensors.every((p, i) => p.index === i), `${backend}: ${tensors.length} tensor events in order`);
   }
-  assert.ok(pending.closed, 'the page dropped the download instead of waiting for its body');
-  assert.equal(after.info.loadMs, before.loadMs, 'the bundled model is still in use, not even reloaded');
-  assert.ok(after.g.outputIds.length >= 1);
+  // The first load asked for the header's parts first, then every part of the file once, by
+  // its byte range; nothing downloaded it whole; the second load read the cache.
+  const ranges = rangesOf(GGUF, from);
+  assert.deepEqual(ranges[0], [0, partBytes - 1], 'the header comes first');
+  const want = Array.from({ length: Math.ceil(size / partBytes) }, (_, i) => [i * partBytes, Math.min(size, (i + 1) * partBytes) - 1]);
+  assert.deepEqual([...ranges].sort((a, b) => a[0] - b[0]), want, 'one Range request per part');
+  assert.equal(log.slice(from).filter((q) => q.path === GGUF && q.method === 'GET' && !q.range).length, 0, 'never downloaded whole');
+  // A file that is not GGUF is refused by name, and the model in use keeps working.
+  assert.equal(r.bad?.name, 'FileError', JSON.stringify(r.bad));
+  assert.match(r.bad.message, /not-a-model\.gguf: not a GGUF file/, r.bad.message);
+  assert.deepEqual(r.after.outputIds, r.cpuWhole.g.outputIds);
+
+  // Picked through the model panel: read with Blob.slice, the same ids.
+  await page.click('#model-panel summary');
+  await page.check('input[name=source][value=files]');
+  await page.check('input[name=backend][value=cpu]');
+  await page.setInputFiles('#model-files', `${root}${GGUF}`);
+  await page.click('#load-button');
+  await page.waitForSelector('#status:has-text("Ready: tiny-phi-q8_0")', { timeout: 120_000 });
+  const picked = await page.evaluate(([prompt, n]) => window.medphi.generate({ prompt, format: 'raw', maxNewTokens: n, temperature: 0 }), [PROMPT, N]);
+  assert.deepEqual(picked.outputIds, r.cpuWhole.g.outputIds, 'picked GGUF');
   assert.deepEqual(unexpected(errors), []);
   await context.close();
 });
