@@ -59,8 +59,10 @@ cargo clippy --locked --lib --target wasm32-unknown-unknown --no-default-feature
 
 echo "== browser tests: wasm-pack test in headless Chromium (WebGPU on SwiftShader)"
 # SwiftShader runs the GPU kernels on the CPU: a test can take longer than the runner's
-# default 20 s, and it runs both GPU kernel families.
-WASM_BINDGEN_TEST_TIMEOUT=600 wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
+# default 20 s, and it runs both GPU kernel families. On a loaded machine the page can also
+# take longer than ChromeDriver's 300 s to answer one poll of its output, so webdriver.json
+# raises ChromeDriver's page-load and script timeouts to 30 minutes.
+WASM_BINDGEN_TEST_TIMEOUT=1200 wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
   --no-default-features --test web --test gpu_kernels 2>&1 | tee -a "$log"
 
 echo "== page end-to-end tests (playwright-core, Debian's chromium)"

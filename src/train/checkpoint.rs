@@ -21,6 +21,8 @@ const CHECKPOINTS: &str = "checkpoints";
 const STATE: &str = "trainer_state.json";
 /// Checkpoints kept: the newest, and one before it in case the newest is damaged.
 const KEEP: usize = 2;
+/// The name of a checkpoint folder being written, before its step number.
+const UNCOMMITTED: &str = ".tmp-step-";
 /// The model files a checkpoint shares with the output folder (those it has).
 const MODEL_FILES: [&str; 5] = [
     "config.json",
@@ -50,7 +52,7 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     pub fn new(out: &Path, step: u64) -> Result<Self> {
         let root = out.join(CHECKPOINTS);
-        let tmp = root.join(format!(".tmp-step-{step:08}"));
+        let tmp = root.join(format!("{UNCOMMITTED}{step:08}"));
         if tmp.exists() {
             // Left by a run killed while writing this step: never part of a checkpoint.
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(tmp.display(), e))?;
@@ -114,11 +116,30 @@ impl CheckpointWriter {
             }
         }
         sync_dir(&self.out)?;
-        for old in checkpoints(&self.out)?.into_iter().skip(KEEP) {
-            std::fs::remove_dir_all(&old.1).map_err(|e| Error::file(old.1.display(), e))?;
-        }
+        prune(&self.out)?;
         Ok(dir)
     }
+}
+
+/// Drops checkpoints older than the last `KEEP` and folders of saves that never committed.
+/// A run killed between a commit and its pruning (or mid-save) leaves them behind; the next
+/// commit, or the end of a resumed run that had nothing left to save, clears them.
+pub fn prune(out: &Path) -> Result<()> {
+    for old in checkpoints(out)?.into_iter().skip(KEEP) {
+        std::fs::remove_dir_all(&old.1).map_err(|e| Error::file(old.1.display(), e))?;
+    }
+    let root = out.join(CHECKPOINTS);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::file(root.display(), e))?;
+        if entry.file_name().to_string_lossy().starts_with(UNCOMMITTED) {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(|e| Error::file(path.display(), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Checkpoint folders in `out`, newest first, as (step, path).
@@ -261,4 +282,33 @@ fn replace_with_link(from: &Path, to: &Path) -> Result<()> {
             .map_err(|e| Error::file(tmp.display(), e))?;
     }
     std::fs::rename(&tmp, to).map_err(|e| Error::file(to.display(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a run killed after its last commit but before pruning (and another killed
+    /// mid-save) leaves: pruning keeps the newest `KEEP` checkpoints and nothing else.
+    #[test]
+    fn pruning_keeps_the_newest_checkpoints_and_drops_unfinished_saves() {
+        let out = tempfile::tempdir().unwrap();
+        let root = out.path().join(CHECKPOINTS);
+        for name in [
+            "step-00000006",
+            "step-00000007",
+            "step-00000008",
+            ".tmp-step-00000005",
+        ] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join(STATE), "{}").unwrap();
+        }
+        prune(out.path()).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["step-00000007", "step-00000008"]);
+    }
 }

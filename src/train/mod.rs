@@ -355,7 +355,7 @@ impl Trainer {
         if self.saved < self.step || !checkpoint::exists(out)? {
             self.save(out)?;
         }
-        Ok(())
+        checkpoint::prune(out)
     }
 
     fn train_step(&mut self) -> Result<StepMetrics> {
