@@ -341,7 +341,7 @@ impl GgufFile {
             return Err(if magic == *b"FUGG" {
                 "big-endian GGUF files are not supported".to_string()
             } else {
-                "not a GGUF file (no GGUF magic number)".to_string()
+                "it does not start with the GGUF magic number".to_string()
             });
         }
         let version = r.u32("the version")?;

@@ -681,7 +681,7 @@ test('a cross-origin GGUF streams in by Range requests, header first, and gives 
   assert.equal(log.slice(from).filter((q) => q.path === GGUF && q.method === 'GET' && !q.range).length, 0, 'never downloaded whole');
   // A file that is not GGUF is refused by name, and the model in use keeps working.
   assert.equal(r.bad?.name, 'FileError', JSON.stringify(r.bad));
-  assert.match(r.bad.message, /not-a-model\.gguf: not a GGUF file/, r.bad.message);
+  assert.match(r.bad.message, /not-a-model\.gguf: not a valid GGUF file: it does not start with the GGUF magic number/, r.bad.message);
   assert.deepEqual(r.after.outputIds, r.cpuWhole.g.outputIds);
 
   // Picked through the model panel: read with Blob.slice, the same ids.
