@@ -237,7 +237,7 @@ fn config_and_tokenizer(
 
 /// Safetensors weights, read through the phi-msft names when the file uses them (whichever
 /// config format came with it).
-fn in_its_layout(file: Safetensors, config: &PhiConfig) -> Box<dyn TensorSource> {
+pub(crate) fn in_its_layout(file: Safetensors, config: &PhiConfig) -> Box<dyn TensorSource> {
     if crate::weights::is_msft(|name| file.contains(name)) {
         Box::new(MsftLayout::new(Box::new(file), config))
     } else {

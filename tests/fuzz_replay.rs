@@ -76,12 +76,14 @@ fn replay(target: &str, run: impl Fn(&[u8]) -> Result<()>) {
 fn gguf_corpus() {
     replay("gguf", fuzzing::gguf);
     replay("gguf", fuzzing::gguf_forward);
+    replay("gguf", fuzzing::gguf_weights);
 }
 
 #[test]
 fn safetensors_corpus() {
     replay("safetensors", fuzzing::safetensors);
     replay("safetensors", fuzzing::safetensors_forward);
+    replay("safetensors", fuzzing::safetensors_weights);
 }
 
 #[test]
@@ -113,6 +115,7 @@ fn real_files_pass_the_fuzz_targets_code() {
     let q8 = std::fs::read(fixtures.join("tiny-phi-q8_0.gguf")).unwrap();
     fuzzing::gguf(&q8).unwrap();
     fuzzing::gguf_forward(&q8).unwrap();
+    fuzzing::gguf_weights(&q8).unwrap();
     // These two carry no tokenizer; the page is then given tokenizer.json beside them.
     let tokenizer = std::fs::read(fixtures.join("tiny-phi/tokenizer.json")).unwrap();
     for gguf in ["tiny-phi-q4_0.gguf", "tiny-phi-f16.gguf"] {

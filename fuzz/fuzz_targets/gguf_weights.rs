@@ -1,0 +1,5 @@
+#![no_main]
+//! See `medphi::fuzzing::gguf_weights`.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| medphi::fuzzing::assert_clean(medphi::fuzzing::gguf_weights(data)));
