@@ -174,6 +174,7 @@ fn safetensors_shards(data: &[u8]) -> Result<Option<(Vec<NamedBytes>, bool)>> {
     Ok(Some((weights, mode & 4 != 0)))
 }
 
+/// A `config.json`, and what is derived from it before any tensor is read.
 pub fn config_json(data: &[u8]) -> Result<()> {
     let text = std::str::from_utf8(data).map_err(|_| Error::input("not UTF-8"))?;
     let cfg = PhiConfig::from_json(text, "config.json")?;
