@@ -83,7 +83,7 @@ impl MetaType {
 }
 
 /// One metadata value. Arrays stay undecoded in the file (see [`GgufArray`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum MetaValue {
     Int(i128),
     F32(f32),
@@ -91,6 +91,23 @@ pub enum MetaValue {
     Bool(bool),
     String(String),
     Array(GgufArray),
+}
+
+/// Values are equal when they were read from the same bytes: floats compare by their bits,
+/// so a NaN in a file equals itself when the header is read again (from a prefix, say).
+impl PartialEq for MetaValue {
+    fn eq(&self, other: &Self) -> bool {
+        use MetaValue::*;
+        match (self, other) {
+            (Int(a), Int(b)) => a == b,
+            (F32(a), F32(b)) => a.to_bits() == b.to_bits(),
+            (F64(a), F64(b)) => a.to_bits() == b.to_bits(),
+            (Bool(a), Bool(b)) => a == b,
+            (String(a), String(b)) => a == b,
+            (Array(a), Array(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// An array in the metadata: its element type, length and where its elements lie.
