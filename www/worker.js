@@ -428,7 +428,7 @@ async function precheck(files) {
       continue;
     }
     if (file.read && base.endsWith('.gguf')) {
-      if (file.size < 4 || !isGguf(await file.read(0, 4))) throw bad(name, 'not a valid GGUF file: it does not start with the GGUF magic number');
+      if (file.size < 4 || !isGguf(await file.read(0, 4))) throw bad(name, NOT_GGUF);
       continue;
     }
     const { bytes } = file;
@@ -447,10 +447,13 @@ async function precheck(files) {
       if (n > bytes.length - 8) throw bad(name, 'not a safetensors file (its header runs past the end of the file)');
       safetensorsHeader(name, bytes.subarray(8, 8 + n), bytes.length - 8 - n);
     } else if (base.endsWith('.gguf')) {
-      if (bytes.length < 4 || !isGguf(bytes.subarray(0, 4))) throw bad(name, 'not a valid GGUF file: it does not start with the GGUF magic number');
+      if (bytes.length < 4 || !isGguf(bytes.subarray(0, 4))) throw bad(name, NOT_GGUF);
     }
   }
 }
+
+/** The parser's own words (src/weights/gguf_file.rs) for a file without GGUF magic. */
+const NOT_GGUF = 'not a valid GGUF file: it does not start with the GGUF magic number';
 
 function isGguf(first4) {
   return new TextDecoder().decode(first4) === 'GGUF';

@@ -353,9 +353,12 @@ impl Trainer {
             }
         }
         if self.saved < self.step || !checkpoint::exists(out)? {
-            self.save(out)?;
+            self.save(out)
+        } else {
+            // Saving prunes; a resumed run with nothing left to save may still hold what a
+            // kill between a commit and its pruning left behind.
+            checkpoint::prune(out)
         }
-        checkpoint::prune(out)
     }
 
     fn train_step(&mut self) -> Result<StepMetrics> {
