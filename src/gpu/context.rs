@@ -20,6 +20,9 @@ pub struct GpuInfo {
     pub subgroup_max_size: u32,
 }
 
+/// Bytes copied into a new buffer per mapped view (a multiple of wgpu's 8-byte map alignment).
+const UPLOAD_SLICE: usize = 16 << 20;
+
 /// Buffers are whole multiples of this many bytes, so kernels can bind them as vec4 arrays.
 const VEC4: usize = 16;
 
@@ -138,30 +141,31 @@ impl GpuContext {
         let contents = format.device_bytes(bytes, rows, cols);
         let size = contents.len().max(1).next_multiple_of(VEC4);
         self.check_binding(label, size as u64)?;
-        // Written from the bytes in place (a new buffer reads as zeros past them): a buffer
-        // mapped at creation would hold a second copy of a 524 MB output layer in the
-        // tab's wasm memory until it is unmapped.
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: size as u64,
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+            mapped_at_creation: true,
         });
-        // Writes are whole 4-byte words; a ragged end is padded on its own.
-        let whole = contents.len() / 4 * 4;
-        if whole > 0 {
-            self.queue.write_buffer(&buffer, 0, &contents[..whole]);
+        // Mapped at creation, not `queue.write_buffer`: Chromium sends written bytes through
+        // its command stream, and a renderer that has filled it waits synchronously for the
+        // GPU process (a mapped buffer's bytes go by shared memory instead). Copied a slice
+        // at a time, because the browser stages each mapped view in wasm memory: a whole
+        // 524 MB output layer would be held there twice. The padding past the bytes reads as
+        // zeros, as every new buffer does.
+        for start in (0..contents.len()).step_by(UPLOAD_SLICE) {
+            let end = (start + UPLOAD_SLICE).min(contents.len());
+            let view_end = end.next_multiple_of(4) as u64;
+            let mut view = buffer
+                .slice(start as u64..view_end)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::gpu(format!("{label}: cannot map the new buffer: {e:?}")))?;
+            view.slice(..end - start)
+                .copy_from_slice(&contents[start..end]);
         }
-        if whole < contents.len() {
-            let mut tail = [0u8; 4];
-            tail[..contents.len() - whole].copy_from_slice(&contents[whole..]);
-            self.queue.write_buffer(&buffer, whole as u64, &tail);
-        }
-        // Pending writes keep their staging copies until a submission: flushed per tensor,
-        // a load holds one tensor's staging at a time, not the whole model's.
-        self.queue.submit(std::iter::empty());
+        buffer.unmap();
         Ok(GpuTensor {
             buffer,
             shape: shape.to_vec(),
