@@ -62,8 +62,16 @@ echo "== browser tests: wasm-pack test in headless Chromium (WebGPU on SwiftShad
 # default 20 s, and it runs both GPU kernel families. On a loaded machine the page can also
 # take longer than ChromeDriver's 300 s to answer one poll of its output, so webdriver.json
 # raises ChromeDriver's page-load and script timeouts to 30 minutes.
-WASM_BINDGEN_TEST_TIMEOUT=1200 wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
-  --no-default-features --test web --test gpu_kernels 2>&1 | tee -a "$log"
+if ! WASM_BINDGEN_TEST_TIMEOUT=1200 wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" \
+  --no-default-features --test web --test gpu_kernels 2>&1 | tee -a "$log"; then
+  # A browser that stopped answering leaves its profile behind: its log says what Chromium saw.
+  chrome_log="$(ls -t /tmp/org.chromium.Chromium.scoped_dir.*/chrome_debug.log 2>/dev/null | head -1 || true)"
+  if [ -n "$chrome_log" ]; then
+    echo "== $chrome_log (D-Bus lines left out)"
+    grep -v dbus "$chrome_log" | tail -n 60
+  fi
+  exit 1
+fi
 
 echo "== page end-to-end tests (playwright-core, Debian's chromium)"
 # The layouts test compares the page with the CLI: the binary `cargo test` built above.
