@@ -68,7 +68,8 @@ impl Next {
     }
 }
 
-/// What the last forward cost on a device (for `medphi bench`).
+/// What the last forward cost on a device (for `medphi bench`); on the CPU, where there are
+/// no dispatches and nothing to copy back, only `bytes_moved`.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct DeviceStats {
     /// Compute dispatches recorded.
@@ -98,7 +99,7 @@ pub trait Backend {
     /// The logits row of the last position of the last forward, for a sampling draw that
     /// lands outside the candidates it returned.
     fn last_row(&mut self) -> BoxFuture<'_, Result<Vec<f32>>>;
-    /// The device work of the last forward call; `None` for the CPU.
+    /// The device work of the last forward call (on the CPU only the bytes it read).
     fn device_stats(&self) -> Option<DeviceStats> {
         None
     }
@@ -137,6 +138,8 @@ pub struct CpuBackend {
     cache: KvCache,
     /// The last row of the last forward that picked a token from it (moved out by `last_row`).
     last_row: Vec<f32>,
+    /// Bytes the last forward read from memory.
+    bytes_read: usize,
 }
 
 impl CpuBackend {
@@ -150,6 +153,7 @@ impl CpuBackend {
             model,
             cache,
             last_row: Vec::new(),
+            bytes_read: 0,
         })
     }
 }
@@ -202,6 +206,12 @@ impl Backend for CpuBackend {
             Ok(std::mem::take(&mut self.last_row))
         })
     }
+    fn device_stats(&self) -> Option<DeviceStats> {
+        Some(DeviceStats {
+            bytes_moved: self.bytes_read,
+            ..DeviceStats::default()
+        })
+    }
 }
 
 /// Tokens per CPU forward: a long prompt's attention scores (heads × chunk × context
@@ -215,7 +225,9 @@ impl CpuBackend {
         }
         let mut out = Vec::new();
         let pieces = tokens.chunks(CPU_CHUNK).count();
+        self.bytes_read = 0;
         for (i, piece) in tokens.chunks(CPU_CHUNK).enumerate() {
+            self.bytes_read += self.model.bytes_read(piece.len(), self.cache.len());
             let input = Tensor::new(piece, self.model.device())?.unsqueeze(0)?;
             let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
             if which == Logits::All || i + 1 == pieces {

@@ -23,7 +23,7 @@ pub fn prompt_ids(tokenizer: &PhiTokenizer, len: usize) -> Result<Vec<u32>> {
 pub struct Speed {
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
-    /// What the last decode token read from device memory (GPU backends).
+    /// What the last decode token read from device memory (main memory on the CPU).
     pub bytes_per_token: Option<usize>,
     /// `bytes_per_token` × decode tok/s, in GB/s.
     pub effective_gb_s: Option<f64>,

@@ -4,5 +4,6 @@ mod cli;
 
 fn main() -> std::process::ExitCode {
     cli::memory::keep_freed_memory();
+    cli::threads::settle_thread_count();
     cli::main()
 }

@@ -318,19 +318,23 @@ fn sampling_on_the_gpu_matches_the_cpu_and_reads_back_candidates() {
 }
 
 /// `medphi bench` on the GPU says which kernel family ran, what a decode token moves and the
-/// bandwidth that makes.
+/// bandwidth that makes; on the CPU, what a decode token reads, the same weights held alike.
 #[test]
 fn bench_reports_the_kernel_family_and_bandwidth() {
-    for family in ["gpu", "emulator"] {
+    let bench = |backend: &str, family: &str| {
         let out = run_ok(
             medphi_cmd()
                 .env("MEDPHI_GPU_KERNELS", family)
                 .args(["bench", "--model"])
                 .arg(fixtures().join("tiny-phi"))
-                .args(["--backend", "wgpu", "--prompt-len", "8", "--gen", "4"])
+                .args(["--backend", backend, "--prompt-len", "8", "--gen", "4"])
                 .args(["--rounds", "1", "--json"]),
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let cpu = bench("cpu", "auto");
+    for family in ["gpu", "emulator"] {
+        let v = bench("wgpu", family);
         assert_eq!(v["kernels"], family);
         // Two layers of weights at least, and the output layer's 51,200 rows.
         assert!(
@@ -338,5 +342,12 @@ fn bench_reports_the_kernel_family_and_bandwidth() {
             "{v}"
         );
         assert!(v["effective_gb_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["bytes_per_token"], cpu["bytes_per_token"], "{v}\n{cpu}");
     }
+    let gb_s =
+        cpu["bytes_per_token"].as_f64().unwrap() * cpu["decode_tok_s"].as_f64().unwrap() / 1e9;
+    assert!(
+        (cpu["effective_gb_s"].as_f64().unwrap() - gb_s).abs() < 1e-9 * gb_s.max(1.0),
+        "{cpu}"
+    );
 }

@@ -13,6 +13,7 @@ mod generate;
 mod gpu_info;
 mod info;
 pub mod memory;
+pub mod threads;
 mod train;
 
 use std::path::PathBuf;

@@ -6,6 +6,8 @@ pub mod grad_kernels;
 mod kv_cache;
 pub mod names;
 mod phi;
+#[cfg(target_arch = "x86_64")]
+pub mod q8_matmul;
 mod source;
 
 pub use config::{Activation, PhiConfig};

@@ -11,10 +11,13 @@
 //!
 //! With `fused = true` (inference) LayerNorm, rotary and softmax use candle's fused CPU
 //! kernels. Those record no backward pass, so training builds the model with
-//! `fused = false`: LayerNorm, gelu_new and the causal softmax then come from
-//! `grad_kernels` (fused CPU kernels with their own backward pass, composed primitives on
-//! other devices) and rotary is composed from differentiable primitives.
+//! `fused = false`: LayerNorm and the causal softmax then come from `grad_kernels` (fused
+//! CPU kernels with their own backward pass, composed primitives on other devices) and
+//! rotary is composed from differentiable primitives. gelu_new comes from `grad_kernels`
+//! in both: its one `exp` per value costs a fraction of candle's libm `tanhf`.
 
+#[cfg(target_arch = "x86_64")]
+use candle_core::quantized::GgmlDType;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -22,6 +25,8 @@ use super::config::{Activation, PhiConfig};
 use super::grad_kernels;
 use super::kv_cache::KvCache;
 use super::names::{expected_tensors, Site};
+#[cfg(target_arch = "x86_64")]
+use super::q8_matmul::Q8Matrix;
 use super::source::{TensorSource, Weight};
 use crate::error::{Error, Result};
 
@@ -41,6 +46,9 @@ struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
+    /// q8_0 on an x86-64 CPU with AVX-512 VNNI, by our own kernel (q8_matmul.rs says why).
+    #[cfg(target_arch = "x86_64")]
+    Q8(Q8Matrix),
 }
 
 impl Linear {
@@ -50,15 +58,44 @@ impl Linear {
         let bias = Some(src.tensor(&b.hf(), &b.shape(cfg))?.dense()?);
         let weight = match weight {
             Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
+            #[cfg(target_arch = "x86_64")]
+            Weight::Quantized(q) if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() => {
+                let (rows, cols) = q.shape().dims2()?;
+                match Q8Matrix::for_this_cpu(&q.data()?, rows, cols)? {
+                    Some(m) => LinearWeight::Q8(m),
+                    None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+                }
+            }
             Weight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
         };
         Ok(Self { weight, bias })
+    }
+
+    /// Bytes one product reads: the weight as held, and the bias.
+    fn bytes(&self) -> usize {
+        let weight = match &self.weight {
+            LinearWeight::Dense(l) => tensor_bytes(l.weight()),
+            LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+            #[cfg(target_arch = "x86_64")]
+            LinearWeight::Q8(q) => q.bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, tensor_bytes)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
+            #[cfg(target_arch = "x86_64")]
+            LinearWeight::Q8(q) => {
+                let mut dims = x.dims().to_vec();
+                let values = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                if let Some(last) = dims.last_mut() {
+                    *last = q.rows();
+                }
+                Tensor::from_vec(q.matmul(&values)?, dims, x.device())?.to_dtype(x.dtype())?
+            }
         };
         Ok(match &self.bias {
             Some(b) => grad_kernels::add_bias(&y, b)?,
@@ -81,6 +118,10 @@ impl LayerNorm {
             bias: src.tensor(&b.hf(), &b.shape(cfg))?.dense()?,
             eps: cfg.layer_norm_eps,
         })
+    }
+
+    fn bytes(&self) -> usize {
+        tensor_bytes(&self.weight) + tensor_bytes(&self.bias)
     }
 
     fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
@@ -170,7 +211,16 @@ struct Block {
     fc2: Linear,
 }
 
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 impl Block {
+    fn bytes(&self) -> usize {
+        let linears = [&self.q, &self.k, &self.v, &self.dense, &self.fc1, &self.fc2];
+        self.norm.bytes() + linears.iter().map(|l| l.bytes()).sum::<usize>()
+    }
+
     fn load(src: &dyn TensorSource, cfg: &PhiConfig, i: usize) -> Result<Self> {
         Ok(Self {
             norm: LayerNorm::load(src, Site::Norm(i), cfg)?,
@@ -258,6 +308,22 @@ impl Phi {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Bytes a forward of `tokens` tokens after `cached` ones reads from memory: every
+    /// layer's and the head's weights as held, the embedding rows looked up and the KV cache
+    /// attended over. Per decode token, over the token's time, this is the bandwidth reached.
+    pub fn bytes_read(&self, tokens: usize, cached: usize) -> usize {
+        let cfg = &self.cfg;
+        let embed_row = match &self.embed {
+            QMatMul::QTensor(q) => q.storage_size_in_bytes() / cfg.vocab_size.max(1),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => tensor_bytes(t) / cfg.vocab_size.max(1),
+        };
+        let kv_row = cfg.num_key_value_heads * cfg.head_dim() * self.dtype.size_in_bytes();
+        let weights: usize = self.blocks.iter().map(Block::bytes).sum::<usize>()
+            + self.final_norm.bytes()
+            + self.lm_head.bytes();
+        weights + tokens * embed_row + 2 * cfg.num_hidden_layers * (cached + tokens) * kv_row
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens (at most the context length).
@@ -349,7 +415,6 @@ impl Phi {
         let attn = self.attention(block, &h, rope, mask, cache)?;
         let mlp = block.fc1.forward(&h)?;
         let mlp = match self.cfg.hidden_act {
-            Activation::GeluTanh if self.fused => mlp.gelu()?,
             Activation::GeluTanh => grad_kernels::gelu_tanh(&mlp)?,
             Activation::GeluErf => mlp.gelu_erf()?,
         };

@@ -381,8 +381,8 @@ impl Model {
 
     /// Times the prefill of a `promptLen`-token prompt and greedy decoding of `gen` tokens,
     /// as `medphi bench` does. Resolves to `{prefillTokS, decodeTokS, bytesPerToken,
-    /// effectiveGbS}` (the last two on WebGPU: what a decode token reads from GPU memory and
-    /// the bandwidth that makes). Forgets the cached conversation.
+    /// effectiveGbS}` (the last two: what a decode token reads from GPU memory, or memory on
+    /// the CPU, and the bandwidth that makes). Forgets the cached conversation.
     pub fn benchmark(&self, prompt_len: u32, gen: u32) -> js_sys::Promise {
         let shared = Rc::clone(&self.inner);
         future_to_promise(async move {

@@ -242,7 +242,7 @@ test('the Benchmark button shows the kernel family, tok/s, bytes per token and G
   assert.equal(await page.evaluate(() => window.medphi.info.kernels), 'gpu');
   assert.match(await page.textContent('#status'), /gpu kernels/);
 
-  // On the CPU backend: speeds, no GPU figures.
+  // On the CPU backend: speeds and bandwidth, no GPU kernels and no bar against a GPU's bandwidth.
   await page.check('input[name=backend][value=cpu]');
   await page.click('#load-button');
   await page.waitForSelector('#status:has-text("on CPU")', { timeout: 120_000 });
@@ -251,14 +251,15 @@ test('the Benchmark button shows the kernel family, tok/s, bytes per token and G
   const cpu = await shownBenchmark(page);
   assert.equal(cpu.kernels, 'no GPU kernels');
   assert.ok(numberIn(cpu.decode) > 0, cpu.decode);
-  assert.match(cpu.bandwidth, /^Effective bandwidth —$/);
+  assert.match(cpu.bytes, /^Read per token [\d.,e-]+ MB$/, cpu.bytes);
+  assert.ok(numberIn(cpu.bandwidth) > 0, cpu.bandwidth);
   assert.equal(cpu.bar, false);
   await page.locator('#benchmark-panel').screenshot({ path: `${out}/benchmark-cpu.png` });
   assert.deepEqual(errors, []);
   await context.close();
 });
 
-test('medphi.benchmark() measures decode and bandwidth on WebGPU, speeds only on the CPU', async () => {
+test('medphi.benchmark() measures decode, bytes per token and bandwidth on WebGPU and on the CPU', async () => {
   const { page, errors, context } = await openPage();
   const r = await settle(
     page,
@@ -307,8 +308,9 @@ test('medphi.benchmark() measures decode and bandwidth on WebGPU, speeds only on
   assert.equal(c.kernels, null);
   assert.equal(c.adapter, null);
   assert.ok(c.prefillTokS > 0 && c.decodeTokS > 0, JSON.stringify(c));
-  assert.equal(c.bytesPerToken, null);
-  assert.equal(c.effectiveGbS, null);
+  // The CPU reads every weight as held (the bundled model's f32 matrices) once per token.
+  assert.ok(c.bytesPerToken > 0 && c.bytesPerToken === w.bytesPerToken, `cpu ${c.bytesPerToken}, webgpu ${w.bytesPerToken}`);
+  assert.ok(Math.abs(c.effectiveGbS - (c.bytesPerToken * c.decodeTokS) / 1e9) < 1e-9 * Math.max(1, c.effectiveGbS), 'bytes × tok/s');
   metrics.benchmark_webgpu_emulator = w;
   metrics.benchmark_cpu = c;
   assert.deepEqual(errors, []);
