@@ -348,9 +348,11 @@ async fn bad_files_are_js_errors_not_aborts() {
     );
 }
 
-/// The page's Benchmark button: `medphi bench`'s measurement, with the bandwidth on WebGPU.
+/// The page's Benchmark button: `medphi bench`'s measurement, with bytes per token and
+/// bandwidth on both backends (the same f32 weights, read alike).
 #[wasm_bindgen_test]
 async fn benchmark_reports_speed_and_bandwidth() {
+    let mut bytes = Vec::new();
     for backend in ["cpu", "webgpu"] {
         let model = Model::load(
             fixture_files(),
@@ -367,14 +369,15 @@ async fn benchmark_reports_speed_and_bandwidth() {
         let number = |k: &str| get(&speed, k).as_f64();
         assert!(number("decodeTokS").unwrap() > 0.0, "{backend}");
         assert!(number("prefillTokS").unwrap() > 0.0, "{backend}");
-        if backend == "webgpu" {
-            // The output layer alone is 51,200 rows of 32 floats.
-            assert!(number("bytesPerToken").unwrap() > 51_200.0 * 32.0 * 4.0);
-            assert!(number("effectiveGbS").unwrap() > 0.0);
-        } else {
-            assert!(number("bytesPerToken").is_none());
-        }
+        // The output layer alone is 51,200 rows of 32 floats.
+        assert!(
+            number("bytesPerToken").unwrap() > 51_200.0 * 32.0 * 4.0,
+            "{backend}"
+        );
+        assert!(number("effectiveGbS").unwrap() > 0.0, "{backend}");
+        bytes.push(number("bytesPerToken"));
     }
+    assert_eq!(bytes[0], bytes[1]);
 }
 
 const MSFT_CONFIG: &[u8] = include_bytes!("fixtures/tiny-phi-msft/config.json");

@@ -204,12 +204,7 @@ impl GpuWeights {
             ctx,
             cfg,
             src,
-            stored_f16: src
-                .stored_tensors()
-                .into_iter()
-                .filter(|t| t.dtype == "F16")
-                .map(|t| t.name)
-                .collect(),
+            stored_f16: src.stored_f16(),
         };
         let vocab = cfg.vocab_size;
         let embed_id = Site::Embedding.weight();

@@ -2,6 +2,10 @@
 //! forward pass on candle tensors.
 
 mod config;
+#[cfg(target_arch = "x86_64")]
+mod disjoint;
+#[cfg(target_arch = "x86_64")]
+pub mod f16_matmul;
 pub mod grad_kernels;
 mod kv_cache;
 pub mod names;

@@ -18,10 +18,14 @@
 
 #[cfg(target_arch = "x86_64")]
 use candle_core::quantized::GgmlDType;
+use std::collections::HashSet;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, PhiConfig};
+#[cfg(target_arch = "x86_64")]
+use super::f16_matmul::F16Matrix;
 use super::grad_kernels;
 use super::kv_cache::KvCache;
 use super::names::{expected_tensors, Site};
@@ -49,14 +53,50 @@ enum LinearWeight {
     /// q8_0 on an x86-64 CPU with AVX-512 VNNI, by our own kernel (q8_matmul.rs says why).
     #[cfg(target_arch = "x86_64")]
     Q8(Q8Matrix),
+    /// Stored as f16, on an x86-64 CPU with AVX2 and F16C (f16_matmul.rs says why).
+    #[cfg(target_arch = "x86_64")]
+    F16(F16Matrix),
 }
 
 impl Linear {
-    fn load(src: &dyn TensorSource, site: Site, cfg: &PhiConfig) -> Result<Self> {
+    /// `stored_f16`: the names of matrices to keep f16 where a kernel serves them.
+    fn load(
+        src: &dyn TensorSource,
+        site: Site,
+        cfg: &PhiConfig,
+        stored_f16: &HashSet<String>,
+    ) -> Result<Self> {
         let (w, b) = (site.weight(), site.bias());
-        let weight = src.tensor(&w.hf(), &w.shape(cfg))?;
+        let (name, shape) = (w.hf(), w.shape(cfg));
+        let weight = match Self::stored_half(src, &name, &shape, stored_f16)? {
+            Some(half) => half,
+            None => Self::weight(src.tensor(&name, &shape)?)?,
+        };
         let bias = Some(src.tensor(&b.hf(), &b.shape(cfg))?.dense()?);
-        let weight = match weight {
+        Ok(Self { weight, bias })
+    }
+
+    /// A matrix stored as f16, read as stored (never widened to f32) where the f16 kernel
+    /// runs; `None` elsewhere, and for every other matrix.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn stored_half(
+        src: &dyn TensorSource,
+        name: &str,
+        shape: &[usize],
+        stored_f16: &HashSet<String>,
+    ) -> Result<Option<LinearWeight>> {
+        #[cfg(target_arch = "x86_64")]
+        if let (true, &[rows, cols]) = (stored_f16.contains(name) && F16Matrix::runs_here(), shape)
+        {
+            if let Some(values) = src.stored_f16_values(name, shape)? {
+                return Ok(Some(LinearWeight::F16(F16Matrix::new(values, rows, cols)?)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn weight(weight: Weight) -> Result<LinearWeight> {
+        Ok(match weight {
             Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
             #[cfg(target_arch = "x86_64")]
             Weight::Quantized(q) if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() => {
@@ -67,8 +107,7 @@ impl Linear {
                 }
             }
             Weight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
-        };
-        Ok(Self { weight, bias })
+        })
     }
 
     /// Bytes one product reads: the weight as held, and the bias.
@@ -79,6 +118,8 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
             #[cfg(target_arch = "x86_64")]
             LinearWeight::Q8(q) => q.bytes(),
+            #[cfg(target_arch = "x86_64")]
+            LinearWeight::F16(m) => m.bytes(),
         };
         weight + self.bias.as_ref().map_or(0, tensor_bytes)
     }
@@ -88,14 +129,9 @@ impl Linear {
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
             #[cfg(target_arch = "x86_64")]
-            LinearWeight::Q8(q) => {
-                let mut dims = x.dims().to_vec();
-                let values = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                if let Some(last) = dims.last_mut() {
-                    *last = q.rows();
-                }
-                Tensor::from_vec(q.matmul(&values)?, dims, x.device())?.to_dtype(x.dtype())?
-            }
+            LinearWeight::Q8(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
+            #[cfg(target_arch = "x86_64")]
+            LinearWeight::F16(m) => host_product(x, m.rows(), |v| m.matmul(v))?,
         };
         Ok(match &self.bias {
             Some(b) => grad_kernels::add_bias(&y, b)?,
@@ -211,6 +247,22 @@ struct Block {
     fc2: Linear,
 }
 
+/// `x`'s rows through one of our CPU kernels, which take and give plain f32 rows: the
+/// last dimension becomes `rows`.
+#[cfg(target_arch = "x86_64")]
+fn host_product(
+    x: &Tensor,
+    rows: usize,
+    product: impl Fn(&[f32]) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let values = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    Ok(Tensor::from_vec(product(&values)?, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
 fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
@@ -221,15 +273,21 @@ impl Block {
         self.norm.bytes() + linears.iter().map(|l| l.bytes()).sum::<usize>()
     }
 
-    fn load(src: &dyn TensorSource, cfg: &PhiConfig, i: usize) -> Result<Self> {
+    fn load(
+        src: &dyn TensorSource,
+        cfg: &PhiConfig,
+        i: usize,
+        stored_f16: &HashSet<String>,
+    ) -> Result<Self> {
+        let linear = |site| Linear::load(src, site, cfg, stored_f16);
         Ok(Self {
             norm: LayerNorm::load(src, Site::Norm(i), cfg)?,
-            q: Linear::load(src, Site::Q(i), cfg)?,
-            k: Linear::load(src, Site::K(i), cfg)?,
-            v: Linear::load(src, Site::V(i), cfg)?,
-            dense: Linear::load(src, Site::Dense(i), cfg)?,
-            fc1: Linear::load(src, Site::Fc1(i), cfg)?,
-            fc2: Linear::load(src, Site::Fc2(i), cfg)?,
+            q: linear(Site::Q(i))?,
+            k: linear(Site::K(i))?,
+            v: linear(Site::V(i))?,
+            dense: linear(Site::Dense(i))?,
+            fc1: linear(Site::Fc1(i))?,
+            fc2: linear(Site::Fc2(i))?,
         })
     }
 }
@@ -253,6 +311,13 @@ impl Phi {
     pub fn load(cfg: &PhiConfig, src: &dyn TensorSource, fused: bool) -> Result<Self> {
         cfg.validate()?;
         src.check(&expected_tensors(cfg))?;
+        // Matrices stored as f16 stay f16 for inference; training's (`fused = false`) stay
+        // candle tensors, which carry gradients.
+        let stored_f16 = if fused {
+            src.stored_f16()
+        } else {
+            HashSet::new()
+        };
         let e = Site::Embedding.weight();
         let (embed, dtype, device) = match src.tensor(&e.hf(), &e.shape(cfg))? {
             Weight::Dense(t) => {
@@ -265,7 +330,7 @@ impl Phi {
             }
         };
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(src, cfg, i))
+            .map(|i| Block::load(src, cfg, i, &stored_f16))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = LayerNorm::load(src, Site::FinalNorm, cfg)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -282,7 +347,7 @@ impl Phi {
                 bias: Some(bias),
             }
         } else {
-            Linear::load(src, Site::Head, cfg)?
+            Linear::load(src, Site::Head, cfg, &stored_f16)?
         };
         let rotary = Rotary::new(cfg, dtype, &device)?;
         Ok(Self {

@@ -18,6 +18,7 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 use rayon::prelude::*;
 
+use super::disjoint::Disjoint;
 use crate::error::{Error, Result};
 
 /// Values per q8_0 block.
@@ -163,7 +164,7 @@ impl Q8Matrix {
             quants: &xq.quants[j * cols..(j + 1) * cols],
         };
         let mut out = vec![0f32; m * rows];
-        let shared = Shared(out.as_mut_ptr());
+        let shared = Disjoint::new(&mut out);
         // A unit is one tile against up to four activation rows; a tile's units run one
         // after another, so its weights are read from memory once and then from cache.
         // Candle's own pool runs them: its workers spin between the model's other candle
@@ -197,20 +198,6 @@ impl Q8Matrix {
             }
         });
         Ok(out)
-    }
-}
-
-/// The output's base pointer, handed to the pool's threads, which write disjoint parts.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-
-// SAFETY: each unit writes only its own tile's values (see `matmul`).
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// A method, so closures capture the whole `Sync` wrapper rather than its raw field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

@@ -3,12 +3,14 @@
 //! of `names.rs`. Defined here, beside the model that asks, so the file formats depend on
 //! the model and not the other way round.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::Tensor;
+use half::f16;
 
 use crate::error::Result;
 
@@ -55,6 +57,12 @@ pub trait TensorSource {
     fn fetch<'a>(&'a self, _name: &'a str, _shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
         Box::pin(std::future::ready(Ok(())))
     }
+    /// The tensor `name` (of `shape`) as the f16 values it is stored as, unconverted, where
+    /// it is stored as f16 and the source can hand them over (`None` where not: the caller
+    /// reads it with `tensor`). Either call reads a tensor once.
+    fn stored_f16_values(&self, _name: &str, _shape: &[usize]) -> Result<Option<Vec<f16>>> {
+        Ok(None)
+    }
     /// Rows `rows` of the 2-D tensor `name` (of `shape`) as plain values, read without the
     /// rest of it, where the source can (`None` where it cannot: the caller reads the whole
     /// tensor). Converting a large matrix in row blocks keeps only one block's values in
@@ -77,4 +85,13 @@ pub trait TensorSource {
     }
     /// What the file holds, for `medphi info`.
     fn stored_tensors(&self) -> Vec<StoredTensor>;
+    /// Names of the tensors stored as f16 (handed over as f32, so converting back is exact):
+    /// the GPU and the CPU kernels keep these matrices f16.
+    fn stored_f16(&self) -> HashSet<String> {
+        self.stored_tensors()
+            .into_iter()
+            .filter(|t| t.dtype == "F16")
+            .map(|t| t.name)
+            .collect()
+    }
 }

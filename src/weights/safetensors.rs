@@ -14,6 +14,7 @@ use std::rc::Rc;
 use ::safetensors::tensor::{Dtype, TensorView};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 use serde::Deserialize;
 
 use super::range_read::{read_exact, Staged};
@@ -266,15 +267,27 @@ impl Safetensors {
                 .and_then(|t| t.to_dtype(self.dtype))
                 .map_err(|e| bad(e.to_string()))
         };
+        self.read((shard, info), name, range, last, load)
+    }
+
+    /// `use_bytes` on `range` of the shard's bytes, let go once `last` is read.
+    fn read<T>(
+        &self,
+        (shard, info): (&Shard, &Info),
+        name: &str,
+        range: Range<u64>,
+        last: bool,
+        use_bytes: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<T> {
         match &shard.data {
             Data::Whole(bytes) => {
-                let t = load(within(bytes, &range))?;
+                let t = use_bytes(within(bytes, &range))?;
                 if last {
                     bytes.release(range.start as usize..range.end as usize);
                 }
                 Ok(t)
             }
-            Data::Ranged(staged) => staged.with(&info.extent, range, name, last, load),
+            Data::Ranged(staged) => staged.with(&info.extent, range, name, last, use_bytes),
         }
     }
 
@@ -302,6 +315,23 @@ impl TensorSource for Safetensors {
                 Data::Whole(_) => Ok(()),
             }
         })
+    }
+
+    fn stored_f16_values(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f16>>> {
+        self.check_tensor(name, shape)?;
+        let found = self.locate(name)?;
+        if found.1.dtype != Dtype::F16 {
+            return Ok(None);
+        }
+        let extent = found.1.extent.clone();
+        // check_tensor has matched the extent to the shape: two bytes per value.
+        let values = self.read(found, name, extent, true, |bytes| {
+            Ok(bytes
+                .chunks_exact(2)
+                .map(|v| f16::from_le_bytes([v[0], v[1]]))
+                .collect())
+        })?;
+        Ok(Some(values))
     }
 
     fn dense_rows(
