@@ -4,7 +4,9 @@
 /// layer and token), and unless `RAYON_NUM_THREADS` is set it counts physical cores by
 /// reading `/proc/cpuinfo`: tens of microseconds each, over a millisecond per decoded token
 /// of a 14-layer model (seen in `perf` as `show_cpuinfo`). Setting the variable to the count
-/// candle would find keeps every pool the same size and skips the reads.
+/// candle finds skips the reads, and sizes rayon's pool (which would take every logical CPU)
+/// like candle's: one thread per physical core, PyTorch's default too, so neither pool
+/// runs more threads than there are cores.
 pub fn settle_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
