@@ -19,8 +19,9 @@
 #[cfg(target_arch = "x86_64")]
 use candle_core::quantized::GgmlDType;
 use std::collections::HashSet;
+use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, PhiConfig};
@@ -319,15 +320,19 @@ impl Phi {
             HashSet::new()
         };
         let e = Site::Embedding.weight();
-        let (embed, dtype, device) = match src.tensor(&e.hf(), &e.shape(cfg))? {
-            Weight::Dense(t) => {
-                let (dtype, device) = (t.dtype(), t.device().clone());
-                (QMatMul::Tensor(t), dtype, device)
-            }
-            Weight::Quantized(q) => {
-                let device = q.device();
-                (QMatMul::QTensor(q), DType::F32, device)
-            }
+        let half_table = Self::stored_half_table(src, &e.hf(), &e.shape(cfg), cfg, &stored_f16)?;
+        let (embed, dtype, device) = match half_table {
+            Some(table) => (table, DType::F32, Device::Cpu),
+            None => match src.tensor(&e.hf(), &e.shape(cfg))? {
+                Weight::Dense(t) => {
+                    let (dtype, device) = (t.dtype(), t.device().clone());
+                    (QMatMul::Tensor(t), dtype, device)
+                }
+                Weight::Quantized(q) => {
+                    let device = q.device();
+                    (QMatMul::QTensor(q), DType::F32, device)
+                }
+            },
         };
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(src, cfg, i, &stored_f16))
@@ -361,6 +366,26 @@ impl Phi {
             rotary,
             fused,
         })
+    }
+
+    /// The token table stored as f16, kept so as a GGML f16 tensor whose lookups widen only
+    /// the rows asked for (Phi-2's: 262 MB instead of 524). Not when the output layer is tied
+    /// to it: candle's f16 product would round the activations to f16.
+    fn stored_half_table(
+        src: &dyn TensorSource,
+        name: &str,
+        shape: &[usize],
+        cfg: &PhiConfig,
+        stored_f16: &HashSet<String>,
+    ) -> Result<Option<QMatMul>> {
+        if cfg.tie_word_embeddings || !stored_f16.contains(name) {
+            return Ok(None);
+        }
+        let Some(values) = src.stored_f16_values(name, shape)? else {
+            return Ok(None);
+        };
+        let table = QTensor::new(QStorage::Cpu(Box::new(values)), shape)?;
+        Ok(Some(QMatMul::QTensor(Arc::new(table))))
     }
 
     pub fn config(&self) -> &PhiConfig {

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use ::safetensors::tensor::{Dtype, TensorView};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use half::f16;
+use half::{bf16, f16};
 use serde::Deserialize;
 
 use super::range_read::{read_exact, Staged};
@@ -26,6 +26,9 @@ use crate::model::BoxFuture;
 const MAX_HEADER: u64 = 100_000_000;
 /// Bytes of a mapped tensor converted at a time (see `values`).
 const PART: u64 = 16 << 20;
+
+/// Appends stored little-endian values to f32s.
+type Widen = fn(&[u8], &mut Vec<f32>);
 
 /// Where a shard's bytes are.
 enum Data {
@@ -268,40 +271,64 @@ impl Safetensors {
                 .and_then(|t| t.to_dtype(self.dtype))
                 .map_err(|e| bad(e.to_string()))
         };
+        // To f32 straight from the bytes (one copy, exact), a part at a time: whole, a mapped
+        // tensor's pages and its f32 copy were resident together, and the output layer
+        // raised the peak by its own size (17% of a 1.6 GB checkpoint).
+        let widen: Option<Widen> = match (self.dtype, info.dtype) {
+            (DType::F32, Dtype::F32) => Some(|raw, out| {
+                out.extend(
+                    raw.chunks_exact(4)
+                        .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
+                )
+            }),
+            (DType::F32, Dtype::F16) => Some(|raw, out| {
+                out.extend(
+                    raw.chunks_exact(2)
+                        .map(|v| f16::from_le_bytes([v[0], v[1]]).to_f32()),
+                )
+            }),
+            (DType::F32, Dtype::BF16) => Some(|raw, out| {
+                out.extend(
+                    raw.chunks_exact(2)
+                        .map(|v| bf16::from_le_bytes([v[0], v[1]]).to_f32()),
+                )
+            }),
+            _ => None,
+        };
+        let Some(widen) = widen else {
+            return self.read((shard, info), name, range, last, |bytes| load(bytes, shape));
+        };
         let elem = (info.dtype.bitsize() / 8) as u64;
-        let part = PART / elem * elem;
+        let mut values = Vec::with_capacity(((range.end - range.start) / elem) as usize);
+        self.read_parts((shard, info), name, range, last, elem, |raw| {
+            widen(raw, &mut values);
+            Ok(())
+        })?;
+        Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| bad(e.to_string()))
+    }
+
+    /// `each` on `range` of the shard's bytes, a part at a time where a mapped file's part can
+    /// be let go once used (`last`): parts of whole `elem`-byte values, at most `PART` bytes.
+    fn read_parts(
+        &self,
+        (shard, info): (&Shard, &Info),
+        name: &str,
+        range: Range<u64>,
+        last: bool,
+        elem: u64,
+        mut each: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         match &shard.data {
-            // A large tensor of a mapped file becomes f32 a part at a time, each part's pages
-            // let go once converted: whole, the mapped bytes and their f32 copy were both
-            // resident at once, and the largest tensor (the output layer) raised the peak by
-            // its own size (17% of a 1.6 GB checkpoint).
-            Data::Whole(bytes)
-                if last && self.dtype == DType::F32 && range.end - range.start > part =>
-            {
-                let mut values = Vec::with_capacity(((range.end - range.start) / elem) as usize);
+            Data::Whole(bytes) if last => {
+                let part = (PART / elem).max(1) * elem;
                 for start in (range.start..range.end).step_by(part as usize) {
                     let piece = start..(start + part).min(range.end);
-                    let raw = within(bytes, &piece);
-                    // f32 and f16 straight from the bytes: one copy, not candle's three.
-                    match info.dtype {
-                        Dtype::F32 => values.extend(
-                            raw.chunks_exact(4)
-                                .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
-                        ),
-                        Dtype::F16 => values.extend(
-                            raw.chunks_exact(2)
-                                .map(|v| f16::from_le_bytes([v[0], v[1]]).to_f32()),
-                        ),
-                        _ => values.extend(
-                            load(raw, vec![((piece.end - start) / elem) as usize])?
-                                .to_vec1::<f32>()?,
-                        ),
-                    }
+                    each(within(bytes, &piece))?;
                     bytes.release(piece.start as usize..piece.end as usize);
                 }
-                Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| bad(e.to_string()))
+                Ok(())
             }
-            _ => self.read((shard, info), name, range, last, |bytes| load(bytes, shape)),
+            _ => self.read((shard, info), name, range, last, each),
         }
     }
 
@@ -359,12 +386,13 @@ impl TensorSource for Safetensors {
             return Ok(None);
         }
         let extent = found.1.extent.clone();
-        // check_tensor has matched the extent to the shape: two bytes per value.
-        let values = self.read(found, name, extent, true, |bytes| {
-            Ok(bytes
-                .chunks_exact(2)
-                .map(|v| f16::from_le_bytes([v[0], v[1]]))
-                .collect())
+        let mut values = Vec::with_capacity(((extent.end - extent.start) / 2) as usize);
+        self.read_parts(found, name, extent, true, 2, |raw| {
+            values.extend(
+                raw.chunks_exact(2)
+                    .map(|v| f16::from_le_bytes([v[0], v[1]])),
+            );
+            Ok(())
         })?;
         Ok(Some(values))
     }
