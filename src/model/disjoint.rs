@@ -1,4 +1,19 @@
-//! An output buffer written by candle's pool threads in disjoint parts.
+//! What the two CPU kernels share: the activation rows they are handed, and the output
+//! buffer candle's pool threads write in disjoint parts.
+
+use crate::error::{Error, Result};
+
+/// How many rows of `cols` values `x` holds: an error unless it holds whole rows of a
+/// matrix with columns (`matrix` names its kind for the message).
+pub(super) fn rows_of(x: &[f32], cols: usize, matrix: &str) -> Result<usize> {
+    if cols == 0 || !x.len().is_multiple_of(cols) {
+        return Err(Error::input(format!(
+            "{} values are not rows of {matrix}'s {cols} columns",
+            x.len()
+        )));
+    }
+    Ok(x.len() / cols)
+}
 
 /// The output's base pointer, handed to the pool's threads. The kernels that use it give
 /// each unit of work its own elements, so no two threads write the same one.

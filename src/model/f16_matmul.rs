@@ -14,7 +14,7 @@
 use candle_core::utils::barrier_pool;
 use half::f16;
 
-use super::disjoint::Disjoint;
+use super::disjoint::{rows_of, Disjoint};
 use crate::error::{Error, Result};
 
 /// Weight rows per unit of work handed to a thread.
@@ -65,14 +65,8 @@ impl F16Matrix {
     /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
     /// per row in.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        if self.cols == 0 || !x.len().is_multiple_of(self.cols) {
-            return Err(Error::input(format!(
-                "{} values are not rows of an f16 matrix's {} columns",
-                x.len(),
-                self.cols
-            )));
-        }
-        let (m, rows, cols) = (x.len() / self.cols, self.rows, self.cols);
+        let m = rows_of(x, self.cols, "an f16 matrix")?;
+        let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; m * rows];
         let shared = Disjoint::new(&mut out);
         // As in the q8_0 kernel: a unit's weight rows are read from memory once, then from

@@ -18,7 +18,7 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 use rayon::prelude::*;
 
-use super::disjoint::Disjoint;
+use super::disjoint::{rows_of, Disjoint};
 use crate::error::{Error, Result};
 
 /// Values per q8_0 block.
@@ -145,14 +145,7 @@ impl Q8Matrix {
     /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
     /// per row in.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        if self.cols == 0 || !x.len().is_multiple_of(self.cols) {
-            return Err(Error::input(format!(
-                "{} values are not rows of a q8_0 matrix's {} columns",
-                x.len(),
-                self.cols
-            )));
-        }
-        let m = x.len() / self.cols;
+        let m = rows_of(x, self.cols, "a q8_0 matrix")?;
         if m == 0 {
             return Ok(Vec::new());
         }
