@@ -1,5 +1,5 @@
-//! What the two CPU kernels share: the activation rows they are handed, and the output
-//! buffer candle's pool threads write in disjoint parts.
+//! What our CPU kernels share: the activation rows they are handed, and the output buffer
+//! the pool's threads (candle's natively, rayon's in the browser) write in disjoint parts.
 
 use crate::error::{Error, Result};
 

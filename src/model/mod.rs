@@ -2,7 +2,7 @@
 //! forward pass on candle tensors.
 
 mod config;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 mod disjoint;
 #[cfg(target_arch = "x86_64")]
 pub mod f16_matmul;
@@ -10,7 +10,7 @@ pub mod grad_kernels;
 mod kv_cache;
 pub mod names;
 mod phi;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 pub mod q8_matmul;
 mod source;
 

@@ -16,7 +16,7 @@
 //! rotary is composed from differentiable primitives. gelu_new comes from `grad_kernels`
 //! in both: its one `exp` per value costs a fraction of candle's libm `tanhf`.
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 use candle_core::quantized::GgmlDType;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ use super::f16_matmul::F16Matrix;
 use super::grad_kernels;
 use super::kv_cache::KvCache;
 use super::names::{expected_tensors, Site};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 use super::q8_matmul::Q8Matrix;
 use super::source::{TensorSource, Weight};
 use crate::error::{Error, Result};
@@ -51,8 +51,8 @@ struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
-    /// q8_0 on an x86-64 CPU with AVX-512 VNNI, by our own kernel (q8_matmul.rs says why).
-    #[cfg(target_arch = "x86_64")]
+    /// q8_0 by our own kernel, on x86-64 with AVX-512 VNNI and in wasm (q8_matmul says why).
+    #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
     Q8(Q8Matrix),
     /// Stored as f16, on an x86-64 CPU with AVX2 and F16C (f16_matmul.rs says why).
     #[cfg(target_arch = "x86_64")]
@@ -71,7 +71,10 @@ impl Linear {
         let (name, shape) = (w.hf(), w.shape(cfg));
         let weight = match Self::stored_half(src, &name, &shape, stored_f16)? {
             Some(half) => half,
-            None => Self::weight(src.tensor(&name, &shape)?)?,
+            None => match Self::stored_q8_0(src, &name, &shape)? {
+                Some(q8) => q8,
+                None => Self::weight(src.tensor(&name, &shape)?)?,
+            },
         };
         let bias = Some(src.tensor(&b.hf(), &b.shape(cfg))?.dense()?);
         Ok(Self { weight, bias })
@@ -96,10 +99,28 @@ impl Linear {
         Ok(None)
     }
 
+    /// A matrix stored as q8_0, made for our kernel straight from the stored blocks where it
+    /// runs; `None` elsewhere, and for every other matrix.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "wasm32")),
+        allow(unused_variables)
+    )]
+    fn stored_q8_0(
+        src: &dyn TensorSource,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<LinearWeight>> {
+        #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+        if let Some(m) = src.stored_q8_0(name, shape)? {
+            return Ok(Some(LinearWeight::Q8(m)));
+        }
+        Ok(None)
+    }
+
     fn weight(weight: Weight) -> Result<LinearWeight> {
         Ok(match weight {
             Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
             Weight::Quantized(q) if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() => {
                 let (rows, cols) = q.shape().dims2()?;
                 match Q8Matrix::for_this_cpu(&q.data()?, rows, cols)? {
@@ -117,7 +138,7 @@ impl Linear {
             LinearWeight::Dense(l) => tensor_bytes(l.weight()),
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
             LinearWeight::Q8(q) => q.bytes(),
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => m.bytes(),
@@ -129,7 +150,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
             LinearWeight::Q8(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => host_product(x, m.rows(), |v| m.matmul(v))?,
@@ -250,7 +271,7 @@ struct Block {
 
 /// `x`'s rows through one of our CPU kernels, which take and give plain f32 rows: the
 /// last dimension becomes `rows`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 fn host_product(
     x: &Tensor,
     rows: usize,

@@ -12,6 +12,8 @@ use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 use half::f16;
 
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+use super::q8_matmul::Q8Matrix;
 use crate::error::Result;
 
 /// A future borrowed from its owner: boxed so trait objects stay possible, and not `Send`,
@@ -61,6 +63,13 @@ pub trait TensorSource {
     /// it is stored as f16 and the source can hand them over (`None` where not: the caller
     /// reads it with `tensor`). Either call reads a tensor once.
     fn stored_f16_values(&self, _name: &str, _shape: &[usize]) -> Result<Option<Vec<f16>>> {
+        Ok(None)
+    }
+    /// The matrix `name` (of `shape`) made straight from its stored q8_0 blocks for our q8_0
+    /// kernel, where it is stored so and the kernel runs on this CPU (`None` where not: the
+    /// caller reads it with `tensor`). No other copy of the blocks is made on the way.
+    #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+    fn stored_q8_0(&self, _name: &str, _shape: &[usize]) -> Result<Option<Q8Matrix>> {
         Ok(None)
     }
     /// Rows `rows` of the 2-D tensor `name` (of `shape`) as plain values, read without the

@@ -16,6 +16,8 @@ use super::range_read::{read_exact, Staged};
 use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
+#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+use crate::model::q8_matmul::Q8Matrix;
 use crate::model::{Activation, BoxFuture, PhiConfig};
 
 /// How much of a ranged file is read first for its header; more is read (at least doubling)
@@ -267,23 +269,34 @@ impl Gguf {
     /// pages leave memory, a ranged file's staged copy is dropped.
     fn read(&self, gguf: &str, last: bool) -> Result<QTensor> {
         let info = self.info(gguf)?;
-        let build = |bytes: &[u8]| {
+        self.with_bytes(gguf, last, |bytes| {
             qtensor(info.dtype, bytes, info.shape.clone())
                 .map_err(|e| Error::file(&self.name, format!("tensor {gguf}: {e}")))
-        };
+        })
+    }
+
+    /// `use_bytes` on tensor `gguf`'s stored bytes; `last`: nothing reads them again, so
+    /// they are let go.
+    fn with_bytes<T>(
+        &self,
+        gguf: &str,
+        last: bool,
+        use_bytes: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let info = self.info(gguf)?;
         match &self.data {
             Data::Whole(bytes) => {
                 // `parse` has checked that the range lies within the file (whose bytes
                 // these are) and fits type and shape.
                 let range = info.bytes.start as usize..info.bytes.end as usize;
-                let q = build(&bytes[range.clone()])?;
+                let out = use_bytes(&bytes[range.clone()])?;
                 if last {
                     bytes.release(range);
                 }
-                Ok(q)
+                Ok(out)
             }
             Data::Ranged { tensors, .. } => {
-                tensors.with(&info.bytes, info.bytes.clone(), gguf, last, build)
+                tensors.with(&info.bytes, info.bytes.clone(), gguf, last, use_bytes)
             }
         }
     }
@@ -410,6 +423,33 @@ impl TensorSource for Gguf {
         } else {
             Ok(Weight::Quantized(Arc::new(q)))
         }
+    }
+
+    #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+    fn stored_q8_0(&self, hf: &str, shape: &[usize]) -> Result<Option<Q8Matrix>> {
+        self.check_tensor(hf, shape)?;
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        // q, k and v of a fused `attn_qkv` are its rows; each reads only its own.
+        let (name, first, last) = match self.locate(hf)? {
+            Located::Whole(name) => (name, 0, true),
+            Located::Rows { name, rows, shape } => {
+                let last = shape.first() == Some(&rows.end);
+                (name, rows.start, last)
+            }
+        };
+        if self.info(&name)?.dtype != GgmlDType::Q8_0 || !Q8Matrix::runs_here() {
+            return Ok(None);
+        }
+        let q8 = GgmlDType::Q8_0;
+        let row_bytes = cols / q8.block_size() * q8.type_size();
+        self.with_bytes(&name, last, |bytes| {
+            let mine = bytes
+                .get(first * row_bytes..(first + rows) * row_bytes)
+                .ok_or_else(|| Error::file(&self.name, format!("tensor {name} is too short")))?;
+            Q8Matrix::for_this_cpu(mine, rows, cols)
+        })
     }
 
     fn fetch<'a>(&'a self, hf: &'a str, shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {

@@ -1,15 +1,18 @@
 //! Every tensor a model needs, fetched and read ahead one at a time: what a loader that reads
 //! synchronously (the CPU model) needs from a source that fetches (a streamed checkpoint).
 //! Only one tensor's raw bytes are held at a time; the values kept are the ones the model
-//! holds anyway.
+//! holds anyway, and each is handed over once (taken, not cloned): a model that converts a
+//! tensor (our q8_0 kernel repacks its blocks) frees the read one as it goes, so the two
+//! forms of the weights are never all held at once (the browser's memory never shrinks).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::model::{expected_tensors, PhiConfig, StoredTensor, TensorSource, Weight};
 
 pub struct ReadAhead {
-    tensors: HashMap<String, Weight>,
+    tensors: RefCell<HashMap<String, Weight>>,
     stored: Vec<StoredTensor>,
 }
 
@@ -31,7 +34,7 @@ impl ReadAhead {
             tensors.insert(name, weight);
         }
         Ok(Self {
-            tensors,
+            tensors: RefCell::new(tensors),
             stored: src.stored_tensors(),
         })
     }
@@ -40,14 +43,21 @@ impl ReadAhead {
 impl TensorSource for ReadAhead {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         self.check_tensor(name, shape)?;
-        Ok(self.tensors[name].clone())
+        self.tensors
+            .borrow_mut()
+            .remove(name)
+            .ok_or_else(|| Error::input(format!("tensor {name} was read twice")))
     }
 
     fn check_tensor(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let dims = match self.tensors.get(name) {
+        let dims = match self.tensors.borrow().get(name) {
             Some(Weight::Dense(t)) => t.dims().to_vec(),
             Some(Weight::Quantized(q)) => q.shape().dims().to_vec(),
-            None => return Err(Error::input(format!("tensor {name} was not read ahead"))),
+            None => {
+                return Err(Error::input(format!(
+                    "tensor {name} was not read ahead, or was handed over already"
+                )))
+            }
         };
         if dims != shape {
             return Err(Error::input(format!(

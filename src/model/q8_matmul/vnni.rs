@@ -1,30 +1,25 @@
-//! q8_0 weight matrices multiplied by our own kernel on x86-64 CPUs with AVX-512 VNNI.
+//! q8_0 on x86-64 with AVX-512 VNNI.
 //!
 //! Why: on exactly these CPUs candle 0.11's `QMatMul` repacks each q8_0 matrix at its first
 //! use into tiles for VNNI and keeps the repacked copy beside the original, so a q8_0 Phi-2
 //! needs twice its file in memory (issue #19). Here the blocks are repacked once, when the
 //! weight is loaded, and the file's copy is dropped: 34 bytes per 32 weights, as in the
-//! file. Elsewhere candle's kernels run as before (they keep one copy there).
+//! file. Elsewhere on x86 candle's kernels run as before (they keep one copy there).
 //!
-//! How, as llama.cpp's and candle's VNNI kernels do: each activation row is quantized once
-//! to q8_0 blocks; weights sit in tiles of 16 rows, offset by 128 into unsigned bytes, so
-//! one `vpdpbusd` multiplies four bytes of an activation block into all 16 rows at once,
-//! and the offset comes back out as one number per activation block:
-//! `Σ(w+128)·x = Σw·x + 128·Σx`. Tiles are 64-byte aligned (each weight load one cache
-//! line) and split across candle's thread pool; four activation rows share each weight
-//! load in a prefill.
+//! How, as llama.cpp's and candle's VNNI kernels do: weights sit in tiles of 16 rows,
+//! offset by 128 into unsigned bytes, so one `vpdpbusd` multiplies four bytes of an
+//! activation block into all 16 rows at once, and the offset comes back out as one number
+//! per activation block: `Σ(w+128)·x = Σw·x + 128·Σx`. Tiles are 64-byte aligned (each
+//! weight load one cache line) and split across candle's thread pool; four activation rows
+//! share each weight load in a prefill.
 
 use candle_core::utils::barrier_pool;
 use half::f16;
 use rayon::prelude::*;
 
-use super::disjoint::{rows_of, Disjoint};
-use crate::error::{Error, Result};
-
-/// Values per q8_0 block.
-const BLOCK: usize = 32;
-/// Bytes per stored q8_0 block: an f16 scale, then 32 signed quants.
-const BLOCK_BYTES: usize = 2 + BLOCK;
+use super::{check_blocks, quantize_block, BLOCK, BLOCK_BYTES};
+use crate::error::Result;
+use crate::model::disjoint::{rows_of, Disjoint};
 /// Weight rows per tile: one 512-bit register of i32 lanes.
 const TILE: usize = 16;
 /// Groups of 4 columns per block: one cache line of a tile (4 quants of each of 16 rows).
@@ -45,9 +40,8 @@ pub struct Q8Matrix {
     scales: Vec<f16>,
 }
 
-/// Rows of values quantized to q8_0 blocks as llama.cpp's `quantize_row_q8_0` does (the
-/// scale is the block's largest magnitude over 127, rounded to f16 as stored), with each
-/// block's `128·Σq` that the weights' offset adds to its products.
+/// Activation rows quantized to q8_0 blocks, with each block's `128·Σq` that the weights'
+/// offset adds to its products.
 struct Q8Rows {
     scales: Vec<f32>,
     offsets: Vec<i32>,
@@ -63,15 +57,11 @@ impl Q8Rows {
             quants: Vec::with_capacity(x.len()),
         };
         for block in x.chunks_exact(BLOCK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-            rows.scales.push(f16::from_f32(d).to_f32());
-            let start = rows.quants.len();
-            rows.quants
-                .extend(block.iter().map(|v| (v * inverse).round() as i8));
-            let sum: i32 = rows.quants[start..].iter().map(|&q| q as i32).sum();
-            rows.offsets.push(128 * sum);
+            let (scale, quants) = quantize_block(block);
+            rows.scales.push(scale);
+            rows.offsets
+                .push(128 * quants.iter().map(|&q| q as i32).sum::<i32>());
+            rows.quants.extend(quants);
         }
         rows
     }
@@ -81,23 +71,14 @@ impl Q8Matrix {
     /// `rows × cols` values stored as GGUF q8_0 blocks, repacked for this CPU; `None` where
     /// the CPU lacks AVX-512 VNNI (candle's kernels serve there).
     pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")) {
+        if !Self::runs_here() {
             return Ok(None);
         }
         Self::repack(blocks, rows, cols).map(Some)
     }
 
-    fn repack(blocks: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        let expected = cols
-            .is_multiple_of(BLOCK)
-            .then(|| rows.checked_mul(cols / BLOCK)?.checked_mul(BLOCK_BYTES))
-            .flatten();
-        if expected != Some(blocks.len()) {
-            return Err(Error::input(format!(
-                "{} bytes of q8_0 blocks are not a {rows}×{cols} matrix",
-                blocks.len()
-            )));
-        }
+    pub(super) fn repack(blocks: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        check_blocks(blocks, rows, cols)?;
         let per_row = cols / BLOCK;
         let tile_blocks = rows.div_ceil(TILE) * per_row;
         // Padding rows hold quant 0, offset to 128, and scale 0: they add nothing.
@@ -130,6 +111,11 @@ impl Q8Matrix {
             quants,
             scales,
         })
+    }
+
+    /// Whether this CPU has the instructions the kernel needs.
+    pub fn runs_here() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
     }
 
     /// Bytes held (and read by each product).
@@ -253,84 +239,4 @@ unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; T
         _mm512_storeu_ps(out.as_mut_ptr(), a);
         out
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `rows × cols` of q8_0 blocks with varied scales and quants, the extremes -128 and 127
-    /// among them.
-    fn blocks(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        let mut state = seed;
-        let mut next = || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            state >> 8
-        };
-        let mut out = Vec::new();
-        for _ in 0..rows * cols / BLOCK {
-            let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
-            out.extend(d.to_le_bytes());
-            out.extend((0..BLOCK).map(|_| (next() % 256) as u8));
-        }
-        out
-    }
-
-    fn activations(len: usize) -> Vec<f32> {
-        let scale = |i: usize| if i.is_multiple_of(97) { 40.0 } else { 1.0 };
-        (0..len)
-            .map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0) * scale(i))
-            .collect()
-    }
-
-    /// The product computed plainly from the file's blocks and the quantized activations,
-    /// summed in f64.
-    fn reference(stored: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
-        let xq = Q8Rows::new(x);
-        let weight = |r: usize, c: usize| {
-            let block = &stored[(r * cols + c) / BLOCK * BLOCK_BYTES..];
-            let d = f16::from_le_bytes([block[0], block[1]]).to_f64();
-            d * block[2 + c % BLOCK] as i8 as f64
-        };
-        let activation = |i: usize| xq.scales[i / BLOCK] as f64 * xq.quants[i] as f64;
-        let m = x.len() / cols;
-        let mut out = vec![0f32; m * rows];
-        for j in 0..m {
-            for r in 0..rows {
-                out[j * rows + r] = (0..cols)
-                    .map(|c| weight(r, c) * activation(j * cols + c))
-                    .sum::<f64>() as f32;
-            }
-        }
-        out
-    }
-
-    /// Rows that do not fill the last tile, and one to nine activation rows (the four-row
-    /// and one-row kernels both), against the plain product; on a CPU without AVX-512
-    /// VNNI, no matrix is made and candle's kernels serve.
-    #[test]
-    fn products_match_the_plain_product_where_the_cpu_has_vnni() {
-        let (rows, cols) = (37, 256);
-        let stored = blocks(rows, cols, 1);
-        let Some(m) = Q8Matrix::for_this_cpu(&stored, rows, cols).unwrap() else {
-            assert!(!is_x86_feature_detected!("avx512vnni"));
-            return;
-        };
-        for n in [1, 5, 9] {
-            let x = activations(n * cols);
-            let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
-            }
-        }
-    }
-
-    #[test]
-    fn wrong_sizes_are_errors() {
-        assert!(Q8Matrix::repack(&[0; 33], 1, 32).is_err());
-        assert!(Q8Matrix::repack(&[], 1, 31).is_err());
-        assert!(Q8Matrix::repack(&[], usize::MAX, 64).is_err());
-        let m = Q8Matrix::repack(&blocks(2, 64, 3), 2, 64).unwrap();
-        assert!(m.matmul(&[0.0; 65]).is_err());
-    }
 }

@@ -1,0 +1,140 @@
+//! q8_0 weight matrices multiplied by our own kernels, where candle's cost memory or threads.
+//!
+//! - `vnni` (x86-64 with AVX-512 VNNI): candle keeps a repacked copy beside the file's
+//!   blocks there; ours repacks once at load and drops the file's copy.
+//! - `simd128` (wasm32): candle's kernel runs on one thread in the browser; ours splits the
+//!   rows across rayon's pool, which the threaded build runs on Web Workers.
+//!
+//! Both quantize each activation row once to q8_0 blocks, as llama.cpp does, and give the
+//! same products (up to the order of f32 sums) as candle's `QMatMul` on the same blocks.
+//! Elsewhere candle's kernels serve.
+
+use half::f16;
+
+use crate::error::{Error, Result};
+
+#[cfg(target_arch = "wasm32")]
+mod simd128;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+#[cfg(target_arch = "wasm32")]
+pub use simd128::Q8Matrix;
+#[cfg(target_arch = "x86_64")]
+pub use vnni::Q8Matrix;
+
+/// Values per q8_0 block.
+const BLOCK: usize = 32;
+/// Bytes per stored q8_0 block: an f16 scale, then 32 signed quants.
+const BLOCK_BYTES: usize = 2 + BLOCK;
+
+/// An error unless `blocks` holds exactly a `rows × cols` matrix of q8_0 blocks.
+fn check_blocks(blocks: &[u8], rows: usize, cols: usize) -> Result<()> {
+    let expected = cols
+        .is_multiple_of(BLOCK)
+        .then(|| rows.checked_mul(cols / BLOCK)?.checked_mul(BLOCK_BYTES))
+        .flatten();
+    if expected != Some(blocks.len()) {
+        return Err(Error::input(format!(
+            "{} bytes of q8_0 blocks are not a {rows}×{cols} matrix",
+            blocks.len()
+        )));
+    }
+    Ok(())
+}
+
+/// One block of activations quantized as llama.cpp's `quantize_row_q8_0` does: the scale is
+/// the block's largest magnitude over 127, rounded to f16 as it would be stored.
+fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut quants = [0i8; BLOCK];
+    for (q, v) in quants.iter_mut().zip(block) {
+        *q = (v * inverse).round() as i8;
+    }
+    (f16::from_f32(d).to_f32(), quants)
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// `rows × cols` of q8_0 blocks with varied scales and quants, the extremes -128 and 127
+    /// among them.
+    fn blocks(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            state >> 8
+        };
+        let mut out = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
+            out.extend(d.to_le_bytes());
+            out.extend((0..BLOCK).map(|_| (next() % 256) as u8));
+        }
+        out
+    }
+
+    fn activations(len: usize) -> Vec<f32> {
+        let scale = |i: usize| if i.is_multiple_of(97) { 40.0 } else { 1.0 };
+        (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0) * scale(i))
+            .collect()
+    }
+
+    /// The product computed plainly from the file's blocks and the quantized activations,
+    /// summed in f64.
+    fn reference(stored: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+        let xq: Vec<(f32, [i8; BLOCK])> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let weight = |r: usize, c: usize| {
+            let block = &stored[(r * cols + c) / BLOCK * BLOCK_BYTES..];
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f64();
+            d * block[2 + c % BLOCK] as i8 as f64
+        };
+        let activation = |i: usize| {
+            let (d, q) = &xq[i / BLOCK];
+            *d as f64 * q[i % BLOCK] as f64
+        };
+        let m = x.len() / cols;
+        let mut out = vec![0f32; m * rows];
+        for j in 0..m {
+            for r in 0..rows {
+                out[j * rows + r] = (0..cols)
+                    .map(|c| weight(r, c) * activation(j * cols + c))
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    /// Rows that do not fill the last tile, and one to nine activation rows (the four-row
+    /// and one-row kernels both), against the plain product; on a CPU without AVX-512
+    /// VNNI, no matrix is made and candle's kernels serve.
+    #[test]
+    fn products_match_the_plain_product_where_the_cpu_has_vnni() {
+        let (rows, cols) = (37, 256);
+        let stored = blocks(rows, cols, 1);
+        let Some(m) = Q8Matrix::for_this_cpu(&stored, rows, cols).unwrap() else {
+            assert!(!is_x86_feature_detected!("avx512vnni"));
+            return;
+        };
+        for n in [1, 5, 9] {
+            let x = activations(n * cols);
+            let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        assert!(Q8Matrix::repack(&[0; 33], 1, 32).is_err());
+        assert!(Q8Matrix::repack(&[], 1, 31).is_err());
+        assert!(Q8Matrix::repack(&[], usize::MAX, 64).is_err());
+        let m = Q8Matrix::repack(&blocks(2, 64, 3), 2, 64).unwrap();
+        assert!(m.matmul(&[0.0; 65]).is_err());
+    }
+}
