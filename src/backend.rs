@@ -229,7 +229,8 @@ impl CpuBackend {
         for (i, piece) in tokens.chunks(CPU_CHUNK).enumerate() {
             self.bytes_read += self.model.bytes_read(piece.len(), self.cache.len());
             let input = Tensor::new(piece, self.model.device())?.unsqueeze(0)?;
-            let logits = self.model.forward(&input, Some(&mut self.cache), which)?;
+            let (model, cache) = (&mut self.model, &mut self.cache);
+            let logits = on_cpu_pool(|| model.forward(&input, Some(cache), which))?;
             if which == Logits::All || i + 1 == pieces {
                 out.extend(
                     logits
@@ -241,4 +242,15 @@ impl CpuBackend {
         }
         Ok(out)
     }
+}
+
+/// In the browser the forward pass runs on one of rayon's threads (the threaded build's Web
+/// Workers): each matrix product it splits then starts on a thread already awake, which wakes
+/// only the others, instead of waking the pool and putting the caller to sleep until it is
+/// done, twice per product. Natively candle's own pool serves the products, from here.
+fn on_cpu_pool<R: Send>(forward: impl FnOnce() -> R + Send) -> R {
+    #[cfg(target_arch = "wasm32")]
+    return rayon::scope(|_| forward());
+    #[cfg(not(target_arch = "wasm32"))]
+    forward()
 }

@@ -152,7 +152,7 @@ async function load(src, backend, { quantize } = {}) {
     });
     if (mine === loadsStarted) {
       bar.value = 1;
-      $('load-detail').textContent = `${info.device} · WebAssembly memory ${size(info.wasmMemoryBytes)}`;
+      $('load-detail').textContent = `${info.device} · ${cpuThreads(info)} · WebAssembly memory ${size(info.wasmMemoryBytes)}`;
     }
     return info;
   } catch (e) {
@@ -848,6 +848,28 @@ $('export').addEventListener('click', () => {
 });
 
 // ---- start ---------------------------------------------------------------------------
+
+/**
+ * The CPU threads the wasm uses, for people: and when the page could use more after a
+ * reload (isolation-sw.js now adds the headers the threaded build needs), that too.
+ */
+function cpuThreads(info) {
+  const count = `${info.threads} CPU thread${info.threads === 1 ? '' : 's'}`;
+  if (!info.threadsNote) return count;
+  const cores = navigator.hardwareConcurrency || 1;
+  const reload = isolationWorker && cores > 1 ? `; reload the page to use all ${cores} cores` : '';
+  return `${count} (${info.threadsNote}${reload})`;
+}
+
+// Threads need a cross-origin isolated page. scripts/serve.sh sends the headers for that;
+// where the host does not, isolation-sw.js adds them to the next load of the page.
+let isolationWorker = false;
+if (!self.crossOriginIsolated && window.isSecureContext && 'serviceWorker' in navigator) {
+  navigator.serviceWorker.register('isolation-sw.js').then(
+    () => (isolationWorker = true),
+    () => {},
+  );
+}
 
 // The bundled model loads on WebGPU when it can take it, else on the CPU (the worker
 // decides, and says so if WebGPU fails). The load is sent before anything else, so any

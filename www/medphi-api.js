@@ -23,13 +23,15 @@
 //                       adapterUrl: 'https://huggingface.co/<org>/<lora>/resolve/main/' })
 //     // -> {..., quantize: 'q4_0', adaptedMatrices, wasmMemoryBytes}: f32/f16/bf16 weight
 //     //    matrices converted to GGUF blocks as they load, a PEFT LoRA adapter merged first
+//     //    (every load's info has `threads`: the CPU threads the wasm's matrix products use,
+//     //    more than 1 when the page is cross-origin isolated; `threadsNote` says why not)
 //   await medphi.cachedModels()     // -> [{url, bytes, files: [{name, bytes}]}]: downloads kept offline
 //   await medphi.deleteCachedModel(url)
 //   await medphi.benchmark({ promptLen: 128, gen: 32 })
-//     // -> {prefillTokS, decodeTokS, bytesPerToken, effectiveGbS, backend, device, kernels, adapter}:
+//     // -> {prefillTokS, decodeTokS, bytesPerToken, effectiveGbS, backend, device, kernels, adapter, threads}:
 //     //    what `medphi bench` measures (prefill of a promptLen-token clinical prompt, then gen
-//     //    greedy tokens), with the bytes a decode token reads from GPU memory and the
-//     //    bandwidth that makes (null on the CPU backend), labelled with the model in use
+//     //    greedy tokens), with the bytes a decode token reads from memory and the bandwidth
+//     //    that makes, labelled with the model in use and the wasm's CPU threads
 //
 // Requests run one at a time in the order they were made (see worker.js). A `load` made
 // while another is still under way supersedes it: the earlier one rejects with a

@@ -28,7 +28,6 @@
 //   anything is downloaded or freed). A load's source may name a LoRA adapter
 //   (`source.adapter`: {url} or {files}), fetched with the model and merged by Model.load.
 //   The reloads made here (the CPU fall-back, bringing a freed model back) keep all of these.
-import init, { Model, evalReport, parseBenchmark } from './pkg/medphi.js';
 import { cachedModels, clearCachedModels, deleteCachedModel, loadFiles } from './fetch-model.js';
 
 // Up to this many bytes (the old model's weights plus the new model's files), a new model
@@ -40,9 +39,40 @@ const MODEL_REQUESTS = new Set(['generate', 'score', 'benchmark', 'reset', 'lose
 const GPU_KERNELS = new Set(['auto', 'gpu', 'emulator']);
 const QUANTIZATIONS = new Set(['q8_0', 'q4_0']);
 
+/** The wasm package's exports, once it is initialised. */
+let Model, evalReport, parseBenchmark;
+/**
+ * CPU threads the wasm runs its matrix products on: {count, note}. The threaded build needs
+ * SharedArrayBuffer, which browsers give only to cross-origin isolated pages (COOP/COEP
+ * headers from scripts/serve.sh, or isolate.js's service worker on hosts that cannot send
+ * them); anywhere else, and if its thread pool cannot start, the single-threaded build runs.
+ */
+let threads = { count: 1, note: null };
+
+async function initWasm() {
+  if (self.crossOriginIsolated && typeof SharedArrayBuffer === 'function') {
+    try {
+      const pkg = await import('./pkg-threads/medphi.js');
+      await pkg.default();
+      const count = Math.max(1, Math.min(self.navigator.hardwareConcurrency || 1, 16));
+      await pkg.initThreadPool(count);
+      ({ Model, evalReport, parseBenchmark } = pkg);
+      threads = { count, note: null };
+      return;
+    } catch (e) {
+      threads.note = `the threaded build did not start (${e?.message || e}), so one thread is used`;
+    }
+  } else {
+    threads.note = 'this page is not cross-origin isolated, so the CPU uses one thread';
+  }
+  const pkg = await import('./pkg/medphi.js');
+  await pkg.default();
+  ({ Model, evalReport, parseBenchmark } = pkg);
+}
+
 let initError = null;
 let initialized = false;
-const ready = init().then(
+const ready = initWasm().then(
   () => {
     initialized = true;
     pump();
@@ -111,6 +141,11 @@ function fail(job, err) {
 
 function warn(message, id) {
   post({ id, type: 'warning', message });
+}
+
+/** A model's info, with the CPU threads the wasm uses. */
+function describe(model) {
+  return { ...model.info(), threads: threads.count, threadsNote: threads.note };
 }
 
 function announce() {
@@ -287,7 +322,7 @@ async function runLoad(job) {
       throw early;
     }
     if (current) current.model.free();
-    const info = built.info();
+    const info = describe(built);
     current = { model: built, info, seq: job.seq, source, backend: info.backend, options };
     remembered = { seq: job.seq, source, backend: info.backend, options };
     entry.state = 'done';
@@ -326,7 +361,7 @@ async function recover(e) {
   try {
     const loaded = await loadFiles(r.source, { warn: (message) => warn(message) });
     const model = await build(loaded, r.backend, r.options);
-    const info = model.info();
+    const info = describe(model);
     current = { model, info, seq: r.seq, source: r.source, backend: info.backend, options: r.options };
     remembered = { ...r, backend: info.backend };
     announce();
@@ -567,6 +602,7 @@ async function runBenchmark(job, model) {
     backend: info.backend,
     device: info.device,
     kernels: info.kernels ?? null,
+    threads: info.threads,
     adapter,
   };
 }

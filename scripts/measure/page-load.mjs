@@ -5,7 +5,10 @@
 // as one of Phi-2's exact shape (scripts/measure/make_phi2_shaped.py) or its export-gguf.
 //
 // Usage: node scripts/measure/page-load.mjs OPTIONS_JSON FILE...
-//   OPTIONS_JSON: what window.medphi.load gets besides the files, plus `backends` (a list),
+//   OPTIONS_JSON: what window.medphi.load gets besides the files, plus `backends` (a list)
+//   and `isolated` (default true: served as scripts/serve.sh serves it, cross-origin isolated,
+//   so the CPU runs the threaded build; false: the single-threaded build) and `gen` (tokens
+//   decoded, default 8),
 //   e.g. '{"backends": ["cpu", "webgpu"], "quantize": "q4_0", "context": 256}'.
 // Needs www/pkg (scripts/build-web.sh). Prints one JSON object per backend.
 import { spawn } from 'node:child_process';
@@ -18,12 +21,13 @@ if (!optionsJson || files.length === 0) {
   console.error('usage: node scripts/measure/page-load.mjs OPTIONS_JSON FILE...');
   process.exit(2);
 }
-const { backends = ['cpu'], ...options } = JSON.parse(optionsJson);
+const { backends = ['cpu'], isolated = true, gen = 8, ...options } = JSON.parse(optionsJson);
 const root = new URL('../../', import.meta.url).pathname;
 // 64 tokens of prompt, as in issue #19's Phi-2-size measurements.
 const PROMPT = 'Instruct: A 45-year-old man presents with crushing chest pain radiating to his left arm, sweating and nausea for the past hour. What is the most likely diagnosis and the first investigation?\nOutput:';
 
-const server = spawn('python3', ['-u', '-m', 'http.server', '0', '--bind', '127.0.0.1', '--directory', root], {
+const serve = [`${root}scripts/serve-www.py`, '--port', '0', ...(isolated ? [] : ['--no-isolation']), root];
+const server = spawn('python3', ['-u', ...serve], {
   stdio: ['ignore', 'pipe', 'ignore'],
 });
 const base = await new Promise((done, reject) => {
@@ -43,7 +47,7 @@ try {
     await page.waitForSelector('#status:has-text("Ready")', { timeout: 300_000 });
     await page.setInputFiles('#model-files', files.map((f) => resolve(f)));
     const r = await page.evaluate(
-      async ([backend, options, prompt]) => {
+      async ([backend, options, prompt, gen]) => {
         const m = window.medphi;
         const picked = [...document.getElementById('model-files').files];
         let tensors = 0;
@@ -51,16 +55,16 @@ try {
         try {
           const info = await m.load({ files: picked, backend, ...options, freeFirst: true, onProgress: (p) => (tensors += p.tensor !== undefined) });
           const loadSeconds = (performance.now() - t0) / 1000;
-          const g = await m.generate({ prompt, format: 'raw', maxNewTokens: 8, temperature: 0 });
-          return { backend: info.backend, format: info.format, quantize: info.quantize, context: info.context, parameters: info.parameters, tensors, loadSeconds, wasmMemoryBytes: info.wasmMemoryBytes, promptTokens: g.inputIds.length, newTokens: g.outputIds.length, prefillTokS: g.prefillTokS, decodeTokS: g.decodeTokS };
+          const g = await m.generate({ prompt, format: 'raw', maxNewTokens: gen, temperature: 0 });
+          return { backend: info.backend, threads: info.threads, threadsNote: info.threadsNote, format: info.format, quantize: info.quantize, context: info.context, parameters: info.parameters, tensors, loadSeconds, wasmMemoryBytes: info.wasmMemoryBytes, promptTokens: g.inputIds.length, newTokens: g.outputIds.length, prefillTokS: g.prefillTokS, decodeTokS: g.decodeTokS };
         } catch (e) {
           return { backend, error: `${e.name}: ${e.message}`, seconds: (performance.now() - t0) / 1000 };
         }
       },
-      [backend, options, PROMPT],
+      [backend, options, PROMPT, gen],
     );
     const fileBytes = files.reduce((a, f) => a + statSync(f).size, 0);
-    console.log(JSON.stringify({ fileBytes, ...options, ...r, wasmMemoryOverFiles: r.wasmMemoryBytes ? +(r.wasmMemoryBytes / fileBytes).toFixed(3) : null }));
+    console.log(JSON.stringify({ fileBytes, isolated, ...options, ...r, wasmMemoryOverFiles: r.wasmMemoryBytes ? +(r.wasmMemoryBytes / fileBytes).toFixed(3) : null }));
     await page.close();
   }
 } finally {

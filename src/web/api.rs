@@ -206,17 +206,10 @@ fn refuse_what_cannot_fit(
     ))))
 }
 
-/// The size of this module's linear memory.
+/// The size of this module's linear memory (shared or not: the threaded build's is a
+/// SharedArrayBuffer, which `ArrayBuffer`'s accessors refuse).
 fn wasm_memory_bytes() -> f64 {
-    wasm_bindgen::memory()
-        .dyn_into::<js_sys::WebAssembly::Memory>()
-        .map(|m| {
-            m.buffer()
-                .dyn_into::<js_sys::ArrayBuffer>()
-                .map(|b| b.byte_length() as f64)
-                .unwrap_or(0.0)
-        })
-        .unwrap_or(0.0)
+    (std::arch::wasm32::memory_size::<0>() * 65536) as f64
 }
 
 #[wasm_bindgen]

@@ -12,6 +12,9 @@ mod files;
 mod pacing;
 
 pub use api::{eval_report, parse_benchmark, Model};
+/// `initThreadPool(n)` for JavaScript: starts rayon's pool on `n` Web Workers (threaded build).
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
 
 use wasm_bindgen::prelude::*;
 
