@@ -244,13 +244,12 @@ impl CpuBackend {
     }
 }
 
-/// In the browser the forward pass runs on one of rayon's threads (the threaded build's Web
-/// Workers): each matrix product it splits then starts on a thread already awake, which wakes
-/// only the others, instead of waking the pool and putting the caller to sleep until it is
-/// done, twice per product. Natively candle's own pool serves the products, from here.
+/// In the browser the forward pass runs on rayon's pool with its other threads spinning,
+/// ready for the matrix products' units (`model::spin_pool` says why). Natively candle's own
+/// pool serves the products, from here.
 fn on_cpu_pool<R: Send>(forward: impl FnOnce() -> R + Send) -> R {
     #[cfg(target_arch = "wasm32")]
-    return rayon::scope(|_| forward());
+    return crate::model::spin_pool::forward_on_pool(forward);
     #[cfg(not(target_arch = "wasm32"))]
     forward()
 }

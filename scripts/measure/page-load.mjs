@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Loads a model into the page in headless Chromium as a user who picks its files does
 // (read with Blob.slice, tensor by tensor) and measures the load: seconds, the wasm memory's
-// size after it, and greedy decode speed. For checkpoints too big for the test suite, such
-// as one of Phi-2's exact shape (scripts/measure/make_phi2_shaped.py) or its export-gguf.
+// size after it, and greedy prefill and decode speed (of a second generation, and of the first:
+// `cold`). For checkpoints too big for the test suite, such as one of Phi-2's exact shape
+// (scripts/measure/make_phi2_shaped.py) or its export-gguf.
 //
 // Usage: node scripts/measure/page-load.mjs OPTIONS_JSON FILE...
 //   OPTIONS_JSON: what window.medphi.load gets besides the files, plus `backends` (a list)
@@ -55,8 +56,14 @@ try {
         try {
           const info = await m.load({ files: picked, backend, ...options, freeFirst: true, onProgress: (p) => (tensors += p.tensor !== undefined) });
           const loadSeconds = (performance.now() - t0) / 1000;
+          // The first generation runs while the browser still compiles the hot wasm
+          // functions with its optimizing tier (the baseline tier runs meanwhile); the
+          // second is what a user waits for from then on (llama.cpp, and so wllama, also
+          // runs a warm-up token as it loads). Both are reported. The first prompt shares no
+          // prefix with the second, whose prefill would otherwise come from the KV cache.
+          const cold = await m.generate({ prompt: `Question: ${prompt}`, format: 'raw', maxNewTokens: gen, temperature: 0 });
           const g = await m.generate({ prompt, format: 'raw', maxNewTokens: gen, temperature: 0 });
-          return { backend: info.backend, threads: info.threads, threadsNote: info.threadsNote, format: info.format, quantize: info.quantize, context: info.context, parameters: info.parameters, tensors, loadSeconds, wasmMemoryBytes: info.wasmMemoryBytes, promptTokens: g.inputIds.length, newTokens: g.outputIds.length, prefillTokS: g.prefillTokS, decodeTokS: g.decodeTokS };
+          return { backend: info.backend, threads: info.threads, threadsNote: info.threadsNote, format: info.format, quantize: info.quantize, context: info.context, parameters: info.parameters, tensors, loadSeconds, wasmMemoryBytes: info.wasmMemoryBytes, promptTokens: g.inputIds.length, newTokens: g.outputIds.length, prefillTokS: g.prefillTokS, decodeTokS: g.decodeTokS, coldPrefillTokS: cold.prefillTokS, coldDecodeTokS: cold.decodeTokS };
         } catch (e) {
           return { backend, error: `${e.name}: ${e.message}`, seconds: (performance.now() - t0) / 1000 };
         }

@@ -13,6 +13,8 @@ mod phi;
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 pub mod q8_matmul;
 mod source;
+#[cfg(target_arch = "wasm32")]
+pub mod spin_pool;
 
 pub use config::{Activation, PhiConfig};
 pub use kv_cache::KvCache;

@@ -18,11 +18,11 @@ use std::arch::wasm32::*;
 use std::sync::OnceLock;
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::{check_blocks, quantize_block, BLOCK, BLOCK_BYTES};
 use crate::error::Result;
 use crate::model::disjoint::{rows_of, Disjoint};
+use crate::model::spin_pool;
 
 /// Weight rows per tile: they share each activation load.
 const ROWS: usize = 4;
@@ -118,7 +118,7 @@ impl Q8Matrix {
         // within a unit, each tile meets every activation row while it is in cache.
         let tiles = rows.div_ceil(ROWS);
         let per_unit = tiles.div_ceil(rayon::current_num_threads() * 4);
-        (0..tiles.div_ceil(per_unit)).into_par_iter().for_each(|u| {
+        spin_pool::split(tiles.div_ceil(per_unit), |u| {
             for t in u * per_unit..tiles.min((u + 1) * per_unit) {
                 let n = (rows - t * ROWS).min(ROWS);
                 for j in 0..m {
