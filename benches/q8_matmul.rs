@@ -1,4 +1,4 @@
-//! q8_0 matrix products at Phi-2's shapes: our kernel (`model::q8_matmul`) against candle's
+//! q8_0 matrix products at Phi-2's shapes: our kernel (`model::quant_matmul`) against candle's
 //! `QMatMul` on the same blocks, for one activation row (a decode step) and 64 (a prefill).
 //! Criterion reports both in the same run, so their ratio is what to read.
 //!
@@ -12,7 +12,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 #[cfg(target_arch = "x86_64")]
-use medphi::model::q8_matmul::Q8Matrix;
+use medphi::model::quant_matmul::Q8Matrix;
 
 #[cfg(not(target_arch = "x86_64"))]
 fn bench(_: &mut Criterion) {

@@ -116,73 +116,91 @@ async fn cpu_forward_matches_transformers() {
     check_against_reference(CpuBackend::new(model, None).unwrap(), 1e-4, 64).await;
 }
 
-/// The wasm q8_0 kernel (rows split across rayon's pool) against candle's `QMatMul` on the
-/// same blocks, which quantizes activations the same way: a row count that leaves a partial
-/// group of four, decode (1 row) and prefill (5, 9 rows); wrong sizes are errors.
+/// The wasm q8_0 and q4_0 kernels (rows split across rayon's pool) against candle's
+/// `QMatMul` on the same blocks, which quantizes activations the same way: a row count that
+/// leaves a partial group of four, decode (1 row) and prefill (5, 9 rows); wrong sizes are
+/// errors.
 #[wasm_bindgen_test]
-fn q8_0_kernel_matches_candle() {
+fn quantized_kernels_match_candle() {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
-    use medphi::model::q8_matmul::Q8Matrix;
+    use medphi::model::quant_matmul::{Q4Matrix, Q8Matrix};
     let (rows, cols) = (37, 256);
     let wave = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin() * 3.0)).collect();
     let w = Tensor::from_vec(wave(rows * cols, 0.37), (rows, cols), &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-    let ours = Q8Matrix::for_this_cpu(&q.data().unwrap(), rows, cols)
-        .unwrap()
-        .unwrap();
-    let candle = QMatMul::from_qtensor(q).unwrap();
-    for m in [1, 5, 9] {
-        let x: Vec<f32> = wave(m * cols, 0.11);
-        let want = candle
-            .forward(&Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let got = ours.matmul(&x).unwrap();
-        assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
-            assert!(
-                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                "{m} rows: {g} vs {w}"
-            );
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let blocks = q.data().unwrap();
+        let ours: Box<dyn Fn(&[f32]) -> medphi::error::Result<Vec<f32>>> = match dtype {
+            GgmlDType::Q8_0 => {
+                let m = Q8Matrix::for_this_cpu(&blocks, rows, cols)
+                    .unwrap()
+                    .unwrap();
+                Box::new(move |x| m.matmul(x))
+            }
+            _ => {
+                let m = Q4Matrix::for_this_cpu(&blocks, rows, cols)
+                    .unwrap()
+                    .unwrap();
+                Box::new(move |x| m.matmul(x))
+            }
+        };
+        let candle = QMatMul::from_qtensor(q).unwrap();
+        for m in [1, 5, 9] {
+            let x: Vec<f32> = wave(m * cols, 0.11);
+            let want = candle
+                .forward(&Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = ours(&x).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{dtype:?}, {m} rows: {g} vs {w}"
+                );
+            }
         }
+        assert!(ours(&[0.0; 255]).is_err());
     }
-    assert!(ours.matmul(&[0.0; 255]).is_err());
     assert!(Q8Matrix::for_this_cpu(&[0; 33], 1, 32).is_err());
+    assert!(Q4Matrix::for_this_cpu(&[0; 17], 1, 32).is_err());
 }
 
-/// The q8_0 fixture on the wasm CPU path: our kernel through the whole model, against
-/// transformers on the same decoded weights (activations quantized to q8_0 as llama.cpp's
-/// do, hence the looser bound tests/gguf.rs uses natively).
+/// The q8_0 and q4_0 fixtures on the wasm CPU path: our kernels through the whole model,
+/// against transformers on the same decoded weights (activations quantized to q8_0 as
+/// llama.cpp's are, hence the looser bound tests/gguf.rs uses natively).
 #[wasm_bindgen_test]
-async fn cpu_q8_0_forward_matches_transformers() {
+async fn cpu_quantized_forward_matches_transformers() {
     let r = reference();
-    let ckpt = Checkpoint::from_bytes(
-        None,
-        Some(named("tokenizer.json", TOKENIZER)),
-        vec![named("tiny-phi-q8_0.gguf", Q8_GGUF)],
-        DType::F32,
-    )
-    .unwrap();
-    let (model, _) = ckpt.into_model(true).unwrap();
-    let mut backend = CpuBackend::new(model, None).unwrap();
-    let rows = backend
-        .forward(&r.input_ids, Want::AllRows)
-        .await
-        .unwrap()
-        .rows()
+    for (format, file) in [("q8_0", Q8_GGUF), ("q4_0", Q4_GGUF)] {
+        let ckpt = Checkpoint::from_bytes(
+            None,
+            Some(named("tokenizer.json", TOKENIZER)),
+            vec![named(&format!("tiny-phi-{format}.gguf"), file)],
+            DType::F32,
+        )
         .unwrap();
-    let want = &r.gguf_logits["q8_0"];
-    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let diff: Vec<f32> = rows.iter().zip(want).map(|(a, b)| a - b).collect();
-    let relative = norm(&diff) / norm(want);
-    assert!(
-        relative < 0.02,
-        "q8_0 logits differ from transformers by {relative} (relative)"
-    );
+        let (model, _) = ckpt.into_model(true).unwrap();
+        let mut backend = CpuBackend::new(model, None).unwrap();
+        let rows = backend
+            .forward(&r.input_ids, Want::AllRows)
+            .await
+            .unwrap()
+            .rows()
+            .unwrap();
+        let want = &r.gguf_logits[format];
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let diff: Vec<f32> = rows.iter().zip(want).map(|(a, b)| a - b).collect();
+        let relative = norm(&diff) / norm(want);
+        assert!(
+            relative < 0.02,
+            "{format} logits differ from transformers by {relative} (relative)"
+        );
+    }
 }
 
 /// Both kernel families on Chromium's WebGPU (SwiftShader here). SwiftShader runs the gpu

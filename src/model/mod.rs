@@ -11,7 +11,7 @@ mod kv_cache;
 pub mod names;
 mod phi;
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-pub mod q8_matmul;
+pub mod quant_matmul;
 mod source;
 #[cfg(target_arch = "wasm32")]
 pub mod spin_pool;

@@ -30,8 +30,10 @@ use super::f16_matmul::F16Matrix;
 use super::grad_kernels;
 use super::kv_cache::KvCache;
 use super::names::{expected_tensors, Site};
+#[cfg(target_arch = "wasm32")]
+use super::quant_matmul::Q4Matrix;
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use super::q8_matmul::Q8Matrix;
+use super::quant_matmul::Q8Matrix;
 use super::source::{TensorSource, Weight};
 use crate::error::{Error, Result};
 
@@ -51,9 +53,12 @@ struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
-    /// q8_0 by our own kernel, on x86-64 with AVX-512 VNNI and in wasm (q8_matmul says why).
+    /// q8_0 by our own kernel, on x86-64 with AVX-512 VNNI and in wasm (quant_matmul says why).
     #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
     Q8(Q8Matrix),
+    /// q4_0 by our own kernel, in wasm.
+    #[cfg(target_arch = "wasm32")]
+    Q4(Q4Matrix),
     /// Stored as f16, on an x86-64 CPU with AVX2 and F16C (f16_matmul.rs says why).
     #[cfg(target_arch = "x86_64")]
     F16(F16Matrix),
@@ -128,6 +133,14 @@ impl Linear {
                     None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
                 }
             }
+            #[cfg(target_arch = "wasm32")]
+            Weight::Quantized(q) if q.dtype() == GgmlDType::Q4_0 && q.device().is_cpu() => {
+                let (rows, cols) = q.shape().dims2()?;
+                match Q4Matrix::for_this_cpu(&q.data()?, rows, cols)? {
+                    Some(m) => LinearWeight::Q4(m),
+                    None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+                }
+            }
             Weight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
         })
     }
@@ -140,6 +153,8 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
             LinearWeight::Q8(q) => q.bytes(),
+            #[cfg(target_arch = "wasm32")]
+            LinearWeight::Q4(q) => q.bytes(),
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => m.bytes(),
         };
@@ -152,6 +167,8 @@ impl Linear {
             LinearWeight::Quantized(q) => q.forward(x)?,
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
             LinearWeight::Q8(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
+            #[cfg(target_arch = "wasm32")]
+            LinearWeight::Q4(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => host_product(x, m.rows(), |v| m.matmul(v))?,
         };

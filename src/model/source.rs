@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use half::f16;
 
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use super::q8_matmul::Q8Matrix;
+use super::quant_matmul::Q8Matrix;
 use crate::error::Result;
 
 /// A future borrowed from its owner: boxed so trait objects stay possible, and not `Send`,

@@ -17,7 +17,7 @@ use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use crate::model::q8_matmul::Q8Matrix;
+use crate::model::quant_matmul::Q8Matrix;
 use crate::model::{Activation, BoxFuture, PhiConfig};
 
 /// How much of a ranged file is read first for its header; more is read (at least doubling)

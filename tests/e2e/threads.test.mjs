@@ -2,8 +2,8 @@
 // it, the worker runs the threaded wasm build (rayon on Web Workers over shared memory);
 // served without the headers, the single-threaded build, saying why; and there the service
 // worker (www/isolation-sw.js) adds the headers, so a reload runs threaded. Every way gives
-// the same greedy ids, for the bundled model (f32) and the q8_0 fixture (our q8_0 kernel,
-// whose rows the threads split).
+// the same greedy ids, for the bundled model (f32) and the q8_0 and q4_0 fixtures (our
+// kernels, whose rows the threads split).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -52,8 +52,12 @@ async function greedyOnTheCpu(page) {
   const r = await page.evaluate(
     async ([prompt, n]) => {
       const m = window.medphi;
-      const run = async (url) => {
-        const info = await m.load({ url, backend: 'cpu' });
+      // A URL, or files fetched and handed over as picked files (the q4_0 fixture embeds no
+      // tokenizer).
+      const run = async (source) => {
+        const picked = async (url) => new File([await (await fetch(url)).blob()], url.split('/').pop());
+        const from = typeof source === 'string' ? { url: source } : { files: await Promise.all(source.map(picked)) };
+        const info = await m.load({ ...from, backend: 'cpu' });
         const g = await m.generate({ prompt, format: 'raw', maxNewTokens: n, temperature: 0 });
         return { threads: info.threads, note: info.threadsNote, ids: g.outputIds };
       };
@@ -62,6 +66,7 @@ async function greedyOnTheCpu(page) {
         cores: navigator.hardwareConcurrency,
         bundled: await run('models/tiny-medphi/'),
         q8: await run('../tests/fixtures/tiny-phi-q8_0.gguf'),
+        q4: await run(['../tests/fixtures/tiny-phi-q4_0.gguf', '../tests/fixtures/tiny-phi/tokenizer.json']),
       };
     },
     [PROMPT, N],
@@ -87,7 +92,7 @@ test('isolated, the CPU runs threaded; without isolation, one thread, said so; a
   assert.equal(threaded.isolated, true);
   const want = Math.min(threaded.cores, 16);
   assert.ok(want >= 2, `this test needs a machine with 2 or more cores (navigator.hardwareConcurrency = ${threaded.cores})`);
-  for (const model of ['bundled', 'q8']) {
+  for (const model of ['bundled', 'q8', 'q4']) {
     assert.equal(threaded[model].threads, want, `${model}: ${JSON.stringify(threaded[model])}`);
     assert.equal(threaded[model].note, null);
     assert.equal(threaded[model].ids.length, N);
@@ -98,7 +103,7 @@ test('isolated, the CPU runs threaded; without isolation, one thread, said so; a
   const b = await openPage(plainBase);
   const single = await greedyOnTheCpu(b.page);
   assert.equal(single.isolated, false);
-  for (const model of ['bundled', 'q8']) {
+  for (const model of ['bundled', 'q8', 'q4']) {
     assert.equal(single[model].threads, 1);
     assert.match(single[model].note, /not cross-origin isolated/);
     assert.deepEqual(single[model].ids, threaded[model].ids, `${model}: one thread gives the threaded build's ids`);
@@ -111,7 +116,7 @@ test('isolated, the CPU runs threaded; without isolation, one thread, said so; a
   await b.page.reload();
   const afterReload = await greedyOnTheCpu(b.page);
   assert.equal(afterReload.isolated, true, 'isolation-sw.js made the reloaded page cross-origin isolated');
-  for (const model of ['bundled', 'q8']) {
+  for (const model of ['bundled', 'q8', 'q4']) {
     assert.equal(afterReload[model].threads, want);
     assert.deepEqual(afterReload[model].ids, threaded[model].ids, `${model}: same ids under the service worker`);
   }

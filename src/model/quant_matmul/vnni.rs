@@ -78,7 +78,7 @@ impl Q8Matrix {
     }
 
     pub(super) fn repack(blocks: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        check_blocks(blocks, rows, cols)?;
+        check_blocks(blocks, rows, cols, BLOCK_BYTES)?;
         let per_row = cols / BLOCK;
         let tile_blocks = rows.div_ceil(TILE) * per_row;
         // Padding rows hold quant 0, offset to 128, and scale 0: they add nothing.

@@ -1,25 +1,25 @@
-//! q8_0 on wasm32 with SIMD128, its rows split across rayon's pool.
+//! q8_0 and q4_0 on wasm32 with SIMD128, rows split across rayon's pool.
 //!
-//! Why: candle's q8_0 kernel runs on one thread in the browser, where a laptop has 4–16
-//! cores; the threaded build (`initThreadPool`) gives rayon Web Workers sharing the
-//! module's memory, and the single-threaded build runs the same code on the caller's thread.
+//! Why: candle's kernels run on one thread in the browser, where a laptop has 4–16 cores;
+//! the threaded build (`initThreadPool`) gives rayon Web Workers sharing the module's
+//! memory, and the single-threaded build runs the same code on the caller's thread.
 //!
 //! How: the file's blocks are repacked once into tiles of four rows, block by block (the
-//! four rows' f16 scales, then their 32 quants each: 34 bytes per 32 weights, as stored), so
-//! a product reads the matrix as one stream. The repacked matrix is one buffer of exactly
-//! the stored size, as the bytes it was made from were: the allocator reuses each freed
-//! download for the next matrix (two buffers of other sizes left wasm memory, which never
-//! shrinks, 1.5× larger). Each tile meets each activation row: `v128.load8x8_s` widens eight weights to i16 as it loads them, and
-//! `i32x4.dot_i16x8_s` multiplies them into the activations, which were quantized and
-//! widened to i16 once per product. Scales come from a table of every f16's f32 (256 KB, as
-//! llama.cpp keeps one where the CPU cannot convert f16).
+//! four rows' f16 scales, then their quants: the stored size), so a product reads the matrix
+//! as one stream. Each tile meets each activation row: a block's weights are widened to
+//! i16 as they load (`v128.load8x8_s` for q8_0; nibbles masked, shifted and offset by 8 for
+//! q4_0), and `i32x4.dot_i16x8_s` multiplies them into the activations, which were quantized
+//! to q8_0 and widened to i16 once per product (llama.cpp pairs both formats with q8_0
+//! activations too). Scales come from a table of every f16's f32 (256 KB, as llama.cpp keeps
+//! one where the CPU cannot convert f16).
 
 use std::arch::wasm32::*;
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use half::f16;
 
-use super::{check_blocks, quantize_block, BLOCK, BLOCK_BYTES};
+use super::{check_blocks, quantize_block, BLOCK};
 use crate::error::Result;
 use crate::model::disjoint::{rows_of, Disjoint};
 use crate::model::spin_pool;
@@ -27,16 +27,58 @@ use crate::model::spin_pool;
 /// Weight rows per tile: they share each activation load.
 const ROWS: usize = 4;
 
-/// Bytes of one block of a tile: four f16 scales, then four rows of 32 quants.
-const TILE_BLOCK: usize = ROWS * BLOCK_BYTES;
+/// A GGML block format: its quant bytes per block of 32 weights, and how they widen.
+pub trait Format {
+    /// Bytes of quants per block (after the f16 scale).
+    const QUANTS: usize;
+    /// The block's 32 weights at `q`, as four i16x8 vectors in order.
+    ///
+    /// # Safety
+    /// `q` must point at `QUANTS` readable bytes.
+    unsafe fn widen(q: *const u8) -> [v128; 4];
+}
 
-/// A `rows × cols` matrix of q8_0 blocks in tiles of four rows (the last padded with zeros).
-pub struct Q8Matrix {
+/// q8_0: 32 signed bytes.
+pub struct Q8_0;
+
+impl Format for Q8_0 {
+    const QUANTS: usize = BLOCK;
+    unsafe fn widen(q: *const u8) -> [v128; 4] {
+        [0, 8, 16, 24].map(|k| i16x8_load_extend_i8x8(q.add(k).cast()))
+    }
+}
+
+/// q4_0: 16 bytes, weight `j` in the low nibble of byte `j` and weight `j + 16` in its high
+/// nibble, both stored plus 8.
+pub struct Q4_0;
+
+impl Format for Q4_0 {
+    const QUANTS: usize = BLOCK / 2;
+    unsafe fn widen(q: *const u8) -> [v128; 4] {
+        let bytes = v128_load(q.cast());
+        let eight = i8x16_splat(8);
+        let low = i8x16_sub(v128_and(bytes, u8x16_splat(0x0F)), eight);
+        let high = i8x16_sub(u8x16_shr(bytes, 4), eight);
+        [
+            i16x8_extend_low_i8x16(low),
+            i16x8_extend_high_i8x16(low),
+            i16x8_extend_low_i8x16(high),
+            i16x8_extend_high_i8x16(high),
+        ]
+    }
+}
+
+/// A `rows × cols` matrix of `F` blocks in tiles of four rows (the last padded with zeros).
+pub struct Tiled<F> {
     rows: usize,
     cols: usize,
-    /// Per tile, per block: `TILE_BLOCK` bytes.
+    /// Per tile, per block: four f16 scales, then four rows' quants.
     tiles: Vec<u8>,
+    format: PhantomData<fn() -> F>,
 }
+
+pub type Q8Matrix = Tiled<Q8_0>;
+pub type Q4Matrix = Tiled<Q4_0>;
 
 /// Activation rows quantized to q8_0 blocks, quants widened to i16.
 struct Activations {
@@ -71,21 +113,31 @@ fn f16_table() -> &'static [f32; 1 << 16] {
     })
 }
 
-impl Q8Matrix {
-    /// `rows × cols` values stored as GGUF q8_0 blocks (SIMD128 is part of every wasm
-    /// build, so there is always a matrix).
+impl<F: Format> Tiled<F> {
+    /// Bytes of one block of a tile: four scales, then four rows' quants.
+    const TILE_BLOCK: usize = ROWS * (2 + F::QUANTS);
+
+    /// `rows × cols` values stored as GGUF blocks of this format (SIMD128 is part of every
+    /// wasm build, so there is always a matrix).
     pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
-        check_blocks(blocks, rows, cols)?;
+        let stored = 2 + F::QUANTS;
+        check_blocks(blocks, rows, cols, stored)?;
         let per_row = cols / BLOCK;
-        let mut tiles = vec![0; rows.div_ceil(ROWS) * per_row * TILE_BLOCK];
-        for (n, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
+        let mut tiles = vec![0; rows.div_ceil(ROWS) * per_row * Self::TILE_BLOCK];
+        for (n, block) in blocks.chunks_exact(stored).enumerate() {
             let (r, b) = (n / per_row, n % per_row);
-            let tile = &mut tiles[(r / ROWS * per_row + b) * TILE_BLOCK..][..TILE_BLOCK];
+            let tile =
+                &mut tiles[(r / ROWS * per_row + b) * Self::TILE_BLOCK..][..Self::TILE_BLOCK];
             let i = r % ROWS;
             tile[2 * i..2 * i + 2].copy_from_slice(&block[..2]);
-            tile[2 * ROWS + BLOCK * i..][..BLOCK].copy_from_slice(&block[2..]);
+            tile[2 * ROWS + F::QUANTS * i..][..F::QUANTS].copy_from_slice(&block[2..]);
         }
-        Ok(Some(Self { rows, cols, tiles }))
+        Ok(Some(Self {
+            rows,
+            cols,
+            tiles,
+            format: PhantomData,
+        }))
     }
 
     /// SIMD128 is part of every wasm build.
@@ -105,7 +157,7 @@ impl Q8Matrix {
     /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
     /// per row in.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let m = rows_of(x, self.cols, "a q8_0 matrix")?;
+        let m = rows_of(x, self.cols, "a quantized matrix")?;
         if m == 0 || self.rows == 0 {
             return Ok(Vec::new());
         }
@@ -141,27 +193,25 @@ impl Q8Matrix {
     /// Tile `t`'s four rows dotted with activation row `j`.
     fn dots(&self, t: usize, xq: &Activations, j: usize, table: &[f32; 1 << 16]) -> [f32; ROWS] {
         let (cols, per_row) = (self.cols, self.cols / BLOCK);
-        let tile = &self.tiles[t * per_row * TILE_BLOCK..][..per_row * TILE_BLOCK];
+        let tile = &self.tiles[t * per_row * Self::TILE_BLOCK..][..per_row * Self::TILE_BLOCK];
         let x = xq.quants[j * cols..][..cols].as_ptr();
         let x_scales = &xq.scales[j * per_row..][..per_row];
         let mut acc = [f32x4_splat(0.0); ROWS];
         for (b, (&x_scale, block)) in x_scales
             .iter()
-            .zip(tile.chunks_exact(TILE_BLOCK))
+            .zip(tile.chunks_exact(Self::TILE_BLOCK))
             .enumerate()
         {
-            let quants = block[2 * ROWS..].as_ptr().cast::<i8>();
-            // SAFETY: `x` starts `per_row` blocks of activations and `quants` four rows of
-            // 32 quants; each load reads eight quants (16 bytes of i16 activations, 8 bytes
-            // of i8 weights) of one of them.
+            let quants = block[2 * ROWS..].as_ptr();
+            // SAFETY: `x` starts `per_row` blocks of 32 activations, read as four loads of
+            // eight i16 of block `b`; `quants` starts four rows of `F::QUANTS` bytes.
             unsafe {
                 let xs = [0, 8, 16, 24].map(|k| v128_load(x.add(b * BLOCK + k).cast()));
                 for (i, scale) in block[..2 * ROWS].chunks_exact(2).enumerate() {
-                    let w = quants.add(i * BLOCK);
-                    let mut sum = i32x4_dot_i16x8(i16x8_load_extend_i8x8(w), xs[0]);
-                    for (k, &xk) in xs.iter().enumerate().skip(1) {
-                        let wk = i16x8_load_extend_i8x8(w.add(8 * k));
-                        sum = i32x4_add(sum, i32x4_dot_i16x8(wk, xk));
+                    let ws = F::widen(quants.add(i * F::QUANTS));
+                    let mut sum = i32x4_dot_i16x8(ws[0], xs[0]);
+                    for (&w, &xk) in ws.iter().zip(&xs).skip(1) {
+                        sum = i32x4_add(sum, i32x4_dot_i16x8(w, xk));
                     }
                     let bits = u16::from_le_bytes([scale[0], scale[1]]);
                     let scale = f32x4_splat(table[bits as usize] * x_scale);

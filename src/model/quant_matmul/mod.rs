@@ -1,9 +1,10 @@
-//! q8_0 weight matrices multiplied by our own kernels, where candle's cost memory or threads.
+//! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
+//! threads.
 //!
-//! - `vnni` (x86-64 with AVX-512 VNNI): candle keeps a repacked copy beside the file's
-//!   blocks there; ours repacks once at load and drops the file's copy.
-//! - `simd128` (wasm32): candle's kernel runs on one thread in the browser; ours splits the
-//!   rows across rayon's pool, which the threaded build runs on Web Workers.
+//! - `vnni` (q8_0 on x86-64 with AVX-512 VNNI): candle keeps a repacked copy beside the
+//!   file's blocks there; ours repacks once at load and drops the file's copy.
+//! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
+//!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
 //! Both quantize each activation row once to q8_0 blocks, as llama.cpp does, and give the
 //! same products (up to the order of f32 sums) as candle's `QMatMul` on the same blocks.
@@ -19,24 +20,26 @@ mod simd128;
 mod vnni;
 
 #[cfg(target_arch = "wasm32")]
-pub use simd128::Q8Matrix;
+pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
 pub use vnni::Q8Matrix;
 
 /// Values per q8_0 block.
 const BLOCK: usize = 32;
 /// Bytes per stored q8_0 block: an f16 scale, then 32 signed quants.
+#[cfg(target_arch = "x86_64")]
 const BLOCK_BYTES: usize = 2 + BLOCK;
 
-/// An error unless `blocks` holds exactly a `rows × cols` matrix of q8_0 blocks.
-fn check_blocks(blocks: &[u8], rows: usize, cols: usize) -> Result<()> {
+/// An error unless `blocks` holds exactly a `rows × cols` matrix of blocks of 32 values
+/// stored in `block_bytes` bytes each.
+fn check_blocks(blocks: &[u8], rows: usize, cols: usize, block_bytes: usize) -> Result<()> {
     let expected = cols
         .is_multiple_of(BLOCK)
-        .then(|| rows.checked_mul(cols / BLOCK)?.checked_mul(BLOCK_BYTES))
+        .then(|| rows.checked_mul(cols / BLOCK)?.checked_mul(block_bytes))
         .flatten();
     if expected != Some(blocks.len()) {
         return Err(Error::input(format!(
-            "{} bytes of q8_0 blocks are not a {rows}×{cols} matrix",
+            "{} bytes of quantized blocks are not a {rows}×{cols} matrix",
             blocks.len()
         )));
     }
