@@ -58,6 +58,17 @@ fn named(name: &str, bytes: &[u8]) -> NamedBytes {
     }
 }
 
+/// A GGUF fixture, with tiny-phi's tokenizer: not every fixture embeds it; all share it.
+fn gguf_fixture(format: &str, file: &[u8]) -> Checkpoint {
+    Checkpoint::from_bytes(
+        None,
+        Some(named("tokenizer.json", TOKENIZER)),
+        vec![named(&format!("tiny-phi-{format}.gguf"), file)],
+        DType::F32,
+    )
+    .unwrap()
+}
+
 fn checkpoint() -> Checkpoint {
     Checkpoint::from_bytes(
         Some(named("config.json", CONFIG)),
@@ -126,12 +137,13 @@ fn quantized_kernels_match_candle() {
     use candle_core::Module;
     use medphi::model::quant_matmul::{Q4Matrix, Q8Matrix};
     let (rows, cols) = (37, 256);
-    let wave = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin() * 3.0)).collect();
+    let wave = |n: usize, k: f32| (0..n).map(|i| (i as f32 * k).sin() * 3.0).collect();
     let w = Tensor::from_vec(wave(rows * cols, 0.37), (rows, cols), &Device::Cpu).unwrap();
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let blocks = q.data().unwrap();
-        let ours: Box<dyn Fn(&[f32]) -> medphi::error::Result<Vec<f32>>> = match dtype {
+        type Product = Box<dyn Fn(&[f32]) -> medphi::Result<Vec<f32>>>;
+        let ours: Product = match dtype {
             GgmlDType::Q8_0 => {
                 let m = Q8Matrix::for_this_cpu(&blocks, rows, cols)
                     .unwrap()
@@ -177,13 +189,7 @@ fn quantized_kernels_match_candle() {
 async fn cpu_quantized_forward_matches_transformers() {
     let r = reference();
     for (format, file) in [("q8_0", Q8_GGUF), ("q4_0", Q4_GGUF)] {
-        let ckpt = Checkpoint::from_bytes(
-            None,
-            Some(named("tokenizer.json", TOKENIZER)),
-            vec![named(&format!("tiny-phi-{format}.gguf"), file)],
-            DType::F32,
-        )
-        .unwrap();
+        let ckpt = gguf_fixture(format, file);
         let (model, _) = ckpt.into_model(true).unwrap();
         let mut backend = CpuBackend::new(model, None).unwrap();
         let rows = backend
@@ -225,14 +231,7 @@ async fn webgpu_forward_matches_transformers() {
 async fn gguf_weights_match_transformers_with_both_kernel_families() {
     let r = reference();
     for (format, file) in [("f16", F16_GGUF), ("q8_0", Q8_GGUF), ("q4_0", Q4_GGUF)] {
-        // Not every fixture embeds its tokenizer; all share tiny-phi's.
-        let ckpt = Checkpoint::from_bytes(
-            None,
-            Some(named("tokenizer.json", TOKENIZER)),
-            vec![named(&format!("tiny-phi-{format}.gguf"), file)],
-            DType::F32,
-        )
-        .unwrap();
+        let ckpt = gguf_fixture(format, file);
         for kernels in [KernelChoice::Gpu, KernelChoice::Emulator] {
             let gpu = GpuBackend::load(&ckpt.config, ckpt.weights.as_ref(), None, kernels)
                 .await
