@@ -2,7 +2,7 @@
 # Builds the browser packages (release, no wasm-opt download, no npm package):
 # - www/pkg: single-threaded, for pages that are not cross-origin isolated;
 # - www/pkg-threads: wasm atomics and shared memory, rayon's pool on Web Workers, used when
-#   the page is cross-origin isolated (scripts/serve.sh's headers or www/isolate.js's
+#   the page is cross-origin isolated (scripts/serve.sh's headers or www/isolation-sw.js's
 #   service worker). Its standard library is rebuilt with atomics (`-Z build-std`, allowed
 #   on the stable toolchain by RUSTC_BOOTSTRAP), so it needs the rust-src component.
 set -euo pipefail

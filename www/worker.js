@@ -44,7 +44,7 @@ let Model, evalReport, parseBenchmark;
 /**
  * CPU threads the wasm runs its matrix products on: {count, note}. The threaded build needs
  * SharedArrayBuffer, which browsers give only to cross-origin isolated pages (COOP/COEP
- * headers from scripts/serve.sh, or isolate.js's service worker on hosts that cannot send
+ * headers from scripts/serve.sh, or isolation-sw.js's service worker on hosts that cannot send
  * them); anywhere else, and if its thread pool cannot start, the single-threaded build runs.
  */
 let threads = { count: 1, note: null };
