@@ -70,10 +70,16 @@ pub fn forward_on_pool<R: Send>(forward: impl FnOnce() -> R + Send) -> R {
 /// A helper's loop: take units of whatever job is posted until the pass ends.
 fn help(crew: &Crew) {
     while !crew.stop.load(Ordering::Acquire) {
+        // Idle spins only read: the read-modify-writes on `looking` are for a posted job,
+        // so they do not bounce its cache line between the cores while nothing is posted.
+        if crew.job.load(Ordering::Relaxed).is_null() {
+            std::hint::spin_loop();
+            continue;
+        }
         crew.looking.fetch_add(1, Ordering::SeqCst);
         let job = crew.job.load(Ordering::SeqCst);
         // SAFETY: a job is alive while it is posted and until no helper is looking (see
-        // `looking`), and this one is looking.
+        // `looking`), and this one is looking, having read `job` after counting itself.
         let ran = !job.is_null() && unsafe { take_units(&*job) };
         crew.looking.fetch_sub(1, Ordering::SeqCst);
         if !ran {
