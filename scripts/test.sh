@@ -2,7 +2,8 @@
 # Runs every test medphi has: formatting, clippy, native unit and integration tests (parity
 # with transformers and candle-transformers, GGUF, bad input, CLI, wgpu on lavapipe), the
 # browser tests (`wasm-pack test` in headless Chromium: kernels, model parity, the wasm API)
-# and end-to-end tests of the page (playwright-core driving Debian's Chromium), and checks that
+# and end-to-end tests of the page (playwright-core driving Debian's Chromium; the fine-tune test
+# checks the page's LoRA adapter with peft on transformers), and checks that
 # the `cuda` feature compiles.
 # Installs what it needs (apt packages as root, the wasm32 target, wasm-bindgen-cli,
 # wasm-pack, npm packages); reuses a shared cargo target dir.
@@ -71,6 +72,12 @@ if ! WASM_BINDGEN_TEST_TIMEOUT=1200 wasm-pack test --headless --chrome --chromed
     grep -v dbus "$chrome_log" | tail -n 60
   fi
   exit 1
+fi
+
+# The fine-tune test loads the page's adapter with peft onto transformers' model of the base.
+if ! python3 -c "import peft, transformers, torch" 2>/dev/null; then
+  echo "== installing peft (with transformers and torch where missing) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check peft==0.21.2
 fi
 
 echo "== page end-to-end tests (playwright-core, Debian's chromium)"

@@ -13,8 +13,8 @@
 //! 4. [`generate`]: a `Session` over a backend, sampling, stop strings, prompt formats;
 //!    [`cancel`]: the flag that stops long work at a safe point.
 //! 5. [`eval`]: benchmark files, lm-eval's scoring, resumable runs and its output records.
-//! 6. `train` (native only): pretraining, SFT, DPO and LoRA on the differentiable model, with
-//!    checkpoints that survive a kill; [`data`]: training data from medical ontologies.
+//! 6. [`train`]: pretraining, SFT, DPO and LoRA on the differentiable model (the same trainer
+//!    in the browser), with checkpoints that survive a kill natively; [`data`]: training data from medical ontologies.
 //! 7. The shells: `web` (wasm32 only) is the JavaScript API the page's worker calls; the CLI
 //!    lives in the binary (`src/main.rs`, `src/cli/`). [`fuzzing`] holds the parsers' fuzz
 //!    entry points.
@@ -35,7 +35,6 @@ pub mod gpu;
 pub mod memory_plan;
 pub mod model;
 pub mod tokenizer;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod train;
 #[cfg(target_arch = "wasm32")]
 pub mod web;

@@ -1,6 +1,7 @@
 // The page: wires the controls to `window.medphi` (medphi-api.js). Model work happens in
 // the worker, so nothing here blocks; this file only renders.
 import { MedphiApi } from './medphi-api.js';
+import { initFinetuneTab } from './finetune-tab.js';
 
 const BUNDLED_MODEL = 'models/tiny-medphi/';
 // The model picker's presets: each fills in the source and the conversion, then Load loads it.
@@ -339,7 +340,7 @@ drop.addEventListener('keydown', (e) => {
 
 // ---- tabs ----------------------------------------------------------------------------
 
-const tabs = [$('tab-chat'), $('tab-medqa')];
+const tabs = [$('tab-chat'), $('tab-medqa'), $('tab-finetune')];
 function selectTab(tab) {
   for (const t of tabs) {
     const on = t === tab;
@@ -366,6 +367,8 @@ function setBusy(on) {
   $('bench-file').disabled = busy;
   updateBenchmarkButton();
 }
+
+initFinetuneTab({ api, status, setBusy });
 
 function updateBenchmarkButton() {
   $('benchmark-button').disabled = busy || !api.info;

@@ -25,6 +25,10 @@
 //     //    matrices converted to GGUF blocks as they load, a PEFT LoRA adapter merged first
 //     //    (every load's info has `threads`: the CPU threads the wasm's matrix products use,
 //     //    more than 1 when the page is cross-origin isolated; `threadsNote` says why not)
+//   const { losses, adapterFiles } = await medphi.finetune({ data: [{ prompt, response }, ...],
+//                                                            loraRank: 8, steps: 100, onProgress })
+//     // -> LoRA SFT of the model in use by the CLI's trainer; the adapter stays applied
+//     //    (`medphi.useBase()` / `medphi.useAdapter()` switch) and adapterFiles are PEFT's
 //   await medphi.cachedModels()     // -> [{url, bytes, files: [{name, bytes}]}]: downloads kept offline
 //   await medphi.deleteCachedModel(url)
 //   await medphi.benchmark({ promptLen: 128, gen: 32 })
@@ -35,7 +39,7 @@
 //
 // Requests run one at a time in the order they were made (see worker.js). A `load` made
 // while another is still under way supersedes it: the earlier one rejects with a
-// SupersededError. `generate`, `score`, `benchmark`, `reset` and `loseGpuDevice` run on the
+// SupersededError. `generate`, `score`, `benchmark`, `finetune`, `applyAdapter`, `useBase`, `useAdapter`, `reset` and `loseGpuDevice` run on the
 // model of the last `load` made before them, once it has loaded, and reject (SupersededError,
 // LoadFailedError) rather than run on another model if that load does not finish. A failed
 // load leaves the previous model in use. `probe`, `parseBenchmark`, `report`, `cachedModels`,
@@ -54,6 +58,8 @@ export class MedphiApi extends EventTarget {
     this.info = null;
     /** Where the model in use came from: {url} or {files}, with `adapter` ({url} or {files}) if it had one. */
     this.source = null;
+    /** The other model kept loaded to switch to: 'base' (`useBase`), 'adapter' (`useAdapter`) or null. */
+    this.kept = null;
     this.failed = null;
     this.worker.onmessage = ({ data }) => this.receive(data);
     this.worker.onerror = (e) => {
@@ -75,7 +81,8 @@ export class MedphiApi extends EventTarget {
       // depends on it.
       this.info = msg.info;
       this.source = msg.source;
-      this.dispatchEvent(new CustomEvent('model', { detail: { info: msg.info, source: msg.source } }));
+      this.kept = msg.kept;
+      this.dispatchEvent(new CustomEvent('model', { detail: { info: msg.info, source: msg.source, kept: msg.kept } }));
       return;
     }
     const p = this.pending.get(msg.id);
@@ -233,6 +240,52 @@ export class MedphiApi extends EventTarget {
    */
   report({ task, samples, original, config = {}, seconds = 0 } = {}) {
     return this.request('report', { task, samples, original: original ?? samples?.length ?? 0, config, seconds });
+  }
+
+  /**
+   * Fine-tunes the base model in use with LoRA on `data` ([{prompt, response}]: the loss is
+   * on the responses), with the trainer `medphi train --stage sft --lora-rank …` runs, so
+   * the same data, seed and settings give the same adapter: `loraRank` (8), `loraAlpha`
+   * (16), `steps` (100), `batchSize` (8), `lr` (1e-3, warmup over the first 5% then cosine
+   * to a tenth), `seed` (0), `seqLen` (128: longer examples are cut). The base weights are
+   * read in f32 on the CPU (whatever backend the model runs on). `onProgress` hears every
+   * step: {step, steps, loss, lr, tokensPerS, gradNorm, elapsedMs}, then the adapted
+   * model's build as a load's ({tensor, index, total}). `stop()` ends it after
+   * the step under way, keeping what it learnt; `signal` aborts it (nothing applied).
+   * Resolves to {losses, adapterFiles: [{name, bytes}] (adapter_config.json and
+   * adapter_model.safetensors, as PEFT saves them), stopped, steps, info}, and leaves the
+   * adapter applied: the next `generate` or `score` uses it; `useBase()` switches back.
+   */
+  finetune({ onProgress, signal, ...options } = {}) {
+    return this.request('finetune', { options }, { onProgress }, signal);
+  }
+
+  /**
+   * Applies a PEFT LoRA adapter (`files`: adapter_config.json and adapter_model.safetensors,
+   * as File objects or {name, bytes}) to the base model in use, which stays loaded beside
+   * it. Resolves to the adapted model's info.
+   */
+  applyAdapter(files) {
+    return this.request('applyAdapter', { files: [...files] });
+  }
+
+  /** Switches to the base model, without reloading it (the adapted model is kept for `useAdapter`). */
+  useBase() {
+    return this.request('useBase');
+  }
+
+  /** Switches back to the adapted model after `useBase`. */
+  useAdapter() {
+    return this.request('useAdapter');
+  }
+
+  /**
+   * The [{prompt, response}] rows of a training file's `text` for `finetune`: CSV with a
+   * header row when `file` ends in .csv, else JSON lines; a malformed row rejects with an
+   * error naming its line (`medphi train --data` reads files the same way). Needs no model.
+   */
+  parseTrainingRows(text, file) {
+    return this.request('parseRows', { text, file });
   }
 
   /** Forgets the cached conversation. */

@@ -3,9 +3,10 @@
 // info, source} whenever the model in use changes (info null: none is loaded).
 //
 // Requests run one at a time, in the order they came:
-// - `load`, `generate`, `score`, `benchmark`, `reset` and `loseGpuDevice` wait in one queue. `probe`,
-//   `parse`, `report`, `cachedModels`, `deleteCachedModel` and `clearCache` need no model and
-//   answer at once (`parse` and `report` once the wasm module is initialised).
+// - `load`, `generate`, `score`, `benchmark`, `finetune`, `applyAdapter`, `useBase`, `useAdapter`,
+//   `reset` and `loseGpuDevice` wait in one queue. `probe`, `parse`, `parseRows`, `report`,
+//   `cachedModels`, `deleteCachedModel` and `clearCache` need no model and answer at once
+//   (`parse`, `parseRows` and `report` once the wasm module is initialised).
 // - A load supersedes every earlier load still queued or running: those reject with a
 //   SupersededError (a running download is aborted; a model built after being superseded
 //   is freed, never installed).
@@ -17,7 +18,8 @@
 //   built before the old one is freed; for bigger ones the files are checked first, and if
 //   the new model still fails after the old one was freed, the old one is loaded again
 //   from where it came from, and the error says so.
-// - {type: "stop"} ends the running generation before its next token; {type: "abort",
+// - {type: "stop"} ends the running generation before its next token, or the running
+//   fine-tune after its step under way (keeping the adapter trained so far); {type: "abort",
 //   target: id} drops a queued request or ends a running one (download aborted,
 //   generation stopped). Safetensors weights are downloaded while Model.load reads them,
 //   tensor by tensor: an aborted or superseded load's reads reject with an AbortError, which
@@ -34,13 +36,13 @@ import { cachedModels, clearCachedModels, deleteCachedModel, loadFiles } from '.
 // is built while the old one is still loaded, so a failure costs nothing. Beyond it the old
 // one is freed first: two models may not fit in wasm memory or on the GPU.
 const TWO_MODELS_BYTES = 2 ** 30;
-const MODEL_REQUESTS = new Set(['generate', 'score', 'benchmark', 'reset', 'loseGpuDevice']);
+const MODEL_REQUESTS = new Set(['generate', 'score', 'benchmark', 'reset', 'loseGpuDevice', 'finetune', 'useBase', 'useAdapter', 'applyAdapter']);
 /** The kernel families and quantizations Model.load knows; anything else is sent to it early for its error. */
 const GPU_KERNELS = new Set(['auto', 'gpu', 'emulator']);
 const QUANTIZATIONS = new Set(['q8_0', 'q4_0']);
 
 /** The wasm package's exports, once it is initialised. */
-let Model, evalReport, parseBenchmark;
+let Model, FineTune, evalReport, parseBenchmark, parseTrainingRows;
 /**
  * CPU threads the wasm runs its matrix products on: {count, note}. The threaded build needs
  * SharedArrayBuffer, which browsers give only to cross-origin isolated pages (COOP/COEP
@@ -56,7 +58,7 @@ async function initWasm() {
       await pkg.default();
       const count = Math.max(1, Math.min(self.navigator.hardwareConcurrency || 1, 16));
       await pkg.initThreadPool(count);
-      ({ Model, evalReport, parseBenchmark } = pkg);
+      ({ Model, FineTune, evalReport, parseBenchmark, parseTrainingRows } = pkg);
       threads = { count, note: null };
       return;
     } catch (e) {
@@ -67,7 +69,7 @@ async function initWasm() {
   }
   const pkg = await import('./pkg/medphi.js');
   await pkg.default();
-  ({ Model, evalReport, parseBenchmark } = pkg);
+  ({ Model, FineTune, evalReport, parseBenchmark, parseTrainingRows } = pkg);
 }
 
 let initError = null;
@@ -85,8 +87,11 @@ const ready = initWasm().then(
 );
 
 /**
- * The model in use: {model, info, seq, source, backend, options}, or null. `options` are
- * what its load asked of Model.load besides the files: {context, gpuKernels, quantize}.
+ * The model in use: {model, info, seq, source, backend, options, base, adapted}, or null.
+ * `options` are what its load asked of Model.load besides the files: {context, gpuKernels,
+ * quantize}. With an adapter applied in the page (a fine-tune, `applyAdapter`), `base` is
+ * the base model kept loaded beside it ({model, info, source}), so `useBase` switches back
+ * at once; after `useBase`, `adapted` keeps the adapted model for `useAdapter`.
  */
 let current = null;
 /** How to load the model in use again ({seq, source, backend, options}), kept while a new one is built. */
@@ -148,8 +153,10 @@ function describe(model) {
   return { ...model.info(), threads: threads.count, threadsNote: threads.note };
 }
 
+/** Tells the page the model in use, and which other one is kept to switch to ('base', 'adapter' or null). */
 function announce() {
-  post({ type: 'model', info: current ? current.info : null, source: current ? current.source : null });
+  const kept = current?.base ? 'base' : current?.adapted ? 'adapter' : null;
+  post({ type: 'model', info: current ? current.info : null, source: current ? current.source : null, kept });
 }
 
 // ---- requests that need no model -----------------------------------------------------
@@ -166,6 +173,12 @@ const immediateHandlers = {
     await ready;
     if (initError) throw initError;
     return parseBenchmark(task, text, file);
+  },
+
+  async parseRows({ text, file }) {
+    await ready;
+    if (initError) throw initError;
+    return parseTrainingRows(text, file);
   },
 
   // lm-eval's results object for scored sample lines: the same Rust code as `medphi eval`.
@@ -312,8 +325,7 @@ async function runLoad(job) {
     if (current && (freeFirst || current.info.weightBytes + bytes > TWO_MODELS_BYTES)) {
       // Only one model fits: refuse what cannot be a model before giving the old one up.
       await precheck(all);
-      current.model.free();
-      current = null;
+      freeCurrent();
       announce();
     }
     const built = await build(loaded, backend, options, id);
@@ -321,7 +333,7 @@ async function runLoad(job) {
       built.free();
       throw early;
     }
-    if (current) current.model.free();
+    freeCurrent();
     const info = describe(built);
     current = { model: built, info, seq: job.seq, source, backend: info.backend, options };
     remembered = { seq: job.seq, source, backend: info.backend, options };
@@ -345,6 +357,15 @@ async function runLoad(job) {
     fallBack(job.seq);
     throw err;
   }
+}
+
+/** Frees every model the worker holds (the one in use, and a base or adapted one kept beside it). */
+function freeCurrent() {
+  if (!current) return;
+  current.model.free();
+  current.base?.model.free();
+  current.adapted?.model.free();
+  current = null;
 }
 
 /** After a failed load: the previous model stays, or is loaded again if it was freed. */
@@ -554,6 +575,14 @@ async function runRequest(job) {
       // Testing: the path a real device loss takes (see Model.loseGpuDevice).
       model.loseGpuDevice();
       return undefined;
+    case 'finetune':
+      return runFinetune(job);
+    case 'applyAdapter':
+      return runApplyAdapter(job);
+    case 'useBase':
+      return useBase();
+    case 'useAdapter':
+      return useAdapter();
     default:
       throw new Error(`unknown request ${job.type}`);
   }
@@ -607,8 +636,139 @@ async function runBenchmark(job, model) {
   };
 }
 
+// ---- fine-tuning and adapters ------------------------------------------------------------
+
+/** The base model's source: the model in use without its adapter. */
+function baseSource() {
+  if (current.base) return current.base.source;
+  const { adapter, ...source } = current.source ?? {};
+  return adapter ? null : source;
+}
+
+/** Files handed over as {name, bytes}, as File objects (what a load's source holds). */
+function asFiles(files) {
+  return files.map((f) => new File([f.bytes], f.name));
+}
+
+/**
+ * LoRA SFT of the base model in use (see FineTune in src/web/finetune.rs), a step at a
+ * time, yielding between steps so Stop and abort are heard; Stop keeps the adapter trained
+ * so far. The adapter is then applied (the base kept loaded beside it).
+ */
+async function runFinetune(job) {
+  const source = baseSource();
+  if (!source) {
+    throw named('InputError', 'the model in use was loaded with an adapter merged in; load its base model without the adapter to fine-tune it');
+  }
+  const loaded = await loadFiles(source, { warn: (message) => warn(message, job.id) });
+  const tune = await FineTune.start(loaded.files, job.data.options ?? {});
+  const losses = [];
+  let adapterFiles;
+  try {
+    const t0 = performance.now();
+    for (;;) {
+      if (job.aborted) throw abortError('the finetune request');
+      if (job.stopped) break;
+      const m = tune.step();
+      losses.push(m.loss);
+      post({ id: job.id, type: 'progress', ...m, elapsedMs: performance.now() - t0 });
+      if (m.step >= m.steps) break;
+      // A macrotask between steps: the worker hears `stop` and `abort` messages here.
+      await new Promise((resolve) => setTimeout(resolve, 0));
+    }
+    adapterFiles = tune.adapterFiles();
+  } finally {
+    tune.free();
+  }
+  const info = await applyAdapter(loaded, adapterFiles, job.id);
+  return { losses, adapterFiles, stopped: Boolean(job.stopped), steps: losses.length, info };
+}
+
+/** Applies the adapter `files` ([{name, bytes}] or File objects) to the base model in use. */
+async function runApplyAdapter(job) {
+  const source = baseSource();
+  if (!source) throw named('InputError', 'the model in use already has an adapter merged in at load; load its base model to apply another');
+  const loaded = await loadFiles(source, { warn: (message) => warn(message, job.id) });
+  const files = job.data.files ?? [];
+  const bytes = await Promise.all(files.map(async (f) => ({ name: f.name, bytes: f.bytes ?? new Uint8Array(await f.arrayBuffer()) })));
+  return applyAdapter(loaded, bytes, job.id);
+}
+
+/**
+ * Builds base + adapter from the base's `loaded` files and makes it the model in use. The
+ * base stays loaded beside it when two fit (TWO_MODELS_BYTES); otherwise it is freed and
+ * `useBase` loads it again.
+ */
+async function applyAdapter(loaded, adapterFiles, id) {
+  const base = current.base ?? { model: current.model, info: current.info, source: current.source };
+  const keepBase = 2 * base.info.weightBytes <= TWO_MODELS_BYTES;
+  const { backend, options, seq } = current;
+  const previous = current.base ? current.model : null;
+  if (!keepBase) {
+    freeCurrent();
+    announce();
+  }
+  let model;
+  try {
+    model = await build({ files: loaded.files, adapter: adapterFiles }, backend, options, id);
+  } catch (e) {
+    if (keepBase) throw e;
+    // The base was freed to make room: bring it back, as a failed load does.
+    throw await recover(e);
+  }
+  previous?.free();
+  current?.adapted?.model.free();
+  const info = describe(model);
+  const source = { ...base.source, adapter: { files: asFiles(adapterFiles) } };
+  current = { model, info, seq, source, backend: info.backend, options, base: keepBase ? base : null, adapted: null };
+  remembered = { seq, source, backend: info.backend, options };
+  announce();
+  return info;
+}
+
+/** Switches to the base model (the adapter's model kept for `useAdapter`). */
+async function useBase() {
+  if (!current.source?.adapter) return current.info;
+  const { seq, backend, options } = current;
+  if (!current.base) {
+    // Too big to keep both: the base is loaded again from where it came from.
+    const { adapter, ...source } = current.source;
+    freeCurrent();
+    announce();
+    let model;
+    try {
+      model = await build(await loadFiles(source), backend, options);
+    } catch (e) {
+      throw await recover(e);
+    }
+    current = { model, info: describe(model), seq, source, backend, options, base: null, adapted: null };
+  } else {
+    const adapted = { model: current.model, info: current.info, source: current.source };
+    current = { ...current.base, seq, backend, options, base: null, adapted };
+  }
+  remembered = { seq, source: current.source, backend, options };
+  announce();
+  return current.info;
+}
+
+/** Switches back to the adapted model `useBase` kept. */
+async function useAdapter() {
+  if (current.source?.adapter) return current.info;
+  if (!current.adapted) throw named('InputError', 'no adapter has been applied to this model in this page');
+  const { seq, backend, options } = current;
+  const base = { model: current.model, info: current.info, source: current.source };
+  current = { ...current.adapted, seq, backend, options, base, adapted: null };
+  remembered = { seq, source: current.source, backend, options };
+  announce();
+  return current.info;
+}
+
 function stopRunning() {
   const job = running;
+  if (job?.type === 'finetune') {
+    job.stopped = true;
+    return;
+  }
   if (job?.type === 'generate' && job.model) {
     job.stopped = true;
     job.model.stop();
@@ -634,6 +794,7 @@ function abort(target) {
     return;
   }
   fail(job, abortError(`the ${job.type} request`));
+  if (job === running && job.type === 'finetune') job.stopped = true;
   if (job === running && job.type === 'generate' && job.model) {
     job.stopped = true;
     job.model.stop();

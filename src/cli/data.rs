@@ -14,6 +14,21 @@ pub enum DataCommand {
     Build(BuildArgs),
     /// Train a byte-level BPE tokenizer.json (Phi-2's format) on text and JSON-lines files.
     Tokenizer(TokenizerArgs),
+    /// The page's workshop set from held-out test questions: sft.jsonl (two pairs per taught
+    /// term), quiz.jsonl (the taught terms' questions) and control.jsonl (other held-out terms).
+    Workshop(WorkshopArgs),
+}
+
+#[derive(Args)]
+pub struct WorkshopArgs {
+    /// medqa_test.jsonl of `medphi data build`.
+    #[arg(long)]
+    questions: PathBuf,
+    /// Terms taught (and as many in the control quiz).
+    #[arg(long, default_value_t = 100)]
+    terms: usize,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -50,7 +65,24 @@ pub fn data(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Build(args) => build_data(args),
         DataCommand::Tokenizer(args) => tokenizer(args),
+        DataCommand::Workshop(args) => workshop(args),
     }
+}
+
+fn workshop(args: WorkshopArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.questions)
+        .with_context(|| format!("{}", args.questions.display()))?;
+    let set = medphi::data::workshop(&text, &args.questions.display().to_string(), args.terms)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
+    for (name, text) in [
+        ("sft.jsonl", &set.sft),
+        ("quiz.jsonl", &set.quiz),
+        ("control.jsonl", &set.control),
+    ] {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+    }
+    super::print_line(format!("wrote {}", args.out.display()))
 }
 
 fn tokenizer(args: TokenizerArgs) -> Result<()> {

@@ -11,7 +11,8 @@ use medphi::checkpoint::Checkpoint;
 use medphi::model::{Phi, PhiConfig};
 use medphi::tokenizer::PhiTokenizer;
 use medphi::train::{
-    Examples, LoraConfig, Objective, Params, Precision, Stage, StepMetrics, TrainConfig, Trainer,
+    defaults, rows_from_text, Examples, FolderRun, LoraConfig, Objective, Params, Precision, Stage,
+    StepMetrics, TrainConfig, Trainer,
 };
 use plotters::prelude::*;
 
@@ -55,14 +56,14 @@ pub struct TrainArgs {
     /// Tokens per example: pretraining windows, and the longest sft/dpo example kept.
     #[arg(
         long,
-        default_value_t = 128,
+        default_value_t = defaults::SEQ_LEN,
         help_heading = "Optimisation (every stage)"
     )]
     seq_len: usize,
     /// Peak learning rate (AdamW, warmup then cosine to a tenth).
     #[arg(
         long,
-        default_value_t = 1e-3,
+        default_value_t = defaults::LR,
         help_heading = "Optimisation (every stage)"
     )]
     lr: f64,
@@ -71,14 +72,14 @@ pub struct TrainArgs {
     warmup: Option<u64>,
     #[arg(
         long,
-        default_value_t = 0.1,
+        default_value_t = defaults::WEIGHT_DECAY,
         help_heading = "Optimisation (every stage)"
     )]
     weight_decay: f64,
     /// Global gradient-norm limit (0: off).
     #[arg(
         long,
-        default_value_t = 1.0,
+        default_value_t = defaults::CLIP,
         help_heading = "Optimisation (every stage)"
     )]
     clip: f64,
@@ -113,7 +114,7 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "LoRA (with --init-from)")]
     lora_rank: Option<usize>,
     /// LoRA scale numerator (the update is alpha / rank · B·A).
-    #[arg(long, default_value_t = 16.0, help_heading = "LoRA (with --init-from)")]
+    #[arg(long, default_value_t = defaults::LORA_ALPHA, help_heading = "LoRA (with --init-from)")]
     lora_alpha: f64,
     /// Also write the merged full model, not only the adapters.
     #[arg(long, help_heading = "LoRA (with --init-from)")]
@@ -165,6 +166,7 @@ fn objective(
 ) -> medphi::Result<Objective> {
     let text = std::fs::read_to_string(path).map_err(|e| medphi::Error::file(path.display(), e))?;
     let file = path.display().to_string();
+    let rows = || rows_from_text(&text, &file);
     let eos = tok
         .eos_token_id()
         .or(cfg.eos_token_id)
@@ -172,7 +174,7 @@ fn objective(
     let seq_len = config.seq_len;
     Ok(match config.stage {
         Stage::Pretrain => Objective::Lm(Examples::pretrain(tok, &text, seq_len, eos)?),
-        Stage::Sft => Objective::Lm(Examples::sft(tok, &text, &file, seq_len, eos)?),
+        Stage::Sft => Objective::Lm(Examples::sft(tok, &rows()?, &file, seq_len, eos)?),
         Stage::Dpo => {
             let dir = config.init_from.as_ref().ok_or_else(|| {
                 medphi::Error::input("DPO needs --init-from MODEL_DIR (its reference model)")
@@ -181,7 +183,7 @@ fn objective(
             let ckpt = Checkpoint::open(dir, None, DType::F32)?;
             let weights = Params::from_source(&ckpt.config, ckpt.weights.as_ref(), device)?;
             let reference = Phi::load(&ckpt.config, &weights, true)?;
-            let (chosen, rejected) = Examples::preferences(tok, &text, &file, seq_len, eos)?;
+            let (chosen, rejected) = Examples::preferences(tok, &rows()?, &file, seq_len, eos)?;
             Objective::Dpo {
                 chosen,
                 rejected,
@@ -199,10 +201,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => bail!("this medphi was built without CUDA: build with `--features cuda` (scripts/cuda-toolkit.sh installs nvcc)"),
     };
-    let mut trainer = match &args.resume {
+    let mut run = match &args.resume {
         Some(dir) => resume(dir, &args, &device)?,
         None => start(&args, &device)?,
     };
+    let trainer = &run.trainer;
     eprintln!(
         "training {} parameters, stage {:?}, from step {} to {}",
         trainer.parameter_count(),
@@ -219,22 +222,17 @@ pub fn train(args: TrainArgs) -> Result<()> {
     );
     pb.set_position(trainer.step);
     let interrupt = super::interrupt();
-    trainer.run(
-        &args.out,
-        args.stop_after,
-        &interrupt,
-        &mut |m: &StepMetrics| {
-            pb.set_position(m.step);
-            let eval = m
-                .eval_loss
-                .map(|e| format!(" eval {e:.3}"))
-                .unwrap_or_default();
-            pb.set_message(format!(
-                "loss {:.3}{eval} lr {:.1e} {:.0} tok/s",
-                m.loss, m.lr, m.tokens_per_s
-            ));
-        },
-    )?;
+    run.run(args.stop_after, &interrupt, &mut |m: &StepMetrics| {
+        pb.set_position(m.step);
+        let eval = m
+            .eval_loss
+            .map(|e| format!(" eval {e:.3}"))
+            .unwrap_or_default();
+        pb.set_message(format!(
+            "loss {:.3}{eval} lr {:.1e} {:.0} tok/s",
+            m.loss, m.lr, m.tokens_per_s
+        ));
+    })?;
     pb.finish();
     plot(&args.out.join("metrics.jsonl"), &args.out.join("loss.png"))?;
     eprintln!(
@@ -244,7 +242,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if interrupt.is_cancelled() {
         return Err(super::Interrupted(format!(
             "stopped at step {} with a checkpoint; continue with --resume {}",
-            trainer.step,
+            run.trainer.step,
             args.out.display()
         ))
         .into());
@@ -254,7 +252,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
 /// A new run: the model (fresh from --model-config, or --init-from's, or LoRA adapters on
 /// it), its data and the run's configuration from the flags.
-fn start(args: &TrainArgs, device: &Device) -> Result<Trainer> {
+fn start(args: &TrainArgs, device: &Device) -> Result<FolderRun> {
     if args.lora_rank.is_some() && args.init_from.is_none() {
         bail!("LoRA trains adapters on an existing model: give --init-from MODEL_DIR");
     }
@@ -306,13 +304,8 @@ fn start(args: &TrainArgs, device: &Device) -> Result<Trainer> {
     if metrics.exists() {
         std::fs::remove_file(&metrics).with_context(|| format!("{}", metrics.display()))?;
     }
-    Ok(Trainer::new(
-        cfg,
-        tokenizer_json,
-        params,
-        objective,
-        config,
-    )?)
+    let trainer = Trainer::new(cfg, params, objective, config)?;
+    Ok(FolderRun::new(trainer, tokenizer_json, &args.out))
 }
 
 /// Everything that decides a new run, from the flags.
@@ -328,7 +321,7 @@ fn train_config(args: &TrainArgs) -> TrainConfig {
         grad_accum: args.grad_accum,
         seq_len: args.seq_len,
         lr: args.lr,
-        warmup: args.warmup.unwrap_or(args.steps / 20),
+        warmup: args.warmup.unwrap_or(defaults::warmup(args.steps)),
         weight_decay: args.weight_decay,
         clip: args.clip,
         seed: args.seed,
@@ -353,18 +346,22 @@ fn train_config(args: &TrainArgs) -> TrainConfig {
 
 /// The trainer of the newest intact checkpoint in `dir`, with `--out`'s metrics.jsonl made
 /// to end at its step.
-fn resume(dir: &Path, args: &TrainArgs, device: &Device) -> Result<Trainer> {
+fn resume(dir: &Path, args: &TrainArgs, device: &Device) -> Result<FolderRun> {
     let (checkpoint, state, skipped) = medphi::train::latest_checkpoint(dir)?;
     for why in skipped {
         eprintln!("warning: {why}");
     }
     let step = state.step;
-    let trainer = Trainer::resume(&checkpoint, state, device, |config, tok, cfg| {
-        objective(config, tok, cfg, &args.data, device)
-    })?;
+    let run = FolderRun::resume(
+        &checkpoint,
+        state,
+        device,
+        |config, tok, cfg| objective(config, tok, cfg, &args.data, device),
+        &args.out,
+    )?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
     medphi::train::restore_metrics(dir, &args.out, step)?;
-    Ok(trainer)
+    Ok(run)
 }
 
 /// Training and evaluation loss by step.

@@ -13,6 +13,9 @@
 pub mod bpe;
 pub mod hpo;
 pub mod icd10;
+mod workshop;
+
+pub use workshop::{workshop, Workshop};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -64,6 +67,9 @@ const CORE_TERMS: usize = 1500;
 /// `term_drill` keeps one in this many of the other terms.
 const REVIEW_EVERY: usize = 5;
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
+
+/// How a definition → term question begins (the rest is the definition).
+const DEFINITION_QUESTION: &str = "Which term matches this definition: ";
 
 fn instruct(q: &str) -> String {
     format!("Instruct: {q}\nOutput:")
@@ -292,7 +298,7 @@ impl<'a> Builder<'a> {
             let Some((opts, gold)) = options(rng, &t.name, &term_names) else {
                 continue;
             };
-            let q = format!("Which term matches this definition: {def}");
+            let q = format!("{DEFINITION_QUESTION}{def}");
             let record = medqa_record(&q, &opts, gold, "hpo-definition");
             if self.held_out.contains(t.id.as_str()) {
                 self.test.push(record);

@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::Row;
 use crate::error::{Error, Result};
 use crate::tokenizer::PhiTokenizer;
 
@@ -52,31 +53,31 @@ impl Examples {
         Ok(Examples::Packed { ids, seq_len })
     }
 
-    /// JSON lines with `prompt` and `response`.
+    /// Rows with `prompt` and `response`; `what` names them in errors.
     pub fn sft(
         tok: &PhiTokenizer,
-        jsonl: &str,
-        file: &str,
+        rows: &[Row],
+        what: &str,
         seq_len: usize,
         eos: u32,
     ) -> Result<Self> {
-        let lists = masked_lists(tok, jsonl, file, seq_len, eos, &["response"])?;
+        let lists = masked_lists(tok, rows, what, seq_len, eos, &["response"])?;
         Ok(Self::masked(
             lists.into_iter().next().unwrap_or_default(),
             eos,
         ))
     }
 
-    /// JSON lines with `prompt`, `chosen` and `rejected`: the chosen and the rejected
-    /// examples, aligned by index.
+    /// Rows with `prompt`, `chosen` and `rejected`: the chosen and the rejected examples,
+    /// aligned by index.
     pub fn preferences(
         tok: &PhiTokenizer,
-        jsonl: &str,
-        file: &str,
+        rows: &[Row],
+        what: &str,
         seq_len: usize,
         eos: u32,
     ) -> Result<(Self, Self)> {
-        let mut lists = masked_lists(tok, jsonl, file, seq_len, eos, &["chosen", "rejected"])?;
+        let mut lists = masked_lists(tok, rows, what, seq_len, eos, &["chosen", "rejected"])?;
         let rejected = lists.pop().unwrap_or_default();
         let chosen = lists.pop().unwrap_or_default();
         Ok((Self::masked(chosen, eos), Self::masked(rejected, eos)))
@@ -162,33 +163,23 @@ impl Examples {
 }
 
 /// For each of `responses`, the examples `prompt + response + EOS` (with the prompt length)
-/// of every line, truncated to `seq_len + 1`; a line is dropped from all lists when its
+/// of every row, truncated to `seq_len + 1`; a row is dropped from all lists when its
 /// prompt leaves no room for any of its responses.
 fn masked_lists(
     tok: &PhiTokenizer,
-    jsonl: &str,
-    file: &str,
+    rows: &[Row],
+    what: &str,
     seq_len: usize,
     eos: u32,
     responses: &[&str],
 ) -> Result<Vec<Vec<Tokenized>>> {
     let mut lists = vec![Vec::new(); responses.len()];
-    for (i, line) in jsonl.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |m: String| Error::file(format!("{file}:{}", i + 1), m);
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
-        let field = |k: &str| {
-            v.get(k)
-                .and_then(serde_json::Value::as_str)
-                .ok_or_else(|| at(format!("missing string field `{k}`")))
-        };
-        let prompt = tok.encode(field("prompt")?)?;
+    for r in rows {
+        let prompt = tok.encode(r.text("prompt")?)?;
         let mut row = Vec::with_capacity(responses.len());
-        for r in responses {
+        for response in responses {
             let mut ids = prompt.clone();
-            ids.extend(tok.encode(field(r)?)?);
+            ids.extend(tok.encode(r.text(response)?)?);
             ids.push(eos);
             ids.truncate(seq_len + 1);
             row.push(ids);
@@ -202,7 +193,10 @@ fn masked_lists(
         }
     }
     if lists[0].len() < 2 {
-        return Err(Error::file(file, "needs at least two usable examples"));
+        return Err(Error::file(
+            what,
+            "needs at least two usable examples (rows whose prompt leaves room for a response)",
+        ));
     }
     Ok(lists)
 }

@@ -4,33 +4,58 @@
 //! examples, checkpoints and exact resume.
 //!
 //! The model is the inference `Phi` built with `fused = false` over `Var`s, so what trains
-//! is what runs. An output directory is always a loadable model folder (`config.json`,
-//! `tokenizer.json`, `model.safetensors` with Hugging Face names) plus the optimizer state,
-//! `trainer_state.json` and `metrics.jsonl`.
+//! is what runs.
+//!
+//! The trainer itself takes its data, weights and settings as values and hands back step
+//! metrics and the adapter's files as bytes, so the browser runs the same code as the CLI.
+//! `folder.rs` (native) adds the file system: an output directory that is always a loadable
+//! model folder (`config.json`, `tokenizer.json`, `model.safetensors` with Hugging Face
+//! names) plus the optimizer state, `trainer_state.json` and `metrics.jsonl`.
 
 mod batches;
+#[cfg(not(target_arch = "wasm32"))]
 mod checkpoint;
+#[cfg(not(target_arch = "wasm32"))]
+mod folder;
 mod optim;
 mod params;
+mod rows;
 
-use std::io::Write;
-use std::path::Path;
+use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
 pub use batches::{Batch, Examples, Order};
+#[cfg(not(target_arch = "wasm32"))]
 pub use checkpoint::{
     exists as checkpoint_exists, latest as latest_checkpoint, restore_metrics, TrainState,
 };
+#[cfg(not(target_arch = "wasm32"))]
+pub use folder::FolderRun;
 pub use optim::{learning_rate, AdamW};
-pub use params::{save_tensors, LoraConfig, Params, Precision};
+pub use params::{save_tensors, tensor_bytes, LoraConfig, Params, Precision};
+pub use rows::{rows_from_text, rows_from_values, Row};
 
-use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::model::{Logits, Phi, PhiConfig};
-use checkpoint::CheckpointWriter;
+
+/// The settings a run takes when it is not told otherwise, the CLI's and the page's alike,
+/// so the same data and seed give the same weights from either.
+pub mod defaults {
+    pub const LR: f64 = 1e-3;
+    pub const WEIGHT_DECAY: f64 = 0.1;
+    pub const CLIP: f64 = 1.0;
+    /// Tokens per example (the longest SFT example kept).
+    pub const SEQ_LEN: usize = 128;
+    pub const LORA_ALPHA: f64 = 16.0;
+
+    /// Warmup steps: 5% of the run.
+    pub fn warmup(steps: u64) -> u64 {
+        steps / 20
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,7 +144,6 @@ pub struct StepMetrics {
 
 pub struct Trainer {
     model_cfg: PhiConfig,
-    tokenizer_json: String,
     params: Params,
     /// Built once when the model's weights are the `Var`s (see `Params::model_tracks_vars`);
     /// otherwise `None` and rebuilt from them at every step.
@@ -129,8 +153,6 @@ pub struct Trainer {
     order: Order,
     pub config: TrainConfig,
     pub step: u64,
-    /// The step of the last checkpoint written (0: none yet).
-    saved: u64,
 }
 
 /// Whether every value of `t` is finite (0·x is 0 for those, NaN for NaN and ±∞).
@@ -206,7 +228,6 @@ impl CurrentModel<'_> {
 impl Trainer {
     pub fn new(
         model_cfg: PhiConfig,
-        tokenizer_json: String,
         params: Params,
         objective: Objective,
         config: TrainConfig,
@@ -251,117 +272,17 @@ impl Trainer {
             order,
             opt: AdamW::new(config.weight_decay),
             model_cfg,
-            tokenizer_json,
             params,
             model,
             objective,
             config,
             step: 0,
-            saved: 0,
         })
     }
 
-    /// Continues the run saved in checkpoint folder `dir` (see [`latest_checkpoint`], which
-    /// also verifies it); `objective` rebuilds its data (and reference) from the run's saved
-    /// configuration, as for the original run.
-    pub fn resume(
-        dir: &Path,
-        state: TrainState,
-        device: &Device,
-        objective: impl FnOnce(
-            &TrainConfig,
-            &crate::tokenizer::PhiTokenizer,
-            &PhiConfig,
-        ) -> Result<Objective>,
-    ) -> Result<Self> {
-        let (ckpt, params) = match (state.config.lora, &state.config.init_from) {
-            (Some(lora), Some(base)) => {
-                let ckpt = crate::checkpoint::Checkpoint::open(base, None, DType::F32)?;
-                let adapters = dir.join("adapter_model.safetensors");
-                let params = Params::lora(
-                    &ckpt.config,
-                    ckpt.weights.as_ref(),
-                    lora,
-                    state.config.seed,
-                    Some(&adapters),
-                    device,
-                )?;
-                (ckpt, params)
-            }
-            (Some(_), None) => return Err(Error::input("a LoRA run needs its base (init_from)")),
-            (None, _) => {
-                let ckpt = crate::checkpoint::Checkpoint::open(dir, None, DType::F32)?;
-                let params = Params::from_source(&ckpt.config, ckpt.weights.as_ref(), device)?;
-                (ckpt, params)
-            }
-        };
-        let objective = objective(&state.config, &ckpt.tokenizer, &ckpt.config)?;
-        let tokenizer = dir.join("tokenizer.json");
-        let tokenizer_json =
-            std::fs::read_to_string(&tokenizer).map_err(|e| Error::file(tokenizer.display(), e))?;
-        let mut trainer = Self::new(ckpt.config, tokenizer_json, params, objective, state.config)?;
-        trainer
-            .opt
-            .load(&dir.join("optimizer.safetensors"), state.step, device)?;
-        trainer.step = state.step;
-        trainer.saved = state.step;
-        Ok(trainer)
-    }
-
-    /// Trains until step `stop_after` (default: the planned total) or until `cancel` is
-    /// raised, writing to `out`; the state at the end is always saved as a checkpoint.
-    /// A step whose loss or gradient is not finite stops the run with an error, after the
-    /// last good state is saved.
-    pub fn run(
-        &mut self,
-        out: &Path,
-        stop_after: Option<u64>,
-        cancel: &Cancel,
-        on_step: &mut dyn FnMut(&StepMetrics),
-    ) -> Result<()> {
-        std::fs::create_dir_all(out).map_err(|e| Error::file(out.display(), e))?;
-        let last = stop_after
-            .unwrap_or(self.config.steps)
-            .min(self.config.steps);
-        let metrics_path = out.join("metrics.jsonl");
-        while self.step < last && !cancel.is_cancelled() {
-            let mut m = match self.train_step() {
-                Ok(m) => m,
-                Err(e) => {
-                    if self.saved < self.step {
-                        self.save(out)?;
-                    }
-                    return Err(e);
-                }
-            };
-            let c = &self.config;
-            if (c.eval_every > 0 && m.step % c.eval_every == 0) || m.step == last {
-                m.eval_loss = Some(self.eval_loss()?);
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(|e| Error::file(metrics_path.display(), e))?;
-            // One write per line: a kill leaves whole lines and at most one partial.
-            let line = serde_json::to_string(&m).map_err(Error::input)? + "\n";
-            f.write_all(line.as_bytes())
-                .map_err(|e| Error::file(metrics_path.display(), e))?;
-            on_step(&m);
-            if c.save_every > 0 && m.step % c.save_every == 0 {
-                self.save(out)?;
-            }
-        }
-        if self.saved < self.step || !checkpoint::exists(out)? {
-            self.save(out)
-        } else {
-            // Saving prunes; a resumed run with nothing left to save may still hold what a
-            // kill between a commit and its pruning left behind.
-            checkpoint::prune(out)
-        }
-    }
-
-    fn train_step(&mut self) -> Result<StepMetrics> {
+    /// Runs the next step: its micro-batches' gradients, clipping, one AdamW update. A step
+    /// whose loss or gradient is not finite is refused before any weight changes.
+    pub fn step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let step = self.step + 1;
         let c = self.config.clone();
@@ -494,9 +415,8 @@ impl Trainer {
         Ok(losses.iter().sum::<f64>() / losses.len().max(1) as f64)
     }
 
-    /// Writes a checkpoint of the current step (see [`checkpoint`]): the model folder and
-    /// the state a resume needs. Weights that are not all finite are refused.
-    pub fn save(&mut self, out: &Path) -> Result<()> {
+    /// The trainable tensors, refused if any holds NaN or infinite values.
+    fn finite_trainable(&self) -> Result<HashMap<String, Tensor>> {
         let trainable = self.params.trainable();
         for (name, t) in &trainable {
             if !all_finite(t)? {
@@ -506,41 +426,34 @@ impl Trainer {
                 )));
             }
         }
-        let mut ckpt = CheckpointWriter::new(out, self.step)?;
-        let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
-        ckpt.write("config.json", json(&self.model_cfg.to_hf_json()).as_bytes())?;
-        ckpt.write("tokenizer.json", self.tokenizer_json.as_bytes())?;
-        match self.params.lora_config() {
-            None => {
-                save_tensors(&trainable, &ckpt.path("model.safetensors"))?;
-                ckpt.added("model.safetensors")?;
-            }
-            Some(lora) => {
-                save_tensors(&trainable, &ckpt.path("adapter_model.safetensors"))?;
-                ckpt.added("adapter_model.safetensors")?;
-                let peft = serde_json::json!({
-                    "peft_type": "LORA",
-                    "task_type": "CAUSAL_LM",
-                    "r": lora.rank,
-                    "lora_alpha": lora.alpha,
-                    "lora_dropout": 0.0,
-                    "bias": "none",
-                    "target_modules": crate::model::names::LINEARS.map(|s| s(0).peft_target()),
-                    "base_model_name_or_path": self.config.init_from,
-                });
-                ckpt.write("adapter_config.json", json(&peft).as_bytes())?;
-                if self.config.merge {
-                    let merged = self.params.merged(&self.model_cfg)?;
-                    save_tensors(&merged, &ckpt.path("model.safetensors"))?;
-                    ckpt.added("model.safetensors")?;
-                }
-            }
-        }
-        self.opt.save(&ckpt.path("optimizer.safetensors"))?;
-        ckpt.added("optimizer.safetensors")?;
-        ckpt.commit(&self.config)?;
-        self.saved = self.step;
-        Ok(())
+        Ok(trainable)
+    }
+
+    /// A LoRA run's adapter as PEFT writes it: `adapter_config.json` and
+    /// `adapter_model.safetensors`, which `peft`, `medphi --adapter` and the page load.
+    pub fn adapter_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let lora = self
+            .params
+            .lora_config()
+            .ok_or_else(|| Error::input("this run trains every weight, not a LoRA adapter"))?;
+        let peft = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": lora.rank,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": crate::model::names::LINEARS.map(|s| s(0).peft_target()),
+            "base_model_name_or_path": self.config.init_from,
+        });
+        let config = serde_json::to_string_pretty(&peft).map_err(Error::input)?;
+        Ok(vec![
+            ("adapter_config.json".into(), config.into_bytes()),
+            (
+                "adapter_model.safetensors".into(),
+                tensor_bytes(&self.finite_trainable()?)?,
+            ),
+        ])
     }
 
     pub fn parameter_count(&self) -> usize {

@@ -247,11 +247,21 @@ impl Params {
     }
 }
 
-pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    // In name order, so the same tensors always make the same bytes.
+/// In name order, so the same tensors always make the same bytes.
+fn by_name(tensors: &HashMap<String, Tensor>) -> Vec<(&String, &Tensor)> {
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    safetensors::serialize_to_file(sorted, None, path).map_err(|e| Error::file(path.display(), e))
+    sorted
+}
+
+/// `tensors` as a safetensors file.
+pub fn tensor_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    safetensors::serialize(by_name(tensors), None).map_err(Error::input)
+}
+
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    safetensors::serialize_to_file(by_name(tensors), None, path)
+        .map_err(|e| Error::file(path.display(), e))
 }
 
 impl TensorSource for Params {

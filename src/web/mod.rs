@@ -1,6 +1,6 @@
 //! The browser API (wasm-bindgen): a thin shell that hands files to [`Checkpoint`],
-//! builds the WebGPU or CPU backend, and exposes generation and multiple-choice scoring to
-//! JavaScript. The page's Web Worker (`www/worker.js`) is its only caller.
+//! builds the WebGPU or CPU backend, and exposes generation, multiple-choice scoring and
+//! LoRA fine-tuning to JavaScript. The page's Web Worker (`www/worker.js`) is its only caller.
 //!
 //! Every failure reaches JavaScript as an `Error` whose `name` says which kind it was
 //! (`FileError`, `ConfigError`, `InputError`, `GpuError`, `TensorError`); the page falls
@@ -9,9 +9,11 @@
 
 mod api;
 mod files;
+mod finetune;
 mod pacing;
 
 pub use api::{eval_report, parse_benchmark, Model};
+pub use finetune::{parse_training_rows, FineTune};
 /// `initThreadPool(n)` for JavaScript: starts rayon's pool on `n` Web Workers (threaded build).
 #[cfg(feature = "threads")]
 pub use wasm_bindgen_rayon::init_thread_pool;
