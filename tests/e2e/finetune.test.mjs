@@ -102,7 +102,28 @@ test('finetune in the page: lower loss, adapter applied, base back, the CLI agre
       const csv = await m.parseTrainingRows('prompt,response\n"Instruct: a, b?\nOutput:", yes\nq2,r2\n', 'pairs.csv');
       const badCsv = await m.parseTrainingRows('prompt,response\na,b\nc\n', 'pairs.csv').catch((e) => `${e.name}: ${e.message}`);
       const badJsonl = await m.parseTrainingRows('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', 'pairs.jsonl').catch((e) => `${e.name}: ${e.message}`);
+      const refusedKept = m.info.adaptedMatrices;
+      // Stop ends a run after the step under way and keeps what it learnt, applied.
+      let asked = false;
+      const stopped = await m.finetune({
+        data,
+        steps: 500,
+        onProgress: (p) => {
+          if (p.step >= 3 && !asked) {
+            asked = true;
+            m.stop();
+          }
+        },
+      });
+      const stoppedInfo = m.info.adaptedMatrices;
+      // The first adapter, handed back as files, applied onto the base: its greedy ids again.
+      const applied = await m.applyAdapter(tuned.adapterFiles);
+      const reapplied = await greedy();
       return {
+        stopped: { stopped: stopped.stopped, steps: stopped.steps, losses: stopped.losses.length, adapted: stoppedInfo },
+        applied: applied.adaptedMatrices,
+        refusedKept,
+        reapplied,
         losses: tuned.losses,
         steps: tuned.steps,
         progress: progress.filter((p) => p.step !== undefined).map((p) => [p.step, p.steps, p.loss]),
@@ -119,7 +140,6 @@ test('finetune in the page: lower loss, adapter applied, base back, the CLI agre
         csv,
         badCsv,
         badJsonl,
-        info: m.info.adaptedMatrices,
       };
     },
     [DATA, SETTINGS, PROMPT, N],
@@ -146,7 +166,13 @@ test('finetune in the page: lower loss, adapter applied, base back, the CLI agre
   ]);
   assert.match(r.badCsv, /FileError: pairs\.csv.*line:? 3/);
   assert.match(r.badJsonl, /FileError: pairs\.jsonl:2: missing string field `response`/);
-  assert.equal(r.info, 24, 'the adapter stays in use after the refused requests');
+  assert.equal(r.stopped.stopped, true);
+  assert.ok(r.stopped.steps >= 3 && r.stopped.steps < 10, JSON.stringify(r.stopped));
+  assert.equal(r.stopped.losses, r.stopped.steps);
+  assert.equal(r.stopped.adapted, 24, "the stopped run's adapter is applied");
+  assert.equal(r.refusedKept, 24, 'the adapter stays in use after the refused requests');
+  assert.equal(r.applied, 24);
+  assert.deepEqual(r.reapplied, r.adapted);
 
   // The CLI with the page's adapter, and without it, gives the page's greedy ids.
   const dir = writeAdapter(
