@@ -163,6 +163,9 @@ impl Linear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            // Training (the weight is differentiable) in the browser: on rayon's pool.
+            #[cfg(target_arch = "wasm32")]
+            LinearWeight::Dense(l) if l.weight().track_op() => pooled_product(x, l.weight())?,
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
@@ -300,6 +303,18 @@ fn host_product(
         *last = rows;
     }
     Ok(Tensor::from_vec(product(&values)?, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// `x · wᵀ` over `x`'s last dimension by `pool_matmul`, differentiably.
+#[cfg(target_arch = "wasm32")]
+fn pooled_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let inputs = x.dim(D::Minus1)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    let rows = x.reshape((x.elem_count() / inputs.max(1), inputs))?;
+    Ok(super::pool_matmul::matmul(&rows, &w.t()?)?.reshape(dims)?)
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
