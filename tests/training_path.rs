@@ -1,10 +1,12 @@
 //! The model built with `fused = false` is the training path: every weight must receive a
-//! gradient, and the gradient must agree with a finite difference.
+//! gradient, and the gradient must agree with a finite difference; in f32 on the CPU (the
+//! fused kernels: linear layers, attention, LayerNorm, …) it must agree with the f64 path
+//! (composed from candle's primitives).
 #![cfg(not(target_arch = "wasm32"))] // native only; the browser suite is tests/web.rs
 
 use std::cell::RefCell;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use medphi::model::{Activation, Logits, Phi, PhiConfig};
 use medphi::weights::{StoredTensor, TensorSource, Weight};
 
@@ -20,6 +22,27 @@ impl TensorSource for Vars {
         };
         let var = Var::from_tensor(&init)?;
         self.0.borrow_mut().push((name.to_string(), var.clone()));
+        Ok(Weight::Dense(var.as_tensor().clone()))
+    }
+    fn check_tensor(&self, _: &str, _: &[usize]) -> medphi::Result<()> {
+        Ok(())
+    }
+    fn stored_tensors(&self) -> Vec<StoredTensor> {
+        Vec::new()
+    }
+}
+
+/// Hands out f32 `Var`s holding the values of another store's.
+struct F32Copies {
+    of: Vec<(String, Var)>,
+    made: RefCell<Vec<(String, Var)>>,
+}
+
+impl TensorSource for F32Copies {
+    fn tensor(&self, name: &str, _: &[usize]) -> medphi::Result<Weight> {
+        let (_, of) = self.of.iter().find(|(n, _)| n == name).expect(name);
+        let var = Var::from_tensor(&of.as_tensor().to_dtype(DType::F32)?)?;
+        self.made.borrow_mut().push((name.to_string(), var.clone()));
         Ok(Weight::Dense(var.as_tensor().clone()))
     }
     fn check_tensor(&self, _: &str, _: &[usize]) -> medphi::Result<()> {
@@ -119,5 +142,41 @@ fn every_weight_gets_a_gradient_that_matches_finite_differences() {
                 "{name}[{idx}]: analytic {a} vs numeric {numeric}"
             );
         }
+    }
+}
+
+#[test]
+fn f32_kernels_give_the_composed_f64_gradients() {
+    let cfg = PhiConfig {
+        hidden_size: 16,
+        num_attention_heads: 2,
+        num_key_value_heads: 2,
+        ..tiny_config()
+    };
+    let vars = Vars(RefCell::new(Vec::new()));
+    let model = Phi::load(&cfg, &vars, false).unwrap();
+    let tokens = Tensor::new(&[[1u32, 5, 2, 9, 3, 7, 7, 0, 4, 10]], &Device::Cpu).unwrap();
+    let g64 = loss(&model, &tokens).backward().unwrap();
+    let copies = F32Copies {
+        of: vars.0.into_inner(),
+        made: RefCell::new(Vec::new()),
+    };
+    let model = Phi::load(&cfg, &copies, false).unwrap();
+    let g32 = loss(&model, &tokens).backward().unwrap();
+    for ((name, v64), (_, v32)) in copies.of.iter().zip(copies.made.borrow().iter()) {
+        let values = |g: &Tensor| -> Vec<f64> {
+            let g = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            g.to_vec1().unwrap()
+        };
+        let (a, b) = (values(g64.get(v64).unwrap()), values(g32.get(v32).unwrap()));
+        let scale = a.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale.max(1e-3),
+            "{name}: differs by {worst} (largest {scale})"
+        );
     }
 }

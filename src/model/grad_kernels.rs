@@ -1,6 +1,6 @@
-//! The training path's hot element-wise ops as single CPU kernels with hand-written backward
-//! passes: LayerNorm, the bias add of a linear layer, gelu_new, the causal attention softmax
-//! and the target log-probability of the loss.
+//! The training path's hot ops as single CPU kernels with hand-written backward passes:
+//! LayerNorm, a linear layer (product and bias), the bias add alone, gelu_new, causal
+//! attention with rotary (and its softmax alone) and the target log-probability of the loss.
 //!
 //! Composed from candle primitives each of these is 5–15 passes over its tensor forward and
 //! as many again backward, each allocating; on a small model those passes, not the matrix
@@ -14,9 +14,12 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::disjoint::Disjoint;
+
 type CResult<T> = candle_core::Result<T>;
 
-fn kernels_apply(x: &Tensor) -> bool {
+/// Whether the kernels serve `x`: f32 on the CPU.
+pub fn kernels_apply(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
@@ -286,6 +289,206 @@ impl CustomOp1 for ColumnSum {
     }
 }
 
+// ---------------------------------------------------------------- linear
+
+/// `x · wᵀ + b` over `x`'s last dimension as one graph node, for training on the CPU. Composed
+/// (reshape, transpose, matmul, reshape, bias) it was five nodes, and candle's backward pass
+/// allocates, zeroes and adds a gradient for every node's input: the layers' products made
+/// most of those passes over activation-sized tensors. Here forward is one product into rows
+/// that start as the bias; backward is two products and a column sum, strided as the operands
+/// lie (nothing transposed by copying). Products are `gemm`'s, on rayon's pool: in the browser
+/// that is the one pool whose threads exist (candle's matmul asks the OS how many cores there
+/// are, which a browser does not answer, so there every product ran on one thread).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+/// Whether `linear` serves a product by `w`: f32 on the CPU, and a weight being trained.
+pub fn linear_applies(x: &Tensor, w: &Tensor) -> bool {
+    kernels_apply(x) && kernels_apply(w) && w.track_op()
+}
+
+struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "medphi-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, b) = (data(sx, lx)?, data(sw, lw)?, data(sb, lb)?);
+        let inputs = last_dim(lx)?;
+        let &[outputs, k] = lw.dims() else {
+            bail!("linear: the weight must be 2-D, got {:?}", lw.dims())
+        };
+        if k != inputs || b.len() != outputs {
+            bail!(
+                "linear: input of {inputs} features, weight {outputs}×{k}, bias of {}",
+                b.len()
+            )
+        }
+        let rows = x.len() / inputs;
+        let mut y = vec![0f32; rows * outputs];
+        y.chunks_mut(outputs).for_each(|row| row.copy_from_slice(b));
+        // y += x · wᵀ: wᵀ's (p, j) is w's (j, p).
+        let x = Operand::rows(x, rows, inputs);
+        let wt = Operand::rows(w, outputs, inputs).t();
+        product(&mut y, true, x, wt)?;
+        let mut dims = lx.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = outputs;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (outputs, inputs) = w.dims2()?;
+        let g = grad.contiguous()?.reshape(((), outputs))?;
+        let x2 = x.reshape(((), inputs))?;
+        let dx = g.apply_op2_no_bwd(w, &MatMul)?.reshape(x.shape())?;
+        let dw = g.t()?.apply_op2_no_bwd(&x2, &MatMul)?;
+        let db = g.apply_op1_no_bwd(&ColumnSum)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `a · b` for 2-D f32 tensors of any strides (transposed views included, nothing copied).
+struct MatMul;
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "medphi-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (a, b) = (Operand::of(sa, la)?, Operand::of(sb, lb)?);
+        let mut dst = vec![0f32; a.rows * b.cols];
+        let shape = Shape::from((a.rows, b.cols));
+        product(&mut dst, false, a, b)?;
+        Ok((CpuStorage::F32(dst), shape))
+    }
+}
+
+/// A 2-D f32 matrix as it lies in memory: element (i, j) at `data[i·row_stride + j·col_stride]`.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    fn of(s: &'a CpuStorage, l: &Layout) -> CResult<Self> {
+        let (&[rows, cols], &[row_stride, col_stride]) = (l.dims(), l.stride()) else {
+            bail!("matmul: 2-D operands only, got {:?}", l.dims())
+        };
+        Ok(Self {
+            data: &s.as_slice::<f32>()?[l.start_offset()..],
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element lies within `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows * self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst (a.rows × b.cols, row-major) = [dst +] a · b`, on rayon's threads.
+fn product(dst: &mut [f32], accumulate: bool, a: Operand, b: Operand) -> CResult<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || dst.len() != m * n || !a.in_bounds() || !b.in_bounds() {
+        bail!(
+            "matmul: {m}×{k} times {}×{n} into {} values",
+            b.rows,
+            dst.len()
+        )
+    }
+    // Inside one of the pool's tasks (attention's heads) the product keeps to its thread.
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && rayon::current_thread_index().is_none() {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let s = |stride: usize| stride as isize;
+    // SAFETY: dst holds m×n values, (i, j) at i·n + j; every element of a and b lies within
+    // its slice (in_bounds); dst is read only when accumulating, and then it is initialised.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            s(n),
+            accumulate,
+            a.data.as_ptr(),
+            s(a.col_stride),
+            s(a.row_stride),
+            b.data.as_ptr(),
+            s(b.col_stride),
+            s(b.row_stride),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- gelu_new
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -500,6 +703,252 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
+// ---------------------------------------------------------------- attention
+
+/// Causal self-attention of `(batch, seq, heads·head_dim)` queries, keys and values from
+/// position 0, with NeoX rotary on the first `2·half` features of each head's queries and
+/// keys: `softmax(scale · q·kᵀ)·v`, back in `(batch, seq, heads·head_dim)`. One graph node
+/// for what composed is some thirty (head split, rotary, contiguous copies, the products,
+/// the softmax, the merge), each of which candle's backward pass gives an allocated, zeroed
+/// and added gradient. Each (sequence, head) is one task; backward recomputes the
+/// probabilities from the inputs (as flash attention does) rather than keeping them.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    rotary: (&Tensor, &Tensor),
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (cos, sin) = rotary;
+    let op = Attention {
+        heads,
+        half: cos.dim(D::Minus1)?,
+        scale: scale as f32,
+        cos: cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        sin: sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct Attention {
+    heads: usize,
+    /// Rotary pairs per head: feature `i < half` turns with feature `i + half`.
+    half: usize,
+    scale: f32,
+    /// `(seq, half)` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// One (sequence, head)'s rows: `seq × head_dim`, gathered from `(batch, seq, channels)`.
+struct Head {
+    seq: usize,
+    dim: usize,
+    channels: usize,
+    /// Offset of the head's first feature in the first row.
+    start: usize,
+}
+
+impl Head {
+    fn gather(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.seq * self.dim);
+        for t in 0..self.seq {
+            let at = self.start + t * self.channels;
+            out.extend_from_slice(&x[at..at + self.dim]);
+        }
+        out
+    }
+
+    /// Writes `rows` back into the head's place.
+    fn scatter(&self, rows: &[f32], out: Disjoint) {
+        for (t, row) in rows.chunks(self.dim).enumerate() {
+            let at = self.start + t * self.channels;
+            // SAFETY: each (sequence, head) owns its rows' head_dim features of the output.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.at(at), self.dim) };
+        }
+    }
+}
+
+impl Attention {
+    fn shape(&self, l: &Layout) -> CResult<(usize, usize, usize, usize)> {
+        let &[batch, seq, channels] = l.dims() else {
+            bail!(
+                "attention needs (batch, seq, channels) inputs, got {:?}",
+                l.dims()
+            )
+        };
+        let dim = channels / self.heads.max(1);
+        if dim * self.heads != channels
+            || 2 * self.half > dim
+            || self.cos.len() != seq * self.half
+            || self.sin.len() != seq * self.half
+        {
+            bail!(
+                "attention: {channels} channels, {} heads, rotary tables for another shape",
+                self.heads
+            )
+        }
+        Ok((batch, seq, channels, dim))
+    }
+
+    /// Rotates each row's first `2·half` features by its position's angles; `back` turns them
+    /// the other way (the transpose, which carries gradients back through the rotation).
+    fn rotate(&self, rows: &mut [f32], dim: usize, back: bool) {
+        let h = self.half;
+        for (t, row) in rows.chunks_mut(dim).enumerate() {
+            let (cos, sin) = (&self.cos[t * h..(t + 1) * h], &self.sin[t * h..(t + 1) * h]);
+            for i in 0..h {
+                let (a, b) = (row[i], row[i + h]);
+                let s = if back { -sin[i] } else { sin[i] };
+                row[i] = a * cos[i] - b * s;
+                row[i + h] = b * cos[i] + a * s;
+            }
+        }
+    }
+
+    /// A head's rotated queries and keys, values, and probabilities `seq × seq`.
+    fn probabilities(
+        &self,
+        head: &Head,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> CResult<[Vec<f32>; 4]> {
+        let (seq, dim) = (head.seq, head.dim);
+        let (mut qr, mut kr) = (head.gather(q), head.gather(k));
+        self.rotate(&mut qr, dim, false);
+        self.rotate(&mut kr, dim, false);
+        let mut p = vec![0f32; seq * seq];
+        product(
+            &mut p,
+            false,
+            Operand::rows(&qr, seq, dim),
+            Operand::rows(&kr, seq, dim).t(),
+        )?;
+        for (i, row) in p.chunks_mut(seq).enumerate() {
+            let seen = &mut row[..=i];
+            let max = seen.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * self.scale;
+            let mut sum = 0f32;
+            for s in seen.iter_mut() {
+                *s = (*s * self.scale - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            seen.iter_mut().for_each(|s| *s *= inv);
+            row[i + 1..].fill(0.0);
+        }
+        Ok([qr, kr, head.gather(v), p])
+    }
+}
+
+/// The (sequence, head) tasks of a `(batch, seq, channels)` input.
+fn heads_of(batch: usize, heads: usize, seq: usize, channels: usize, dim: usize) -> Vec<Head> {
+    (0..batch * heads)
+        .map(|i| Head {
+            seq,
+            dim,
+            channels,
+            start: (i / heads) * seq * channels + (i % heads) * dim,
+        })
+        .collect()
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "medphi-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (batch, seq, channels, dim) = self.shape(lq)?;
+        if lk.dims() != lq.dims() || lv.dims() != lq.dims() {
+            bail!("attention: queries, keys and values differ in shape")
+        }
+        let (q, k, v) = (data(sq, lq)?, data(sk, lk)?, data(sv, lv)?);
+        let mut out = vec![0f32; q.len()];
+        let at = Disjoint::new(&mut out);
+        heads_of(batch, self.heads, seq, channels, dim)
+            .par_iter()
+            .try_for_each(|head| -> CResult<()> {
+                let [_, _, v, p] = self.probabilities(head, q, k, v)?;
+                let mut o = vec![0f32; seq * dim];
+                product(
+                    &mut o,
+                    false,
+                    Operand::rows(&p, seq, seq),
+                    Operand::rows(&v, seq, dim),
+                )?;
+                head.scatter(&o, at);
+                Ok(())
+            })?;
+        Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (batch, seq, channels) = q.dims3()?;
+        let dim = channels / self.heads.max(1);
+        let flat = |t: &Tensor| -> CResult<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        let (qv, kv, vv, g) = (flat(q)?, flat(k)?, flat(v)?, flat(grad)?);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; qv.len()],
+            vec![0f32; qv.len()],
+            vec![0f32; qv.len()],
+        );
+        let (at_q, at_k, at_v) = (
+            Disjoint::new(&mut dq),
+            Disjoint::new(&mut dk),
+            Disjoint::new(&mut dv),
+        );
+        heads_of(batch, self.heads, seq, channels, dim)
+            .par_iter()
+            .try_for_each(|head| -> CResult<()> {
+                let [qr, kr, vh, p] = self.probabilities(head, &qv, &kv, &vv)?;
+                let go = head.gather(&g);
+                let (pm, gm) = (Operand::rows(&p, seq, seq), Operand::rows(&go, seq, dim));
+                // dv = pᵀ·do; dp = do·vᵀ; ds = scale · p ⊙ (dp − Σ dp⊙p per row).
+                let mut d_v = vec![0f32; seq * dim];
+                product(&mut d_v, false, pm.t(), gm)?;
+                let mut ds = vec![0f32; seq * seq];
+                product(&mut ds, false, gm, Operand::rows(&vh, seq, dim).t())?;
+                for (d, p) in ds.chunks_mut(seq).zip(p.chunks(seq)) {
+                    let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                    d.iter_mut()
+                        .zip(p)
+                        .for_each(|(d, &p)| *d = self.scale * p * (*d - dot));
+                }
+                // dq = ds·k, dk = dsᵀ·q (rotated), then turned back through the rotation.
+                let dsm = Operand::rows(&ds, seq, seq);
+                let (mut d_q, mut d_k) = (vec![0f32; seq * dim], vec![0f32; seq * dim]);
+                product(&mut d_q, false, dsm, Operand::rows(&kr, seq, dim))?;
+                product(&mut d_k, false, dsm.t(), Operand::rows(&qr, seq, dim))?;
+                self.rotate(&mut d_q, dim, true);
+                self.rotate(&mut d_k, dim, true);
+                head.scatter(&d_q, at_q);
+                head.scatter(&d_k, at_k);
+                head.scatter(&d_v, at_v);
+                Ok(())
+            })?;
+        let back = |d: Vec<f32>| Tensor::from_vec(d, q.shape(), q.device());
+        Ok((Some(back(dq)?), Some(back(dk)?), Some(back(dv)?)))
+    }
+}
+
 // ---------------------------------------------------------------- target log-probability
 
 /// `log softmax(logits)[target]` for each row: `(…, vocab)` f32 logits and `(…)` u32
@@ -680,6 +1129,56 @@ mod tests {
             &[&x, &w, &b],
             || layer_norm(&x, &w, &b, 1e-5),
             || layer_norm_composed(&x, &w, &b, 1e-5),
+        );
+    }
+
+    #[test]
+    fn linear_matches_matmul_and_bias() {
+        let (x, w, b) = (
+            random(&[3, 70, 40], 1.0),
+            random(&[24, 40], 1.0),
+            random(&[24], 1.0),
+        );
+        assert!(linear_applies(&x, &w));
+        same_as_composed(
+            &[&x, &w, &b],
+            || linear(&x, &w, &b),
+            || x.broadcast_matmul(&w.t()?)?.broadcast_add(&b),
+        );
+    }
+
+    #[test]
+    fn attention_matches_composed() {
+        let (b, t, heads, dim, half) = (2, 7, 3, 8, 2);
+        let (q, k, v) = (
+            random(&[b, t, heads * dim], 1.0),
+            random(&[b, t, heads * dim], 1.0),
+            random(&[b, t, heads * dim], 1.0),
+        );
+        let angles = Tensor::randn(0f32, 1.0, (t, half), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let scale = 1.0 / (dim as f64).sqrt();
+        let composed = || -> CResult<Tensor> {
+            let split = |x: &Tensor| x.reshape((b, t, heads, dim))?.transpose(1, 2);
+            let rotate = |x: &Tensor| -> CResult<Tensor> {
+                let turned = x.narrow(D::Minus1, 0, 2 * half)?.contiguous()?;
+                let turned = candle_nn::rotary_emb::rope_slow(&turned, &cos, &sin)?;
+                let rest = x.narrow(D::Minus1, 2 * half, dim - 2 * half)?;
+                Tensor::cat(&[&turned, &rest], D::Minus1)
+            };
+            let (qh, kh) = (rotate(&split(&q)?)?, rotate(&split(&k)?)?);
+            let scores = qh.contiguous()?.matmul(&kh.contiguous()?.t()?)?;
+            let mask = causal_mask(t, 0, DType::F32, &Device::Cpu)?;
+            let probs = causal_softmax_composed(&scores, scale, mask.as_ref())?;
+            probs
+                .matmul(&split(&v)?.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((b, t, heads * dim))
+        };
+        same_as_composed(
+            &[&q, &k, &v],
+            || attention(&q, &k, &v, heads, (&cos, &sin), scale),
+            composed,
         );
     }
 

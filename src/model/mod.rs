@@ -10,8 +10,6 @@ pub mod grad_kernels;
 mod kv_cache;
 pub mod names;
 mod phi;
-#[cfg(target_arch = "wasm32")]
-mod pool_matmul;
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 pub mod quant_matmul;
 mod source;

@@ -162,10 +162,12 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (LinearWeight::Dense(l), Some(b)) = (&self.weight, &self.bias) {
+            if grad_kernels::linear_applies(x, l.weight()) {
+                return Ok(grad_kernels::linear(x, l.weight(), b)?);
+            }
+        }
         let y = match &self.weight {
-            // Training (the weight is differentiable) in the browser: on rayon's pool.
-            #[cfg(target_arch = "wasm32")]
-            LinearWeight::Dense(l) if l.weight().track_op() => pooled_product(x, l.weight())?,
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
@@ -303,18 +305,6 @@ fn host_product(
         *last = rows;
     }
     Ok(Tensor::from_vec(product(&values)?, dims, x.device())?.to_dtype(x.dtype())?)
-}
-
-/// `x · wᵀ` over `x`'s last dimension by `pool_matmul`, differentiably.
-#[cfg(target_arch = "wasm32")]
-fn pooled_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let inputs = x.dim(D::Minus1)?;
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = w.dim(0)?;
-    }
-    let rows = x.reshape((x.elem_count() / inputs.max(1), inputs))?;
-    Ok(super::pool_matmul::matmul(&rows, &w.t()?)?.reshape(dims)?)
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
@@ -579,6 +569,18 @@ impl Phi {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim(),
         );
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Training from position 0 on the CPU: one kernel from projections to merged heads.
+        if !self.fused && cache.is_none() && kv_heads == heads && grad_kernels::kernels_apply(h) {
+            let (q, k, v) = (
+                block.q.forward(h)?,
+                block.k.forward(h)?,
+                block.v.forward(h)?,
+            );
+            let rotary = (&rope.cos, &rope.sin);
+            let out = grad_kernels::attention(&q, &k, &v, heads, rotary, scale)?;
+            return block.dense.forward(&out);
+        }
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?)
         };
@@ -595,7 +597,6 @@ impl Phi {
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = q.contiguous()?.matmul(&k.t()?)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let probs = if self.fused {
             let scores = (scores * scale)?;
             let scores = match mask {
