@@ -2,7 +2,8 @@
 //! primitives (what training ran before them, and still runs on other devices), forward
 //! plus backward, at the shapes of one tiny-medphi pretraining micro-batch: 8 sequences of
 //! 256 tokens, hidden 256, MLP 1024, 8 heads, vocabulary 4096. The ratio of each pair is
-//! the speed-up of that op.
+//! the speed-up of that op. (`linear/composed` is candle's broadcast product and add: the
+//! graph nodes the model's composed layer has.)
 //!
 //! cargo bench --bench grad_kernels
 
@@ -32,6 +33,11 @@ fn bench(c: &mut Criterion) {
         .reshape((b, t))
         .unwrap();
     let scale = 1.0 / ((h / heads) as f64).sqrt();
+    let (fc1, fc1_bias) = (var(&[mlp, h]), var(&[mlp]));
+    let (q, kk, v) = (var(&[b, t, h]), var(&[b, t, h]), var(&[b, t, h]));
+    // Phi's partial rotary: a quarter of each head's features turn, in pairs.
+    let angles = Tensor::randn(0f32, 1.0, (t, h / heads / 4), &Device::Cpu).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
     let mask = k::causal_mask(t, 0, DType::F32, &Device::Cpu).unwrap();
 
     let mut g = c.benchmark_group("grad_kernels");
@@ -47,6 +53,18 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("add_bias/composed", |r| {
         r.iter(|| step(|| act.broadcast_add(&mlp_bias)))
+    });
+    g.bench_function("linear/kernel", |r| {
+        r.iter(|| step(|| k::linear(&x, &fc1, &fc1_bias)))
+    });
+    g.bench_function("linear/composed", |r| {
+        r.iter(|| step(|| x.broadcast_matmul(&fc1.t()?)?.broadcast_add(&fc1_bias)))
+    });
+    g.bench_function("attention/kernel", |r| {
+        r.iter(|| step(|| k::attention(&q, &kk, &v, heads, (&cos, &sin), scale)))
+    });
+    g.bench_function("attention/composed", |r| {
+        r.iter(|| step(|| k::attention_composed(&q, &kk, &v, heads, (&cos, &sin), scale)))
     });
     g.bench_function("gelu/kernel", |r| r.iter(|| step(|| k::gelu_tanh(&act))));
     g.bench_function("gelu/composed", |r| r.iter(|| step(|| act.gelu())));

@@ -286,7 +286,10 @@ pub fn main() -> ExitCode {
         Command::GpuInfo => gpu_info::gpu_info(),
         Command::EvalReport(a) => eval_report::eval_report(a),
         Command::Data(c) => data::data(c),
-        Command::Train(a) => train::train(*a),
+        Command::Train(a) => {
+            threads::train_on_rayon_alone();
+            train::train(*a)
+        }
         Command::ExportGguf(a) => export::export_gguf(a),
     };
     match result {

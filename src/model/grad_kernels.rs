@@ -12,6 +12,8 @@
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
 };
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use super::disjoint::Disjoint;
@@ -68,6 +70,39 @@ fn sum_in_order(partials: impl IndexedParallelIterator<Item = Vec<f32>>, len: us
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
             a
         })
+}
+
+/// e^x within about 2 ulp (Cephes' expf: x = n·ln 2 + r, a degree-7 polynomial in r, times
+/// 2^n built in the exponent bits), without branches or calls so that loops over it
+/// vectorize: libm's expf is one call per value, and the softmaxes, gelu and the loss take
+/// tens of millions per training step. NaN stays NaN; arguments are clamped to [−87, 88],
+/// where e^x is a normal f32 (below, e^−87 ≈ 1.6e−38 stands for 0).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // Adding 1.5·2^23 rounds to an integer, held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5)
+        * (r * r)
+        + r
+        + 1.0;
+    let two_n = (t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23;
+    p * f32::from_bits(two_n as u32)
+}
+
+/// `softmax(scale · row)` in place (`scale > 0`).
+fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+    row.iter_mut().for_each(|v| *v = exp(*v * scale - max));
+    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 // ---------------------------------------------------------------- LayerNorm
@@ -499,7 +534,7 @@ const GELU_CHUNK: usize = 4096;
 /// gelu_new(v) / v: `0.5 · (1 + tanh(u)) = sigmoid(2u)` with `u = √(2/π)·(v + a·v³)`; the
 /// sigmoid form needs one `exp`, several times cheaper than libm's `tanhf`.
 fn gelu_gate(v: f32) -> f32 {
-    1.0 / (1.0 + (-2.0 * SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v)).exp())
+    1.0 / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * v * (1.0 + GELU_A * v * v)))
 }
 
 /// gelu_new, the tanh approximation of GELU (Phi-2's activation).
@@ -649,15 +684,8 @@ impl CustomOp1 for CausalSoftmax {
         let (q, k) = queries_keys(l)?;
         let out = map_rows(x.len(), k, |r, y| {
             let seen = r % q + 1 + k - q;
-            let x = &x[r * k..r * k + seen];
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-            let mut sum = 0f32;
-            for (y, &v) in y.iter_mut().zip(x) {
-                *y = (v * self.scale - max).exp();
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
-            y[..seen].iter_mut().for_each(|y| *y *= inv);
+            y[..seen].copy_from_slice(&x[r * k..r * k + seen]);
+            softmax_in_place(&mut y[..seen], self.scale);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -710,8 +738,8 @@ impl CustomOp2 for SoftmaxGrad {
 /// keys: `softmax(scale · q·kᵀ)·v`, back in `(batch, seq, heads·head_dim)`. One graph node
 /// for what composed is some thirty (head split, rotary, contiguous copies, the products,
 /// the softmax, the merge), each of which candle's backward pass gives an allocated, zeroed
-/// and added gradient. Each (sequence, head) is one task; backward recomputes the
-/// probabilities from the inputs (as flash attention does) rather than keeping them.
+/// and added gradient. Each (sequence, head) is one task; forward keeps the probabilities
+/// for backward, as the composed form did.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -727,9 +755,39 @@ pub fn attention(
         scale: scale as f32,
         cos: cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
         sin: sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        saved: Mutex::new(Vec::new()),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// `attention` from candle primitives (what the model composes on other devices).
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    rotary: (&Tensor, &Tensor),
+    scale: f64,
+) -> CResult<Tensor> {
+    let (b, t, channels) = q.dims3()?;
+    let dim = channels / heads;
+    let (cos, sin) = rotary;
+    let turned = 2 * cos.dim(D::Minus1)?;
+    let split = |x: &Tensor| x.reshape((b, t, heads, dim))?.transpose(1, 2);
+    let rotate = |x: &Tensor| -> CResult<Tensor> {
+        let front = x.narrow(D::Minus1, 0, turned)?.contiguous()?;
+        let front = candle_nn::rotary_emb::rope_slow(&front, cos, sin)?;
+        let rest = x.narrow(D::Minus1, turned, dim - turned)?;
+        Tensor::cat(&[&front, &rest], D::Minus1)
+    };
+    let (qh, kh) = (rotate(&split(q)?)?, rotate(&split(k)?)?);
+    let scores = qh.contiguous()?.matmul(&kh.contiguous()?.t()?)?;
+    let mask = causal_mask(t, 0, q.dtype(), q.device())?;
+    causal_softmax_composed(&scores, scale, mask.as_ref())?
+        .matmul(&split(v)?.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, t, channels))
 }
 
 struct Attention {
@@ -740,6 +798,9 @@ struct Attention {
     /// `(seq, half)` each.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Each (sequence, head)'s probabilities from forward, for backward (which recomputes
+    /// them if they are not here).
+    saved: Mutex<Vec<Vec<f32>>>,
 }
 
 /// One (sequence, head)'s rows: `seq × head_dim`, gathered from `(batch, seq, channels)`.
@@ -808,38 +869,36 @@ impl Attention {
         }
     }
 
-    /// A head's rotated queries and keys, values, and probabilities `seq × seq`.
-    fn probabilities(
-        &self,
-        head: &Head,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-    ) -> CResult<[Vec<f32>; 4]> {
+    /// A head's rows of `x`, rotated.
+    fn rotated(&self, head: &Head, x: &[f32]) -> Vec<f32> {
+        let mut rows = head.gather(x);
+        self.rotate(&mut rows, head.dim, false);
+        rows
+    }
+
+    /// A head's probabilities `seq × seq` from its rotated queries and keys.
+    fn probabilities(&self, head: &Head, qr: &[f32], kr: &[f32]) -> CResult<Vec<f32>> {
         let (seq, dim) = (head.seq, head.dim);
-        let (mut qr, mut kr) = (head.gather(q), head.gather(k));
-        self.rotate(&mut qr, dim, false);
-        self.rotate(&mut kr, dim, false);
         let mut p = vec![0f32; seq * seq];
         product(
             &mut p,
             false,
-            Operand::rows(&qr, seq, dim),
-            Operand::rows(&kr, seq, dim).t(),
+            Operand::rows(qr, seq, dim),
+            Operand::rows(kr, seq, dim).t(),
         )?;
         for (i, row) in p.chunks_mut(seq).enumerate() {
-            let seen = &mut row[..=i];
-            let max = seen.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * self.scale;
-            let mut sum = 0f32;
-            for s in seen.iter_mut() {
-                *s = (*s * self.scale - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            seen.iter_mut().for_each(|s| *s *= inv);
+            softmax_in_place(&mut row[..=i], self.scale);
             row[i + 1..].fill(0.0);
         }
-        Ok([qr, kr, head.gather(v), p])
+        Ok(p)
+    }
+
+    /// The probabilities forward kept, handed to backward once.
+    fn take_saved(&self) -> CResult<Vec<Vec<f32>>> {
+        match self.saved.lock() {
+            Ok(mut saved) => Ok(std::mem::take(&mut *saved)),
+            Err(_) => bail!("attention: a thread failed while holding the saved probabilities"),
+        }
     }
 }
 
@@ -876,20 +935,25 @@ impl CustomOp3 for Attention {
         let (q, k, v) = (data(sq, lq)?, data(sk, lk)?, data(sv, lv)?);
         let mut out = vec![0f32; q.len()];
         let at = Disjoint::new(&mut out);
-        heads_of(batch, self.heads, seq, channels, dim)
+        let probabilities = heads_of(batch, self.heads, seq, channels, dim)
             .par_iter()
-            .try_for_each(|head| -> CResult<()> {
-                let [_, _, v, p] = self.probabilities(head, q, k, v)?;
+            .map(|head| -> CResult<Vec<f32>> {
+                let p = self.probabilities(head, &self.rotated(head, q), &self.rotated(head, k))?;
                 let mut o = vec![0f32; seq * dim];
                 product(
                     &mut o,
                     false,
                     Operand::rows(&p, seq, seq),
-                    Operand::rows(&v, seq, dim),
+                    Operand::rows(&head.gather(v), seq, dim),
                 )?;
                 head.scatter(&o, at);
-                Ok(())
-            })?;
+                Ok(p)
+            })
+            .collect::<CResult<Vec<_>>>()?;
+        match self.saved.lock() {
+            Ok(mut saved) => *saved = probabilities,
+            Err(_) => bail!("attention: a thread failed while holding the saved probabilities"),
+        }
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
 
@@ -915,12 +979,26 @@ impl CustomOp3 for Attention {
             Disjoint::new(&mut dk),
             Disjoint::new(&mut dv),
         );
+        let saved = self.take_saved()?;
         heads_of(batch, self.heads, seq, channels, dim)
             .par_iter()
-            .try_for_each(|head| -> CResult<()> {
-                let [qr, kr, vh, p] = self.probabilities(head, &qv, &kv, &vv)?;
+            .enumerate()
+            .try_for_each(|(i, head)| -> CResult<()> {
+                let (qr, kr, vh) = (
+                    self.rotated(head, &qv),
+                    self.rotated(head, &kv),
+                    head.gather(&vv),
+                );
+                let recomputed;
+                let p = match saved.get(i) {
+                    Some(p) => p,
+                    None => {
+                        recomputed = self.probabilities(head, &qr, &kr)?;
+                        &recomputed
+                    }
+                };
                 let go = head.gather(&g);
-                let (pm, gm) = (Operand::rows(&p, seq, seq), Operand::rows(&go, seq, dim));
+                let (pm, gm) = (Operand::rows(p, seq, seq), Operand::rows(&go, seq, dim));
                 // dv = pᵀ·do; dp = do·vᵀ; ds = scale · p ⊙ (dp − Σ dp⊙p per row).
                 let mut d_v = vec![0f32; seq * dim];
                 product(&mut d_v, false, pm.t(), gm)?;
@@ -986,7 +1064,15 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, vocab: usize) -> C
 /// Max and log Σ exp(row − max).
 fn log_sum_exp(row: &[f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    (max, row.iter().map(|v| (v - max).exp()).sum::<f32>().ln())
+    // The exponentials a block at a time, so that they vectorize apart from the ordered sum.
+    let mut block = [0f32; 64];
+    let mut sum = 0f32;
+    for part in row.chunks(block.len()) {
+        let e = &mut block[..part.len()];
+        e.iter_mut().zip(part).for_each(|(e, v)| *e = exp(v - max));
+        sum += e.iter().sum::<f32>();
+    }
+    (max, sum.ln())
 }
 
 struct TargetLogp;
@@ -1061,7 +1147,7 @@ impl CustomOp3 for TargetLogpGrad {
             let row = &x[r * v..(r + 1) * v];
             let (max, lse) = log_sum_exp(row);
             for (d, &l) in d.iter_mut().zip(row) {
-                *d = -g[r] * (l - max - lse).exp();
+                *d = -g[r] * exp(l - max - lse);
             }
             d[t[r] as usize] += g[r];
         });
@@ -1158,28 +1244,34 @@ mod tests {
         let angles = Tensor::randn(0f32, 1.0, (t, half), &Device::Cpu).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         let scale = 1.0 / (dim as f64).sqrt();
-        let composed = || -> CResult<Tensor> {
-            let split = |x: &Tensor| x.reshape((b, t, heads, dim))?.transpose(1, 2);
-            let rotate = |x: &Tensor| -> CResult<Tensor> {
-                let turned = x.narrow(D::Minus1, 0, 2 * half)?.contiguous()?;
-                let turned = candle_nn::rotary_emb::rope_slow(&turned, &cos, &sin)?;
-                let rest = x.narrow(D::Minus1, 2 * half, dim - 2 * half)?;
-                Tensor::cat(&[&turned, &rest], D::Minus1)
-            };
-            let (qh, kh) = (rotate(&split(&q)?)?, rotate(&split(&k)?)?);
-            let scores = qh.contiguous()?.matmul(&kh.contiguous()?.t()?)?;
-            let mask = causal_mask(t, 0, DType::F32, &Device::Cpu)?;
-            let probs = causal_softmax_composed(&scores, scale, mask.as_ref())?;
-            probs
-                .matmul(&split(&v)?.contiguous()?)?
-                .transpose(1, 2)?
-                .reshape((b, t, heads * dim))
-        };
+        let composed = || attention_composed(&q, &k, &v, heads, (&cos, &sin), scale);
         same_as_composed(
             &[&q, &k, &v],
             || attention(&q, &k, &v, heads, (&cos, &sin), scale),
             composed,
         );
+        // A second backward finds the kept probabilities taken and recomputes them.
+        let out = attention(&q, &k, &v, heads, (&cos, &sin), scale).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, out.shape(), &Device::Cpu).unwrap();
+        let loss = (out * weights).unwrap().sum_all().unwrap();
+        let (first, second) = (loss.backward().unwrap(), loss.backward().unwrap());
+        for x in [&q, &k, &v] {
+            close(first.get(x).unwrap(), second.get(x).unwrap(), 1e-6);
+        }
+    }
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in -87_000..88_000 {
+            let x = i as f32 / 1000.0 + 0.000_37;
+            let (ours, libm) = (exp(x), x.exp());
+            worst = worst.max((ours - libm).abs() / libm);
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "largest relative error {worst}");
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(-1e4) < 1e-37 && exp(-1e4) >= 0.0);
+        assert_eq!(exp(0.0), 1.0);
     }
 
     #[test]
