@@ -12,6 +12,7 @@
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
 };
+use std::ops::Range;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -377,7 +378,7 @@ impl CustomOp3 for Linear {
         // y += x · wᵀ: wᵀ's (p, j) is w's (j, p).
         let x = Operand::rows(x, rows, inputs);
         let wt = Operand::rows(w, outputs, inputs).t();
-        product(&mut y, true, x, wt)?;
+        product(&mut y, outputs, true, x, wt)?;
         let mut dims = lx.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = outputs;
@@ -421,7 +422,7 @@ impl CustomOp2 for MatMul {
         let (a, b) = (Operand::of(sa, la)?, Operand::of(sb, lb)?);
         let mut dst = vec![0f32; a.rows * b.cols];
         let shape = Shape::from((a.rows, b.cols));
-        product(&mut dst, false, a, b)?;
+        product(&mut dst, b.cols, false, a, b)?;
         Ok((CpuStorage::F32(dst), shape))
     }
 }
@@ -470,6 +471,17 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// The rows `rows` and columns `cols` of this matrix.
+    fn block(self, rows: Range<usize>, cols: Range<usize>) -> Self {
+        let start = rows.start * self.row_stride + cols.start * self.col_stride;
+        Self {
+            data: self.data.get(start..).unwrap_or(&[]),
+            rows: rows.len(),
+            cols: cols.len(),
+            ..self
+        }
+    }
+
     /// Whether every element lies within `data`.
     fn in_bounds(&self) -> bool {
         self.rows * self.cols == 0
@@ -478,15 +490,33 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `dst (a.rows × b.cols, row-major) = [dst +] a · b`, on rayon's threads.
-fn product(dst: &mut [f32], accumulate: bool, a: Operand, b: Operand) -> CResult<()> {
+/// `dst = [dst +] a · b`, `dst` row-major with rows `stride` apart, on rayon's threads.
+fn product(
+    dst: &mut [f32],
+    stride: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+) -> CResult<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || dst.len() != m * n || !a.in_bounds() || !b.in_bounds() {
+    let fits = m == 0 || (stride >= n && (m - 1) * stride + n <= dst.len());
+    if b.rows != k || !fits || !a.in_bounds() || !b.in_bounds() {
         bail!(
-            "matmul: {m}×{k} times {}×{n} into {} values",
+            "matmul: {m}×{k} times {}×{n} into {} values, rows {stride} apart",
             b.rows,
             dst.len()
         )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(stride)
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
+        }
+        return Ok(());
     }
     // Inside one of the pool's tasks (attention's heads) the product keeps to its thread.
     let threads = rayon::current_num_threads();
@@ -496,8 +526,9 @@ fn product(dst: &mut [f32], accumulate: bool, a: Operand, b: Operand) -> CResult
         gemm::Parallelism::None
     };
     let s = |stride: usize| stride as isize;
-    // SAFETY: dst holds m×n values, (i, j) at i·n + j; every element of a and b lies within
-    // its slice (in_bounds); dst is read only when accumulating, and then it is initialised.
+    // SAFETY: dst holds m rows of n values, (i, j) at i·stride + j (fits); every element of a
+    // and b lies within its slice (in_bounds); dst is read only when accumulating, and then it
+    // is initialised.
     unsafe {
         gemm::gemm(
             m,
@@ -505,7 +536,7 @@ fn product(dst: &mut [f32], accumulate: bool, a: Operand, b: Operand) -> CResult
             k,
             dst.as_mut_ptr(),
             1,
-            s(n),
+            s(stride),
             accumulate,
             a.data.as_ptr(),
             s(a.col_stride),
@@ -880,12 +911,8 @@ impl Attention {
     fn probabilities(&self, head: &Head, qr: &[f32], kr: &[f32]) -> CResult<Vec<f32>> {
         let (seq, dim) = (head.seq, head.dim);
         let mut p = vec![0f32; seq * seq];
-        product(
-            &mut p,
-            false,
-            Operand::rows(qr, seq, dim),
-            Operand::rows(kr, seq, dim).t(),
-        )?;
+        let (q, kt) = (Operand::rows(qr, seq, dim), Operand::rows(kr, seq, dim).t());
+        causal_product(&mut p, q, kt, Causal::Columns)?;
         for (i, row) in p.chunks_mut(seq).enumerate() {
             softmax_in_place(&mut row[..=i], self.scale);
             row[i + 1..].fill(0.0);
@@ -900,6 +927,47 @@ impl Attention {
             Err(_) => bail!("attention: a thread failed while holding the saved probabilities"),
         }
     }
+}
+
+/// Output rows per product in `causal_product`: a query block's keys end where it does.
+const CAUSAL_BLOCK: usize = 64;
+
+/// Which part of a causal product is computed, per block `r` of output rows (a sequence's
+/// positions). Query `i` sees keys `..=i`, so about half of each full product is zeros or
+/// masked; skipping them by blocks saves 3/8 of attention's products at 256 tokens.
+#[derive(Clone, Copy)]
+enum Causal {
+    /// Scores (`q·kᵀ`, `do·vᵀ`): the columns `..r.end` (later keys are masked).
+    Columns,
+    /// By a lower-triangular left operand (`p·v`, `ds·k`): the inner positions `..r.end`.
+    Lower,
+    /// By an upper-triangular left operand (`pᵀ·do`, `dsᵀ·q`): the inner positions `r.start..`.
+    Upper,
+}
+
+/// `dst = a · b` (`dst` row-major, zeroed) where only `part` of it can be non-zero.
+fn causal_product(dst: &mut [f32], a: Operand, b: Operand, part: Causal) -> CResult<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if dst.len() != m * n {
+        bail!("attention: {m}×{n} product into {} values", dst.len())
+    }
+    for start in (0..m).step_by(CAUSAL_BLOCK) {
+        let r = start..(start + CAUSAL_BLOCK).min(m);
+        let (inner, cols) = match part {
+            Causal::Columns => (0..k, 0..r.end.min(n)),
+            Causal::Lower => (0..r.end.min(k), 0..n),
+            Causal::Upper => (r.start.min(k)..k, 0..n),
+        };
+        let rows = a.block(r.clone(), inner.clone());
+        product(
+            &mut dst[r.start * n..],
+            n,
+            false,
+            rows,
+            b.block(inner, cols),
+        )?;
+    }
+    Ok(())
 }
 
 /// The (sequence, head) tasks of a `(batch, seq, channels)` input.
@@ -940,12 +1008,8 @@ impl CustomOp3 for Attention {
             .map(|head| -> CResult<Vec<f32>> {
                 let p = self.probabilities(head, &self.rotated(head, q), &self.rotated(head, k))?;
                 let mut o = vec![0f32; seq * dim];
-                product(
-                    &mut o,
-                    false,
-                    Operand::rows(&p, seq, seq),
-                    Operand::rows(&head.gather(v), seq, dim),
-                )?;
+                let (pm, vm) = (Operand::rows(&p, seq, seq), head.gather(v));
+                causal_product(&mut o, pm, Operand::rows(&vm, seq, dim), Causal::Lower)?;
                 head.scatter(&o, at);
                 Ok(p)
             })
@@ -1001,9 +1065,10 @@ impl CustomOp3 for Attention {
                 let (pm, gm) = (Operand::rows(p, seq, seq), Operand::rows(&go, seq, dim));
                 // dv = pᵀ·do; dp = do·vᵀ; ds = scale · p ⊙ (dp − Σ dp⊙p per row).
                 let mut d_v = vec![0f32; seq * dim];
-                product(&mut d_v, false, pm.t(), gm)?;
+                causal_product(&mut d_v, pm.t(), gm, Causal::Upper)?;
                 let mut ds = vec![0f32; seq * seq];
-                product(&mut ds, false, gm, Operand::rows(&vh, seq, dim).t())?;
+                let vt = Operand::rows(&vh, seq, dim).t();
+                causal_product(&mut ds, gm, vt, Causal::Columns)?;
                 for (d, p) in ds.chunks_mut(seq).zip(p.chunks(seq)) {
                     let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
                     d.iter_mut()
@@ -1013,8 +1078,13 @@ impl CustomOp3 for Attention {
                 // dq = ds·k, dk = dsᵀ·q (rotated), then turned back through the rotation.
                 let dsm = Operand::rows(&ds, seq, seq);
                 let (mut d_q, mut d_k) = (vec![0f32; seq * dim], vec![0f32; seq * dim]);
-                product(&mut d_q, false, dsm, Operand::rows(&kr, seq, dim))?;
-                product(&mut d_k, false, dsm.t(), Operand::rows(&qr, seq, dim))?;
+                causal_product(&mut d_q, dsm, Operand::rows(&kr, seq, dim), Causal::Lower)?;
+                causal_product(
+                    &mut d_k,
+                    dsm.t(),
+                    Operand::rows(&qr, seq, dim),
+                    Causal::Upper,
+                )?;
                 self.rotate(&mut d_q, dim, true);
                 self.rotate(&mut d_k, dim, true);
                 head.scatter(&d_q, at_q);
@@ -1235,7 +1305,13 @@ mod tests {
 
     #[test]
     fn attention_matches_composed() {
-        let (b, t, heads, dim, half) = (2, 7, 3, 8, 2);
+        // Sequences of one block and of three (the last shorter).
+        attention_case(7);
+        attention_case(2 * CAUSAL_BLOCK + 9);
+    }
+
+    fn attention_case(t: usize) {
+        let (b, heads, dim, half) = (2, 3, 8, 2);
         let (q, k, v) = (
             random(&[b, t, heads * dim], 1.0),
             random(&[b, t, heads * dim], 1.0),
