@@ -7,11 +7,11 @@
 // Fine-tune tab's loss plot and before/after panel are checked in a screenshot.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchChromium } from './harness.mjs';
+import { launchChromium, serveRepo } from './harness.mjs';
 
 const root = new URL('../../', import.meta.url).pathname;
 const bin = process.env.MEDPHI_BIN || `${process.env.CARGO_TARGET_DIR || `${process.env.HOME}/.cache/medphi-target`}/debug/medphi`;
@@ -29,21 +29,9 @@ let server;
 let base;
 const tmp = mkdtempSync(join(tmpdir(), 'medphi-finetune-'));
 
-/** Serves the repository root as scripts/serve.sh does (cross-origin isolated). */
-function serve() {
-  server = spawn('python3', ['-u', `${root}scripts/serve-www.py`, '--port', '0', root], { stdio: ['ignore', 'pipe', 'ignore'] });
-  return new Promise((resolve, reject) => {
-    server.stdout.on('data', (d) => {
-      const m = String(d).match(/port (\d+)/);
-      if (m) resolve(`http://127.0.0.1:${m[1]}/www/`);
-    });
-    server.on('exit', (code) => reject(new Error(`serve-www.py exited with ${code}`)));
-  });
-}
-
 before(async () => {
   browser = await launchChromium();
-  base = await serve();
+  ({ server, base } = await serveRepo());
 });
 
 after(async () => {

@@ -6,9 +6,8 @@
 // kernels, whose rows the threads split).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { launchChromium } from './harness.mjs';
+import { launchChromium, serveRepo } from './harness.mjs';
 
 const root = new URL('../../', import.meta.url).pathname;
 const PROMPT = JSON.parse(readFileSync(`${root}tests/fixtures/reference.json`, 'utf8')).prompt;
@@ -17,19 +16,11 @@ const N = 24;
 let browser;
 const servers = [];
 
-/** Serves the repository root by scripts/serve-www.py; resolves to the page's address. */
-function serve(isolation) {
-  const server = spawn('python3', ['-u', `${root}scripts/serve-www.py`, '--port', '0', ...(isolation ? [] : ['--no-isolation']), root], {
-    stdio: ['ignore', 'pipe', 'ignore'],
-  });
+/** The page's address, served by a server the tests kill at the end. */
+async function serve(isolation) {
+  const { server, base } = await serveRepo(isolation);
   servers.push(server);
-  return new Promise((resolve, reject) => {
-    server.stdout.on('data', (d) => {
-      const m = String(d).match(/port (\d+)/);
-      if (m) resolve(`http://127.0.0.1:${m[1]}/www/`);
-    });
-    server.on('exit', (code) => reject(new Error(`serve-www.py exited with ${code}`)));
-  });
+  return base;
 }
 
 before(async () => {
