@@ -920,10 +920,10 @@ impl Attention {
         Ok(p)
     }
 
-    /// The probabilities forward kept, handed to backward once.
-    fn take_saved(&self) -> CResult<Vec<Vec<f32>>> {
+    /// Puts `with` where forward keeps its probabilities for backward, and returns what was there.
+    fn swap_saved(&self, with: Vec<Vec<f32>>) -> CResult<Vec<Vec<f32>>> {
         match self.saved.lock() {
-            Ok(mut saved) => Ok(std::mem::take(&mut *saved)),
+            Ok(mut saved) => Ok(std::mem::replace(&mut *saved, with)),
             Err(_) => bail!("attention: a thread failed while holding the saved probabilities"),
         }
     }
@@ -1014,10 +1014,7 @@ impl CustomOp3 for Attention {
                 Ok(p)
             })
             .collect::<CResult<Vec<_>>>()?;
-        match self.saved.lock() {
-            Ok(mut saved) => *saved = probabilities,
-            Err(_) => bail!("attention: a thread failed while holding the saved probabilities"),
-        }
+        self.swap_saved(probabilities)?;
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
 
@@ -1043,7 +1040,7 @@ impl CustomOp3 for Attention {
             Disjoint::new(&mut dk),
             Disjoint::new(&mut dv),
         );
-        let saved = self.take_saved()?;
+        let saved = self.swap_saved(Vec::new())?;
         heads_of(batch, self.heads, seq, channels, dim)
             .par_iter()
             .enumerate()
@@ -1305,13 +1302,15 @@ mod tests {
 
     #[test]
     fn attention_matches_composed() {
-        // Sequences of one block and of three (the last shorter).
-        attention_case(7);
-        attention_case(2 * CAUSAL_BLOCK + 9);
+        // Sequences of one block and of three (the last shorter); Phi-2's head shape (80
+        // features, the first 32 turned).
+        attention_case(7, 8, 2);
+        attention_case(2 * CAUSAL_BLOCK + 9, 8, 2);
+        attention_case(CAUSAL_BLOCK + 6, 80, 16);
     }
 
-    fn attention_case(t: usize) {
-        let (b, heads, dim, half) = (2, 3, 8, 2);
+    fn attention_case(t: usize, dim: usize, half: usize) {
+        let (b, heads) = (2, 3);
         let (q, k, v) = (
             random(&[b, t, heads * dim], 1.0),
             random(&[b, t, heads * dim], 1.0),
