@@ -6,8 +6,10 @@
 #       [PROMPT=64] [GEN=16] [CONTEXT=256] [ROUNDS=3] [THREADS=2]
 #
 # llama.cpp is not part of the project: build its `llama-bench` yourself (cmake, -DGGML_NATIVE=ON).
-# Prints each round, then medians and medphi/llama.cpp ratios. Load time for llama.cpp is
-# the wall time of a one-token run (load plus one token, so slightly in its disfavour).
+# Prints each round, then medians and medphi/llama.cpp ratios. Load time: medphi's own
+# (`load_s`: the model ready, before any token) beside the wall time of a one-token llama.cpp
+# run; then the like-for-like figure, the wall time of a one-token run of each (process start,
+# load, one token: what a user waits for).
 set -euo pipefail
 model=$1 tokenizer=$2 prompt=${3:-64} gen=${4:-16} context=${5:-256} rounds=${6:-3} threads=${7:-2}
 medphi=${MEDPHI_BIN:-target/release/medphi}
@@ -20,6 +22,9 @@ for r in $(seq "$rounds"); do
   "$LLAMA_BENCH" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -r 1 -o json 2>/dev/null > "$out/llama-$r.json"
   /usr/bin/time -f '%e %M' -o "$out/llama-load-$r" "$LLAMA_BENCH" -m "$model" -p 1 -n 0 -t "$threads" -r 1 \
     > /dev/null 2>&1
+  RAYON_NUM_THREADS=$threads /usr/bin/time -f '%e' -o "$out/medphi-first-$r" "$medphi" generate \
+    --model "$model" --tokenizer "$tokenizer" --prompt a --prompt-format raw --max-new-tokens 1 \
+    --context "$context" > /dev/null 2>&1
 done
 python3 - "$out" "$rounds" <<'PY'
 import json, sys, statistics as st
@@ -33,6 +38,7 @@ for r in range(1, rounds + 1):
         medphi_prefill=m["prefill_tok_s"], llama_prefill=l["prefill"],
         medphi_decode=m["decode_tok_s"], llama_decode=l["decode"],
         medphi_load_s=m["load_s"], llama_load_s=float(wall),
+        medphi_first_token_s=float(open(f"{out}/medphi-first-{r}").read()),
         medphi_rss_mib=int(open(f"{out}/medphi-rss-{r}").read()) / 1024, llama_rss_mib=int(lrss) / 1024,
         medphi_gb_s=m.get("effective_gb_s")))
     print("round", r, {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()})
@@ -43,5 +49,7 @@ for what in ["prefill", "decode"]:
           f"ratio {med['medphi_' + what] / med['llama_' + what]:.2f}x")
 print(f"load: medphi {med['medphi_load_s']:.2f} s, llama.cpp {med['llama_load_s']:.2f} s "
       f"({med['medphi_load_s'] / med['llama_load_s']:.2f}x its time)")
+print(f"one-token run, wall: medphi {med['medphi_first_token_s']:.2f} s, llama.cpp {med['llama_load_s']:.2f} s "
+      f"({med['medphi_first_token_s'] / med['llama_load_s']:.2f}x its time)")
 print(f"peak RSS: medphi {med['medphi_rss_mib']:.0f} MiB, llama.cpp {med['llama_rss_mib']:.0f} MiB")
 PY

@@ -1,10 +1,15 @@
-//! What our CPU kernels share: the activation rows they are handed, and the output buffer
-//! the pool's threads (candle's natively, rayon's in the browser) write in disjoint parts.
+//! What our CPU kernels share: the activation rows they are handed, the threads they split
+//! their work across (candle's pool natively, rayon's in the browser), and the output buffer
+//! those threads write in disjoint parts.
 
 use crate::error::{Error, Result};
 
 /// How many rows of `cols` values `x` holds: an error unless it holds whole rows of a
 /// matrix with columns (`matrix` names its kind for the message).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "wasm32")),
+    allow(dead_code)
+)]
 pub(super) fn rows_of(x: &[f32], cols: usize, matrix: &str) -> Result<usize> {
     if cols == 0 || !x.len().is_multiple_of(cols) {
         return Err(Error::input(format!(
@@ -32,4 +37,15 @@ impl Disjoint {
     pub(super) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
+}
+
+/// Calls `unit(i)` for every `i` in `0..units` on the threads the kernels share: candle's
+/// barrier pool natively (its workers spin between candle's ops, so a decode step's short
+/// kernels do not wait for sleeping threads), the forward pass's spinning threads in the
+/// browser ([`super::spin_pool`]).
+pub(super) fn for_each_unit(units: usize, unit: impl Fn(usize) + Sync) {
+    #[cfg(not(target_arch = "wasm32"))]
+    candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(&unit));
+    #[cfg(target_arch = "wasm32")]
+    super::spin_pool::split(units, unit);
 }

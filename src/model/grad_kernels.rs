@@ -79,7 +79,7 @@ fn sum_in_order(partials: impl IndexedParallelIterator<Item = Vec<f32>>, len: us
 /// tens of millions per training step. NaN stays NaN; arguments are clamped to [−87, 88],
 /// where e^x is a normal f32 (below, e^−87 ≈ 1.6e−38 stands for 0).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer, held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);

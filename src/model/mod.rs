@@ -2,7 +2,7 @@
 //! forward pass on candle tensors.
 
 mod config;
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+mod decode_attention;
 mod disjoint;
 #[cfg(target_arch = "x86_64")]
 pub mod f16_matmul;

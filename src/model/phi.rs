@@ -25,6 +25,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, PhiConfig};
+use super::decode_attention;
 #[cfg(target_arch = "x86_64")]
 use super::f16_matmul::F16Matrix;
 use super::grad_kernels;
@@ -594,6 +595,11 @@ impl Phi {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
+        if self.fused && decode_attention::applies(&q, &k) {
+            return block
+                .dense
+                .forward(&decode_attention::attend(&q, &k, &v, scale as f32)?);
+        }
         let k = repeat_kv(k, heads / kv_heads)?;
         let v = repeat_kv(v, heads / kv_heads)?;
         let scores = q.contiguous()?.matmul(&k.t()?)?;

@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 use crate::model::quant_matmul::Q8Matrix;
+#[cfg(target_arch = "x86_64")]
+use crate::model::quant_matmul::StoredBlocks;
 use crate::model::{Activation, BoxFuture, PhiConfig};
 
 /// How much of a ranged file is read first for its header; more is read (at least doubling)
@@ -29,13 +31,11 @@ const MAX_HEADER: u64 = 256 << 20;
 
 /// Where the file's bytes are.
 enum Data {
-    Whole(Bytes),
+    /// Shared with the q8_0 matrices used in place (`stored_q8_0`), which keep it alive.
+    Whole(Arc<Bytes>),
     /// Read by ranges: `header` holds the file's first bytes (metadata and tensor table,
     /// which the metadata arrays are decoded from), tensors are staged as they are fetched.
-    Ranged {
-        header: Vec<u8>,
-        tensors: Staged,
-    },
+    Ranged { header: Vec<u8>, tensors: Staged },
 }
 
 pub struct Gguf {
@@ -51,7 +51,7 @@ impl Gguf {
             return Err(Error::file(&name, "file is empty"));
         }
         let file = GgufFile::parse(&bytes).map_err(|e| invalid(&name, e))?;
-        Self::new(name, Data::Whole(bytes), file, dtype)
+        Self::new(name, Data::Whole(Arc::new(bytes)), file, dtype)
     }
 
     /// Reads only the header; tensors are read by ranges as they are fetched.
@@ -444,11 +444,25 @@ impl TensorSource for Gguf {
         }
         let q8 = GgmlDType::Q8_0;
         let row_bytes = cols / q8.block_size() * q8.type_size();
+        let mine = first * row_bytes..(first + rows) * row_bytes;
+        let info = self.info(&name)?;
+        if mine.end > info.bytes.end.saturating_sub(info.bytes.start) as usize {
+            return Err(Error::file(
+                &self.name,
+                format!("tensor {name} is too short"),
+            ));
+        }
+        // A whole file (mapped, natively) is used where it lies: loading copies nothing and
+        // its pages stay the page cache's, never released.
+        #[cfg(target_arch = "x86_64")]
+        if let Data::Whole(bytes) = &self.data {
+            let start = info.bytes.start as usize;
+            let shared: Arc<dyn AsRef<[u8]> + Send + Sync> = bytes.clone();
+            let blocks = StoredBlocks::shared(shared, start + mine.start..start + mine.end)?;
+            return Q8Matrix::in_place(blocks, rows, cols);
+        }
         self.with_bytes(&name, last, |bytes| {
-            let mine = bytes
-                .get(first * row_bytes..(first + rows) * row_bytes)
-                .ok_or_else(|| Error::file(&self.name, format!("tensor {name} is too short")))?;
-            Q8Matrix::for_this_cpu(mine, rows, cols)
+            Q8Matrix::for_this_cpu(&bytes[mine], rows, cols)
         })
     }
 

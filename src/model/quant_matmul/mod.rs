@@ -2,7 +2,7 @@
 //! threads.
 //!
 //! - `vnni` (q8_0 on x86-64 with AVX-512 VNNI): candle keeps a repacked copy beside the
-//!   file's blocks there; ours repacks once at load and drops the file's copy.
+//!   file's blocks there; ours uses the file's blocks where they lie.
 //! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
 //!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
@@ -22,7 +22,7 @@ mod vnni;
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
-pub use vnni::Q8Matrix;
+pub use vnni::{Q8Matrix, StoredBlocks};
 
 /// Values per q8_0 block.
 const BLOCK: usize = 32;
@@ -112,32 +112,49 @@ mod tests {
         out
     }
 
-    /// Rows that do not fill the last tile, and one to nine activation rows (the four-row
-    /// and one-row kernels both), against the plain product; on a CPU without AVX-512
-    /// VNNI, no matrix is made and candle's kernels serve.
+    /// Rows that do not fill the last tile, 21 blocks a row (scales gathered 16 at a time,
+    /// and the rest), one to nine activation rows (decode's row kernel, prefill's tiles of
+    /// four rows and of one), against the plain product, from a copy and in place at an odd
+    /// offset of a larger buffer (as in a mapped file); on a CPU without AVX-512 VNNI, no
+    /// matrix is made and candle's kernels serve.
     #[test]
     fn products_match_the_plain_product_where_the_cpu_has_vnni() {
-        let (rows, cols) = (37, 256);
+        let (rows, cols) = (37, 21 * BLOCK);
         let stored = blocks(rows, cols, 1);
-        let Some(m) = Q8Matrix::for_this_cpu(&stored, rows, cols).unwrap() else {
+        let Some(copied) = Q8Matrix::for_this_cpu(&stored, rows, cols).unwrap() else {
             assert!(!is_x86_feature_detected!("avx512vnni"));
             return;
         };
-        for n in [1, 5, 9] {
-            let x = activations(n * cols);
-            let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        let mut file = vec![7u8; 13];
+        file.extend(&stored);
+        file.extend([9u8; 5]);
+        let range = 13..13 + stored.len();
+        let shared = StoredBlocks::shared(std::sync::Arc::new(file), range).unwrap();
+        let in_place = Q8Matrix::in_place(shared, rows, cols).unwrap().unwrap();
+        for m in [&copied, &in_place] {
+            for n in [1, 3, 5, 9] {
+                let x = activations(n * cols);
+                let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+                }
             }
         }
     }
 
     #[test]
     fn wrong_sizes_are_errors() {
-        assert!(Q8Matrix::repack(&[0; 33], 1, 32).is_err());
-        assert!(Q8Matrix::repack(&[], 1, 31).is_err());
-        assert!(Q8Matrix::repack(&[], usize::MAX, 64).is_err());
-        let m = Q8Matrix::repack(&blocks(2, 64, 3), 2, 64).unwrap();
+        let new = |bytes: &[u8], rows, cols| {
+            let stored = StoredBlocks::shared(std::sync::Arc::new(bytes.to_vec()), 0..bytes.len());
+            Q8Matrix::new(stored.unwrap(), rows, cols)
+        };
+        assert!(new(&[0; 33], 1, 32).is_err());
+        assert!(new(&[], 1, 31).is_err());
+        assert!(new(&[], usize::MAX, 64).is_err());
+        let m = new(&blocks(2, 64, 3), 2, 64).unwrap();
         assert!(m.matmul(&[0.0; 65]).is_err());
+        let bytes = std::sync::Arc::new(vec![0u8; 34]);
+        assert!(StoredBlocks::shared(bytes.clone(), 2..35).is_err());
+        assert!(StoredBlocks::shared(bytes, 0..34).is_ok());
     }
 }
