@@ -21,12 +21,11 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::utils::barrier_pool;
 use half::f16;
 
 use super::{check_blocks, quantize_block, BLOCK, BLOCK_BYTES};
 use crate::error::{Error, Result};
-use crate::model::disjoint::{rows_of, Disjoint};
+use crate::model::disjoint::{for_each_unit, rows_of, Disjoint};
 /// Weight rows per tile: one 512-bit register of i32 lanes.
 const TILE: usize = 16;
 /// Groups of 4 columns per block: one cache line of a tile (4 quants of each of 16 rows).
@@ -179,16 +178,14 @@ impl Q8Matrix {
         };
         let mut out = vec![0f32; m * rows];
         let shared = Disjoint::new(&mut out);
-        // Candle's own pool runs the units (16 rows each): its workers spin between the
-        // model's other candle operations, so a decode step's short products do not wait
-        // for sleeping threads, and no second pool competes with it for the cores.
+        // Units of 16 rows, on the threads the kernels share (`for_each_unit` says why).
         let units = rows.div_ceil(TILE);
         if m < 4 {
             // Decode: each weight row dotted straight from its blocks, rows in memory order
             // (one stream for the prefetchers); a tile's transposition would cost more
             // than the single activation row it serves.
-            barrier_pool().execute_chunked(units, |tiles| {
-                for r in tiles.start * TILE..(tiles.end * TILE).min(rows) {
+            for_each_unit(units, |t| {
+                for r in t * TILE..(t * TILE + TILE).min(rows) {
                     let row = &stored[r * row_bytes..(r + 1) * row_bytes];
                     for j in 0..m {
                         // SAFETY: element (j, r) of `out`, which only this unit writes;
@@ -201,33 +198,29 @@ impl Q8Matrix {
         }
         // Prefill: a unit is one tile against every activation row: its weights are read
         // from memory once, transposed once, then read from the scratch.
-        barrier_pool().execute_chunked(units, |tiles| {
+        for_each_unit(units, |t| {
             SCRATCH.with_borrow_mut(|scratch| {
-                for t in tiles {
-                    let lanes = (rows - t * TILE).min(TILE);
-                    let tile = scratch.fill(
-                        &stored[t * TILE * row_bytes..(t * TILE + lanes) * row_bytes],
-                        per_row,
-                    );
-                    let write = |j: usize, values: &[f32; TILE]| {
-                        let at = j * rows + t * TILE;
-                        // SAFETY: `at..at + lanes` lies inside row `j` of `out`, and no
-                        // other unit writes tile `t`; `out` outlives the pool's call.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(values.as_ptr(), shared.at(at), lanes)
-                        };
-                    };
-                    // Four activation rows share each weight load.
-                    for j in (0..m).step_by(4) {
-                        if m - j >= 4 {
-                            let xs = [x_row(j), x_row(j + 1), x_row(j + 2), x_row(j + 3)];
-                            for (n, values) in tile_dots(tile, &xs).iter().enumerate() {
-                                write(j + n, values);
-                            }
-                        } else {
-                            for j in j..m {
-                                write(j, &tile_dots(tile, &[x_row(j)])[0]);
-                            }
+                let lanes = (rows - t * TILE).min(TILE);
+                let tile = scratch.fill(
+                    &stored[t * TILE * row_bytes..(t * TILE + lanes) * row_bytes],
+                    per_row,
+                );
+                let write = |j: usize, values: &[f32; TILE]| {
+                    let at = j * rows + t * TILE;
+                    // SAFETY: `at..at + lanes` lies inside row `j` of `out`, and no other
+                    // unit writes tile `t`; `out` outlives the pool's call.
+                    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), shared.at(at), lanes) };
+                };
+                // Four activation rows share each weight load.
+                for j in (0..m).step_by(4) {
+                    if m - j >= 4 {
+                        let xs = [x_row(j), x_row(j + 1), x_row(j + 2), x_row(j + 3)];
+                        for (n, values) in tile_dots(tile, &xs).iter().enumerate() {
+                            write(j + n, values);
+                        }
+                    } else {
+                        for j in j..m {
+                            write(j, &tile_dots(tile, &[x_row(j)])[0]);
                         }
                     }
                 }
