@@ -13,11 +13,14 @@ use super::disjoint::{for_each_unit, Disjoint};
 use super::grad_kernels::exp;
 use crate::error::{Error, Result};
 
-/// Whether [`attend`] serves: one new position, f32 on the CPU, a key head per query head.
-pub(super) fn applies(q: &Tensor, k: &Tensor) -> bool {
+/// Whether [`attend`] serves: one new position, f32 on the CPU, a key head per query head,
+/// keys and values whose rows are contiguous (as the cache hands them over).
+pub(super) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let rows_contiguous = |t: &Tensor| t.dtype() == DType::F32 && t.stride().last() == Some(&1);
     q.device().is_cpu()
         && q.dtype() == DType::F32
-        && k.dtype() == DType::F32
+        && rows_contiguous(k)
+        && rows_contiguous(v)
         && q.dims().get(2) == Some(&1)
         && q.dims().get(1) == k.dims().get(1)
 }
@@ -57,16 +60,14 @@ pub(super) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<T
             *w = exp(*w - max);
             total += *w;
         }
-        let mut sum = vec![0f32; hd];
+        // SAFETY: elements `unit · hd ..` of `out`, `hd` of them, belong to this unit alone;
+        // `out` outlives the pool's call.
+        let sum = unsafe { std::slice::from_raw_parts_mut(shared.at(unit * hd), hd) };
         for (t, w) in weights.iter().enumerate() {
+            let w = w / total;
             for (s, x) in sum.iter_mut().zip(v.row(b, h, t, hd)) {
                 *s += w * x;
             }
-        }
-        for (d, s) in sum.iter().enumerate() {
-            // SAFETY: element `unit · hd + d` belongs to this unit alone; `out` outlives
-            // the pool's call.
-            unsafe { *shared.at(unit * hd + d) = s / total };
         }
     });
     Ok(Tensor::from_vec(out, (batch, 1, heads * hd), &Device::Cpu)?)
@@ -148,7 +149,7 @@ mod tests {
         for positions in [1, 29] {
             let k = cache_k.narrow(2, 0, positions).unwrap();
             let v = cache_v.narrow(2, 0, positions).unwrap();
-            assert!(applies(&q, &k));
+            assert!(applies(&q, &k, &v));
             let got = attend(&q, &k, &v, scale).unwrap();
             let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
             let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();

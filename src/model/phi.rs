@@ -595,7 +595,7 @@ impl Phi {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
-        if self.fused && decode_attention::applies(&q, &k) {
+        if self.fused && decode_attention::applies(&q, &k, &v) {
             return block
                 .dense
                 .forward(&decode_attention::attend(&q, &k, &v, scale as f32)?);

@@ -11,11 +11,13 @@
 //! How, as llama.cpp's and candle's VNNI kernels do: weights are multiplied in tiles of 16
 //! rows, offset by 128 into unsigned bytes, so one `vpdpbusd` multiplies four bytes of an
 //! activation block into all 16 rows at once, and the offset comes back out as one number
-//! per activation block: `Σ(w+128)·x = Σw·x + 128·Σx`. Each tile is transposed into that
-//! form in registers as it is read (16 rows' blocks in, lines of 4 quants × 16 rows out)
-//! into a per-thread scratch that stays in L2, then every activation row is multiplied
-//! against the scratch, so a prefill pays the transposition once per tile and reads each
-//! weight from memory once. Tiles are split across candle's thread pool.
+//! per activation block: `Σ(w+128)·x = Σw·x + 128·Σx`. In a prefill each tile is
+//! transposed into that form in registers as it is read (16 rows' blocks in, lines of 4
+//! quants × 16 rows out) into a per-thread scratch that stays in L2, then every activation
+//! row is multiplied against the scratch, so the transposition is paid once per tile and
+//! each weight is read from memory once. A decode step has one activation row, which would
+//! not pay for the transposition: there each weight row is dotted straight from its blocks,
+//! in memory order, as llama.cpp's q8_0 dot product does.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -125,7 +127,6 @@ impl Q8Matrix {
         if !Self::runs_here() {
             return Ok(None);
         }
-        check_blocks(blocks, rows, cols, BLOCK_BYTES)?;
         Self::new(StoredBlocks::owned(blocks.to_vec()), rows, cols).map(Some)
     }
 
@@ -145,7 +146,8 @@ impl Q8Matrix {
 
     /// Whether this CPU has the instructions the kernel needs.
     pub fn runs_here() -> bool {
-        is_x86_feature_detected!("avx512f")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("fma")
@@ -244,7 +246,7 @@ impl Scratch {
         }
         let (quants, scales) = (&mut self.quants[..lines], &mut self.scales[..scales]);
         if stored.len() == TILE * per_row * BLOCK_BYTES {
-            // SAFETY: a Q8Matrix exists only where runs_here found AVX-512 F and VNNI; the
+            // SAFETY: a Q8Matrix exists only where runs_here found AVX-512 F; the
             // lengths checked above are the ones transpose_avx512 reads and writes.
             unsafe { transpose_avx512(stored, per_row, quants, scales) };
         } else {
@@ -352,8 +354,8 @@ fn row_dot(row: &[u8], x: &XRow) -> f32 {
             && x.scales.len() == blocks
             && x.quants.len() == blocks * BLOCK
     );
-    // SAFETY: a Q8Matrix exists only where runs_here found AVX-512 F, VL and VNNI, and the
-    // assertion above keeps every read inside the slices.
+    // SAFETY: a Q8Matrix exists only where runs_here found AVX2, FMA and AVX-512 F, VL and
+    // VNNI, and the assertion above keeps every read inside the slices.
     unsafe { row_dot_vnni(row, x) }
 }
 
