@@ -10,8 +10,6 @@
 //! same products (up to the order of f32 sums) as candle's `QMatMul` on the same blocks.
 //! Elsewhere candle's kernels serve.
 
-use half::f16;
-
 use crate::error::{Error, Result};
 
 #[cfg(target_arch = "wasm32")]
@@ -47,8 +45,11 @@ fn check_blocks(blocks: &[u8], rows: usize, cols: usize, block_bytes: usize) -> 
 }
 
 /// One block of activations quantized as llama.cpp's `quantize_row_q8_0` does: the scale is
-/// the block's largest magnitude over 127, rounded to f16 as it would be stored.
+/// the block's largest magnitude over 127, rounded to f16 as it would be stored. (On x86-64
+/// the kernel's vector form serves; this is its reference.)
+#[cfg(any(target_arch = "wasm32", test))]
 fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
+    use half::f16;
     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -61,6 +62,8 @@ fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     /// `rows × cols` of q8_0 blocks with varied scales and quants, the extremes -128 and 127

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::{check_blocks, quantize_block, BLOCK, BLOCK_BYTES};
+use super::{check_blocks, BLOCK, BLOCK_BYTES};
 use crate::error::{Error, Result};
 use crate::model::disjoint::{for_each_unit, rows_of, Disjoint};
 /// Weight rows per tile: one 512-bit register of i32 lanes.
@@ -105,18 +105,40 @@ impl Q8Rows {
     fn new(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut rows = Self {
-            scales: Vec::with_capacity(blocks),
-            offsets: Vec::with_capacity(blocks),
-            quants: Vec::with_capacity(x.len()),
+            scales: vec![0.0; blocks],
+            offsets: vec![0; blocks],
+            quants: vec![0; blocks * BLOCK],
         };
-        for block in x.chunks_exact(BLOCK) {
-            let (scale, quants) = quantize_block(block);
-            rows.scales.push(scale);
-            rows.offsets
-                .push(128 * quants.iter().map(|&q| q as i32).sum::<i32>());
-            rows.quants.extend(quants);
-        }
+        assert!(x.len() == blocks * BLOCK);
+        // SAFETY: a Q8Matrix exists only where runs_here found AVX-512 F; the assertion and
+        // the lengths above are the ones quantize_avx512 reads and writes.
+        unsafe { rows.quantize_avx512(x) };
         rows
+    }
+
+    /// `quantize_block` a block per step in two registers; libm's `roundf`, one call per
+    /// value, was the larger part of a decode step's quantization. Rounds halves to even as
+    /// llama.cpp's vector quantization does (the plain form rounds them away from zero, as
+    /// its reference does): the two differ only where `x / d` is exactly half an integer.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quantize_avx512(&mut self, x: &[f32]) {
+        use std::arch::x86_64::*;
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let halves = [0, 16].map(|at| _mm512_loadu_ps(block.as_ptr().add(at)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(
+                _mm512_abs_ps(halves[0]),
+                _mm512_abs_ps(halves[1]),
+            ));
+            let d = amax / 127.0;
+            let inverse = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q = halves.map(|h| _mm512_cvtps_epi32(_mm512_mul_ps(h, inverse)));
+            for (half, q) in q.iter().enumerate() {
+                let out = self.quants.as_mut_ptr().add(b * BLOCK + half * 16);
+                _mm_storeu_si128(out.cast(), _mm512_cvtsepi32_epi8(*q));
+            }
+            self.offsets[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            self.scales[b] = f16::from_f32(d).to_f32();
+        }
     }
 }
 
@@ -479,6 +501,55 @@ unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector quantization gives `quantize_block`'s scales and quants, except a quant
+    /// one apart where the value falls exactly halfway (halves to even there, away from zero
+    /// in the plain form), and the offsets its quants sum to.
+    #[test]
+    fn vector_quantization_is_the_plain_one() {
+        if !Q8Matrix::runs_here() {
+            return;
+        }
+        let mut x: Vec<f32> = (0..7 * BLOCK)
+            .map(|i| {
+                ((i * 7919 % 1000) as f32 / 37.0 - 13.0) * if i % 50 == 0 { 30.0 } else { 1.0 }
+            })
+            .collect();
+        // A block of zeros, one of a single value, and one whose scale is 1 holding ties.
+        x[BLOCK..2 * BLOCK].fill(0.0);
+        x[2 * BLOCK..3 * BLOCK].fill(-2.0);
+        x[3 * BLOCK..4 * BLOCK].fill(1.0);
+        x[3 * BLOCK] = 127.0;
+        x[3 * BLOCK + 1] = 63.5;
+        x[3 * BLOCK + 2] = -2.5;
+        let got = Q8Rows::new(&x);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let (scale, quants) = super::super::quantize_block(block);
+            assert_eq!(got.scales[b], scale);
+            let inverse = if scale != 0.0 {
+                127.0 / block.iter().fold(0f32, |m, v| m.max(v.abs()))
+            } else {
+                0.0
+            };
+            for (i, (&g, &w)) in got.quants[b * BLOCK..][..BLOCK]
+                .iter()
+                .zip(&quants)
+                .enumerate()
+            {
+                let tie = (block[i] * inverse).fract().abs() == 0.5;
+                assert!(
+                    g == w || (tie && (g as i32 - w as i32).abs() == 1),
+                    "block {b}, {i}: {g} vs {w}"
+                );
+            }
+            let sum: i32 = got.quants[b * BLOCK..][..BLOCK]
+                .iter()
+                .map(|&q| q as i32)
+                .sum();
+            assert_eq!(got.offsets[b], 128 * sum);
+        }
+        assert_eq!(&got.quants[3 * BLOCK..3 * BLOCK + 3], &[127, 64, -2]);
+    }
 
     /// The vector transposition gives the plain one's lines and scales, byte for byte, on
     /// blocks whose every byte differs (so a lane or group out of place shows).
