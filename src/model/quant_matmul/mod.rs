@@ -1,8 +1,9 @@
 //! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
 //! threads.
 //!
-//! - `vnni` (q8_0 on x86-64 with AVX-512 VNNI): candle keeps a repacked copy beside the
-//!   file's blocks there; ours uses the file's blocks where they lie.
+//! - `x86` (q8_0 on x86-64 with AVX-512 VNNI, or with AVX2): candle holds a copy of every
+//!   quantized matrix (on VNNI CPUs a repacked one beside the original); ours use the file's
+//!   blocks where they lie.
 //! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
 //!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
@@ -15,12 +16,12 @@ use crate::error::{Error, Result};
 #[cfg(target_arch = "wasm32")]
 mod simd128;
 #[cfg(target_arch = "x86_64")]
-mod vnni;
+mod x86;
 
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
-pub use vnni::{Q8Matrix, StoredBlocks};
+pub use x86::{Kernel, Q8Matrix, StoredBlocks};
 
 /// Values per q8_0 block.
 const BLOCK: usize = 32;
@@ -115,31 +116,35 @@ mod tests {
         out
     }
 
-    /// Rows that do not fill the last tile, 21 blocks a row (scales gathered 16 at a time,
-    /// and the rest), one to nine activation rows (decode's row kernel, prefill's tiles of
-    /// four rows and of one), against the plain product, from a copy and in place at an odd
-    /// offset of a larger buffer (as in a mapped file); on a CPU without AVX-512 VNNI, no
-    /// matrix is made and candle's kernels serve.
+    /// Rows that do not fill the last tile, 21 blocks a row (scales widened 16 and 8 at a
+    /// time, and the rest), one to nine activation rows (the row kernels alone and four at a
+    /// time, prefill's tiles of four rows and of one), against the plain product, by every
+    /// kernel this CPU runs, from a copy and in place at an odd offset of a larger buffer (as
+    /// in a mapped file).
     #[test]
-    fn products_match_the_plain_product_where_the_cpu_has_vnni() {
+    fn products_match_the_plain_product_by_every_kernel_here() {
         let (rows, cols) = (37, 21 * BLOCK);
         let stored = blocks(rows, cols, 1);
-        let Some(copied) = Q8Matrix::for_this_cpu(&stored, rows, cols).unwrap() else {
-            assert!(!is_x86_feature_detected!("avx512vnni"));
-            return;
-        };
         let mut file = vec![7u8; 13];
         file.extend(&stored);
         file.extend([9u8; 5]);
-        let range = 13..13 + stored.len();
-        let shared = StoredBlocks::shared(std::sync::Arc::new(file), range).unwrap();
-        let in_place = Q8Matrix::in_place(shared, rows, cols).unwrap().unwrap();
-        for m in [&copied, &in_place] {
-            for n in [1, 3, 5, 9] {
-                let x = activations(n * cols);
-                let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        let file = std::sync::Arc::new(file);
+        let kernels = Kernel::all_here();
+        assert_eq!(kernels.is_empty(), !is_x86_feature_detected!("avx2"));
+        for &kernel in &kernels {
+            let shared = StoredBlocks::shared(file.clone(), 13..13 + stored.len()).unwrap();
+            let in_place = Q8Matrix::new(shared, rows, cols, kernel).unwrap();
+            let copied = Q8Matrix::copied(&stored, rows, cols, kernel).unwrap();
+            for m in [&copied, &in_place] {
+                for n in [1, 3, 4, 5, 9] {
+                    let x = activations(n * cols);
+                    let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{kernel:?}, {n} rows: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
@@ -147,17 +152,25 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_errors() {
+        let bytes = std::sync::Arc::new(vec![0u8; 34]);
+        assert!(StoredBlocks::shared(bytes.clone(), 2..35).is_err());
+        assert!(StoredBlocks::shared(bytes, 0..34).is_ok());
+        // A kernel is refused where the CPU lacks its instructions.
+        for kernel in [Kernel::Vnni, Kernel::Avx2] {
+            let made = Q8Matrix::copied(&blocks(1, 32, 2), 1, 32, kernel);
+            assert_eq!(made.is_ok(), Kernel::all_here().contains(&kernel));
+        }
+        let Some(kernel) = Kernel::best_here() else {
+            return;
+        };
         let new = |bytes: &[u8], rows, cols| {
             let stored = StoredBlocks::shared(std::sync::Arc::new(bytes.to_vec()), 0..bytes.len());
-            Q8Matrix::new(stored.unwrap(), rows, cols)
+            Q8Matrix::new(stored.unwrap(), rows, cols, kernel)
         };
         assert!(new(&[0; 33], 1, 32).is_err());
         assert!(new(&[], 1, 31).is_err());
         assert!(new(&[], usize::MAX, 64).is_err());
         let m = new(&blocks(2, 64, 3), 2, 64).unwrap();
         assert!(m.matmul(&[0.0; 65]).is_err());
-        let bytes = std::sync::Arc::new(vec![0u8; 34]);
-        assert!(StoredBlocks::shared(bytes.clone(), 2..35).is_err());
-        assert!(StoredBlocks::shared(bytes, 0..34).is_ok());
     }
 }

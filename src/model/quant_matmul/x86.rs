@@ -1,0 +1,418 @@
+//! q8_0 on x86-64: the file's own blocks multiplied where they lie, by AVX-512 VNNI kernels
+//! (`vnni`) or, on CPUs without them, by AVX2 kernels (`avx2`: most laptops' Intel CPUs, AMD
+//! before Zen 4).
+//!
+//! Why: candle 0.11's `QMatMul` holds a copy of every quantized matrix (on VNNI CPUs a
+//! repacked one beside the original), so a q8_0 Phi-2 needed twice its file in memory and
+//! loading it wrote gigabytes of fresh pages (issue #19). Ours read the file's blocks where
+//! they lie: a memory-mapped GGUF is used in place, so loading copies nothing and the first
+//! product reads the weights straight from the page cache, as llama.cpp's do. (Repacking at
+//! load instead wrote 2.8 GB for Phi-2, pages the kernel must zero first: about 0.75 s on two
+//! cores, twice llama.cpp's whole load.)
+//!
+//! Each activation row is quantized once per product to q8_0 blocks, as llama.cpp does, and
+//! a matrix's rows are split in units of 16 across the threads the CPU kernels share.
+
+mod avx2;
+mod vnni;
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::Arc;
+
+use half::f16;
+
+use super::{check_blocks, BLOCK, BLOCK_BYTES};
+use crate::error::{Error, Result};
+use crate::model::disjoint::{for_each_unit, rows_of, Disjoint};
+
+/// Weight rows per unit of work (and per VNNI tile: one 512-bit register of i32 lanes).
+const TILE: usize = 16;
+
+/// How far ahead of the row kernels' reads (bytes) the next cache lines are asked for: rows
+/// are read in memory order, one stream, and this keeps a few hundred nanoseconds of it in
+/// flight beyond what the hardware prefetcher does alone.
+const PREFETCH: usize = 2048;
+
+/// Which instructions multiply a matrix, chosen once by what the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 F, VL and VNNI (Intel's servers since Ice Lake, AMD since Zen 4).
+    Vnni,
+    /// AVX2, FMA and F16C (x86-64 CPUs since 2013–2015).
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs; `None` where it runs neither (candle's serve).
+    pub fn best_here() -> Option<Self> {
+        Self::all_here().first().copied()
+    }
+
+    /// Every kernel this CPU runs, fastest first (what tests and benchmarks compare).
+    pub fn all_here() -> Vec<Self> {
+        [Self::Vnni, Self::Avx2]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    fn runs_here(self) -> bool {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        match self {
+            Self::Vnni => {
+                avx2 && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            Self::Avx2 => avx2,
+        }
+    }
+}
+
+/// A matrix's stored q8_0 blocks, where they already lie (a memory-mapped file, shared by
+/// all its matrices and kept alive by them) or in a buffer of their own.
+#[derive(Clone)]
+pub struct StoredBlocks {
+    bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl StoredBlocks {
+    /// `range` of `bytes`; an error unless it lies inside them.
+    pub fn shared(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Result<Self> {
+        let len = (*bytes).as_ref().len();
+        if range.start > range.end || range.end > len {
+            return Err(Error::input(format!(
+                "bytes {range:?} of quantized blocks lie outside the {len} stored"
+            )));
+        }
+        Ok(Self { bytes, range })
+    }
+
+    fn owned(bytes: Vec<u8>) -> Self {
+        let range = 0..bytes.len();
+        Self {
+            bytes: Arc::new(bytes),
+            range,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &(*self.bytes).as_ref()[self.range.clone()]
+    }
+}
+
+/// A `rows × cols` matrix of q8_0 blocks as GGUF stores them: row after row, each block an
+/// f16 scale and 32 quants.
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    blocks: StoredBlocks,
+    kernel: Kernel,
+}
+
+impl Q8Matrix {
+    /// `rows × cols` values stored as GGUF q8_0 blocks, copied once, for the CPU's best
+    /// kernel; `None` where it runs none of ours (candle's serve there).
+    pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
+        Kernel::best_here()
+            .map(|kernel| Self::copied(blocks, rows, cols, kernel))
+            .transpose()
+    }
+
+    /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where
+    /// it runs none of ours.
+    pub fn in_place(blocks: StoredBlocks, rows: usize, cols: usize) -> Result<Option<Self>> {
+        Kernel::best_here()
+            .map(|kernel| Self::new(blocks, rows, cols, kernel))
+            .transpose()
+    }
+
+    /// The blocks copied once, multiplied by `kernel`: an error where the CPU lacks its
+    /// instructions.
+    pub fn copied(blocks: &[u8], rows: usize, cols: usize, kernel: Kernel) -> Result<Self> {
+        Self::new(StoredBlocks::owned(blocks.to_vec()), rows, cols, kernel)
+    }
+
+    pub(super) fn new(
+        blocks: StoredBlocks,
+        rows: usize,
+        cols: usize,
+        kernel: Kernel,
+    ) -> Result<Self> {
+        if !kernel.runs_here() {
+            return Err(Error::input(format!(
+                "this CPU lacks the instructions of the {kernel:?} q8_0 kernel"
+            )));
+        }
+        check_blocks(blocks.as_slice(), rows, cols, BLOCK_BYTES)?;
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            kernel,
+        })
+    }
+
+    /// Whether this CPU runs any of our kernels.
+    pub fn runs_here() -> bool {
+        Kernel::best_here().is_some()
+    }
+
+    /// Bytes held (and read by each product).
+    pub fn bytes(&self) -> usize {
+        self.blocks.range.len()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
+    /// per row in.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let m = rows_of(x, self.cols, "a q8_0 matrix")?;
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let activations = Q8Rows::new(x, self.cols);
+        let mut out = vec![0f32; m * self.rows];
+        let product = Product {
+            stored: self.blocks.as_slice(),
+            rows: self.rows,
+            activations: &activations,
+            out: Disjoint::new(&mut out),
+        };
+        let units = self.rows.div_ceil(TILE);
+        // On the threads the kernels share (`for_each_unit` says why); each unit writes only
+        // its own rows' outputs, and `out` outlives the pool's call.
+        match self.kernel {
+            Kernel::Vnni if m >= 4 => for_each_unit(units, |t| vnni::prefill_unit(&product, t)),
+            Kernel::Vnni => for_each_unit(units, |t| vnni::decode_unit(&product, t)),
+            Kernel::Avx2 => for_each_unit(units, |t| avx2::unit(&product, t)),
+        }
+        Ok(out)
+    }
+}
+
+/// One product as each of its units sees it.
+struct Product<'a> {
+    stored: &'a [u8],
+    rows: usize,
+    activations: &'a Q8Rows,
+    out: Disjoint,
+}
+
+impl Product<'_> {
+    fn activation_rows(&self) -> usize {
+        self.activations.scales.len() / self.blocks_per_row()
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.stored.len() / self.rows / BLOCK_BYTES
+    }
+
+    /// Unit `t`'s weight rows.
+    fn unit_rows(&self, t: usize) -> Range<usize> {
+        t * TILE..(t * TILE + TILE).min(self.rows)
+    }
+
+    /// Weight rows `rows`, as stored.
+    fn weights(&self, rows: Range<usize>) -> &[u8] {
+        let row_bytes = self.blocks_per_row() * BLOCK_BYTES;
+        &self.stored[rows.start * row_bytes..rows.end * row_bytes]
+    }
+
+    /// Activation row `j`.
+    fn x_row(&self, j: usize) -> XRow<'_> {
+        let (per_row, x) = (self.blocks_per_row(), self.activations);
+        XRow {
+            scales: &x.scales[j * per_row..(j + 1) * per_row],
+            offsets: &x.offsets[j * per_row..(j + 1) * per_row],
+            quants: &x.quants[j * per_row * BLOCK..(j + 1) * per_row * BLOCK],
+        }
+    }
+
+    /// Writes `values` as outputs `r..` of activation row `j`.
+    ///
+    /// # Safety
+    /// Weight rows `r..r + values.len()` must belong to the calling unit (no other thread
+    /// writes those outputs), and lie inside the matrix.
+    unsafe fn write(&self, j: usize, r: usize, values: &[f32]) {
+        debug_assert!(r + values.len() <= self.rows && j < self.activation_rows());
+        let at = self.out.at(j * self.rows + r);
+        std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
+    }
+}
+
+/// Activation rows quantized to q8_0 blocks, with each block's `128·Σq` that the VNNI
+/// kernel's offset weights add to its products.
+struct Q8Rows {
+    scales: Vec<f32>,
+    offsets: Vec<i32>,
+    quants: Vec<i8>,
+}
+
+/// One quantized activation row.
+struct XRow<'a> {
+    scales: &'a [f32],
+    offsets: &'a [i32],
+    quants: &'a [i8],
+}
+
+impl Q8Rows {
+    /// `x`, whole rows of `cols` values (a multiple of 32), quantized.
+    fn new(x: &[f32], cols: usize) -> Self {
+        let blocks = x.len() / BLOCK;
+        assert!(x.len() == blocks * BLOCK && cols.is_multiple_of(BLOCK));
+        let mut rows = Self {
+            scales: vec![0.0; blocks],
+            offsets: vec![0; blocks],
+            quants: vec![0; blocks * BLOCK],
+        };
+        // SAFETY: a Q8Matrix exists only where one of our kernels runs, and both need AVX2;
+        // the lengths above are the ones quantize_avx2 reads and writes.
+        unsafe { rows.quantize_avx2(x) };
+        rows
+    }
+
+    /// `quantize_block` a block per step in four registers; libm's `roundf`, one call per
+    /// value, was most of a decode step's quantization. Halves round to even, as in
+    /// llama.cpp's vector quantization (the plain form rounds them away from zero, as its
+    /// reference does): the two differ only where `x / d` is exactly half an integer.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        let sign = _mm256_set1_ps(-0.0);
+        // packs interleaves the 128-bit halves; this puts the 8 groups of 4 back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let v: [__m256; 4] =
+                std::array::from_fn(|i| _mm256_loadu_ps(block.as_ptr().add(i * 8)));
+            let magnitude = |i: usize| _mm256_andnot_ps(sign, v[i]);
+            let max = _mm256_max_ps(
+                _mm256_max_ps(magnitude(0), magnitude(1)),
+                _mm256_max_ps(magnitude(2), magnitude(3)),
+            );
+            let d = horizontal_max(max) / 127.0;
+            let inverse = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inverse)));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            _mm256_storeu_si256(self.quants.as_mut_ptr().add(b * BLOCK).cast(), bytes);
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            self.offsets[b] = 128 * horizontal_sum_i32(sum);
+            self.scales[b] = f16::from_f32(d).to_f32();
+        }
+    }
+}
+
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn horizontal_max(v: __m256) -> f32 {
+    let half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_max_ss(quarter, _mm_movehdup_ps(quarter)))
+}
+
+/// The sum of a register's eight lanes.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn horizontal_sum(v: __m256) -> f32 {
+    let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn horizontal_sum_i32(v: __m256i) -> i32 {
+    let half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let quarter = _mm_add_epi32(half, _mm_unpackhi_epi64(half, half));
+    _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32::<1>(quarter)))
+}
+
+/// The f16 scales of `N` blocks of the row at `base` from block `first` on, read one by one
+/// (a gather of the same is several times slower on Zen 4) for one vector conversion.
+///
+/// # Safety
+/// Those blocks lie inside the row.
+#[inline(always)]
+unsafe fn scale_words<const N: usize>(base: *const u8, first: usize) -> [u16; N] {
+    std::array::from_fn(|i| {
+        base.add((first + i) * BLOCK_BYTES)
+            .cast::<u16>()
+            .read_unaligned()
+    })
+}
+
+/// Asks for the three cache lines of the four blocks `PREFETCH` bytes past block `b` of the
+/// row at `base`. A prefetch past the matrix's end is harmless (it never faults), hence the
+/// wrapping address.
+#[inline(always)]
+fn prefetch_four_blocks(base: *const u8, b: usize) {
+    let ahead = base.wrapping_add(b * BLOCK_BYTES + PREFETCH);
+    for line in 0..3 {
+        // SAFETY: a prefetch reads nothing and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector quantization gives `quantize_block`'s scales and quants, except a quant
+    /// one apart where the value falls exactly halfway (halves to even there, away from zero
+    /// in the plain form), and the offsets its quants sum to.
+    #[test]
+    fn vector_quantization_is_the_plain_one() {
+        if !Q8Matrix::runs_here() {
+            return;
+        }
+        let mut x: Vec<f32> = (0..7 * BLOCK)
+            .map(|i| {
+                ((i * 7919 % 1000) as f32 / 37.0 - 13.0) * if i % 50 == 0 { 30.0 } else { 1.0 }
+            })
+            .collect();
+        // A block of zeros, one of a single value, and one whose scale is 1 holding ties.
+        x[BLOCK..2 * BLOCK].fill(0.0);
+        x[2 * BLOCK..3 * BLOCK].fill(-2.0);
+        x[3 * BLOCK..4 * BLOCK].fill(1.0);
+        x[3 * BLOCK] = 127.0;
+        x[3 * BLOCK + 1] = 63.5;
+        x[3 * BLOCK + 2] = -2.5;
+        let got = Q8Rows::new(&x, BLOCK);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let (scale, quants) = super::super::quantize_block(block);
+            assert_eq!(got.scales[b], scale);
+            let inverse = if scale != 0.0 {
+                127.0 / block.iter().fold(0f32, |m, v| m.max(v.abs()))
+            } else {
+                0.0
+            };
+            for (i, (&g, &w)) in got.quants[b * BLOCK..][..BLOCK]
+                .iter()
+                .zip(&quants)
+                .enumerate()
+            {
+                let tie = (block[i] * inverse).fract().abs() == 0.5;
+                assert!(
+                    g == w || (tie && (g as i32 - w as i32).abs() == 1),
+                    "block {b}, {i}: {g} vs {w}"
+                );
+            }
+            let sum: i32 = got.quants[b * BLOCK..][..BLOCK]
+                .iter()
+                .map(|&q| q as i32)
+                .sum();
+            assert_eq!(got.offsets[b], 128 * sum);
+        }
+        assert_eq!(&got.quants[3 * BLOCK..3 * BLOCK + 3], &[127, 64, -2]);
+    }
+}

@@ -1,0 +1,338 @@
+//! The AVX-512 VNNI kernels.
+//!
+//! How, as llama.cpp's and candle's VNNI kernels do: weights are multiplied in tiles of 16
+//! rows, offset by 128 into unsigned bytes, so one `vpdpbusd` multiplies four bytes of an
+//! activation block into all 16 rows at once, and the offset comes back out as one number
+//! per activation block: `Σ(w+128)·x = Σw·x + 128·Σx`. In a prefill each tile is
+//! transposed into that form in registers as it is read (16 rows' blocks in, lines of 4
+//! quants × 16 rows out) into a per-thread scratch that stays in L2, then every activation
+//! row is multiplied against the scratch, so the transposition is paid once per tile and
+//! each weight is read from memory once. A decode step has one activation row, which would
+//! not pay for the transposition: there each weight row is dotted straight from its blocks,
+//! in memory order, as llama.cpp's q8_0 dot product does.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use half::f16;
+
+use super::{horizontal_sum, prefetch_four_blocks, scale_words, Product, XRow, TILE};
+use crate::model::quant_matmul::{BLOCK, BLOCK_BYTES};
+
+/// Groups of 4 columns per block: one cache line of a tile (4 quants of each of 16 rows).
+const GROUPS: usize = BLOCK / 4;
+
+/// Four quants of each of a tile's 16 rows, offset by 128: what one `vpdpbusd` reads.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// One tile transposed for the kernel: per block, per group of 4 columns, one line, and per
+/// block the 16 rows' scales (padding rows: quant 0 offset to 128, scale 0, adding nothing).
+#[derive(Default)]
+struct Scratch {
+    quants: Vec<Line>,
+    scales: Vec<f16>,
+}
+
+thread_local! {
+    /// Each pool thread's tile, reused product after product so a decode step allocates
+    /// nothing; one tile of Phi-2's widest matrix is 180 KB, which stays in L2.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Unit `t` of a decode step (fewer than four activation rows): each weight row dotted
+/// straight from its blocks, rows in memory order (one stream for the prefetchers); a tile's
+/// transposition would cost more than the single activation row it serves.
+pub(super) fn decode_unit(p: &Product, t: usize) {
+    let rows = p.unit_rows(t);
+    let per_row = p.blocks_per_row();
+    let weights = p.weights(rows.clone());
+    for (r, row) in rows.zip(weights.chunks_exact(per_row * BLOCK_BYTES)) {
+        for j in 0..p.activation_rows() {
+            // SAFETY: row `r` is this unit's.
+            unsafe { p.write(j, r, &[row_dot(row, &p.x_row(j))]) };
+        }
+    }
+}
+
+/// Unit `t` of a prefill: one tile against every activation row; its weights are read from
+/// memory once, transposed once, then read from the scratch.
+pub(super) fn prefill_unit(p: &Product, t: usize) {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let rows = p.unit_rows(t);
+        let lanes = rows.len();
+        let tile = scratch.fill(p.weights(rows.clone()), p.blocks_per_row());
+        // SAFETY (each write): the tile's rows are this unit's.
+        let write =
+            |j: usize, values: &[f32; TILE]| unsafe { p.write(j, rows.start, &values[..lanes]) };
+        // Four activation rows share each weight load.
+        let m = p.activation_rows();
+        for j in (0..m).step_by(4) {
+            if m - j >= 4 {
+                let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
+                for (n, values) in tile_dots(tile, &xs).iter().enumerate() {
+                    write(j + n, values);
+                }
+            } else {
+                for j in j..m {
+                    write(j, &tile_dots(tile, &[p.x_row(j)])[0]);
+                }
+            }
+        }
+    })
+}
+
+impl Scratch {
+    /// Transposes one tile's rows (`stored`: 1 to 16 whole rows of `per_row` blocks) into
+    /// the scratch, and lends it.
+    fn fill(&mut self, stored: &[u8], per_row: usize) -> Tile<'_> {
+        let (lines, scales) = (per_row * GROUPS, per_row * TILE);
+        // Grown to the widest matrix once, then only sliced: no fill on every product.
+        if self.quants.len() < lines {
+            self.quants.resize(lines, Line([0; 64]));
+        }
+        if self.scales.len() < scales {
+            self.scales.resize(scales, f16::ZERO);
+        }
+        let (quants, scales) = (&mut self.quants[..lines], &mut self.scales[..scales]);
+        if stored.len() == TILE * per_row * BLOCK_BYTES {
+            // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX-512;
+            // the lengths checked above are the ones transpose_avx512 reads and writes.
+            unsafe { transpose_avx512(stored, per_row, quants, scales) };
+        } else {
+            transpose_plain(stored, per_row, quants, scales);
+        }
+        Tile { quants, scales }
+    }
+}
+
+/// The tile transposition a quant at a time: for a last tile of fewer than 16 rows, and the
+/// reference the vector form is tested against.
+fn transpose_plain(stored: &[u8], per_row: usize, lines: &mut [Line], scales: &mut [f16]) {
+    let lanes = stored.len() / (per_row * BLOCK_BYTES);
+    for b in 0..per_row {
+        for lane in 0..TILE {
+            let (scale, quants) = if lane < lanes {
+                let at = (lane * per_row + b) * BLOCK_BYTES;
+                let block = &stored[at..at + BLOCK_BYTES];
+                let mut quants = [0u8; BLOCK];
+                quants.copy_from_slice(&block[2..]);
+                (f16::from_le_bytes([block[0], block[1]]), quants)
+            } else {
+                (f16::ZERO, [0; BLOCK])
+            };
+            scales[b * TILE + lane] = scale;
+            for (g, four) in quants.chunks_exact(4).enumerate() {
+                for (i, q) in four.iter().enumerate() {
+                    lines[b * GROUPS + g].0[lane * 4 + i] = q ^ 0x80;
+                }
+            }
+        }
+    }
+}
+
+/// The tile transposition 16 rows at a time: per block, each row's 32 quants are one load,
+/// two rows share a register (rows k and k + 8), and an 8 × 8 transposition of 4-byte
+/// groups in each half turns them into the block's eight lines.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(stored: &[u8], per_row: usize, lines: &mut [Line], scales: &mut [f16]) {
+    let row_bytes = per_row * BLOCK_BYTES;
+    assert!(
+        stored.len() == TILE * row_bytes
+            && lines.len() == per_row * GROUPS
+            && scales.len() == per_row * TILE
+    );
+    let base = stored.as_ptr();
+    let flip = _mm512_set1_epi32(0x8080_8080_u32 as i32);
+    // Lane pairs of two registers, [first low 128 bits of each half, second's] and the
+    // same of the high 128 bits: the transposition's last step.
+    let low = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+    let high = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    for b in 0..per_row {
+        let block = base.add(b * BLOCK_BYTES);
+        let quants = |r: usize| _mm256_loadu_si256(block.add(r * row_bytes + 2).cast());
+        let r: [__m512i; 8] = std::array::from_fn(|k| {
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(quants(k)), quants(k + 8))
+        });
+        // Pairs of rows, then fours: u[g] holds groups g and g + 4 of rows 0-3 (u[g + 4]:
+        // rows 4-7), and the same of rows 8-15 in the high half.
+        let t = |i: usize, hi: bool| {
+            if hi {
+                _mm512_unpackhi_epi32(r[i], r[i + 1])
+            } else {
+                _mm512_unpacklo_epi32(r[i], r[i + 1])
+            }
+        };
+        let (t0, t1, t2, t3) = (t(0, false), t(0, true), t(2, false), t(2, true));
+        let (t4, t5, t6, t7) = (t(4, false), t(4, true), t(6, false), t(6, true));
+        let u = [
+            _mm512_unpacklo_epi64(t0, t2),
+            _mm512_unpackhi_epi64(t0, t2),
+            _mm512_unpacklo_epi64(t1, t3),
+            _mm512_unpackhi_epi64(t1, t3),
+            _mm512_unpacklo_epi64(t4, t6),
+            _mm512_unpackhi_epi64(t4, t6),
+            _mm512_unpacklo_epi64(t5, t7),
+            _mm512_unpackhi_epi64(t5, t7),
+        ];
+        let out = lines.as_mut_ptr().add(b * GROUPS);
+        for g in 0..4 {
+            let first = _mm512_permutex2var_epi64(u[g], low, u[g + 4]);
+            let second = _mm512_permutex2var_epi64(u[g], high, u[g + 4]);
+            _mm512_store_si512(out.add(g).cast(), _mm512_xor_si512(first, flip));
+            _mm512_store_si512(out.add(g + 4).cast(), _mm512_xor_si512(second, flip));
+        }
+        // Each row's scale is the first two bytes of its block (sixteen scalar copies: a
+        // gather is several times slower on Zen 4).
+        for (lane, scale) in scales[b * TILE..(b + 1) * TILE].iter_mut().enumerate() {
+            *scale = block.add(lane * row_bytes).cast::<f16>().read_unaligned();
+        }
+    }
+}
+
+/// One stored weight row dotted with one quantized activation row.
+fn row_dot(row: &[u8], x: &XRow) -> f32 {
+    let blocks = row.len() / BLOCK_BYTES;
+    assert!(
+        row.len() == blocks * BLOCK_BYTES
+            && x.scales.len() == blocks
+            && x.quants.len() == blocks * BLOCK
+    );
+    // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX2, FMA and
+    // AVX-512 F, VL and VNNI, and the assertion above keeps every read inside the slices.
+    unsafe { row_dot_vnni(row, x) }
+}
+
+/// As llama.cpp's q8_0 dot product: per block, `|w|` times `x` with `w`'s signs (exactly
+/// `w·x`: the activations never hold -128) into eight i32 lanes by `vpdpbusd`, scaled in
+/// f32 and summed once at the end. The weights' scales are widened 16 blocks at a time;
+/// four accumulators, a block each in turn, hide the FMA's latency.
+#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn row_dot_vnni(row: &[u8], x: &XRow) -> f32 {
+    let blocks = x.scales.len();
+    let base = row.as_ptr();
+    let block = |b: usize, scale: f32, acc: __m256| {
+        let w = _mm256_loadu_si256(base.add(b * BLOCK_BYTES + 2).cast());
+        let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+        let magnitude_times_signed = _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            _mm256_abs_epi8(w),
+            _mm256_sign_epi8(xq, w),
+        );
+        let product = _mm256_cvtepi32_ps(magnitude_times_signed);
+        _mm256_fmadd_ps(product, _mm256_set1_ps(scale), acc)
+    };
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let whole = blocks / 16 * 16;
+    let mut scales = [0f32; 16];
+    for b in (0..whole).step_by(16) {
+        let words: [u16; 16] = scale_words(base, b);
+        let weights = _mm512_cvtph_ps(_mm256_loadu_si256(words.as_ptr().cast()));
+        let activations = _mm512_loadu_ps(x.scales.as_ptr().add(b));
+        _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(weights, activations));
+        for i in (0..16).step_by(4) {
+            prefetch_four_blocks(base, b + i);
+            for k in 0..4 {
+                acc[k] = block(b + i + k, scales[i + k], acc[k]);
+            }
+        }
+    }
+    for b in whole..blocks {
+        let at = b * BLOCK_BYTES;
+        let scale = f16::from_le_bytes([row[at], row[at + 1]]).to_f32() * x.scales[b];
+        acc[0] = block(b, scale, acc[0]);
+    }
+    horizontal_sum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ))
+}
+
+/// One tile's blocks, for every block of its rows.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    quants: &'a [Line],
+    scales: &'a [f16],
+}
+
+/// The tile's 16 rows dotted with each of `N` activation rows.
+fn tile_dots<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TILE]; N] {
+    let blocks = tile.scales.len() / TILE;
+    let fits = |x: &XRow| {
+        x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
+    };
+    assert!(tile.quants.len() == blocks * GROUPS && xs.iter().all(fits));
+    // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX-512 F and VNNI, and the
+    // assertion above keeps every read inside the slices.
+    unsafe { tile_dots_vnni(tile, xs) }
+}
+
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TILE]; N] {
+    let mut acc = [_mm512_setzero_ps(); N];
+    let lines = tile.quants.as_ptr();
+    for b in 0..tile.scales.len() / TILE {
+        // Two chains per activation row, even and odd groups: one row alone would otherwise
+        // wait out vpdpbusd's latency eight times per block.
+        let mut products = [[_mm512_setzero_si512(); 2]; N];
+        for g in 0..GROUPS {
+            let w = _mm512_load_si512(lines.add(b * GROUPS + g).cast());
+            for n in 0..N {
+                let four = xs[n].quants.as_ptr().add(b * BLOCK + g * 4).cast::<i32>();
+                let x = _mm512_set1_epi32(four.read_unaligned());
+                products[n][g % 2] = _mm512_dpbusd_epi32(products[n][g % 2], w, x);
+            }
+        }
+        let scales = _mm512_cvtph_ps(_mm256_loadu_si256(
+            tile.scales.as_ptr().add(b * TILE).cast(),
+        ));
+        for n in 0..N {
+            let [even, odd] = products[n];
+            let offset = _mm512_set1_epi32(*xs[n].offsets.get_unchecked(b));
+            let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(even, odd), offset));
+            let scale = _mm512_mul_ps(scales, _mm512_set1_ps(*xs[n].scales.get_unchecked(b)));
+            acc[n] = _mm512_fmadd_ps(exact, scale, acc[n]);
+        }
+    }
+    acc.map(|a| {
+        let mut out = [0f32; TILE];
+        _mm512_storeu_ps(out.as_mut_ptr(), a);
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::quant_matmul::x86::Kernel;
+
+    /// The vector transposition gives the plain one's lines and scales, byte for byte, on
+    /// blocks whose every byte differs (so a lane or group out of place shows).
+    #[test]
+    fn vector_transposition_is_the_plain_one() {
+        if !Kernel::all_here().contains(&Kernel::Vnni) {
+            return;
+        }
+        let per_row = 5;
+        let stored: Vec<u8> = (0..TILE * per_row * BLOCK_BYTES)
+            .map(|i| (i * 131 % 251) as u8)
+            .collect();
+        let mut want = (
+            vec![Line([0; 64]); per_row * GROUPS],
+            vec![f16::ZERO; per_row * TILE],
+        );
+        transpose_plain(&stored, per_row, &mut want.0, &mut want.1);
+        let mut got = (
+            vec![Line([1; 64]); per_row * GROUPS],
+            vec![f16::ONE; per_row * TILE],
+        );
+        // SAFETY: the CPU's kernels were checked above.
+        unsafe { transpose_avx512(&stored, per_row, &mut got.0, &mut got.1) };
+        for (g, w) in got.0.iter().zip(&want.0) {
+            assert_eq!(g.0, w.0);
+        }
+        let bits = |s: &[f16]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.1), bits(&want.1));
+    }
+}
