@@ -419,18 +419,24 @@ fn large_tensors_of_a_mapped_file_are_read_in_parts_exactly() {
         DType::F32,
     )
     .unwrap();
-    let halves = again
-        .stored_f16_values("f16", &[rows, cols])
-        .unwrap()
-        .unwrap();
-    let want = stored["f16"]
+    let want: Vec<u8> = stored["f16"]
         .flatten_all()
         .unwrap()
         .to_vec1::<half::f16>()
-        .unwrap();
-    assert!(halves == want);
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    // In place (a share of the mapped file) and copied: the same bytes.
+    for in_place in [true, false] {
+        let halves = again
+            .stored_f16_bytes("f16", &[rows, cols], in_place)
+            .unwrap()
+            .unwrap();
+        assert!(halves.as_slice() == want.as_slice(), "in place: {in_place}");
+    }
     assert!(again
-        .stored_f16_values("f32", &[1031, cols])
+        .stored_f16_bytes("f32", &[1031, cols], true)
         .unwrap()
         .is_none());
 }

@@ -2,9 +2,10 @@
 //!
 //! Why: a checkpoint stored as f16 (Phi-2 as published) was upcast to f32 at load, so it
 //! held twice its file in memory (a Phi-2: 11 GB of weights, 17 GB at the peak, issue #19)
-//! and every decoded token read twice the bytes. Here a matrix stays f16 as stored, one
-//! copy, and is widened eight values at a time in registers; activations and sums stay f32,
-//! so products equal the f32 path's but for the order of the sums.
+//! and every decoded token read twice the bytes. Here a matrix stays f16 where it is stored
+//! (a mapped safetensors shard is used in place, so loading copies nothing), and is widened
+//! eight values at a time in registers; activations and sums stay f32, so products equal the
+//! f32 path's but for the order of the sums.
 //!
 //! How: rows of weights are dotted with rows of activations in tiles of two weight rows by
 //! four activation rows (eight accumulators: six loads per eight multiply-adds), or four
@@ -15,6 +16,7 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 
 use super::disjoint::{rows_of, Disjoint};
+use super::stored::StoredBytes;
 use crate::error::{Error, Result};
 
 /// Weight rows per unit of work handed to a thread.
@@ -22,11 +24,11 @@ const UNIT_ROWS: usize = 16;
 /// Values per register.
 const LANES: usize = 8;
 
-/// A `rows × cols` matrix of f16 values, row-major as stored.
+/// A `rows × cols` matrix of f16 values, row-major and little-endian as stored.
 pub struct F16Matrix {
     rows: usize,
     cols: usize,
-    values: Vec<f16>,
+    values: StoredBytes,
 }
 
 impl F16Matrix {
@@ -38,10 +40,10 @@ impl F16Matrix {
     }
 
     /// `rows × cols` values, row-major; an error where the kernel does not run here.
-    pub fn new(values: Vec<f16>, rows: usize, cols: usize) -> Result<Self> {
-        if rows.checked_mul(cols) != Some(values.len()) {
+    pub fn new(values: StoredBytes, rows: usize, cols: usize) -> Result<Self> {
+        if rows.checked_mul(cols).and_then(|n| n.checked_mul(2)) != Some(values.len()) {
             return Err(Error::input(format!(
-                "{} f16 values are not a {rows}×{cols} matrix",
+                "{} bytes of f16 values are not a {rows}×{cols} matrix",
                 values.len()
             )));
         }
@@ -55,7 +57,7 @@ impl F16Matrix {
 
     /// Bytes held (and read by each product).
     pub fn bytes(&self) -> usize {
-        std::mem::size_of_val(self.values.as_slice())
+        self.values.len()
     }
 
     pub fn rows(&self) -> usize {
@@ -108,11 +110,12 @@ impl F16Matrix {
         xs: [&[f32]; N],
         mut out: impl FnMut(usize, usize, f32),
     ) {
-        let cols = self.cols;
+        let (values, row_bytes) = (self.values.as_slice(), 2 * self.cols);
         for r in rows.clone().step_by(R) {
             // The last step repeats the last row where fewer than R are left, unwritten.
-            let ws =
-                std::array::from_fn(|k| &self.values[(r + k).min(rows.end - 1) * cols..][..cols]);
+            let ws = std::array::from_fn(|k| {
+                &values[(r + k).min(rows.end - 1) * row_bytes..][..row_bytes]
+            });
             for (n, dots) in dots::<R, N>(ws, xs).iter().enumerate() {
                 for (k, dot) in dots.iter().enumerate().take(rows.end - r) {
                     out(n, r + k, *dot);
@@ -122,10 +125,11 @@ impl F16Matrix {
     }
 }
 
-/// `R` weight rows dotted with `N` activation rows, all of the same length.
-fn dots<const R: usize, const N: usize>(ws: [&[f16]; R], xs: [&[f32]; N]) -> [[f32; R]; N] {
-    let cols = ws[0].len();
-    assert!(ws.iter().all(|w| w.len() == cols) && xs.iter().all(|x| x.len() == cols));
+/// `R` weight rows (stored f16 values, 2 bytes each, at any alignment) dotted with `N`
+/// activation rows of as many values.
+fn dots<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[f32]; N]) -> [[f32; R]; N] {
+    let cols = xs[0].len();
+    assert!(ws.iter().all(|w| w.len() == 2 * cols) && xs.iter().all(|x| x.len() == cols));
     // SAFETY: an F16Matrix exists only where `new` found AVX2, F16C and FMA, and the
     // assertion above keeps every load inside the slices.
     unsafe { dots_avx2(ws, xs) }
@@ -133,15 +137,15 @@ fn dots<const R: usize, const N: usize>(ws: [&[f16]; R], xs: [&[f32]; N]) -> [[f
 
 #[target_feature(enable = "avx2,f16c,fma")]
 unsafe fn dots_avx2<const R: usize, const N: usize>(
-    ws: [&[f16]; R],
+    ws: [&[u8]; R],
     xs: [&[f32]; N],
 ) -> [[f32; R]; N] {
     use std::arch::x86_64::*;
-    let cols = ws[0].len();
+    let cols = xs[0].len();
     let whole = cols / LANES * LANES;
     let mut acc = [[_mm256_setzero_ps(); R]; N];
     for c in (0..whole).step_by(LANES) {
-        let w = ws.map(|w| _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(c).cast())));
+        let w = ws.map(|w| _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * c).cast())));
         for (acc, x) in acc.iter_mut().zip(xs) {
             let x = _mm256_loadu_ps(x.as_ptr().add(c));
             for (acc, w) in acc.iter_mut().zip(w) {
@@ -154,7 +158,8 @@ unsafe fn dots_avx2<const R: usize, const N: usize>(
         for (k, (acc, w)) in acc.iter().zip(ws).enumerate() {
             let mut lanes = [0f32; LANES];
             _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-            let tail: f32 = (whole..cols).map(|c| w[c].to_f32() * x[c]).sum();
+            let weight = |c: usize| f16::from_le_bytes([w[2 * c], w[2 * c + 1]]).to_f32();
+            let tail: f32 = (whole..cols).map(|c| weight(c) * x[c]).sum();
             out[i][k] = lanes.iter().sum::<f32>() + tail;
         }
     }
@@ -171,9 +176,14 @@ mod tests {
             .collect()
     }
 
+    fn stored(values: &[f16]) -> StoredBytes {
+        StoredBytes::owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
     /// An odd number of rows (the last pair short), columns that leave a tail past the last
     /// register, one to nine activation rows (whole and partial groups of four): against the
-    /// plain product of the same f16 weights, summed in f64.
+    /// plain product of the same f16 weights, summed in f64; from bytes of their own and in
+    /// place at an odd offset of a larger buffer (a mapped file promises no alignment).
     #[test]
     fn products_match_the_plain_product_where_the_cpu_has_f16c() {
         let (rows, cols) = (37, 203);
@@ -182,23 +192,30 @@ mod tests {
             .map(f16::from_f32)
             .collect();
         if !F16Matrix::runs_here() {
-            assert!(F16Matrix::new(weights, rows, cols).is_err());
+            assert!(F16Matrix::new(stored(&weights), rows, cols).is_err());
             return;
         }
-        let m = F16Matrix::new(weights.clone(), rows, cols).unwrap();
-        for n in [1, 4, 5, 9] {
-            let x = values(n * cols, 2);
-            let got = m.matmul(&x).unwrap();
-            for j in 0..n {
-                for r in 0..rows {
-                    let want: f64 = (0..cols)
-                        .map(|c| weights[r * cols + c].to_f64() * x[j * cols + c] as f64)
-                        .sum();
-                    let g = got[j * rows + r] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-4 * want.abs().max(1.0),
-                        "{g} vs {want}"
-                    );
+        let mut file = vec![5u8; 7];
+        file.extend(stored(&weights).as_slice());
+        file.push(9);
+        let range = 7..file.len() - 1;
+        let in_place = StoredBytes::shared(std::sync::Arc::new(file), range).unwrap();
+        for bytes in [stored(&weights), in_place] {
+            let m = F16Matrix::new(bytes, rows, cols).unwrap();
+            for n in [1, 4, 5, 9] {
+                let x = values(n * cols, 2);
+                let got = m.matmul(&x).unwrap();
+                for j in 0..n {
+                    for r in 0..rows {
+                        let want: f64 = (0..cols)
+                            .map(|c| weights[r * cols + c].to_f64() * x[j * cols + c] as f64)
+                            .sum();
+                        let g = got[j * rows + r] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{g} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -206,12 +223,13 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_errors() {
-        assert!(F16Matrix::new(vec![f16::ZERO; 5], 2, 3).is_err());
-        assert!(F16Matrix::new(Vec::new(), usize::MAX, 2).is_err());
+        assert!(F16Matrix::new(stored(&[f16::ZERO; 5]), 2, 3).is_err());
+        assert!(F16Matrix::new(StoredBytes::owned(vec![0; 11]), 2, 3).is_err());
+        assert!(F16Matrix::new(stored(&[]), usize::MAX, 2).is_err());
         if !F16Matrix::runs_here() {
             return;
         }
-        let m = F16Matrix::new(vec![f16::ZERO; 6], 2, 3).unwrap();
+        let m = F16Matrix::new(stored(&[f16::ZERO; 6]), 2, 3).unwrap();
         assert!(m.matmul(&[0.0; 4]).is_err());
         assert!(m.matmul(&[]).unwrap().is_empty());
     }

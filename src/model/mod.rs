@@ -15,6 +15,7 @@ pub mod quant_matmul;
 mod source;
 #[cfg(target_arch = "wasm32")]
 pub mod spin_pool;
+pub mod stored;
 
 pub use config::{Activation, PhiConfig};
 pub use kv_cache::KvCache;

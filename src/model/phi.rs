@@ -98,7 +98,7 @@ impl Linear {
         #[cfg(target_arch = "x86_64")]
         if let (true, &[rows, cols]) = (stored_f16.contains(name) && F16Matrix::runs_here(), shape)
         {
-            if let Some(values) = src.stored_f16_values(name, shape)? {
+            if let Some(values) = src.stored_f16_bytes(name, shape, true)? {
                 return Ok(Some(LinearWeight::F16(F16Matrix::new(values, rows, cols)?)));
             }
         }
@@ -425,9 +425,15 @@ impl Phi {
         if cfg.tie_word_embeddings || !stored_f16.contains(name) {
             return Ok(None);
         }
-        let Some(values) = src.stored_f16_values(name, shape)? else {
+        // candle's table holds values of its own: copied, the file's pages let go.
+        let Some(stored) = src.stored_f16_bytes(name, shape, false)? else {
             return Ok(None);
         };
+        let values: Vec<half::f16> = stored
+            .as_slice()
+            .chunks_exact(2)
+            .map(|v| half::f16::from_le_bytes([v[0], v[1]]))
+            .collect();
         let table = QTensor::new(QStorage::Cpu(Box::new(values)), shape)?;
         Ok(Some(QMatMul::QTensor(Arc::new(table))))
     }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::Tensor;
-use half::f16;
 
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 use super::quant_matmul::Q8Matrix;
+use super::stored::StoredBytes;
 use crate::error::Result;
 
 /// A future borrowed from its owner: boxed so trait objects stay possible, and not `Send`,
@@ -59,10 +59,17 @@ pub trait TensorSource {
     fn fetch<'a>(&'a self, _name: &'a str, _shape: &'a [usize]) -> BoxFuture<'a, Result<()>> {
         Box::pin(std::future::ready(Ok(())))
     }
-    /// The tensor `name` (of `shape`) as the f16 values it is stored as, unconverted, where
-    /// it is stored as f16 and the source can hand them over (`None` where not: the caller
-    /// reads it with `tensor`). Either call reads a tensor once.
-    fn stored_f16_values(&self, _name: &str, _shape: &[usize]) -> Result<Option<Vec<f16>>> {
+    /// The tensor `name` (of `shape`) as the f16 values it is stored as (little-endian,
+    /// unconverted), where it is stored as f16 and the source can hand them over (`None`
+    /// where not: the caller reads it with `tensor`). `in_place`: where they lie in a whole
+    /// (mapped) file, whose pages are then never released; otherwise a copy, the file's
+    /// pages let go as it is made. Either call reads a tensor once.
+    fn stored_f16_bytes(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _in_place: bool,
+    ) -> Result<Option<StoredBytes>> {
         Ok(None)
     }
     /// The matrix `name` (of `shape`) made straight from its stored q8_0 blocks for our q8_0

@@ -19,7 +19,7 @@ use crate::model::names::{Site, TensorId};
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
 use crate::model::quant_matmul::Q8Matrix;
 #[cfg(target_arch = "x86_64")]
-use crate::model::quant_matmul::StoredBlocks;
+use crate::model::stored::StoredBytes;
 use crate::model::{Activation, BoxFuture, PhiConfig};
 
 /// How much of a ranged file is read first for its header; more is read (at least doubling)
@@ -458,7 +458,7 @@ impl TensorSource for Gguf {
         if let Data::Whole(bytes) = &self.data {
             let start = info.bytes.start as usize;
             let shared: Arc<dyn AsRef<[u8]> + Send + Sync> = bytes.clone();
-            let blocks = StoredBlocks::shared(shared, start + mine.start..start + mine.end)?;
+            let blocks = StoredBytes::shared(shared, start + mine.start..start + mine.end)?;
             return Q8Matrix::in_place(blocks, rows, cols);
         }
         self.with_bytes(&name, last, |bytes| {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use ::safetensors::tensor::{Dtype, TensorView};
 use candle_core::safetensors::Load;
@@ -20,6 +21,7 @@ use serde::Deserialize;
 use super::range_read::{read_exact, Staged};
 use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
+use crate::model::stored::StoredBytes;
 use crate::model::BoxFuture;
 
 /// safetensors' own limit on a header.
@@ -32,7 +34,8 @@ type Widen = fn(&[u8], &mut Vec<f32>);
 
 /// Where a shard's bytes are.
 enum Data {
-    Whole(Bytes),
+    /// Shared with the f16 matrices used in place (`stored_f16_bytes`), which keep it alive.
+    Whole(Arc<Bytes>),
     /// Read by ranges, tensor by tensor as they are fetched.
     Ranged(Staged),
 }
@@ -157,7 +160,7 @@ impl Safetensors {
                 let tensors = parse_header(&name, within(&bytes, &(8..8 + n)), len)?;
                 Ok(Shard {
                     name,
-                    data: Data::Whole(bytes),
+                    data: Data::Whole(Arc::new(bytes)),
                     tensors,
                 })
             })
@@ -379,22 +382,29 @@ impl TensorSource for Safetensors {
         })
     }
 
-    fn stored_f16_values(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f16>>> {
+    fn stored_f16_bytes(
+        &self,
+        name: &str,
+        shape: &[usize],
+        in_place: bool,
+    ) -> Result<Option<StoredBytes>> {
         self.check_tensor(name, shape)?;
         let found = self.locate(name)?;
         if found.1.dtype != Dtype::F16 {
             return Ok(None);
         }
         let extent = found.1.extent.clone();
-        let mut values = Vec::with_capacity(((extent.end - extent.start) / 2) as usize);
+        if let (true, Data::Whole(bytes)) = (in_place, &found.0.data) {
+            let shared: Arc<dyn AsRef<[u8]> + Send + Sync> = bytes.clone();
+            let range = extent.start as usize..extent.end as usize;
+            return StoredBytes::shared(shared, range).map(Some);
+        }
+        let mut values = Vec::with_capacity((extent.end - extent.start) as usize);
         self.read_parts(found, name, extent, true, 2, |raw| {
-            values.extend(
-                raw.chunks_exact(2)
-                    .map(|v| f16::from_le_bytes([v[0], v[1]])),
-            );
+            values.extend_from_slice(raw);
             Ok(())
         })?;
-        Ok(Some(values))
+        Ok(Some(StoredBytes::owned(values)))
     }
 
     fn dense_rows(

@@ -21,7 +21,7 @@ mod x86;
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Kernel, Q8Matrix, StoredBlocks};
+pub use x86::{Kernel, Q8Matrix};
 
 /// Values per q8_0 block.
 const BLOCK: usize = 32;
@@ -66,6 +66,7 @@ mod tests {
     use half::f16;
 
     use super::*;
+    use crate::model::stored::StoredBytes;
 
     /// `rows × cols` of q8_0 blocks with varied scales and quants, the extremes -128 and 127
     /// among them.
@@ -132,7 +133,7 @@ mod tests {
         let kernels = Kernel::all_here();
         assert_eq!(kernels.is_empty(), !is_x86_feature_detected!("avx2"));
         for &kernel in &kernels {
-            let shared = StoredBlocks::shared(file.clone(), 13..13 + stored.len()).unwrap();
+            let shared = StoredBytes::shared(file.clone(), 13..13 + stored.len()).unwrap();
             let in_place = Q8Matrix::new(shared, rows, cols, kernel).unwrap();
             let copied = Q8Matrix::copied(&stored, rows, cols, kernel).unwrap();
             for m in [&copied, &in_place] {
@@ -152,9 +153,6 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_errors() {
-        let bytes = std::sync::Arc::new(vec![0u8; 34]);
-        assert!(StoredBlocks::shared(bytes.clone(), 2..35).is_err());
-        assert!(StoredBlocks::shared(bytes, 0..34).is_ok());
         // A kernel is refused where the CPU lacks its instructions.
         for kernel in [Kernel::Vnni, Kernel::Avx2] {
             let made = Q8Matrix::copied(&blocks(1, 32, 2), 1, 32, kernel);
@@ -164,7 +162,7 @@ mod tests {
             return;
         };
         let new = |bytes: &[u8], rows, cols| {
-            let stored = StoredBlocks::shared(std::sync::Arc::new(bytes.to_vec()), 0..bytes.len());
+            let stored = StoredBytes::shared(std::sync::Arc::new(bytes.to_vec()), 0..bytes.len());
             Q8Matrix::new(stored.unwrap(), rows, cols, kernel)
         };
         assert!(new(&[0; 33], 1, 32).is_err());

@@ -18,13 +18,13 @@ mod vnni;
 
 use std::arch::x86_64::*;
 use std::ops::Range;
-use std::sync::Arc;
 
 use half::f16;
 
 use super::{check_blocks, BLOCK, BLOCK_BYTES};
 use crate::error::{Error, Result};
 use crate::model::disjoint::{for_each_unit, rows_of, Disjoint};
+use crate::model::stored::StoredBytes;
 
 /// Weight rows per unit of work (and per VNNI tile: one 512-bit register of i32 lanes).
 const TILE: usize = 16;
@@ -72,45 +72,12 @@ impl Kernel {
     }
 }
 
-/// A matrix's stored q8_0 blocks, where they already lie (a memory-mapped file, shared by
-/// all its matrices and kept alive by them) or in a buffer of their own.
-#[derive(Clone)]
-pub struct StoredBlocks {
-    bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
-    range: Range<usize>,
-}
-
-impl StoredBlocks {
-    /// `range` of `bytes`; an error unless it lies inside them.
-    pub fn shared(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Result<Self> {
-        let len = (*bytes).as_ref().len();
-        if range.start > range.end || range.end > len {
-            return Err(Error::input(format!(
-                "bytes {range:?} of quantized blocks lie outside the {len} stored"
-            )));
-        }
-        Ok(Self { bytes, range })
-    }
-
-    fn owned(bytes: Vec<u8>) -> Self {
-        let range = 0..bytes.len();
-        Self {
-            bytes: Arc::new(bytes),
-            range,
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &(*self.bytes).as_ref()[self.range.clone()]
-    }
-}
-
 /// A `rows × cols` matrix of q8_0 blocks as GGUF stores them: row after row, each block an
 /// f16 scale and 32 quants.
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
-    blocks: StoredBlocks,
+    blocks: StoredBytes,
     kernel: Kernel,
 }
 
@@ -125,7 +92,7 @@ impl Q8Matrix {
 
     /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where
     /// it runs none of ours.
-    pub fn in_place(blocks: StoredBlocks, rows: usize, cols: usize) -> Result<Option<Self>> {
+    pub fn in_place(blocks: StoredBytes, rows: usize, cols: usize) -> Result<Option<Self>> {
         Kernel::best_here()
             .map(|kernel| Self::new(blocks, rows, cols, kernel))
             .transpose()
@@ -134,11 +101,11 @@ impl Q8Matrix {
     /// The blocks copied once, multiplied by `kernel`: an error where the CPU lacks its
     /// instructions.
     pub fn copied(blocks: &[u8], rows: usize, cols: usize, kernel: Kernel) -> Result<Self> {
-        Self::new(StoredBlocks::owned(blocks.to_vec()), rows, cols, kernel)
+        Self::new(StoredBytes::owned(blocks.to_vec()), rows, cols, kernel)
     }
 
     pub(super) fn new(
-        blocks: StoredBlocks,
+        blocks: StoredBytes,
         rows: usize,
         cols: usize,
         kernel: Kernel,
@@ -164,7 +131,7 @@ impl Q8Matrix {
 
     /// Bytes held (and read by each product).
     pub fn bytes(&self) -> usize {
-        self.blocks.range.len()
+        self.blocks.len()
     }
 
     pub fn rows(&self) -> usize {
