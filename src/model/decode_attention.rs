@@ -194,6 +194,38 @@ fn sum(a: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// The loops as compiled for the crate's baseline (what CPUs without AVX2 and the
+    /// browser run) give what the dispatched ones (AVX2 here) give.
+    #[test]
+    fn the_portable_loops_give_what_the_dispatched_ones_give() {
+        let (hd, positions) = (80, 37);
+        let wave =
+            |k: f32| -> Vec<f32> { (0..positions * hd).map(|i| (i as f32 * k).sin()).collect() };
+        let (keys, values) = (wave(0.37), wave(0.11));
+        let rows = |data| Rows {
+            data,
+            start: 0,
+            strides: [0, 0, hd],
+        };
+        let (keys, values) = (rows(&keys), rows(&values));
+        let query: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.23).cos() * 3.0).collect();
+        let head = Head {
+            query: &query,
+            keys: &keys,
+            values: &values,
+            sequence_head: (0, 0),
+            positions,
+            scale: 0.3,
+        };
+        let (mut portable, mut dispatched) = (vec![0f32; hd], vec![0f32; hd]);
+        head.attend_portable(&mut portable);
+        head.attend(&mut dispatched);
+        for (p, d) in portable.iter().zip(&dispatched) {
+            assert!((p - d).abs() < 1e-5, "{p} vs {d}");
+        }
+        assert!(portable.iter().any(|p| p.abs() > 0.01));
+    }
+
     /// Against candle's ops, on keys and values that are views of a larger cache (as the KV
     /// cache hands them over), two sequences, Phi-2's head size, one position and many.
     #[test]
