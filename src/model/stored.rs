@@ -18,7 +18,10 @@ pub struct StoredBytes {
 
 impl StoredBytes {
     /// `range` of `bytes`; an error unless it lies inside them.
-    pub fn shared(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Result<Self> {
+    pub fn shared(
+        bytes: Arc<impl AsRef<[u8]> + Send + Sync + 'static>,
+        range: Range<usize>,
+    ) -> Result<Self> {
         let len = (*bytes).as_ref().len();
         if range.start > range.end || range.end > len {
             return Err(Error::input(format!(

@@ -457,8 +457,7 @@ impl TensorSource for Gguf {
         #[cfg(target_arch = "x86_64")]
         if let Data::Whole(bytes) = &self.data {
             let start = info.bytes.start as usize;
-            let shared: Arc<dyn AsRef<[u8]> + Send + Sync> = bytes.clone();
-            let blocks = StoredBytes::shared(shared, start + mine.start..start + mine.end)?;
+            let blocks = StoredBytes::shared(bytes.clone(), start + mine.start..start + mine.end)?;
             return Q8Matrix::in_place(blocks, rows, cols);
         }
         self.with_bytes(&name, last, |bytes| {

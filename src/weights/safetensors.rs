@@ -395,9 +395,8 @@ impl TensorSource for Safetensors {
         }
         let extent = found.1.extent.clone();
         if let (true, Data::Whole(bytes)) = (in_place, &found.0.data) {
-            let shared: Arc<dyn AsRef<[u8]> + Send + Sync> = bytes.clone();
             let range = extent.start as usize..extent.end as usize;
-            return StoredBytes::shared(shared, range).map(Some);
+            return StoredBytes::shared(bytes.clone(), range).map(Some);
         }
         let mut values = Vec::with_capacity((extent.end - extent.start) as usize);
         self.read_parts(found, name, extent, true, 2, |raw| {

@@ -150,6 +150,8 @@ impl Q8Matrix {
         let product = Product {
             stored: self.blocks.as_slice(),
             rows: self.rows,
+            blocks_per_row: self.cols / BLOCK,
+            activation_rows: m,
             activations: &activations,
             out: Disjoint::new(&mut out),
         };
@@ -165,23 +167,17 @@ impl Q8Matrix {
     }
 }
 
-/// One product as each of its units sees it.
+/// One product as each of its units sees it; its sizes known once, by `matmul`.
 struct Product<'a> {
     stored: &'a [u8],
     rows: usize,
+    blocks_per_row: usize,
+    activation_rows: usize,
     activations: &'a Q8Rows,
     out: Disjoint,
 }
 
 impl Product<'_> {
-    fn activation_rows(&self) -> usize {
-        self.activations.scales.len() / self.blocks_per_row()
-    }
-
-    fn blocks_per_row(&self) -> usize {
-        self.stored.len() / self.rows / BLOCK_BYTES
-    }
-
     /// Unit `t`'s weight rows.
     fn unit_rows(&self, t: usize) -> Range<usize> {
         t * TILE..(t * TILE + TILE).min(self.rows)
@@ -189,13 +185,13 @@ impl Product<'_> {
 
     /// Weight rows `rows`, as stored.
     fn weights(&self, rows: Range<usize>) -> &[u8] {
-        let row_bytes = self.blocks_per_row() * BLOCK_BYTES;
+        let row_bytes = self.blocks_per_row * BLOCK_BYTES;
         &self.stored[rows.start * row_bytes..rows.end * row_bytes]
     }
 
     /// Activation row `j`.
     fn x_row(&self, j: usize) -> XRow<'_> {
-        let (per_row, x) = (self.blocks_per_row(), self.activations);
+        let (per_row, x) = (self.blocks_per_row, self.activations);
         XRow {
             scales: &x.scales[j * per_row..(j + 1) * per_row],
             offsets: &x.offsets[j * per_row..(j + 1) * per_row],
@@ -209,7 +205,7 @@ impl Product<'_> {
     /// Weight rows `r..r + values.len()` must belong to the calling unit (no other thread
     /// writes those outputs), and lie inside the matrix.
     unsafe fn write(&self, j: usize, r: usize, values: &[f32]) {
-        debug_assert!(r + values.len() <= self.rows && j < self.activation_rows());
+        debug_assert!(r + values.len() <= self.rows && j < self.activation_rows);
         let at = self.out.at(j * self.rows + r);
         std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
     }

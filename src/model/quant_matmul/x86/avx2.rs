@@ -19,8 +19,8 @@ use crate::model::quant_matmul::{BLOCK, BLOCK_BYTES};
 pub(super) fn unit(p: &Product, t: usize) {
     let rows = p.unit_rows(t);
     let weights = p.weights(rows.clone());
-    let m = p.activation_rows();
-    for (r, row) in rows.zip(weights.chunks_exact(p.blocks_per_row() * BLOCK_BYTES)) {
+    let m = p.activation_rows;
+    for (r, row) in rows.zip(weights.chunks_exact(p.blocks_per_row * BLOCK_BYTES)) {
         // SAFETY (each write): row `r` is this unit's.
         for j in (0..m).step_by(4) {
             if m - j >= 4 {

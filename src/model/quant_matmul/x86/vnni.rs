@@ -46,10 +46,10 @@ thread_local! {
 /// transposition would cost more than the single activation row it serves.
 pub(super) fn decode_unit(p: &Product, t: usize) {
     let rows = p.unit_rows(t);
-    let per_row = p.blocks_per_row();
+    let per_row = p.blocks_per_row;
     let weights = p.weights(rows.clone());
     for (r, row) in rows.zip(weights.chunks_exact(per_row * BLOCK_BYTES)) {
-        for j in 0..p.activation_rows() {
+        for j in 0..p.activation_rows {
             // SAFETY: row `r` is this unit's.
             unsafe { p.write(j, r, &[row_dot(row, &p.x_row(j))]) };
         }
@@ -62,12 +62,12 @@ pub(super) fn prefill_unit(p: &Product, t: usize) {
     SCRATCH.with_borrow_mut(|scratch| {
         let rows = p.unit_rows(t);
         let lanes = rows.len();
-        let tile = scratch.fill(p.weights(rows.clone()), p.blocks_per_row());
+        let tile = scratch.fill(p.weights(rows.clone()), p.blocks_per_row);
         // SAFETY (each write): the tile's rows are this unit's.
         let write =
             |j: usize, values: &[f32; TILE]| unsafe { p.write(j, rows.start, &values[..lanes]) };
         // Four activation rows share each weight load.
-        let m = p.activation_rows();
+        let m = p.activation_rows;
         for j in (0..m).step_by(4) {
             if m - j >= 4 {
                 let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
