@@ -59,6 +59,67 @@ fn q4_0_gguf_matches_dequantized_reference() {
     assert!(relative_error("tiny-phi-q4_0.gguf", "logits") < 0.3);
 }
 
+/// q8_0 and q4_0 matrices reach our kernels straight from the file's blocks, where this CPU
+/// runs them, and multiply as candle's kernels do on the same blocks (both quantize the
+/// activations to q8_0: the rest is the order of f32 sums).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn q8_0_and_q4_0_matrices_reach_our_kernels_from_the_file() {
+    use candle_core::quantized::QMatMul;
+    use candle_core::Module;
+    use medphi::model::quant_matmul::QuantMatrix;
+
+    let tok = fixtures().join("tiny-phi/tokenizer.json");
+    for (file, dtype) in [
+        ("tiny-phi-q8_0.gguf", GgmlDType::Q8_0),
+        ("tiny-phi-q4_0.gguf", GgmlDType::Q4_0),
+    ] {
+        let ckpt = Checkpoint::open(&fixtures().join(file), Some(&tok), DType::F32).unwrap();
+        let cfg = &ckpt.config;
+        let (name, shape) = (
+            "model.layers.1.mlp.fc1.weight",
+            [cfg.intermediate_size, cfg.hidden_size],
+        );
+        let ours = ckpt.weights.stored_quantized(name, &shape).unwrap();
+        assert_eq!(ours.is_some(), QuantMatrix::serves(dtype), "{file}");
+        let Some(ours) = ours else { continue };
+        assert!(
+            matches!(
+                (&ours, dtype),
+                (QuantMatrix::Q8(_), GgmlDType::Q8_0) | (QuantMatrix::Q4(_), GgmlDType::Q4_0)
+            ),
+            "{file}"
+        );
+        let Weight::Quantized(q) = ckpt.weights.tensor(name, &shape).unwrap() else {
+            panic!("{file}: {name} is not stored quantized");
+        };
+        assert_eq!(q.dtype(), dtype);
+        let candle = QMatMul::from_arc(q).unwrap();
+        for m in [1, 5] {
+            let x = Tensor::randn(0f32, 1.0, (m, shape[1]), &Device::Cpu).unwrap();
+            let want = candle
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = ours
+                .matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .unwrap();
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{file}, {m} rows: max |Δ| {diff} of {scale}"
+            );
+        }
+    }
+}
+
 /// Reads every tensor densely, so the only difference from transformers on gguf-py's
 /// dequantized weights is float rounding: proves block layouts and names exactly.
 struct Dequantized(Box<dyn TensorSource>);

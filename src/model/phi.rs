@@ -16,8 +16,6 @@
 //! rotary is composed from differentiable primitives. gelu_new comes from `grad_kernels`
 //! in both: its one `exp` per value costs a fraction of candle's libm `tanhf`.
 
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use candle_core::quantized::GgmlDType;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -31,10 +29,8 @@ use super::f16_matmul::F16Matrix;
 use super::grad_kernels;
 use super::kv_cache::KvCache;
 use super::names::{expected_tensors, Site};
-#[cfg(target_arch = "wasm32")]
-use super::quant_matmul::Q4Matrix;
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use super::quant_matmul::Q8Matrix;
+use super::quant_matmul::QuantMatrix;
 use super::source::{TensorSource, Weight};
 use crate::error::{Error, Result};
 
@@ -54,12 +50,10 @@ struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
-    /// q8_0 by our own kernel, on x86-64 with AVX-512 VNNI and in wasm (quant_matmul says why).
+    /// q8_0 or q4_0 by our own kernels, on x86-64 with AVX2 and in wasm (quant_matmul says
+    /// why).
     #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-    Q8(Q8Matrix),
-    /// q4_0 by our own kernel, in wasm.
-    #[cfg(target_arch = "wasm32")]
-    Q4(Q4Matrix),
+    Ours(QuantMatrix),
     /// Stored as f16, on an x86-64 CPU with AVX2 and F16C (f16_matmul.rs says why).
     #[cfg(target_arch = "x86_64")]
     F16(F16Matrix),
@@ -77,8 +71,8 @@ impl Linear {
         let (name, shape) = (w.hf(), w.shape(cfg));
         let weight = match Self::stored_half(src, &name, &shape, stored_f16)? {
             Some(half) => half,
-            None => match Self::stored_q8_0(src, &name, &shape)? {
-                Some(q8) => q8,
+            None => match Self::stored_quantized(src, &name, &shape)? {
+                Some(ours) => ours,
                 None => Self::weight(src.tensor(&name, &shape)?)?,
             },
         };
@@ -105,20 +99,20 @@ impl Linear {
         Ok(None)
     }
 
-    /// A matrix stored as q8_0, made for our kernel straight from the stored blocks where it
-    /// runs; `None` elsewhere, and for every other matrix.
+    /// A matrix stored in a block format our kernels multiply, made for them straight from
+    /// the stored blocks where they run; `None` elsewhere, and for every other matrix.
     #[cfg_attr(
         not(any(target_arch = "x86_64", target_arch = "wasm32")),
         allow(unused_variables)
     )]
-    fn stored_q8_0(
+    fn stored_quantized(
         src: &dyn TensorSource,
         name: &str,
         shape: &[usize],
     ) -> Result<Option<LinearWeight>> {
         #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-        if let Some(m) = src.stored_q8_0(name, shape)? {
-            return Ok(Some(LinearWeight::Q8(m)));
+        if let Some(m) = src.stored_quantized(name, shape)? {
+            return Ok(Some(LinearWeight::Ours(m)));
         }
         Ok(None)
     }
@@ -127,18 +121,10 @@ impl Linear {
         Ok(match weight {
             Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-            Weight::Quantized(q) if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() => {
+            Weight::Quantized(q) if QuantMatrix::serves(q.dtype()) && q.device().is_cpu() => {
                 let (rows, cols) = q.shape().dims2()?;
-                match Q8Matrix::for_this_cpu(&q.data()?, rows, cols)? {
-                    Some(m) => LinearWeight::Q8(m),
-                    None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
-                }
-            }
-            #[cfg(target_arch = "wasm32")]
-            Weight::Quantized(q) if q.dtype() == GgmlDType::Q4_0 && q.device().is_cpu() => {
-                let (rows, cols) = q.shape().dims2()?;
-                match Q4Matrix::for_this_cpu(&q.data()?, rows, cols)? {
-                    Some(m) => LinearWeight::Q4(m),
+                match QuantMatrix::for_this_cpu(q.dtype(), &q.data()?, rows, cols)? {
+                    Some(m) => LinearWeight::Ours(m),
                     None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
                 }
             }
@@ -153,9 +139,7 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-            LinearWeight::Q8(q) => q.bytes(),
-            #[cfg(target_arch = "wasm32")]
-            LinearWeight::Q4(q) => q.bytes(),
+            LinearWeight::Ours(q) => q.bytes(),
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => m.bytes(),
         };
@@ -172,9 +156,7 @@ impl Linear {
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
             #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-            LinearWeight::Q8(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
-            #[cfg(target_arch = "wasm32")]
-            LinearWeight::Q4(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
+            LinearWeight::Ours(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => host_product(x, m.rows(), |v| m.matmul(v))?,
         };

@@ -12,7 +12,7 @@ use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use super::quant_matmul::Q8Matrix;
+use super::quant_matmul::QuantMatrix;
 use super::stored::StoredBytes;
 use crate::error::Result;
 
@@ -72,11 +72,11 @@ pub trait TensorSource {
     ) -> Result<Option<StoredBytes>> {
         Ok(None)
     }
-    /// The matrix `name` (of `shape`) made straight from its stored q8_0 blocks for our q8_0
-    /// kernel, where it is stored so and the kernel runs on this CPU (`None` where not: the
+    /// The matrix `name` (of `shape`) made straight from its stored blocks for our kernels,
+    /// where it is stored in a format they multiply on this CPU (`None` where not: the
     /// caller reads it with `tensor`). No other copy of the blocks is made on the way.
     #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-    fn stored_q8_0(&self, _name: &str, _shape: &[usize]) -> Result<Option<Q8Matrix>> {
+    fn stored_quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<QuantMatrix>> {
         Ok(None)
     }
     /// Rows `rows` of the 2-D tensor `name` (of `shape`) as plain values, read without the

@@ -1,7 +1,7 @@
 //! A weight matrix's bytes as stored, where they already lie (a memory-mapped file, shared by
 //! all the matrices in it and kept alive by them) or in a buffer of their own.
 //!
-//! Why: our CPU kernels read q8_0 blocks and f16 values in their stored form, so a mapped
+//! Why: our CPU kernels read q8_0 and q4_0 blocks and f16 values in their stored form, so a mapped
 //! checkpoint is used in place: loading copies nothing, and its pages stay the page cache's
 //! (issue #19).
 

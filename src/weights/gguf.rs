@@ -1,6 +1,7 @@
 //! GGUF files of the `phi2` architecture, as llama.cpp's `convert_hf_to_gguf.py` and
 //! `llama-quantize` write them. Tensors keep their GGML block layout (q4_0, q8_0, k-quants…)
-//! and are multiplied by candle's quantized matmul; names are mapped to Hugging Face's.
+//! and are multiplied by our kernels (q8_0, q4_0: `model::quant_matmul`) or candle's
+//! quantized matmul; names are mapped to Hugging Face's.
 //! A file is either all at hand (memory-mapped, or bytes the browser read whole) or read by
 //! ranges: its header first, then each tensor as it is fetched, so a GGUF larger than the
 //! tab's memory can stream to the GPU.
@@ -17,7 +18,7 @@ use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
 #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-use crate::model::quant_matmul::Q8Matrix;
+use crate::model::quant_matmul::QuantMatrix;
 #[cfg(target_arch = "x86_64")]
 use crate::model::stored::StoredBytes;
 use crate::model::{Activation, BoxFuture, PhiConfig};
@@ -31,7 +32,7 @@ const MAX_HEADER: u64 = 256 << 20;
 
 /// Where the file's bytes are.
 enum Data {
-    /// Shared with the q8_0 matrices used in place (`stored_q8_0`), which keep it alive.
+    /// Shared with the matrices used in place (`stored_quantized`), which keep it alive.
     Whole(Arc<Bytes>),
     /// Read by ranges: `header` holds the file's first bytes (metadata and tensor table,
     /// which the metadata arrays are decoded from), tensors are staged as they are fetched.
@@ -426,7 +427,7 @@ impl TensorSource for Gguf {
     }
 
     #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
-    fn stored_q8_0(&self, hf: &str, shape: &[usize]) -> Result<Option<Q8Matrix>> {
+    fn stored_quantized(&self, hf: &str, shape: &[usize]) -> Result<Option<QuantMatrix>> {
         self.check_tensor(hf, shape)?;
         let &[rows, cols] = shape else {
             return Ok(None);
@@ -439,13 +440,13 @@ impl TensorSource for Gguf {
                 (name, rows.start, last)
             }
         };
-        if self.info(&name)?.dtype != GgmlDType::Q8_0 || !Q8Matrix::runs_here() {
+        let info = self.info(&name)?;
+        let dtype = info.dtype;
+        if !QuantMatrix::serves(dtype) {
             return Ok(None);
         }
-        let q8 = GgmlDType::Q8_0;
-        let row_bytes = cols / q8.block_size() * q8.type_size();
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
         let mine = first * row_bytes..(first + rows) * row_bytes;
-        let info = self.info(&name)?;
         if mine.end > info.bytes.end.saturating_sub(info.bytes.start) as usize {
             return Err(Error::file(
                 &self.name,
@@ -458,10 +459,10 @@ impl TensorSource for Gguf {
         if let Data::Whole(bytes) = &self.data {
             let start = info.bytes.start as usize;
             let blocks = StoredBytes::shared(bytes.clone(), start + mine.start..start + mine.end)?;
-            return Q8Matrix::in_place(blocks, rows, cols);
+            return QuantMatrix::in_place(dtype, blocks, rows, cols);
         }
         self.with_bytes(&name, last, |bytes| {
-            Q8Matrix::for_this_cpu(&bytes[mine], rows, cols)
+            QuantMatrix::for_this_cpu(dtype, &bytes[mine], rows, cols)
         })
     }
 

@@ -1,9 +1,9 @@
 //! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
 //! threads.
 //!
-//! - `x86` (q8_0 on x86-64 with AVX-512 VNNI, or with AVX2): candle holds a copy of every
-//!   quantized matrix (on VNNI CPUs a repacked one beside the original); ours use the file's
-//!   blocks where they lie.
+//! - `x86` (q8_0 and q4_0 on x86-64 with AVX-512 VNNI, or with AVX2): candle holds a copy of
+//!   every quantized matrix (on VNNI CPUs a repacked one beside the original), and its q4_0
+//!   kernels ran at half llama.cpp's decode; ours use the file's blocks where they lie.
 //! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
 //!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
@@ -11,7 +11,11 @@
 //! same products (up to the order of f32 sums) as candle's `QMatMul` on the same blocks.
 //! Elsewhere candle's kernels serve.
 
+use candle_core::quantized::GgmlDType;
+
 use crate::error::{Error, Result};
+#[cfg(target_arch = "x86_64")]
+use crate::model::stored::StoredBytes;
 
 #[cfg(target_arch = "wasm32")]
 mod simd128;
@@ -21,13 +25,78 @@ mod x86;
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Kernel, Q8Matrix};
+pub use x86::{Kernel, Q4Matrix, Q8Matrix};
 
-/// Values per q8_0 block.
+/// Values per q8_0 and q4_0 block.
 const BLOCK: usize = 32;
-/// Bytes per stored q8_0 block: an f16 scale, then 32 signed quants.
-#[cfg(target_arch = "x86_64")]
-const BLOCK_BYTES: usize = 2 + BLOCK;
+
+/// A matrix our kernels multiply, in the block format it is stored in.
+pub enum QuantMatrix {
+    Q8(Q8Matrix),
+    Q4(Q4Matrix),
+}
+
+impl QuantMatrix {
+    /// Whether our kernels multiply matrices stored as `dtype` on this CPU.
+    pub fn serves(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0) && Q8Matrix::runs_here()
+    }
+
+    /// `rows × cols` values stored as GGUF blocks of `dtype`, copied once; `None` where our
+    /// kernels do not serve them (candle's do).
+    pub fn for_this_cpu(
+        dtype: GgmlDType,
+        blocks: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Q8Matrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q8),
+            GgmlDType::Q4_0 => Q4Matrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q4),
+            _ => None,
+        })
+    }
+
+    /// The blocks used where they lie, never copied; `None` where our kernels do not serve
+    /// them.
+    #[cfg(target_arch = "x86_64")]
+    pub fn in_place(
+        dtype: GgmlDType,
+        blocks: StoredBytes,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Q8Matrix::in_place(blocks, rows, cols)?.map(Self::Q8),
+            GgmlDType::Q4_0 => Q4Matrix::in_place(blocks, rows, cols)?.map(Self::Q4),
+            _ => None,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.rows(),
+            Self::Q4(m) => m.rows(),
+        }
+    }
+
+    /// Bytes held (and read by each product).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.bytes(),
+            Self::Q4(m) => m.bytes(),
+        }
+    }
+
+    /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
+    /// per row in.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        match self {
+            Self::Q8(m) => m.matmul(x),
+            Self::Q4(m) => m.matmul(x),
+        }
+    }
+}
 
 /// An error unless `blocks` holds exactly a `rows × cols` matrix of blocks of 32 values
 /// stored in `block_bytes` bytes each.
@@ -63,14 +132,17 @@ fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+    use candle_core::Device;
     use half::f16;
 
+    use super::x86::{Format, Matrix, Q4_0, Q8_0};
     use super::*;
     use crate::model::stored::StoredBytes;
 
-    /// `rows × cols` of q8_0 blocks with varied scales and quants, the extremes -128 and 127
-    /// among them.
-    fn blocks(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
+    /// `rows × cols` of `F` blocks with varied scales and every quant byte (q8_0's extremes
+    /// -128 and 127, and every pair of q4_0 nibbles) among them.
+    fn blocks<F: Format>(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
         let mut state = seed;
         let mut next = || {
             state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -80,7 +152,7 @@ mod tests {
         for _ in 0..rows * cols / BLOCK {
             let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
             out.extend(d.to_le_bytes());
-            out.extend((0..BLOCK).map(|_| (next() % 256) as u8));
+            out.extend((2..F::BYTES).map(|_| (next() % 256) as u8));
         }
         out
     }
@@ -92,15 +164,22 @@ mod tests {
             .collect()
     }
 
-    /// The product computed plainly from the file's blocks and the quantized activations,
-    /// summed in f64.
-    fn reference(stored: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+    /// The product of the weights as candle dequantizes the file's blocks (a reading of the
+    /// format independent of ours) and the quantized activations, summed in f64.
+    fn reference(dtype: GgmlDType, stored: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+        // candle reads the blocks in place and wants them aligned.
+        let mut aligned = vec![0u64; stored.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..stored.len()].copy_from_slice(stored);
+        let bytes = &bytemuck::cast_slice::<u64, u8>(&aligned)[..stored.len()];
+        let q = qtensor_from_ggml(dtype, bytes, vec![rows, cols], &Device::Cpu).unwrap();
+        let w: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let xq: Vec<(f32, [i8; BLOCK])> = x.chunks_exact(BLOCK).map(quantize_block).collect();
-        let weight = |r: usize, c: usize| {
-            let block = &stored[(r * cols + c) / BLOCK * BLOCK_BYTES..];
-            let d = f16::from_le_bytes([block[0], block[1]]).to_f64();
-            d * block[2 + c % BLOCK] as i8 as f64
-        };
         let activation = |i: usize| {
             let (d, q) = &xq[i / BLOCK];
             *d as f64 * q[i % BLOCK] as f64
@@ -110,7 +189,7 @@ mod tests {
         for j in 0..m {
             for r in 0..rows {
                 out[j * rows + r] = (0..cols)
-                    .map(|c| weight(r, c) * activation(j * cols + c))
+                    .map(|c| w[r * cols + c] as f64 * activation(j * cols + c))
                     .sum::<f64>() as f32;
             }
         }
@@ -119,33 +198,40 @@ mod tests {
 
     /// Rows that do not fill the last tile, 21 blocks a row (scales widened 16 and 8 at a
     /// time, and the rest), one to nine activation rows (the row kernels alone and four at a
-    /// time, prefill's tiles of four rows and of one), against the plain product, by every
-    /// kernel this CPU runs, from a copy and in place at an odd offset of a larger buffer (as
-    /// in a mapped file).
+    /// time, prefill's tiles of four rows and of one), against the plain product, in each
+    /// format, by every kernel this CPU runs, from a copy and in place at an odd offset of a
+    /// larger buffer (as in a mapped file).
     #[test]
     fn products_match_the_plain_product_by_every_kernel_here() {
+        let kernels = Kernel::all_here();
+        assert_eq!(kernels.is_empty(), !is_x86_feature_detected!("avx2"));
+        for &kernel in &kernels {
+            products_match::<Q8_0>(kernel);
+            products_match::<Q4_0>(kernel);
+        }
+    }
+
+    fn products_match<F: Format>(kernel: Kernel) {
         let (rows, cols) = (37, 21 * BLOCK);
-        let stored = blocks(rows, cols, 1);
+        let stored = blocks::<F>(rows, cols, 1);
         let mut file = vec![7u8; 13];
         file.extend(&stored);
         file.extend([9u8; 5]);
         let file = std::sync::Arc::new(file);
-        let kernels = Kernel::all_here();
-        assert_eq!(kernels.is_empty(), !is_x86_feature_detected!("avx2"));
-        for &kernel in &kernels {
-            let shared = StoredBytes::shared(file.clone(), 13..13 + stored.len()).unwrap();
-            let in_place = Q8Matrix::new(shared, rows, cols, kernel).unwrap();
-            let copied = Q8Matrix::copied(&stored, rows, cols, kernel).unwrap();
-            for m in [&copied, &in_place] {
-                for n in [1, 3, 4, 5, 9] {
-                    let x = activations(n * cols);
-                    let (got, want) = (m.matmul(&x).unwrap(), reference(&stored, rows, cols, &x));
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                            "{kernel:?}, {n} rows: {g} vs {w}"
-                        );
-                    }
+        let shared = StoredBytes::shared(file, 13..13 + stored.len()).unwrap();
+        let in_place = Matrix::<F>::new(shared, rows, cols, kernel).unwrap();
+        let copied = Matrix::<F>::copied(&stored, rows, cols, kernel).unwrap();
+        for m in [&copied, &in_place] {
+            for n in [1, 3, 4, 5, 9] {
+                let x = activations(n * cols);
+                let got = m.matmul(&x).unwrap();
+                let want = reference(F::DTYPE, &stored, rows, cols, &x);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{:?} by {kernel:?}, {n} rows: {g} vs {w}",
+                        F::DTYPE
+                    );
                 }
             }
         }
@@ -155,7 +241,7 @@ mod tests {
     fn wrong_sizes_are_errors() {
         // A kernel is refused where the CPU lacks its instructions.
         for kernel in [Kernel::Vnni, Kernel::Avx2] {
-            let made = Q8Matrix::copied(&blocks(1, 32, 2), 1, 32, kernel);
+            let made = Q8Matrix::copied(&blocks::<Q8_0>(1, 32, 2), 1, 32, kernel);
             assert_eq!(made.is_ok(), Kernel::all_here().contains(&kernel));
         }
         let Some(kernel) = Kernel::best_here() else {
@@ -168,7 +254,10 @@ mod tests {
         assert!(new(&[0; 33], 1, 32).is_err());
         assert!(new(&[], 1, 31).is_err());
         assert!(new(&[], usize::MAX, 64).is_err());
-        let m = new(&blocks(2, 64, 3), 2, 64).unwrap();
+        let m = new(&blocks::<Q8_0>(2, 64, 3), 2, 64).unwrap();
         assert!(m.matmul(&[0.0; 65]).is_err());
+        // A q4_0 matrix's blocks are 18 bytes: q8_0's 34 are not a q4_0 matrix.
+        assert!(Q4Matrix::copied(&blocks::<Q8_0>(1, 32, 4), 1, 32, kernel).is_err());
+        assert!(Q4Matrix::copied(&blocks::<Q4_0>(1, 32, 4), 1, 32, kernel).is_ok());
     }
 }

@@ -1,27 +1,33 @@
-//! q8_0 on x86-64: the file's own blocks multiplied where they lie, by AVX-512 VNNI kernels
-//! (`vnni`) or, on CPUs without them, by AVX2 kernels (`avx2`: most laptops' Intel CPUs, AMD
-//! before Zen 4).
+//! q8_0 and q4_0 on x86-64: the file's own blocks multiplied where they lie, by AVX-512 VNNI
+//! kernels (`vnni`) or, on CPUs without them, by AVX2 kernels (`avx2`: most laptops' Intel
+//! CPUs, AMD before Zen 4).
 //!
 //! Why: candle 0.11's `QMatMul` holds a copy of every quantized matrix (on VNNI CPUs a
 //! repacked one beside the original), so a q8_0 Phi-2 needed twice its file in memory and
-//! loading it wrote gigabytes of fresh pages (issue #19). Ours read the file's blocks where
-//! they lie: a memory-mapped GGUF is used in place, so loading copies nothing and the first
+//! loading it wrote gigabytes of fresh pages (issue #19); and its q4_0 kernels ran at half
+//! llama.cpp's decode and an eighth of its prefill. Ours read the file's blocks where they
+//! lie: a memory-mapped GGUF is used in place, so loading copies nothing and the first
 //! product reads the weights straight from the page cache, as llama.cpp's do. (Repacking at
 //! load instead wrote 2.8 GB for Phi-2, pages the kernel must zero first: about 0.75 s on two
 //! cores, twice llama.cpp's whole load.)
 //!
-//! Each activation row is quantized once per product to q8_0 blocks, as llama.cpp does, and
-//! a matrix's rows are split in units of 16 across the threads the CPU kernels share.
+//! The kernels are written once over the block `Format`: a format only says how a block's 32
+//! weights come out of its bytes, as signed bytes in a register; everything after that is the
+//! same for q8_0 and q4_0. Each activation row is quantized once per product to q8_0 blocks,
+//! as llama.cpp does for both formats, and a matrix's rows are split in units of 16 across
+//! the threads the CPU kernels share.
 
 mod avx2;
 mod vnni;
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 use std::ops::Range;
 
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{check_blocks, BLOCK, BLOCK_BYTES};
+use super::{check_blocks, BLOCK};
 use crate::error::{Error, Result};
 use crate::model::disjoint::{for_each_unit, rows_of, Disjoint};
 use crate::model::stored::StoredBytes;
@@ -72,18 +78,89 @@ impl Kernel {
     }
 }
 
-/// A `rows × cols` matrix of q8_0 blocks as GGUF stores them: row after row, each block an
-/// f16 scale and 32 quants.
-pub struct Q8Matrix {
+/// A GGML block format the kernels read: blocks of 32 weights, each an f16 scale and then
+/// the quants. A block's weights come out in two forms (from `quants`, the bytes after the
+/// scale): signed, for AVX2's `vpmaddubsw`, and offset to unsigned, for VNNI's `vpdpbusd`,
+/// which multiplies unsigned bytes by signed ones; the offset comes back out as one number
+/// per activation block, `OFFSET·Σx`.
+///
+/// # Safety (both forms)
+/// `BYTES - 2` bytes from `quants` are readable, and the CPU has AVX2.
+pub trait Format {
+    const DTYPE: GgmlDType;
+    /// Bytes per stored block.
+    const BYTES: usize;
+    /// What `unsigned` adds to each weight.
+    const OFFSET: i32;
+
+    /// The block's 32 weights in order.
+    unsafe fn signed(quants: *const u8) -> __m256i;
+    /// The block's 32 weights plus `OFFSET`, in order.
+    unsafe fn unsigned(quants: *const u8) -> __m256i;
+}
+
+/// q8_0: 32 signed bytes.
+pub struct Q8_0;
+
+impl Format for Q8_0 {
+    const DTYPE: GgmlDType = GgmlDType::Q8_0;
+    const BYTES: usize = 2 + BLOCK;
+    const OFFSET: i32 = 128;
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn signed(quants: *const u8) -> __m256i {
+        _mm256_loadu_si256(quants.cast())
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn unsigned(quants: *const u8) -> __m256i {
+        _mm256_xor_si256(Self::signed(quants), _mm256_set1_epi8(i8::MIN))
+    }
+}
+
+/// q4_0: 16 bytes, weight `j` in the low nibble of byte `j` and weight `j + 16` in its high
+/// nibble, both stored plus 8.
+pub struct Q4_0;
+
+impl Format for Q4_0 {
+    const DTYPE: GgmlDType = GgmlDType::Q4_0;
+    const BYTES: usize = 2 + BLOCK / 2;
+    const OFFSET: i32 = 8;
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn signed(quants: *const u8) -> __m256i {
+        _mm256_sub_epi8(Self::unsigned(quants), _mm256_set1_epi8(8))
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn unsigned(quants: *const u8) -> __m256i {
+        let bytes = _mm_loadu_si128(quants.cast());
+        let nibble = _mm_set1_epi8(0x0F);
+        let low = _mm_and_si128(bytes, nibble);
+        let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+        _mm256_set_m128i(high, low)
+    }
+}
+
+/// A `rows × cols` matrix of `F` blocks as GGUF stores them: row after row.
+pub struct Matrix<F> {
     rows: usize,
     cols: usize,
     blocks: StoredBytes,
     kernel: Kernel,
+    format: PhantomData<fn() -> F>,
 }
 
-impl Q8Matrix {
-    /// `rows × cols` values stored as GGUF q8_0 blocks, copied once, for the CPU's best
-    /// kernel; `None` where it runs none of ours (candle's serve there).
+pub type Q8Matrix = Matrix<Q8_0>;
+pub type Q4Matrix = Matrix<Q4_0>;
+
+impl<F: Format> Matrix<F> {
+    /// `rows × cols` values stored as GGUF blocks of this format, copied once, for the CPU's
+    /// best kernel; `None` where it runs none of ours (candle's serve there).
     pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
         Kernel::best_here()
             .map(|kernel| Self::copied(blocks, rows, cols, kernel))
@@ -112,15 +189,17 @@ impl Q8Matrix {
     ) -> Result<Self> {
         if !kernel.runs_here() {
             return Err(Error::input(format!(
-                "this CPU lacks the instructions of the {kernel:?} q8_0 kernel"
+                "this CPU lacks the instructions of the {kernel:?} {:?} kernel",
+                F::DTYPE
             )));
         }
-        check_blocks(blocks.as_slice(), rows, cols, BLOCK_BYTES)?;
+        check_blocks(blocks.as_slice(), rows, cols, F::BYTES)?;
         Ok(Self {
             rows,
             cols,
             blocks,
             kernel,
+            format: PhantomData,
         })
     }
 
@@ -141,16 +220,17 @@ impl Q8Matrix {
     /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
     /// per row in.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let m = rows_of(x, self.cols, "a q8_0 matrix")?;
+        let m = rows_of(x, self.cols, "a quantized matrix")?;
         if m == 0 {
             return Ok(Vec::new());
         }
-        let activations = Q8Rows::new(x, self.cols);
+        let activations = Q8Rows::new(x, self.cols, F::OFFSET);
         let mut out = vec![0f32; m * self.rows];
         let product = Product {
             stored: self.blocks.as_slice(),
             rows: self.rows,
             blocks_per_row: self.cols / BLOCK,
+            row_bytes: self.cols / BLOCK * F::BYTES,
             activation_rows: m,
             activations: &activations,
             out: Disjoint::new(&mut out),
@@ -159,9 +239,11 @@ impl Q8Matrix {
         // On the threads the kernels share (`for_each_unit` says why); each unit writes only
         // its own rows' outputs, and `out` outlives the pool's call.
         match self.kernel {
-            Kernel::Vnni if m >= 4 => for_each_unit(units, |t| vnni::prefill_unit(&product, t)),
-            Kernel::Vnni => for_each_unit(units, |t| vnni::decode_unit(&product, t)),
-            Kernel::Avx2 => for_each_unit(units, |t| avx2::unit(&product, t)),
+            Kernel::Vnni if m >= 4 => {
+                for_each_unit(units, |t| vnni::prefill_unit::<F>(&product, t))
+            }
+            Kernel::Vnni => for_each_unit(units, |t| vnni::decode_unit::<F>(&product, t)),
+            Kernel::Avx2 => for_each_unit(units, |t| avx2::unit::<F>(&product, t)),
         }
         Ok(out)
     }
@@ -172,6 +254,8 @@ struct Product<'a> {
     stored: &'a [u8],
     rows: usize,
     blocks_per_row: usize,
+    /// Bytes per stored weight row.
+    row_bytes: usize,
     activation_rows: usize,
     activations: &'a Q8Rows,
     out: Disjoint,
@@ -185,8 +269,7 @@ impl Product<'_> {
 
     /// Weight rows `rows`, as stored.
     fn weights(&self, rows: Range<usize>) -> &[u8] {
-        let row_bytes = self.blocks_per_row * BLOCK_BYTES;
-        &self.stored[rows.start * row_bytes..rows.end * row_bytes]
+        &self.stored[rows.start * self.row_bytes..rows.end * self.row_bytes]
     }
 
     /// Activation row `j`.
@@ -211,8 +294,8 @@ impl Product<'_> {
     }
 }
 
-/// Activation rows quantized to q8_0 blocks, with each block's `128·Σq` that the VNNI
-/// kernel's offset weights add to its products.
+/// Activation rows quantized to q8_0 blocks, with each block's `OFFSET·Σq` that the VNNI
+/// kernels' offset weights add to its products.
 struct Q8Rows {
     scales: Vec<f32>,
     offsets: Vec<i32>,
@@ -227,8 +310,9 @@ struct XRow<'a> {
 }
 
 impl Q8Rows {
-    /// `x`, whole rows of `cols` values (a multiple of 32), quantized.
-    fn new(x: &[f32], cols: usize) -> Self {
+    /// `x`, whole rows of `cols` values (a multiple of 32), quantized; the weights' offset
+    /// is `offset`.
+    fn new(x: &[f32], cols: usize, offset: i32) -> Self {
         let blocks = x.len() / BLOCK;
         assert!(x.len() == blocks * BLOCK && cols.is_multiple_of(BLOCK));
         let mut rows = Self {
@@ -236,9 +320,9 @@ impl Q8Rows {
             offsets: vec![0; blocks],
             quants: vec![0; blocks * BLOCK],
         };
-        // SAFETY: a Q8Matrix exists only where one of our kernels runs, and both need AVX2;
+        // SAFETY: a Matrix exists only where one of our kernels runs, and both need AVX2;
         // the lengths above are the ones quantize_avx2 reads and writes.
-        unsafe { rows.quantize_avx2(x) };
+        unsafe { rows.quantize_avx2(x, offset) };
         rows
     }
 
@@ -247,7 +331,7 @@ impl Q8Rows {
     /// llama.cpp's vector quantization (the plain form rounds them away from zero, as its
     /// reference does): the two differ only where `x / d` is exactly half an integer.
     #[target_feature(enable = "avx2")]
-    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+    unsafe fn quantize_avx2(&mut self, x: &[f32], offset: i32) {
         let sign = _mm256_set1_ps(-0.0);
         // packs interleaves the 128-bit halves; this puts the 8 groups of 4 back in order.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -269,7 +353,7 @@ impl Q8Rows {
             let bytes = _mm256_permutevar8x32_epi32(bytes, order);
             _mm256_storeu_si256(self.quants.as_mut_ptr().add(b * BLOCK).cast(), bytes);
             let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            self.offsets[b] = 128 * horizontal_sum_i32(sum);
+            self.offsets[b] = offset * horizontal_sum_i32(sum);
             self.scales[b] = f16::from_f32(d).to_f32();
         }
     }
@@ -306,21 +390,21 @@ unsafe fn horizontal_sum_i32(v: __m256i) -> i32 {
 /// # Safety
 /// Those blocks lie inside the row.
 #[inline(always)]
-unsafe fn scale_words<const N: usize>(base: *const u8, first: usize) -> [u16; N] {
+unsafe fn scale_words<F: Format, const N: usize>(base: *const u8, first: usize) -> [u16; N] {
     std::array::from_fn(|i| {
-        base.add((first + i) * BLOCK_BYTES)
+        base.add((first + i) * F::BYTES)
             .cast::<u16>()
             .read_unaligned()
     })
 }
 
-/// Asks for the three cache lines of the four blocks `PREFETCH` bytes past block `b` of the
-/// row at `base`. A prefetch past the matrix's end is harmless (it never faults), hence the
-/// wrapping address.
+/// Asks for the cache lines of the four blocks `PREFETCH` bytes past block `b` of the row at
+/// `base` (where four blocks straddle one line more, the next call's first line is it). A
+/// prefetch past the matrix's end is harmless (it never faults), hence the wrapping address.
 #[inline(always)]
-fn prefetch_four_blocks(base: *const u8, b: usize) {
-    let ahead = base.wrapping_add(b * BLOCK_BYTES + PREFETCH);
-    for line in 0..3 {
+fn prefetch_four_blocks<F: Format>(base: *const u8, b: usize) {
+    let ahead = base.wrapping_add(b * F::BYTES + PREFETCH);
+    for line in 0..(4 * F::BYTES).div_ceil(64) {
         // SAFETY: a prefetch reads nothing and never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast()) };
     }
@@ -350,7 +434,7 @@ mod tests {
         x[3 * BLOCK] = 127.0;
         x[3 * BLOCK + 1] = 63.5;
         x[3 * BLOCK + 2] = -2.5;
-        let got = Q8Rows::new(&x, BLOCK);
+        let got = Q8Rows::new(&x, BLOCK, 128);
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let (scale, quants) = super::super::quantize_block(block);
             assert_eq!(got.scales[b], scale);

@@ -1,6 +1,7 @@
 //! The AVX2 kernel, for x86-64 CPUs without AVX-512 VNNI.
 //!
-//! As llama.cpp's AVX2 q8_0 dot product: per block, `|w|` times `x` with `w`'s signs by
+//! As llama.cpp's AVX2 q8_0 dot product (and its q4_0 one, whose nibbles are widened to
+//! signed bytes first): per block, `|w|` times `x` with `w`'s signs by
 //! `vpmaddubsw` (pairs of products into i16: at most 2·128·127, which never saturates) and
 //! `vpmaddwd` (into i32), scaled in f32. One kernel serves decode and prefill: a unit's
 //! weight rows are read once each, in memory order, and each is dotted with four activation
@@ -12,25 +13,25 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{horizontal_sum, prefetch_four_blocks, scale_words, Product, XRow};
-use crate::model::quant_matmul::{BLOCK, BLOCK_BYTES};
+use super::{horizontal_sum, prefetch_four_blocks, scale_words, Format, Product, XRow};
+use crate::model::quant_matmul::BLOCK;
 
 /// Unit `t`: its weight rows against every activation row.
-pub(super) fn unit(p: &Product, t: usize) {
+pub(super) fn unit<F: Format>(p: &Product, t: usize) {
     let rows = p.unit_rows(t);
     let weights = p.weights(rows.clone());
     let m = p.activation_rows;
-    for (r, row) in rows.zip(weights.chunks_exact(p.blocks_per_row * BLOCK_BYTES)) {
+    for (r, row) in rows.zip(weights.chunks_exact(p.row_bytes)) {
         // SAFETY (each write): row `r` is this unit's.
         for j in (0..m).step_by(4) {
             if m - j >= 4 {
                 let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
-                for (n, value) in dots(row, &xs).into_iter().enumerate() {
+                for (n, value) in dots::<F, 4>(row, &xs).into_iter().enumerate() {
                     unsafe { p.write(j + n, r, &[value]) };
                 }
             } else {
                 for j in j..m {
-                    unsafe { p.write(j, r, &dots(row, &[p.x_row(j)])) };
+                    unsafe { p.write(j, r, &dots::<F, 1>(row, &[p.x_row(j)])) };
                 }
             }
         }
@@ -38,18 +39,18 @@ pub(super) fn unit(p: &Product, t: usize) {
 }
 
 /// One stored weight row dotted with each of `N` quantized activation rows.
-fn dots<const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
-    let blocks = row.len() / BLOCK_BYTES;
+fn dots<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
+    let blocks = row.len() / F::BYTES;
     let fits = |x: &XRow| x.scales.len() == blocks && x.quants.len() == blocks * BLOCK;
-    assert!(row.len() == blocks * BLOCK_BYTES && xs.iter().all(fits));
-    // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX2, FMA and F16C,
+    assert!(row.len() == blocks * F::BYTES && xs.iter().all(fits));
+    // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA and F16C,
     // and the assertion above keeps every read inside the slices.
-    unsafe { dots_avx2(row, xs) }
+    unsafe { dots_avx2::<F, N>(row, xs) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots_avx2<const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
-    let blocks = row.len() / BLOCK_BYTES;
+unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
+    let blocks = row.len() / F::BYTES;
     let base = row.as_ptr();
     let ones = _mm256_set1_epi16(1);
     // One activation row alone takes four accumulators, a block each in turn, to hide the
@@ -58,7 +59,7 @@ unsafe fn dots_avx2<const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
     // Block `b` into chain `chain`, its weight scale times each activation row's in `scales`.
     let mut block = |b: usize, chain: usize, scales: [f32; N]| {
-        let w = _mm256_loadu_si256(base.add(b * BLOCK_BYTES + 2).cast());
+        let w = F::signed(base.add(b * F::BYTES + 2));
         let magnitude = _mm256_sign_epi8(w, w);
         for n in 0..N {
             let quants = _mm256_loadu_si256(xs[n].quants.as_ptr().add(b * BLOCK).cast());
@@ -70,7 +71,7 @@ unsafe fn dots_avx2<const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
     let whole = blocks / 8 * 8;
     for b in (0..whole).step_by(8) {
         // Eight blocks' scales, weights' times activations', in one multiply per row.
-        let words: [u16; 8] = scale_words(base, b);
+        let words: [u16; 8] = scale_words::<F, 8>(base, b);
         let weight_scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
         let mut scales = [[0f32; 8]; N];
         for (scales, x) in scales.iter_mut().zip(xs) {
@@ -83,13 +84,13 @@ unsafe fn dots_avx2<const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
         #[allow(clippy::needless_range_loop)] // `i` picks a block and each row's scale of it
         for i in 0..8 {
             if i % 4 == 0 {
-                prefetch_four_blocks(base, b + i);
+                prefetch_four_blocks::<F>(base, b + i);
             }
             block(b + i, i % chains, std::array::from_fn(|n| scales[n][i]));
         }
     }
     for b in whole..blocks {
-        let at = b * BLOCK_BYTES;
+        let at = b * F::BYTES;
         let weight_scale = f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
         block(
             b,

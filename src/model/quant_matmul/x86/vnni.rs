@@ -1,9 +1,10 @@
 //! The AVX-512 VNNI kernels.
 //!
-//! How, as llama.cpp's and candle's VNNI kernels do: weights are multiplied in tiles of 16
-//! rows, offset by 128 into unsigned bytes, so one `vpdpbusd` multiplies four bytes of an
-//! activation block into all 16 rows at once, and the offset comes back out as one number
-//! per activation block: `Σ(w+128)·x = Σw·x + 128·Σx`. In a prefill each tile is
+//! How, as llama.cpp's and candle's VNNI kernels do: weights are multiplied as unsigned
+//! bytes, offset (q8_0's by 128; q4_0's nibbles are stored plus 8 and widened as they are),
+//! and the offset comes back out as one number per activation block: `Σ(w+128)·x = Σw·x +
+//! 128·Σx`. A prefill multiplies tiles of 16 rows, so one `vpdpbusd` multiplies four bytes
+//! of an activation block into all 16 rows at once. In a prefill each tile is
 //! transposed into that form in registers as it is read (16 rows' blocks in, lines of 4
 //! quants × 16 rows out) into a per-thread scratch that stays in L2, then every activation
 //! row is multiplied against the scratch, so the transposition is paid once per tile and
@@ -16,19 +17,19 @@ use std::cell::RefCell;
 
 use half::f16;
 
-use super::{horizontal_sum, prefetch_four_blocks, scale_words, Product, XRow, TILE};
-use crate::model::quant_matmul::{BLOCK, BLOCK_BYTES};
+use super::{horizontal_sum, prefetch_four_blocks, scale_words, Format, Product, XRow, TILE};
+use crate::model::quant_matmul::BLOCK;
 
 /// Groups of 4 columns per block: one cache line of a tile (4 quants of each of 16 rows).
 const GROUPS: usize = BLOCK / 4;
 
-/// Four quants of each of a tile's 16 rows, offset by 128: what one `vpdpbusd` reads.
+/// Four weights of each of a tile's 16 rows, offset: what one `vpdpbusd` reads.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
 /// One tile transposed for the kernel: per block, per group of 4 columns, one line, and per
-/// block the 16 rows' scales (padding rows: quant 0 offset to 128, scale 0, adding nothing).
+/// block the 16 rows' scales (padding rows: scale 0, adding nothing).
 #[derive(Default)]
 struct Scratch {
     quants: Vec<Line>,
@@ -44,25 +45,24 @@ thread_local! {
 /// Unit `t` of a decode step (fewer than four activation rows): each weight row dotted
 /// straight from its blocks, rows in memory order (one stream for the prefetchers); a tile's
 /// transposition would cost more than the single activation row it serves.
-pub(super) fn decode_unit(p: &Product, t: usize) {
+pub(super) fn decode_unit<F: Format>(p: &Product, t: usize) {
     let rows = p.unit_rows(t);
-    let per_row = p.blocks_per_row;
     let weights = p.weights(rows.clone());
-    for (r, row) in rows.zip(weights.chunks_exact(per_row * BLOCK_BYTES)) {
+    for (r, row) in rows.zip(weights.chunks_exact(p.row_bytes)) {
         for j in 0..p.activation_rows {
             // SAFETY: row `r` is this unit's.
-            unsafe { p.write(j, r, &[row_dot(row, &p.x_row(j))]) };
+            unsafe { p.write(j, r, &[row_dot::<F>(row, &p.x_row(j))]) };
         }
     }
 }
 
 /// Unit `t` of a prefill: one tile against every activation row; its weights are read from
 /// memory once, transposed once, then read from the scratch.
-pub(super) fn prefill_unit(p: &Product, t: usize) {
+pub(super) fn prefill_unit<F: Format>(p: &Product, t: usize) {
     SCRATCH.with_borrow_mut(|scratch| {
         let rows = p.unit_rows(t);
         let lanes = rows.len();
-        let tile = scratch.fill(p.weights(rows.clone()), p.blocks_per_row);
+        let tile = scratch.fill::<F>(p.weights(rows.clone()), p.blocks_per_row);
         // SAFETY (each write): the tile's rows are this unit's.
         let write =
             |j: usize, values: &[f32; TILE]| unsafe { p.write(j, rows.start, &values[..lanes]) };
@@ -86,7 +86,7 @@ pub(super) fn prefill_unit(p: &Product, t: usize) {
 impl Scratch {
     /// Transposes one tile's rows (`stored`: 1 to 16 whole rows of `per_row` blocks) into
     /// the scratch, and lends it.
-    fn fill(&mut self, stored: &[u8], per_row: usize) -> Tile<'_> {
+    fn fill<F: Format>(&mut self, stored: &[u8], per_row: usize) -> Tile<'_> {
         let (lines, scales) = (per_row * GROUPS, per_row * TILE);
         // Grown to the widest matrix once, then only sliced: no fill on every product.
         if self.quants.len() < lines {
@@ -96,12 +96,14 @@ impl Scratch {
             self.scales.resize(scales, f16::ZERO);
         }
         let (quants, scales) = (&mut self.quants[..lines], &mut self.scales[..scales]);
-        if stored.len() == TILE * per_row * BLOCK_BYTES {
-            // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX-512;
-            // the lengths checked above are the ones transpose_avx512 reads and writes.
-            unsafe { transpose_avx512(stored, per_row, quants, scales) };
-        } else {
-            transpose_plain(stored, per_row, quants, scales);
+        // SAFETY: a Matrix with this kernel exists only where the CPU has AVX-512 (and
+        // AVX2); the lengths above are the ones the transpositions read and write.
+        unsafe {
+            if stored.len() == TILE * per_row * F::BYTES {
+                transpose_avx512::<F>(stored, per_row, quants, scales);
+            } else {
+                transpose_plain::<F>(stored, per_row, quants, scales);
+            }
         }
         Tile { quants, scales }
     }
@@ -109,15 +111,24 @@ impl Scratch {
 
 /// The tile transposition a quant at a time: for a last tile of fewer than 16 rows, and the
 /// reference the vector form is tested against.
-fn transpose_plain(stored: &[u8], per_row: usize, lines: &mut [Line], scales: &mut [f16]) {
-    let lanes = stored.len() / (per_row * BLOCK_BYTES);
+///
+/// # Safety
+/// The CPU has AVX2 (for `F::weights`).
+unsafe fn transpose_plain<F: Format>(
+    stored: &[u8],
+    per_row: usize,
+    lines: &mut [Line],
+    scales: &mut [f16],
+) {
+    let lanes = stored.len() / (per_row * F::BYTES);
     for b in 0..per_row {
         for lane in 0..TILE {
             let (scale, quants) = if lane < lanes {
-                let at = (lane * per_row + b) * BLOCK_BYTES;
-                let block = &stored[at..at + BLOCK_BYTES];
+                let at = (lane * per_row + b) * F::BYTES;
+                let block = &stored[at..at + F::BYTES];
                 let mut quants = [0u8; BLOCK];
-                quants.copy_from_slice(&block[2..]);
+                let weights = F::unsigned(block[2..].as_ptr());
+                _mm256_storeu_si256(quants.as_mut_ptr().cast(), weights);
                 (f16::from_le_bytes([block[0], block[1]]), quants)
             } else {
                 (f16::ZERO, [0; BLOCK])
@@ -125,33 +136,37 @@ fn transpose_plain(stored: &[u8], per_row: usize, lines: &mut [Line], scales: &m
             scales[b * TILE + lane] = scale;
             for (g, four) in quants.chunks_exact(4).enumerate() {
                 for (i, q) in four.iter().enumerate() {
-                    lines[b * GROUPS + g].0[lane * 4 + i] = q ^ 0x80;
+                    lines[b * GROUPS + g].0[lane * 4 + i] = *q;
                 }
             }
         }
     }
 }
 
-/// The tile transposition 16 rows at a time: per block, each row's 32 quants are one load,
-/// two rows share a register (rows k and k + 8), and an 8 × 8 transposition of 4-byte
-/// groups in each half turns them into the block's eight lines.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_avx512(stored: &[u8], per_row: usize, lines: &mut [Line], scales: &mut [f16]) {
-    let row_bytes = per_row * BLOCK_BYTES;
+/// The tile transposition 16 rows at a time: per block, each row's 32 weights are one
+/// register's half, two rows share a register (rows k and k + 8), and an 8 × 8
+/// transposition of 4-byte groups in each half turns them into the block's eight lines.
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn transpose_avx512<F: Format>(
+    stored: &[u8],
+    per_row: usize,
+    lines: &mut [Line],
+    scales: &mut [f16],
+) {
+    let row_bytes = per_row * F::BYTES;
     assert!(
         stored.len() == TILE * row_bytes
             && lines.len() == per_row * GROUPS
             && scales.len() == per_row * TILE
     );
     let base = stored.as_ptr();
-    let flip = _mm512_set1_epi32(0x8080_8080_u32 as i32);
     // Lane pairs of two registers, [first low 128 bits of each half, second's] and the
     // same of the high 128 bits: the transposition's last step.
     let low = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
     let high = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     for b in 0..per_row {
-        let block = base.add(b * BLOCK_BYTES);
-        let quants = |r: usize| _mm256_loadu_si256(block.add(r * row_bytes + 2).cast());
+        let block = base.add(b * F::BYTES);
+        let quants = |r: usize| F::unsigned(block.add(r * row_bytes + 2));
         let r: [__m512i; 8] = std::array::from_fn(|k| {
             _mm512_inserti64x4::<1>(_mm512_castsi256_si512(quants(k)), quants(k + 8))
         });
@@ -180,8 +195,8 @@ unsafe fn transpose_avx512(stored: &[u8], per_row: usize, lines: &mut [Line], sc
         for g in 0..4 {
             let first = _mm512_permutex2var_epi64(u[g], low, u[g + 4]);
             let second = _mm512_permutex2var_epi64(u[g], high, u[g + 4]);
-            _mm512_store_si512(out.add(g).cast(), _mm512_xor_si512(first, flip));
-            _mm512_store_si512(out.add(g + 4).cast(), _mm512_xor_si512(second, flip));
+            _mm512_store_si512(out.add(g).cast(), first);
+            _mm512_store_si512(out.add(g + 4).cast(), second);
         }
         // Each row's scale is the first two bytes of its block (sixteen scalar copies: a
         // gather is several times slower on Zen 4).
@@ -192,54 +207,53 @@ unsafe fn transpose_avx512(stored: &[u8], per_row: usize, lines: &mut [Line], sc
 }
 
 /// One stored weight row dotted with one quantized activation row.
-fn row_dot(row: &[u8], x: &XRow) -> f32 {
-    let blocks = row.len() / BLOCK_BYTES;
+fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
+    let blocks = row.len() / F::BYTES;
     assert!(
-        row.len() == blocks * BLOCK_BYTES
+        row.len() == blocks * F::BYTES
             && x.scales.len() == blocks
+            && x.offsets.len() == blocks
             && x.quants.len() == blocks * BLOCK
     );
-    // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX2, FMA and
+    // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA and
     // AVX-512 F, VL and VNNI, and the assertion above keeps every read inside the slices.
-    unsafe { row_dot_vnni(row, x) }
+    unsafe { row_dot_vnni::<F>(row, x) }
 }
 
-/// As llama.cpp's q8_0 dot product: per block, `|w|` times `x` with `w`'s signs (exactly
-/// `w·x`: the activations never hold -128) into eight i32 lanes by `vpdpbusd`, scaled in
-/// f32 and summed once at the end. The weights' scales are widened 16 blocks at a time;
-/// four accumulators, a block each in turn, hide the FMA's latency.
+/// Per block, the offset weights times `x` into eight i32 lanes by `vpdpbusd`, starting
+/// from minus the offset's share in one lane so the block's sum is exact; scaled in f32 and
+/// summed once at the end. (llama.cpp's q8_0 dot product takes `|w|` times `x` with `w`'s
+/// signs instead: two instructions for q8_0's one, four for q4_0's none.) The weights'
+/// scales are widened 16 blocks at a time; four accumulators, a block each in turn, hide
+/// the FMA's latency.
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn row_dot_vnni(row: &[u8], x: &XRow) -> f32 {
+unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
     let blocks = x.scales.len();
     let base = row.as_ptr();
     let block = |b: usize, scale: f32, acc: __m256| {
-        let w = _mm256_loadu_si256(base.add(b * BLOCK_BYTES + 2).cast());
+        let w = F::unsigned(base.add(b * F::BYTES + 2));
         let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-        let magnitude_times_signed = _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            _mm256_abs_epi8(w),
-            _mm256_sign_epi8(xq, w),
-        );
-        let product = _mm256_cvtepi32_ps(magnitude_times_signed);
+        let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-x.offsets.get_unchecked(b)));
+        let product = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(offset, w, xq));
         _mm256_fmadd_ps(product, _mm256_set1_ps(scale), acc)
     };
     let mut acc = [_mm256_setzero_ps(); 4];
     let whole = blocks / 16 * 16;
     let mut scales = [0f32; 16];
     for b in (0..whole).step_by(16) {
-        let words: [u16; 16] = scale_words(base, b);
+        let words: [u16; 16] = scale_words::<F, 16>(base, b);
         let weights = _mm512_cvtph_ps(_mm256_loadu_si256(words.as_ptr().cast()));
         let activations = _mm512_loadu_ps(x.scales.as_ptr().add(b));
         _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(weights, activations));
         for i in (0..16).step_by(4) {
-            prefetch_four_blocks(base, b + i);
+            prefetch_four_blocks::<F>(base, b + i);
             for k in 0..4 {
                 acc[k] = block(b + i + k, scales[i + k], acc[k]);
             }
         }
     }
     for b in whole..blocks {
-        let at = b * BLOCK_BYTES;
+        let at = b * F::BYTES;
         let scale = f16::from_le_bytes([row[at], row[at + 1]]).to_f32() * x.scales[b];
         acc[0] = block(b, scale, acc[0]);
     }
@@ -263,8 +277,8 @@ fn tile_dots<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TILE]; N] {
         x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
     };
     assert!(tile.quants.len() == blocks * GROUPS && xs.iter().all(fits));
-    // SAFETY: a Q8Matrix with this kernel exists only where the CPU has AVX-512 F and VNNI, and the
-    // assertion above keeps every read inside the slices.
+    // SAFETY: a Matrix with this kernel exists only where the CPU has AVX-512 F and VNNI, and
+    // the assertion above keeps every read inside the slices.
     unsafe { tile_dots_vnni(tile, xs) }
 }
 
@@ -305,32 +319,40 @@ unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::quant_matmul::x86::Kernel;
+    use crate::model::quant_matmul::x86::{Kernel, Q4_0, Q8_0};
 
     /// The vector transposition gives the plain one's lines and scales, byte for byte, on
-    /// blocks whose every byte differs (so a lane or group out of place shows).
+    /// blocks whose every byte differs (so a lane or group out of place shows), in each
+    /// format.
     #[test]
     fn vector_transposition_is_the_plain_one() {
         if !Kernel::all_here().contains(&Kernel::Vnni) {
             return;
         }
+        // SAFETY: the CPU's kernels were checked above.
+        unsafe {
+            same_transpositions::<Q8_0>();
+            same_transpositions::<Q4_0>();
+        }
+    }
+
+    unsafe fn same_transpositions<F: Format>() {
         let per_row = 5;
-        let stored: Vec<u8> = (0..TILE * per_row * BLOCK_BYTES)
+        let stored: Vec<u8> = (0..TILE * per_row * F::BYTES)
             .map(|i| (i * 131 % 251) as u8)
             .collect();
         let mut want = (
             vec![Line([0; 64]); per_row * GROUPS],
             vec![f16::ZERO; per_row * TILE],
         );
-        transpose_plain(&stored, per_row, &mut want.0, &mut want.1);
+        transpose_plain::<F>(&stored, per_row, &mut want.0, &mut want.1);
         let mut got = (
             vec![Line([1; 64]); per_row * GROUPS],
             vec![f16::ONE; per_row * TILE],
         );
-        // SAFETY: the CPU's kernels were checked above.
-        unsafe { transpose_avx512(&stored, per_row, &mut got.0, &mut got.1) };
+        transpose_avx512::<F>(&stored, per_row, &mut got.0, &mut got.1);
         for (g, w) in got.0.iter().zip(&want.0) {
-            assert_eq!(g.0, w.0);
+            assert_eq!(g.0, w.0, "{:?}", F::DTYPE);
         }
         let bits = |s: &[f16]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got.1), bits(&want.1));

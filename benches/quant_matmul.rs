@@ -1,0 +1,108 @@
+//! q8_0 and q4_0 matrix products at Phi-2's shapes: each of our kernels this CPU runs
+//! (`model::quant_matmul`: AVX-512 VNNI, AVX2) against candle's `QMatMul` on the same blocks,
+//! for one activation row (a decode step) and 64 (a prefill). Criterion reports them in the
+//! same run, so their ratios are what to read.
+//!
+//! cargo bench --bench quant_matmul
+//!
+//! Our kernels run on x86-64 CPUs with AVX2; elsewhere this says so and stops.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+#[cfg(target_arch = "x86_64")]
+use medphi::model::quant_matmul::{Kernel, Q4Matrix, Q8Matrix, QuantMatrix};
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bench(_: &mut Criterion) {
+    eprintln!("medphi's quantized kernels are for x86-64 CPUs: nothing to compare here");
+}
+
+/// `blocks` (a `rows × cols` matrix stored as `dtype`) for `kernel`.
+#[cfg(target_arch = "x86_64")]
+fn ours(dtype: GgmlDType, blocks: &[u8], rows: usize, cols: usize, kernel: Kernel) -> QuantMatrix {
+    match dtype {
+        GgmlDType::Q8_0 => QuantMatrix::Q8(Q8Matrix::copied(blocks, rows, cols, kernel).unwrap()),
+        _ => QuantMatrix::Q4(Q4Matrix::copied(blocks, rows, cols, kernel).unwrap()),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn bench(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let kernels = Kernel::all_here();
+    if kernels.is_empty() {
+        eprintln!("this CPU lacks AVX2, which medphi's quantized kernels need: nothing to compare");
+        return;
+    }
+    let name = |kernel: Kernel| format!("medphi {kernel:?}");
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        // (rows, cols): attention projections, fc1, fc2.
+        for (rows, cols) in [(2560, 2560), (10240, 2560), (2560, 10240)] {
+            let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let mats: Vec<QuantMatrix> = kernels
+                .iter()
+                .map(|&k| ours(dtype, &q.data().unwrap(), rows, cols, k))
+                .collect();
+            let candle = QMatMul::from_qtensor(q).unwrap();
+            let mut group = c.benchmark_group(format!("{dtype:?} {rows}x{cols}"));
+            group.sample_size(10);
+            for m in [1, 64] {
+                let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
+                let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                group.bench_with_input(BenchmarkId::new("candle", m), &x, |b, x| {
+                    b.iter(|| candle.forward(x).unwrap())
+                });
+                for (kernel, ours) in kernels.iter().zip(&mats) {
+                    group.bench_with_input(BenchmarkId::new(name(*kernel), m), &values, |b, v| {
+                        b.iter(|| ours.matmul(v).unwrap())
+                    });
+                }
+            }
+            group.finish();
+        }
+        // A decode step reads every weight once, from memory rather than the caches:
+        // fc2-shaped matrices adding up to 670 MB as q8_0 (355 MB as q4_0), one activation
+        // row through each.
+        let (rows, cols, count) = (2560, 10240, 24);
+        let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev).unwrap();
+        let blocks = QTensor::quantize(&w, dtype)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        let candle: Vec<QMatMul> = (0..count)
+            .map(|_| QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap())
+            .collect();
+        let x = Tensor::randn(0f32, 1.0, (1, cols), &dev).unwrap();
+        let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut group = c.benchmark_group(format!("{dtype:?} {count} x {rows}x{cols} from memory"));
+        group.sample_size(10);
+        group.bench_function("candle", |b| {
+            b.iter(|| {
+                for q in &candle {
+                    black_box(q.forward(&x).unwrap());
+                }
+            })
+        });
+        for &kernel in &kernels {
+            let mats: Vec<QuantMatrix> = (0..count)
+                .map(|_| ours(dtype, &blocks, rows, cols, kernel))
+                .collect();
+            group.bench_function(name(kernel), |b| {
+                b.iter(|| {
+                    for q in &mats {
+                        black_box(q.matmul(&values).unwrap());
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
