@@ -1,27 +1,72 @@
-//! The AVX2 kernel, for x86-64 CPUs without AVX-512 VNNI.
+//! The AVX2 kernels, for x86-64 CPUs without AVX-512 VNNI.
 //!
-//! As llama.cpp's AVX2 q8_0 dot product (and its q4_0 one, whose nibbles are widened to
-//! signed bytes first): per block, `|w|` times `x` with `w`'s signs by
-//! `vpmaddubsw` (pairs of products into i16: at most 2·128·127, which never saturates) and
-//! `vpmaddwd` (into i32), scaled in f32. One kernel serves decode and prefill: a unit's
-//! weight rows are read once each, in memory order, and each is dotted with four activation
-//! rows at a time while its blocks are in registers, so `|w|` is taken once per four. (Four
-//! weight rows against two activation rows, to read the activations from L2 less often, was
-//! no faster: the two multiplies per block and pair bound it, not the loads.)
+//! Decode, as llama.cpp's AVX2 q8_0 dot product (and its q4_0 one, whose nibbles are widened
+//! to signed bytes first): per block, `|w|` times `x` with `w`'s signs by `vpmaddubsw` (pairs
+//! of products into i16: at most 2·128·127, which never saturates) and `vpmaddwd` (into i32),
+//! scaled in f32, each weight row read once, in memory order.
+//!
+//! Prefill (four activation rows or more), as the VNNI kernel's: the weights of 8 rows are
+//! transposed in registers into a per-thread scratch, lines of 4 weights × 8 rows, so one
+//! broadcast of 4 activation bytes meets all 8 rows, and the transposition (and q4_0's
+//! widening) is paid once per tile rather than once per activation row. Where the format's
+//! weights are small enough (q4_0's nibbles, 0 to 15), they stay unsigned: `vpmaddubsw`
+//! multiplies them by `x` with no sign trick, a block's 8 lines add up in i16 without
+//! overflowing, and one `vpmaddwd` per block widens them, about half the instructions per
+//! product of the row kernel. q8_0's take the sign trick per line. (Four weight rows against
+//! two activation rows in the row kernel, to read the activations from L2 less often, had
+//! been no faster: the instructions per product bound it, not the loads.)
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
 use half::f16;
 
 use super::{horizontal_sum, prefetch_four_blocks, scale_words, Format, Product, XRow};
 use crate::model::quant_matmul::BLOCK;
 
-/// Unit `t`: its weight rows against every activation row.
+/// Weight rows per prefill tile: one register of i32 lanes.
+const ROWS: usize = 8;
+/// Groups of 4 columns per block: the lines of a block.
+const GROUPS: usize = BLOCK / 4;
+
+/// Four weights of each of a tile's 8 rows: what one `vpmaddubsw` reads.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Line([u8; 32]);
+
+/// One tile transposed: per block, its 8 lines, and the 8 rows' scales as f32.
+#[derive(Default)]
+struct Scratch {
+    lines: Vec<Line>,
+    scales: Vec<f32>,
+}
+
+thread_local! {
+    /// Each pool thread's tile, reused product after product; one tile of Phi-2's widest
+    /// matrix is 92 KB, which stays in L2.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Whether `F`'s unsigned weights times activations (at most 127 in magnitude) stay within
+/// i16 summed over a whole block's lines in pairs, as `vpmaddubsw` leaves them.
+const fn sums_fit_i16<F: Format>() -> bool {
+    let largest = 2 * F::OFFSET - 1;
+    (GROUPS as i32) * 2 * largest * 127 <= i16::MAX as i32
+}
+
+/// Unit `t`: its weight rows against every activation row; tiles of 8 rows where there are
+/// four activation rows or more, the row kernel otherwise (and for a last tile of fewer
+/// than 8 rows).
 pub(super) fn unit<F: Format>(p: &Product, t: usize) {
     let rows = p.unit_rows(t);
-    let weights = p.weights(rows.clone());
     let m = p.activation_rows;
-    for (r, row) in rows.zip(weights.chunks_exact(p.row_bytes)) {
+    let tiled = if m >= 4 { rows.len() / ROWS * ROWS } else { 0 };
+    for first in (rows.start..rows.start + tiled).step_by(ROWS) {
+        tile::<F>(p, first);
+    }
+    let rest = rows.start + tiled..rows.end;
+    let weights = p.weights(rest.clone());
+    for (r, row) in rest.zip(weights.chunks_exact(p.row_bytes)) {
         // SAFETY (each write): row `r` is this unit's.
         for j in (0..m).step_by(4) {
             if m - j >= 4 {
@@ -36,6 +81,173 @@ pub(super) fn unit<F: Format>(p: &Product, t: usize) {
             }
         }
     }
+}
+
+/// Weight rows `first..first + 8` (the calling unit's) against every activation row.
+fn tile<F: Format>(p: &Product, first: usize) {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let per_row = p.blocks_per_row;
+        let (lines, scales) = (per_row * GROUPS, per_row * ROWS);
+        // Grown to the widest matrix once, then only sliced.
+        if scratch.lines.len() < lines {
+            scratch.lines.resize(lines, Line([0; 32]));
+        }
+        if scratch.scales.len() < scales {
+            scratch.scales.resize(scales, 0.0);
+        }
+        let (lines, scales) = (&mut scratch.lines[..lines], &mut scratch.scales[..scales]);
+        let stored = p.weights(first..first + ROWS);
+        assert!(stored.len() == ROWS * per_row * F::BYTES);
+        // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2 and F16C; the
+        // lengths are the ones transpose reads and writes.
+        unsafe { transpose::<F>(stored, per_row, lines, scales) };
+        let tile = Tile { lines, scales };
+        // SAFETY (each write): the tile's rows are this unit's.
+        let write = |j: usize, values: &[f32; ROWS]| unsafe { p.write(j, first, values) };
+        let m = p.activation_rows;
+        for j in (0..m).step_by(4) {
+            if m - j >= 4 {
+                let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
+                for (n, values) in tile_dots::<F, 4>(tile, &xs).iter().enumerate() {
+                    write(j + n, values);
+                }
+            } else {
+                for j in j..m {
+                    write(j, &tile_dots::<F, 1>(tile, &[p.x_row(j)])[0]);
+                }
+            }
+        }
+    })
+}
+
+/// 8 whole rows of `per_row` blocks (`stored`) into lines and f32 scales: per block, each
+/// row's 32 weights are one register (unsigned where `sums_fit_i16`, signed otherwise), and
+/// an 8 × 8 transposition of 4-byte groups turns them into the block's 8 lines.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C, `stored` holds 8 rows of `per_row` blocks, `lines` and
+/// `scales` one block's worth per block.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn transpose<F: Format>(
+    stored: &[u8],
+    per_row: usize,
+    lines: &mut [Line],
+    scales: &mut [f32],
+) {
+    let row_bytes = per_row * F::BYTES;
+    let base = stored.as_ptr();
+    for b in 0..per_row {
+        let block = base.add(b * F::BYTES);
+        let r: [__m256i; ROWS] = std::array::from_fn(|k| {
+            let quants = block.add(k * row_bytes + 2);
+            if sums_fit_i16::<F>() {
+                F::unsigned(quants)
+            } else {
+                F::signed(quants)
+            }
+        });
+        // Pairs of rows, then fours (groups g and g + 4 of rows 0-3 in u[g], of rows 4-7 in
+        // u[g + 4]), then the halves of each row four apart.
+        let t = |k: usize, hi: bool| {
+            if hi {
+                _mm256_unpackhi_epi32(r[k], r[k + 1])
+            } else {
+                _mm256_unpacklo_epi32(r[k], r[k + 1])
+            }
+        };
+        let (t0, t1, t2, t3) = (t(0, false), t(0, true), t(2, false), t(2, true));
+        let (t4, t5, t6, t7) = (t(4, false), t(4, true), t(6, false), t(6, true));
+        let u = [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+            _mm256_unpacklo_epi64(t4, t6),
+            _mm256_unpackhi_epi64(t4, t6),
+            _mm256_unpacklo_epi64(t5, t7),
+            _mm256_unpackhi_epi64(t5, t7),
+        ];
+        let out = lines.as_mut_ptr().add(b * GROUPS);
+        for g in 0..4 {
+            let low = _mm256_permute2x128_si256::<0x20>(u[g], u[g + 4]);
+            let high = _mm256_permute2x128_si256::<0x31>(u[g], u[g + 4]);
+            _mm256_store_si256(out.add(g).cast(), low);
+            _mm256_store_si256(out.add(g + 4).cast(), high);
+        }
+        let words: [u16; ROWS] =
+            std::array::from_fn(|k| block.add(k * row_bytes).cast::<u16>().read_unaligned());
+        let row_scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
+        _mm256_storeu_ps(scales.as_mut_ptr().add(b * ROWS), row_scales);
+    }
+}
+
+/// One tile's blocks, for every block of its rows.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    lines: &'a [Line],
+    scales: &'a [f32],
+}
+
+/// The tile's 8 rows dotted with each of `N` activation rows.
+fn tile_dots<F: Format, const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; ROWS]; N] {
+    let blocks = tile.scales.len() / ROWS;
+    let fits = |x: &XRow| {
+        x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
+    };
+    assert!(tile.lines.len() == blocks * GROUPS && xs.iter().all(fits));
+    // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2 and FMA, and the
+    // assertion above keeps every read inside the slices.
+    unsafe { tile_dots_avx2::<F, N>(tile, xs) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_dots_avx2<F: Format, const N: usize>(
+    tile: Tile,
+    xs: &[XRow; N],
+) -> [[f32; ROWS]; N] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let lines = tile.lines.as_ptr();
+    for b in 0..tile.scales.len() / ROWS {
+        // Four activation bytes of row `n`, group `g`, in every lane.
+        let x = |n: usize, g: usize| {
+            let four = xs[n].quants.as_ptr().add(b * BLOCK + g * 4).cast::<i32>();
+            _mm256_set1_epi32(four.read_unaligned())
+        };
+        let mut exact = [_mm256_setzero_si256(); N];
+        if sums_fit_i16::<F>() {
+            let mut pairs = [_mm256_setzero_si256(); N];
+            for g in 0..GROUPS {
+                let w = _mm256_load_si256(lines.add(b * GROUPS + g).cast());
+                for n in 0..N {
+                    pairs[n] = _mm256_add_epi16(pairs[n], _mm256_maddubs_epi16(w, x(n, g)));
+                }
+            }
+            for n in 0..N {
+                let offset = _mm256_set1_epi32(*xs[n].offsets.get_unchecked(b));
+                exact[n] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[n], ones), offset);
+            }
+        } else {
+            for g in 0..GROUPS {
+                let w = _mm256_load_si256(lines.add(b * GROUPS + g).cast());
+                let magnitude = _mm256_sign_epi8(w, w);
+                for n in 0..N {
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x(n, g), w));
+                    exact[n] = _mm256_add_epi32(exact[n], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        let scales = _mm256_loadu_ps(tile.scales.as_ptr().add(b * ROWS));
+        for n in 0..N {
+            let scale = _mm256_mul_ps(scales, _mm256_set1_ps(*xs[n].scales.get_unchecked(b)));
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact[n]), scale, acc[n]);
+        }
+    }
+    acc.map(|a| {
+        let mut out = [0f32; ROWS];
+        _mm256_storeu_ps(out.as_mut_ptr(), a);
+        out
+    })
 }
 
 /// One stored weight row dotted with each of `N` quantized activation rows.
