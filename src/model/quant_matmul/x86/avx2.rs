@@ -219,8 +219,8 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
             let mut pairs = [_mm256_setzero_si256(); N];
             for g in 0..GROUPS {
                 let w = _mm256_load_si256(lines.add(b * GROUPS + g).cast());
-                for n in 0..N {
-                    pairs[n] = _mm256_add_epi16(pairs[n], _mm256_maddubs_epi16(w, x(n, g)));
+                for (n, pairs) in pairs.iter_mut().enumerate() {
+                    *pairs = _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(w, x(n, g)));
                 }
             }
             for n in 0..N {
@@ -231,9 +231,9 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
             for g in 0..GROUPS {
                 let w = _mm256_load_si256(lines.add(b * GROUPS + g).cast());
                 let magnitude = _mm256_sign_epi8(w, w);
-                for n in 0..N {
+                for (n, exact) in exact.iter_mut().enumerate() {
                     let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x(n, g), w));
-                    exact[n] = _mm256_add_epi32(exact[n], _mm256_madd_epi16(pairs, ones));
+                    *exact = _mm256_add_epi32(*exact, _mm256_madd_epi16(pairs, ones));
                 }
             }
         }
