@@ -4,8 +4,8 @@
 //! bytes, offset (q8_0's by 128; q4_0's nibbles are stored plus 8 and widened as they are),
 //! and the offset comes back out as one number per activation block: `Σ(w+128)·x = Σw·x +
 //! 128·Σx`. A prefill multiplies tiles of 16 rows, so one `vpdpbusd` multiplies four bytes
-//! of an activation block into all 16 rows at once. In a prefill each tile is
-//! transposed into that form in registers as it is read (16 rows' blocks in, lines of 4
+//! of an activation block into all 16 rows at once: each tile is transposed into that form
+//! in registers as it is read (16 rows' blocks in, lines of 4
 //! quants × 16 rows out) into a per-thread scratch that stays in L2, then every activation
 //! row is multiplied against the scratch, so the transposition is paid once per tile and
 //! each weight is read from memory once. A decode step has one activation row, which would
@@ -113,7 +113,7 @@ impl Scratch {
 /// reference the vector form is tested against.
 ///
 /// # Safety
-/// The CPU has AVX2 (for `F::weights`).
+/// The CPU has AVX2 (for `F::unsigned`).
 unsafe fn transpose_plain<F: Format>(
     stored: &[u8],
     per_row: usize,
@@ -222,8 +222,8 @@ fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
 
 /// Per block, the offset weights times `x` into eight i32 lanes by `vpdpbusd`, starting
 /// from minus the offset's share in one lane so the block's sum is exact; scaled in f32 and
-/// summed once at the end. (llama.cpp's q8_0 dot product takes `|w|` times `x` with `w`'s
-/// signs instead: two instructions for q8_0's one, four for q4_0's none.) The weights'
+/// summed once at the end. (llama.cpp's dot products take `|w|` times `x` with `w`'s signs
+/// instead: as many instructions for q8_0, three more per block for q4_0.) The weights'
 /// scales are widened 16 blocks at a time; four accumulators, a block each in turn, hide
 /// the FMA's latency.
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
