@@ -253,29 +253,47 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
 /// One stored weight row dotted with each of `N` quantized activation rows.
 fn dots<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
     let blocks = row.len() / F::BYTES;
-    let fits = |x: &XRow| x.scales.len() == blocks && x.quants.len() == blocks * BLOCK;
+    let fits = |x: &XRow| {
+        x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
+    };
     assert!(row.len() == blocks * F::BYTES && xs.iter().all(fits));
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA and F16C,
     // and the assertion above keeps every read inside the slices.
     unsafe { dots_avx2::<F, N>(row, xs) }
 }
 
+/// Where `sums_fit_i16`, on unsigned weights as the tiles: `vpmaddubsw` with no sign trick,
+/// and the offset's share, `OFFSET·Σx` per block, scaled and taken off once per eight blocks
+/// in f32 (a subtraction per block would cost what the sign trick does).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
     let blocks = row.len() / F::BYTES;
     let base = row.as_ptr();
     let ones = _mm256_set1_epi16(1);
+    let unsigned = sums_fit_i16::<F>();
     // One activation row alone takes four accumulators, a block each in turn, to hide the
     // FMA's latency; four rows' chains interleave by themselves.
     let chains = if N == 1 { 4 } else { 1 };
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
+    // The offsets' share, per activation row: eight blocks a lane, then the rest.
+    let mut offsets = [_mm256_setzero_ps(); N];
+    let mut rest = [0f32; N];
     // Block `b` into chain `chain`, its weight scale times each activation row's in `scales`.
     let mut block = |b: usize, chain: usize, scales: [f32; N]| {
-        let w = F::signed(base.add(b * F::BYTES + 2));
-        let magnitude = _mm256_sign_epi8(w, w);
+        let quants = F::BYTES * b + 2;
+        let (w, magnitude) = if unsigned {
+            (F::unsigned(base.add(quants)), _mm256_setzero_si256())
+        } else {
+            let w = F::signed(base.add(quants));
+            (w, _mm256_sign_epi8(w, w))
+        };
         for n in 0..N {
-            let quants = _mm256_loadu_si256(xs[n].quants.as_ptr().add(b * BLOCK).cast());
-            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(quants, w));
+            let x = _mm256_loadu_si256(xs[n].quants.as_ptr().add(b * BLOCK).cast());
+            let pairs = if unsigned {
+                _mm256_maddubs_epi16(w, x)
+            } else {
+                _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w))
+            };
             let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
             acc[n][chain] = _mm256_fmadd_ps(sums, _mm256_set1_ps(scales[n]), acc[n][chain]);
         }
@@ -286,12 +304,14 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
         let words: [u16; 8] = scale_words::<F, 8>(base, b);
         let weight_scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
         let mut scales = [[0f32; 8]; N];
-        for (scales, x) in scales.iter_mut().zip(xs) {
-            let activation_scales = _mm256_loadu_ps(x.scales.as_ptr().add(b));
-            _mm256_storeu_ps(
-                scales.as_mut_ptr(),
-                _mm256_mul_ps(weight_scales, activation_scales),
-            );
+        for n in 0..N {
+            let x = &xs[n];
+            let both = _mm256_mul_ps(weight_scales, _mm256_loadu_ps(x.scales.as_ptr().add(b)));
+            _mm256_storeu_ps(scales[n].as_mut_ptr(), both);
+            if unsigned {
+                let shares = _mm256_loadu_si256(x.offsets.as_ptr().add(b).cast());
+                offsets[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shares), both, offsets[n]);
+            }
         }
         #[allow(clippy::needless_range_loop)] // `i` picks a block and each row's scale of it
         for i in 0..8 {
@@ -304,11 +324,17 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
     for b in whole..blocks {
         let at = b * F::BYTES;
         let weight_scale = f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
-        block(
-            b,
-            0,
-            std::array::from_fn(|n| weight_scale * xs[n].scales[b]),
-        );
+        let scales = std::array::from_fn(|n| weight_scale * xs[n].scales[b]);
+        block(b, 0, scales);
+        if unsigned {
+            for n in 0..N {
+                rest[n] += scales[n] * xs[n].offsets[b] as f32;
+            }
+        }
     }
-    acc.map(|[a, b, c, d]| horizontal_sum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))))
+    std::array::from_fn(|n| {
+        let [a, b, c, d] = acc[n];
+        let sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+        sum - horizontal_sum(offsets[n]) - rest[n]
+    })
 }
