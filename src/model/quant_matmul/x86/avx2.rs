@@ -1,9 +1,10 @@
 //! The AVX2 kernels, for x86-64 CPUs without AVX-512 VNNI.
 //!
-//! Decode, as llama.cpp's AVX2 q8_0 dot product (and its q4_0 one, whose nibbles are widened
-//! to signed bytes first): per block, `|w|` times `x` with `w`'s signs by `vpmaddubsw` (pairs
-//! of products into i16: at most 2·128·127, which never saturates) and `vpmaddwd` (into i32),
-//! scaled in f32, each weight row read once, in memory order.
+//! Decode, as llama.cpp's AVX2 q8_0 dot product: per block, `|w|` times `x` with `w`'s signs
+//! by `vpmaddubsw` (pairs of products into i16: at most 2·128·127, which never saturates) and
+//! `vpmaddwd` (into i32), scaled in f32, each weight row read once, in memory order. q4_0's
+//! nibbles need no sign trick (see below): they are multiplied unsigned, and the offset's
+//! share taken off per eight blocks.
 //!
 //! Prefill (four activation rows or more), as the VNNI kernel's: the weights of 8 rows are
 //! transposed in registers into a per-thread scratch, lines of 4 weights × 8 rows, so one
