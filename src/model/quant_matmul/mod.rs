@@ -237,6 +237,56 @@ mod tests {
         }
     }
 
+    /// Blocks of one extreme byte against activations all at ±127, where the kernels' i16
+    /// pair sums come nearest to overflowing: q8_0's -128 and 127 (the sign trick's 2·128·127;
+    /// 127 would overflow offset to unsigned) and q4_0's nibbles 15 and 0 (its unsigned lines
+    /// summed over a whole block), for decode and prefill's tiles alike.
+    #[test]
+    fn extreme_blocks_do_not_overflow() {
+        let (rows, cols) = (16, 3 * BLOCK);
+        let block = |byte: u8, bytes: usize| {
+            let mut b = f16::from_f32(0.01).to_le_bytes().to_vec();
+            b.resize(bytes, byte);
+            b
+        };
+        for &kernel in &Kernel::all_here() {
+            for (dtype, byte) in [
+                (GgmlDType::Q8_0, 0x80),
+                (GgmlDType::Q8_0, 0x7F),
+                (GgmlDType::Q4_0, 0xFF),
+                (GgmlDType::Q4_0, 0x00),
+            ] {
+                let bytes = if dtype == GgmlDType::Q8_0 {
+                    Q8_0::BYTES
+                } else {
+                    Q4_0::BYTES
+                };
+                let stored = block(byte, bytes).repeat(rows * cols / BLOCK);
+                let m = match dtype {
+                    GgmlDType::Q8_0 => {
+                        QuantMatrix::Q8(Q8Matrix::copied(&stored, rows, cols, kernel).unwrap())
+                    }
+                    _ => QuantMatrix::Q4(Q4Matrix::copied(&stored, rows, cols, kernel).unwrap()),
+                };
+                for sign in [1.0, -1.0] {
+                    for n in [1, 4] {
+                        let x = vec![sign; n * cols];
+                        let (got, want) = (
+                            m.matmul(&x).unwrap(),
+                            reference(dtype, &stored, rows, cols, &x),
+                        );
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                                "{dtype:?} of {byte:#x} by {kernel:?}, {n} rows of {sign}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn wrong_sizes_are_errors() {
         // A kernel is refused where the CPU lacks its instructions.
