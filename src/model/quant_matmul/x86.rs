@@ -282,6 +282,33 @@ impl Product<'_> {
         }
     }
 
+    /// Weight rows `rows` against every activation row, four activation rows at a time while
+    /// four are left (`four`: they share each weight load), then one at a time (`one`); each
+    /// gives `W` outputs per activation row, of which the first `rows.len()` are written.
+    ///
+    /// # Safety
+    /// As `write`'s, for `rows`.
+    #[inline(always)]
+    unsafe fn in_fours<const W: usize>(
+        &self,
+        rows: Range<usize>,
+        four: impl Fn(&[XRow; 4]) -> [[f32; W]; 4],
+        one: impl Fn(&[XRow; 1]) -> [[f32; W]; 1],
+    ) {
+        let (m, lanes) = (self.activation_rows, rows.len());
+        let mut j = 0;
+        while m - j >= 4 {
+            let xs = [0, 1, 2, 3].map(|n| self.x_row(j + n));
+            for (n, values) in four(&xs).iter().enumerate() {
+                self.write(j + n, rows.start, &values[..lanes]);
+            }
+            j += 4;
+        }
+        for j in j..m {
+            self.write(j, rows.start, &one(&[self.x_row(j)])[0][..lanes]);
+        }
+    }
+
     /// Writes `values` as outputs `r..` of activation row `j`.
     ///
     /// # Safety

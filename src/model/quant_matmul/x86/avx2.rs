@@ -68,19 +68,9 @@ pub(super) fn unit<F: Format>(p: &Product, t: usize) {
     let rest = rows.start + tiled..rows.end;
     let weights = p.weights(rest.clone());
     for (r, row) in rest.zip(weights.chunks_exact(p.row_bytes)) {
-        // SAFETY (each write): row `r` is this unit's.
-        for j in (0..m).step_by(4) {
-            if m - j >= 4 {
-                let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
-                for (n, value) in dots::<F, 4>(row, &xs).into_iter().enumerate() {
-                    unsafe { p.write(j + n, r, &[value]) };
-                }
-            } else {
-                for j in j..m {
-                    unsafe { p.write(j, r, &dots::<F, 1>(row, &[p.x_row(j)])) };
-                }
-            }
-        }
+        let four = |xs: &[XRow; 4]| dots::<F, 4>(row, xs).map(|v| [v]);
+        // SAFETY: row `r` is this unit's.
+        unsafe { p.in_fours(r..r + 1, four, |x| [[dots::<F, 1>(row, x)[0]]]) };
     }
 }
 
@@ -103,21 +93,12 @@ fn tile<F: Format>(p: &Product, first: usize) {
         // lengths are the ones transpose reads and writes.
         unsafe { transpose::<F>(stored, per_row, lines, scales) };
         let tile = Tile { lines, scales };
-        // SAFETY (each write): the tile's rows are this unit's.
-        let write = |j: usize, values: &[f32; ROWS]| unsafe { p.write(j, first, values) };
-        let m = p.activation_rows;
-        for j in (0..m).step_by(4) {
-            if m - j >= 4 {
-                let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
-                for (n, values) in tile_dots::<F, 4>(tile, &xs).iter().enumerate() {
-                    write(j + n, values);
-                }
-            } else {
-                for j in j..m {
-                    write(j, &tile_dots::<F, 1>(tile, &[p.x_row(j)])[0]);
-                }
-            }
-        }
+        let (four, one) = (
+            |xs: &[XRow; 4]| tile_dots::<F, 4>(tile, xs),
+            |x: &[XRow; 1]| tile_dots::<F, 1>(tile, x),
+        );
+        // SAFETY: the tile's rows are this unit's.
+        unsafe { p.in_fours(first..first + ROWS, four, one) };
     })
 }
 

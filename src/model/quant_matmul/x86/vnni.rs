@@ -61,25 +61,13 @@ pub(super) fn decode_unit<F: Format>(p: &Product, t: usize) {
 pub(super) fn prefill_unit<F: Format>(p: &Product, t: usize) {
     SCRATCH.with_borrow_mut(|scratch| {
         let rows = p.unit_rows(t);
-        let lanes = rows.len();
         let tile = scratch.fill::<F>(p.weights(rows.clone()), p.blocks_per_row);
-        // SAFETY (each write): the tile's rows are this unit's.
-        let write =
-            |j: usize, values: &[f32; TILE]| unsafe { p.write(j, rows.start, &values[..lanes]) };
-        // Four activation rows share each weight load.
-        let m = p.activation_rows;
-        for j in (0..m).step_by(4) {
-            if m - j >= 4 {
-                let xs = [p.x_row(j), p.x_row(j + 1), p.x_row(j + 2), p.x_row(j + 3)];
-                for (n, values) in tile_dots(tile, &xs).iter().enumerate() {
-                    write(j + n, values);
-                }
-            } else {
-                for j in j..m {
-                    write(j, &tile_dots(tile, &[p.x_row(j)])[0]);
-                }
-            }
-        }
+        let (four, one) = (
+            |xs: &[XRow; 4]| tile_dots(tile, xs),
+            |x: &[XRow; 1]| tile_dots(tile, x),
+        );
+        // SAFETY: the tile's rows are this unit's.
+        unsafe { p.in_fours(rows, four, one) };
     })
 }
 
