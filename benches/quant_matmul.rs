@@ -1,4 +1,4 @@
-//! q8_0 and q4_0 matrix products at Phi-2's shapes: each of our kernels this CPU runs
+//! q8_0, q4_0 and q4_K matrix products at Phi-2's shapes: each of our kernels this CPU runs
 //! (`model::quant_matmul`: AVX-512 VNNI, AVX2) against candle's `QMatMul` on the same blocks,
 //! for one activation row (a decode step) and 64 (a prefill). Criterion reports them in the
 //! same run, so their ratios are what to read.
@@ -13,7 +13,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 #[cfg(target_arch = "x86_64")]
-use medphi::model::quant_matmul::{Kernel, Q4Matrix, Q8Matrix, QuantMatrix};
+use medphi::model::quant_matmul::{Kernel, QuantMatrix};
 
 #[cfg(not(target_arch = "x86_64"))]
 fn bench(_: &mut Criterion) {
@@ -23,10 +23,9 @@ fn bench(_: &mut Criterion) {
 /// `blocks` (a `rows × cols` matrix stored as `dtype`) for `kernel`.
 #[cfg(target_arch = "x86_64")]
 fn ours(dtype: GgmlDType, blocks: &[u8], rows: usize, cols: usize, kernel: Kernel) -> QuantMatrix {
-    match dtype {
-        GgmlDType::Q8_0 => QuantMatrix::Q8(Q8Matrix::copied(blocks, rows, cols, kernel).unwrap()),
-        _ => QuantMatrix::Q4(Q4Matrix::copied(blocks, rows, cols, kernel).unwrap()),
-    }
+    QuantMatrix::copied(kernel, dtype, blocks, rows, cols)
+        .unwrap()
+        .expect("a format our kernels serve")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -38,7 +37,7 @@ fn bench(c: &mut Criterion) {
         return;
     }
     let name = |kernel: Kernel| format!("medphi {kernel:?}");
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
         // (rows, cols): attention projections, fc1, fc2.
         for (rows, cols) in [(2560, 2560), (10240, 2560), (2560, 10240)] {
             let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev).unwrap();
@@ -65,8 +64,8 @@ fn bench(c: &mut Criterion) {
             group.finish();
         }
         // A decode step reads every weight once, from memory rather than the caches:
-        // fc2-shaped matrices adding up to 670 MB as q8_0 (355 MB as q4_0), one activation
-        // row through each.
+        // fc2-shaped matrices adding up to 670 MB as q8_0 (355 MB as q4_0 and q4_K), one
+        // activation row through each.
         let (rows, cols, count) = (2560, 10240, 24);
         let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev).unwrap();
         let blocks = QTensor::quantize(&w, dtype)

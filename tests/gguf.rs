@@ -59,34 +59,55 @@ fn q4_0_gguf_matches_dequantized_reference() {
     assert!(relative_error("tiny-phi-q4_0.gguf", "logits") < 0.3);
 }
 
-/// q8_0 and q4_0 matrices reach our kernels straight from the file's blocks, where this CPU
-/// runs them, and multiply as candle's kernels do on the same blocks (both quantize the
-/// activations to q8_0: the rest is the order of f32 sums).
+/// q8_0, q4_0 and q4_K matrices reach our kernels straight from the file's blocks, where
+/// this CPU runs them, and multiply as the weights candle dequantizes from the same blocks
+/// times the activations rounded to q8_0 (as our kernels quantize them): the rest is the
+/// order of f32 sums. (candle's own q4_K kernel rounds the activations per 256 values.)
 #[test]
 #[cfg(target_arch = "x86_64")]
-fn q8_0_and_q4_0_matrices_reach_our_kernels_from_the_file() {
-    use candle_core::quantized::QMatMul;
-    use candle_core::Module;
+fn quantized_matrices_reach_our_kernels_from_the_file() {
     use medphi::model::quant_matmul::QuantMatrix;
 
+    let dir = tempfile::tempdir().unwrap();
+    let q4k = dir.path().join("tiny-q4k.gguf");
+    write_q4k_gguf(&q4k);
     let tok = fixtures().join("tiny-phi/tokenizer.json");
-    for (file, dtype) in [
-        ("tiny-phi-q8_0.gguf", GgmlDType::Q8_0),
-        ("tiny-phi-q4_0.gguf", GgmlDType::Q4_0),
+    // fc1's rows (32 values) are too short for q4_K's super-blocks: there fc2 is.
+    for (file, dtype, name) in [
+        (
+            fixtures().join("tiny-phi-q8_0.gguf"),
+            GgmlDType::Q8_0,
+            "fc1",
+        ),
+        (
+            fixtures().join("tiny-phi-q4_0.gguf"),
+            GgmlDType::Q4_0,
+            "fc1",
+        ),
+        (q4k, GgmlDType::Q4K, "fc2"),
     ] {
-        let ckpt = Checkpoint::open(&fixtures().join(file), Some(&tok), DType::F32).unwrap();
+        let ckpt = Checkpoint::open(&file, Some(&tok), DType::F32).unwrap();
         let cfg = &ckpt.config;
-        let (name, shape) = (
-            "model.layers.1.mlp.fc1.weight",
-            [cfg.intermediate_size, cfg.hidden_size],
-        );
+        let (name, shape) = match name {
+            "fc1" => (
+                "model.layers.1.mlp.fc1.weight",
+                [cfg.intermediate_size, cfg.hidden_size],
+            ),
+            _ => (
+                "model.layers.1.mlp.fc2.weight",
+                [cfg.hidden_size, cfg.intermediate_size],
+            ),
+        };
+        let file = file.file_name().unwrap().to_string_lossy();
         let ours = ckpt.weights.stored_quantized(name, &shape).unwrap();
         assert_eq!(ours.is_some(), QuantMatrix::serves(dtype), "{file}");
         let Some(ours) = ours else { continue };
         assert!(
             matches!(
                 (&ours, dtype),
-                (QuantMatrix::Q8(_), GgmlDType::Q8_0) | (QuantMatrix::Q4(_), GgmlDType::Q4_0)
+                (QuantMatrix::Q8(_), GgmlDType::Q8_0)
+                    | (QuantMatrix::Q4(_), GgmlDType::Q4_0)
+                    | (QuantMatrix::Q4K(_), GgmlDType::Q4K)
             ),
             "{file}"
         );
@@ -94,11 +115,15 @@ fn q8_0_and_q4_0_matrices_reach_our_kernels_from_the_file() {
             panic!("{file}: {name} is not stored quantized");
         };
         assert_eq!(q.dtype(), dtype);
-        let candle = QMatMul::from_arc(q).unwrap();
+        let w = q.dequantize(&Device::Cpu).unwrap();
         for m in [1, 5] {
             let x = Tensor::randn(0f32, 1.0, (m, shape[1]), &Device::Cpu).unwrap();
-            let want = candle
-                .forward(&x)
+            let rounded = QTensor::quantize(&x, GgmlDType::Q8_0)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let want = rounded
+                .matmul(&w.t().unwrap())
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -1,15 +1,16 @@
 //! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
 //! threads.
 //!
-//! - `x86` (q8_0 and q4_0 on x86-64 with AVX-512 VNNI, or with AVX2): candle holds a copy of
-//!   every quantized matrix (on VNNI CPUs a repacked one beside the original), and its q4_0
-//!   kernels ran at half llama.cpp's decode; ours use the file's blocks where they lie.
+//! - `x86` (q8_0, q4_0 and q4_K on x86-64 with AVX-512 VNNI, or with AVX2): candle holds a
+//!   copy of every quantized matrix (on VNNI CPUs a repacked one beside the original), and
+//!   its q4_0 kernels ran at half llama.cpp's decode; ours use the file's blocks where they
+//!   lie.
 //! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
 //!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
-//! Both quantize each activation row once to q8_0 blocks, as llama.cpp does, and give the
-//! same products (up to the order of f32 sums) as candle's `QMatMul` on the same blocks.
-//! Elsewhere candle's kernels serve.
+//! Both quantize each activation row once to q8_0 blocks, as llama.cpp does for its 32-value
+//! formats, and give the same products (up to the order of f32 sums) as candle's `QMatMul`
+//! on the same blocks dequantized. Elsewhere candle's kernels serve.
 
 use candle_core::quantized::GgmlDType;
 
@@ -25,25 +26,43 @@ mod x86;
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Kernel, Q4Matrix, Q8Matrix};
+pub use x86::{Kernel, Q4KMatrix, Q4Matrix, Q8Matrix};
 
-/// Values per q8_0 and q4_0 block.
+/// Values per q8_0 and q4_0 block (and per block of a k-quant's super-block).
 const BLOCK: usize = 32;
 
 /// A matrix our kernels multiply, in the block format it is stored in.
 pub enum QuantMatrix {
     Q8(Q8Matrix),
     Q4(Q4Matrix),
+    #[cfg(target_arch = "x86_64")]
+    Q4K(Q4KMatrix),
+}
+
+/// `$body` with `$m` bound to the matrix, whatever its format.
+macro_rules! each_format {
+    ($matrix:expr, $m:ident => $body:expr) => {
+        match $matrix {
+            QuantMatrix::Q8($m) => $body,
+            QuantMatrix::Q4($m) => $body,
+            #[cfg(target_arch = "x86_64")]
+            QuantMatrix::Q4K($m) => $body,
+        }
+    };
 }
 
 impl QuantMatrix {
     /// Whether our kernels multiply matrices stored as `dtype` on this CPU.
     pub fn serves(dtype: GgmlDType) -> bool {
-        matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0) && Q8Matrix::runs_here()
+        // q4_K has kernels of ours on x86-64 only.
+        let k_quant = cfg!(target_arch = "x86_64") && dtype == GgmlDType::Q4K;
+        let format = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0) || k_quant;
+        format && Q8Matrix::runs_here()
     }
 
     /// `rows × cols` values stored as GGUF blocks of `dtype`, copied once; `None` where our
     /// kernels do not serve them (candle's do).
+    #[cfg(target_arch = "wasm32")]
     pub fn for_this_cpu(
         dtype: GgmlDType,
         blocks: &[u8],
@@ -57,8 +76,23 @@ impl QuantMatrix {
         })
     }
 
-    /// The blocks used where they lie, never copied; `None` where our kernels do not serve
-    /// them.
+    /// `rows × cols` values stored as GGUF blocks of `dtype`, copied once; `None` where our
+    /// kernels do not serve them (candle's do).
+    #[cfg(target_arch = "x86_64")]
+    pub fn for_this_cpu(
+        dtype: GgmlDType,
+        blocks: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        match Kernel::best_here() {
+            Some(kernel) => Self::copied(kernel, dtype, blocks, rows, cols),
+            None => Ok(None),
+        }
+    }
+
+    /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where
+    /// our kernels do not serve them.
     #[cfg(target_arch = "x86_64")]
     pub fn in_place(
         dtype: GgmlDType,
@@ -66,44 +100,70 @@ impl QuantMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<Option<Self>> {
-        Ok(match dtype {
-            GgmlDType::Q8_0 => Q8Matrix::in_place(blocks, rows, cols)?.map(Self::Q8),
-            GgmlDType::Q4_0 => Q4Matrix::in_place(blocks, rows, cols)?.map(Self::Q4),
-            _ => None,
-        })
+        match Kernel::best_here() {
+            Some(kernel) => Self::by(kernel, dtype, blocks, rows, cols),
+            None => Ok(None),
+        }
+    }
+
+    /// The blocks copied once, multiplied by `kernel` (an error where the CPU lacks its
+    /// instructions); `None` where our kernels do not serve `dtype`.
+    #[cfg(target_arch = "x86_64")]
+    pub fn copied(
+        kernel: Kernel,
+        dtype: GgmlDType,
+        blocks: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        let blocks = StoredBytes::owned(blocks.to_vec());
+        Self::by(kernel, dtype, blocks, rows, cols)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn by(
+        kernel: Kernel,
+        dtype: GgmlDType,
+        blocks: StoredBytes,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        Ok(Some(match dtype {
+            GgmlDType::Q8_0 => Self::Q8(Q8Matrix::new(blocks, rows, cols, kernel)?),
+            GgmlDType::Q4_0 => Self::Q4(Q4Matrix::new(blocks, rows, cols, kernel)?),
+            GgmlDType::Q4K => Self::Q4K(Q4KMatrix::new(blocks, rows, cols, kernel)?),
+            _ => return Ok(None),
+        }))
     }
 
     pub fn rows(&self) -> usize {
-        match self {
-            Self::Q8(m) => m.rows(),
-            Self::Q4(m) => m.rows(),
-        }
+        each_format!(self, m => m.rows())
     }
 
     /// Bytes held (and read by each product).
     pub fn bytes(&self) -> usize {
-        match self {
-            Self::Q8(m) => m.bytes(),
-            Self::Q4(m) => m.bytes(),
-        }
+        each_format!(self, m => m.bytes())
     }
 
     /// `x · Wᵀ` for `x` holding whole rows of `cols` values: one row of `rows` values out
     /// per row in.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        match self {
-            Self::Q8(m) => m.matmul(x),
-            Self::Q4(m) => m.matmul(x),
-        }
+        each_format!(self, m => m.matmul(x))
     }
 }
 
-/// An error unless `blocks` holds exactly a `rows × cols` matrix of blocks of 32 values
-/// stored in `block_bytes` bytes each.
-fn check_blocks(blocks: &[u8], rows: usize, cols: usize, block_bytes: usize) -> Result<()> {
+/// An error unless `blocks` holds exactly a `rows × cols` matrix stored in blocks of
+/// `values` values, `block_bytes` bytes each.
+fn check_blocks(
+    blocks: &[u8],
+    rows: usize,
+    cols: usize,
+    values: usize,
+    block_bytes: usize,
+) -> Result<()> {
     let expected = cols
-        .is_multiple_of(BLOCK)
-        .then(|| rows.checked_mul(cols / BLOCK)?.checked_mul(block_bytes))
+        .is_multiple_of(values)
+        .then(|| rows.checked_mul(cols / values)?.checked_mul(block_bytes))
         .flatten();
     if expected != Some(blocks.len()) {
         return Err(Error::input(format!(
@@ -136,12 +196,22 @@ mod tests {
     use candle_core::Device;
     use half::f16;
 
-    use super::x86::{Format, Matrix, Q4_0, Q8_0};
+    use super::x86::{Format, Matrix, Q4K, Q4_0, Q8_0};
     use super::*;
     use crate::model::stored::StoredBytes;
 
-    /// `rows × cols` of `F` blocks with varied scales and every quant byte (q8_0's extremes
-    /// -128 and 127, and every pair of q4_0 nibbles) among them.
+    /// The f16 words that start each stored block: its scale, or a super-block's `d` and
+    /// `dmin`.
+    fn header<F: Format>() -> usize {
+        if F::MINS {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// `rows × cols` of `F` blocks with varied scales (and mins) and every quant byte (q8_0's
+    /// extremes -128 and 127, and every pair of nibbles) among them.
     fn blocks<F: Format>(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
         let mut state = seed;
         let mut next = || {
@@ -149,10 +219,12 @@ mod tests {
             state >> 8
         };
         let mut out = Vec::new();
-        for _ in 0..rows * cols / BLOCK {
-            let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
-            out.extend(d.to_le_bytes());
-            out.extend((2..F::BYTES).map(|_| (next() % 256) as u8));
+        for _ in 0..rows * cols / (BLOCK * F::BLOCKS) {
+            for _ in 0..header::<F>() / 2 {
+                let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
+                out.extend(d.to_le_bytes());
+            }
+            out.extend((header::<F>()..F::BYTES).map(|_| (next() % 256) as u8));
         }
         out
     }
@@ -196,11 +268,11 @@ mod tests {
         out
     }
 
-    /// Rows that do not fill the last tile, 21 blocks a row (scales widened 16 and 8 at a
-    /// time, and the rest), one to nine activation rows (the row kernels alone and four at a
-    /// time, prefill's tiles of four rows and of one), against the plain product, in each
-    /// format, by every kernel this CPU runs, from a copy and in place at an odd offset of a
-    /// larger buffer (as in a mapped file).
+    /// Rows that do not fill the last tile, 21 blocks a row (scales widened 8 at a time,
+    /// and the rest) or three super-blocks, one to nine activation rows (the row kernels
+    /// alone and four at a time, prefill's tiles of four rows and of one), against the plain
+    /// product, in each format, by every kernel this CPU runs, from a copy and in place at an
+    /// odd offset of a larger buffer (as in a mapped file).
     #[test]
     fn products_match_the_plain_product_by_every_kernel_here() {
         let kernels = Kernel::all_here();
@@ -208,11 +280,13 @@ mod tests {
         for &kernel in &kernels {
             products_match::<Q8_0>(kernel);
             products_match::<Q4_0>(kernel);
+            products_match::<Q4K>(kernel);
         }
     }
 
     fn products_match<F: Format>(kernel: Kernel) {
-        let (rows, cols) = (37, 21 * BLOCK);
+        let per_row = if F::BLOCKS == 1 { 21 } else { 3 * F::BLOCKS };
+        let (rows, cols) = (37, per_row * BLOCK);
         let stored = blocks::<F>(rows, cols, 1);
         let mut file = vec![7u8; 13];
         file.extend(&stored);
@@ -220,7 +294,8 @@ mod tests {
         let file = std::sync::Arc::new(file);
         let shared = StoredBytes::shared(file, 13..13 + stored.len()).unwrap();
         let in_place = Matrix::<F>::new(shared, rows, cols, kernel).unwrap();
-        let copied = Matrix::<F>::copied(&stored, rows, cols, kernel).unwrap();
+        let owned = StoredBytes::owned(stored.clone());
+        let copied = Matrix::<F>::new(owned, rows, cols, kernel).unwrap();
         for m in [&copied, &in_place] {
             for n in [1, 3, 4, 5, 9] {
                 let x = activations(n * cols);
@@ -239,49 +314,38 @@ mod tests {
 
     /// Blocks of one extreme byte against activations all at ±127, where the kernels' i16
     /// pair sums come nearest to overflowing: q8_0's -128 and 127 (the sign trick's 2·128·127;
-    /// 127 would overflow offset to unsigned) and q4_0's nibbles 15 and 0 (its unsigned lines
-    /// summed over a whole block), for decode and prefill's tiles alike.
+    /// 127 would overflow offset to unsigned) and the nibbles 15 and 0 of q4_0 and q4_K (their
+    /// unsigned lines summed over a whole block; q4_K's scales and mins all 63 or all 0), for
+    /// decode and prefill's tiles alike.
     #[test]
     fn extreme_blocks_do_not_overflow() {
-        let (rows, cols) = (16, 3 * BLOCK);
-        let block = |byte: u8, bytes: usize| {
-            let mut b = f16::from_f32(0.01).to_le_bytes().to_vec();
-            b.resize(bytes, byte);
-            b
-        };
         for &kernel in &Kernel::all_here() {
-            for (dtype, byte) in [
-                (GgmlDType::Q8_0, 0x80),
-                (GgmlDType::Q8_0, 0x7F),
-                (GgmlDType::Q4_0, 0xFF),
-                (GgmlDType::Q4_0, 0x00),
-            ] {
-                let bytes = if dtype == GgmlDType::Q8_0 {
-                    Q8_0::BYTES
-                } else {
-                    Q4_0::BYTES
-                };
-                let stored = block(byte, bytes).repeat(rows * cols / BLOCK);
-                let m = match dtype {
-                    GgmlDType::Q8_0 => {
-                        QuantMatrix::Q8(Q8Matrix::copied(&stored, rows, cols, kernel).unwrap())
-                    }
-                    _ => QuantMatrix::Q4(Q4Matrix::copied(&stored, rows, cols, kernel).unwrap()),
-                };
-                for sign in [1.0, -1.0] {
-                    for n in [1, 4] {
-                        let x = vec![sign; n * cols];
-                        let (got, want) = (
-                            m.matmul(&x).unwrap(),
-                            reference(dtype, &stored, rows, cols, &x),
-                        );
-                        for (g, w) in got.iter().zip(&want) {
-                            assert!(
-                                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                                "{dtype:?} of {byte:#x} by {kernel:?}, {n} rows of {sign}: {g} vs {w}"
-                            );
-                        }
-                    }
+            extremes::<Q8_0>(kernel, 0x80);
+            extremes::<Q8_0>(kernel, 0x7F);
+            extremes::<Q4_0>(kernel, 0xFF);
+            extremes::<Q4_0>(kernel, 0x00);
+            extremes::<Q4K>(kernel, 0xFF);
+            extremes::<Q4K>(kernel, 0x00);
+        }
+    }
+
+    fn extremes<F: Format>(kernel: Kernel, byte: u8) {
+        let (rows, cols) = (16, 3 * BLOCK * F::BLOCKS);
+        let mut block = f16::from_f32(0.01).to_le_bytes().repeat(header::<F>() / 2);
+        block.resize(F::BYTES, byte);
+        let stored = block.repeat(rows * cols / (BLOCK * F::BLOCKS));
+        let m = Matrix::<F>::new(StoredBytes::owned(stored.clone()), rows, cols, kernel).unwrap();
+        for sign in [1.0, -1.0] {
+            for n in [1, 4] {
+                let x = vec![sign; n * cols];
+                let got = m.matmul(&x).unwrap();
+                let want = reference(F::DTYPE, &stored, rows, cols, &x);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{:?} of {byte:#x} by {kernel:?}, {n} rows of {sign}: {g} vs {w}",
+                        F::DTYPE
+                    );
                 }
             }
         }
@@ -291,7 +355,8 @@ mod tests {
     fn wrong_sizes_are_errors() {
         // A kernel is refused where the CPU lacks its instructions.
         for kernel in [Kernel::Vnni, Kernel::Avx2] {
-            let made = Q8Matrix::copied(&blocks::<Q8_0>(1, 32, 2), 1, 32, kernel);
+            let made =
+                QuantMatrix::copied(kernel, GgmlDType::Q8_0, &blocks::<Q8_0>(1, 32, 2), 1, 32);
             assert_eq!(made.is_ok(), Kernel::all_here().contains(&kernel));
         }
         let Some(kernel) = Kernel::best_here() else {
@@ -307,7 +372,16 @@ mod tests {
         let m = new(&blocks::<Q8_0>(2, 64, 3), 2, 64).unwrap();
         assert!(m.matmul(&[0.0; 65]).is_err());
         // A q4_0 matrix's blocks are 18 bytes: q8_0's 34 are not a q4_0 matrix.
-        assert!(Q4Matrix::copied(&blocks::<Q8_0>(1, 32, 4), 1, 32, kernel).is_err());
-        assert!(Q4Matrix::copied(&blocks::<Q4_0>(1, 32, 4), 1, 32, kernel).is_ok());
+        let copied =
+            |dtype, blocks: &[u8], cols| QuantMatrix::copied(kernel, dtype, blocks, 1, cols);
+        assert!(copied(GgmlDType::Q4_0, &blocks::<Q8_0>(1, 32, 4), 32).is_err());
+        assert!(copied(GgmlDType::Q4_0, &blocks::<Q4_0>(1, 32, 4), 32).is_ok());
+        // q4_K's super-blocks hold 256 values: a row of 32, or 288, is not one.
+        let super_block = blocks::<Q4K>(1, 256, 5);
+        assert!(copied(GgmlDType::Q4K, &super_block, 256).is_ok());
+        assert!(copied(GgmlDType::Q4K, &super_block[..144], 32).is_err());
+        assert!(copied(GgmlDType::Q4K, &super_block, 288).is_err());
+        // Formats ours do not serve are left to candle's kernels.
+        assert!(copied(GgmlDType::Q6K, &[0; 210], 256).unwrap().is_none());
     }
 }

@@ -121,7 +121,7 @@ impl<F: Format> Tiled<F> {
     /// wasm build, so there is always a matrix).
     pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
         let stored = 2 + F::QUANTS;
-        check_blocks(blocks, rows, cols, stored)?;
+        check_blocks(blocks, rows, cols, BLOCK, stored)?;
         let per_row = cols / BLOCK;
         let mut tiles = vec![0; rows.div_ceil(ROWS) * per_row * Self::TILE_BLOCK];
         for (n, block) in blocks.chunks_exact(stored).enumerate() {

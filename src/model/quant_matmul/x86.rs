@@ -1,6 +1,6 @@
-//! q8_0 and q4_0 on x86-64: the file's own blocks multiplied where they lie, by AVX-512 VNNI
-//! kernels (`vnni`) or, on CPUs without them, by AVX2 kernels (`avx2`: most laptops' Intel
-//! CPUs, AMD before Zen 4).
+//! q8_0, q4_0 and q4_K on x86-64: the file's own blocks multiplied where they lie, by
+//! AVX-512 VNNI kernels (`vnni`) or, on CPUs without them, by AVX2 kernels (`avx2`: most
+//! laptops' Intel CPUs, AMD before Zen 4).
 //!
 //! Why: candle 0.11's `QMatMul` holds a copy of every quantized matrix (on VNNI CPUs a
 //! repacked one beside the original), so a q8_0 Phi-2 needed twice its file in memory and
@@ -11,11 +11,11 @@
 //! load instead wrote 2.8 GB for Phi-2, pages the kernel must zero first: about 0.75 s on two
 //! cores, twice llama.cpp's whole load.)
 //!
-//! The kernels are written once over the block `Format`: a format only says how a block's 32
-//! weights come out of its bytes, as signed bytes in a register; everything after that is the
-//! same for q8_0 and q4_0. Each activation row is quantized once per product to q8_0 blocks,
-//! as llama.cpp does for both formats, and a matrix's rows are split in units of 16 across
-//! the threads the CPU kernels share.
+//! The kernels are written once over the block `Format`: a format says how a block's 32
+//! weights come out of its bytes, as bytes in a register, and what its scale and min are;
+//! everything after that is the same for q8_0, q4_0 and q4_K. Each activation row is
+//! quantized once per product to q8_0 blocks, as llama.cpp does for the 32-value formats,
+//! and a matrix's rows are split in units of 16 across the threads the CPU kernels share.
 
 mod avx2;
 mod vnni;
@@ -78,72 +78,228 @@ impl Kernel {
     }
 }
 
-/// A GGML block format the kernels read: blocks of 32 weights, each an f16 scale and then
-/// the quants. A block's weights come out in two forms (from `quants`, the bytes after the
-/// scale): signed, for AVX2's `vpmaddubsw`, and offset to unsigned, for VNNI's `vpdpbusd`,
-/// which multiplies unsigned bytes by signed ones; the offset comes back out as one number
-/// per activation block, `OFFSET·Σx`.
+/// A GGML block format the kernels read: blocks of 32 weights, each with a scale (and in
+/// k-quants a min), stored one by one (q8_0, q4_0) or eight to a super-block (q4_K). A
+/// block's weights come out in two forms: signed, for AVX2's `vpmaddubsw`, and offset to
+/// unsigned, for VNNI's `vpdpbusd`, which multiplies unsigned bytes by signed ones; the
+/// offset comes back out as one integer per activation block, `OFFSET·Σx`, so the block's
+/// sum stays exact. A min (`w = scale·q − min`) is not an integer multiple of the scale, so
+/// its share, `min·Σx`, comes off in f32, eight blocks at a time.
 ///
-/// # Safety (both forms)
-/// `BYTES - 2` bytes from `quants` are readable, and the CPU has AVX2.
+/// # Safety (every method)
+/// `row` points at a stored row holding block `b` (and for `eight_scales`, blocks `b` to
+/// `b + 7`, `b` a multiple of 8), and the CPU has AVX2 and F16C.
 pub trait Format {
     const DTYPE: GgmlDType;
-    /// Bytes per stored block.
+    /// Blocks of 32 weights stored together.
+    const BLOCKS: usize;
+    /// Bytes stored per `BLOCKS` blocks.
     const BYTES: usize;
     /// What `unsigned` adds to each weight.
     const OFFSET: i32;
+    /// The largest byte `unsigned` gives.
+    const UNSIGNED_MAX: i32;
+    /// Whether blocks carry a min besides their scale.
+    const MINS: bool;
 
-    /// The block's 32 weights in order.
-    unsafe fn signed(quants: *const u8) -> __m256i;
-    /// The block's 32 weights plus `OFFSET`, in order.
-    unsafe fn unsigned(quants: *const u8) -> __m256i;
+    /// Block `b`'s 32 weights in order.
+    unsafe fn signed(row: *const u8, b: usize) -> __m256i;
+    /// Block `b`'s 32 weights plus `OFFSET`, in order.
+    unsafe fn unsigned(row: *const u8, b: usize) -> __m256i;
+    /// The scales and mins (zero where the format has none) of blocks `b..b + 8`. (Always
+    /// inlined, so without target features of its own: called as a function, it made the
+    /// row kernels spill their accumulators around every call.)
+    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256);
+    /// Block `b`'s scale and min, one block alone.
+    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32);
 }
 
-/// q8_0: 32 signed bytes.
+/// Bytes of a stored row of `blocks` blocks of `F`.
+const fn row_bytes<F: Format>(blocks: usize) -> usize {
+    blocks / F::BLOCKS * F::BYTES
+}
+
+/// The eight f16 scales, widened, of the blocks `b..b + 8` of a format that stores each
+/// block alone as its scale and then its quants, read one by one (a gather of the same is
+/// several times slower on Zen 4) for one vector conversion.
+///
+/// # Safety
+/// As `Format::eight_scales`.
+#[inline(always)]
+unsafe fn f16_scales<F: Format>(row: *const u8, b: usize) -> (__m256, __m256) {
+    let words: [u16; 8] =
+        std::array::from_fn(|i| row.add((b + i) * F::BYTES).cast::<u16>().read_unaligned());
+    let scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
+    (scales, _mm256_setzero_ps())
+}
+
+/// Block `b`'s f16 scale, where each block is stored alone as its scale and then its quants.
+///
+/// # Safety
+/// As `Format::scale`.
+#[inline]
+unsafe fn f16_scale<F: Format>(row: *const u8, b: usize) -> (f32, f32) {
+    let scale = row.add(b * F::BYTES).cast::<f16>().read_unaligned();
+    (scale.to_f32(), 0.0)
+}
+
+/// q8_0: a block is its f16 scale and 32 signed bytes.
 pub struct Q8_0;
 
 impl Format for Q8_0 {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
+    const BLOCKS: usize = 1;
     const BYTES: usize = 2 + BLOCK;
     const OFFSET: i32 = 128;
+    const UNSIGNED_MAX: i32 = 255;
+    const MINS: bool = false;
 
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn signed(quants: *const u8) -> __m256i {
-        _mm256_loadu_si256(quants.cast())
+    unsafe fn signed(row: *const u8, b: usize) -> __m256i {
+        _mm256_loadu_si256(row.add(b * Self::BYTES + 2).cast())
     }
 
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn unsigned(quants: *const u8) -> __m256i {
-        _mm256_xor_si256(Self::signed(quants), _mm256_set1_epi8(i8::MIN))
+    unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
+        _mm256_xor_si256(Self::signed(row, b), _mm256_set1_epi8(i8::MIN))
+    }
+
+    #[inline(always)]
+    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
+        f16_scales::<Self>(row, b)
+    }
+
+    #[inline]
+    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
+        f16_scale::<Self>(row, b)
     }
 }
 
-/// q4_0: 16 bytes, weight `j` in the low nibble of byte `j` and weight `j + 16` in its high
-/// nibble, both stored plus 8.
+/// q4_0: a block is its f16 scale and 16 bytes, weight `j` in the low nibble of byte `j`
+/// and weight `j + 16` in its high nibble, both stored plus 8.
 pub struct Q4_0;
 
 impl Format for Q4_0 {
     const DTYPE: GgmlDType = GgmlDType::Q4_0;
+    const BLOCKS: usize = 1;
     const BYTES: usize = 2 + BLOCK / 2;
     const OFFSET: i32 = 8;
+    const UNSIGNED_MAX: i32 = 15;
+    const MINS: bool = false;
 
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn signed(quants: *const u8) -> __m256i {
-        _mm256_sub_epi8(Self::unsigned(quants), _mm256_set1_epi8(8))
+    unsafe fn signed(row: *const u8, b: usize) -> __m256i {
+        _mm256_sub_epi8(Self::unsigned(row, b), _mm256_set1_epi8(8))
     }
 
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn unsigned(quants: *const u8) -> __m256i {
-        let bytes = _mm_loadu_si128(quants.cast());
+    unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
+        let bytes = _mm_loadu_si128(row.add(b * Self::BYTES + 2).cast());
         let nibble = _mm_set1_epi8(0x0F);
         let low = _mm_and_si128(bytes, nibble);
         let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
         _mm256_set_m128i(high, low)
     }
+
+    #[inline(always)]
+    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
+        f16_scales::<Self>(row, b)
+    }
+
+    #[inline]
+    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
+        f16_scale::<Self>(row, b)
+    }
+}
+
+/// q4_K: super-blocks of eight blocks, each an f16 `d` and `dmin`, 12 bytes packing every
+/// block's 6-bit scale and min (`q4_k_scales`), then 128 bytes of nibbles: blocks `2k` and
+/// `2k + 1` in the low and high nibbles of bytes `32k..32k + 32`. Weight `q` of a block
+/// with scale `s` and min `m` is `d·s·q − dmin·m`.
+pub struct Q4K;
+
+impl Q4K {
+    /// Super-block `b / 8`'s `d` and `dmin`, and its eight blocks' scales and mins.
+    ///
+    /// # Safety
+    /// As `Format::scale`.
+    #[inline(always)]
+    unsafe fn super_block(row: *const u8, b: usize) -> (f32, f32, [u32; 4]) {
+        let block = row.add(b / 8 * Self::BYTES);
+        let d = block.cast::<f16>().read_unaligned();
+        let dmin = block.add(2).cast::<f16>().read_unaligned();
+        let packed = block.add(4).cast::<[u32; 3]>().read_unaligned();
+        (
+            d.to_f32(),
+            dmin.to_f32(),
+            q4_k_scales(packed.map(u32::from_le)),
+        )
+    }
+}
+
+impl Format for Q4K {
+    const DTYPE: GgmlDType = GgmlDType::Q4K;
+    const BLOCKS: usize = 8;
+    const BYTES: usize = 4 + 12 + 8 * BLOCK / 2;
+    const OFFSET: i32 = 0;
+    const UNSIGNED_MAX: i32 = 15;
+    const MINS: bool = true;
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn signed(row: *const u8, b: usize) -> __m256i {
+        Self::unsigned(row, b)
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
+        let bytes = _mm256_loadu_si256(row.add(b / 8 * Self::BYTES + 16 + b % 8 / 2 * 32).cast());
+        let shift = _mm_cvtsi32_si128(b as i32 % 2 * 4);
+        _mm256_and_si256(_mm256_srl_epi16(bytes, shift), _mm256_set1_epi8(0x0F))
+    }
+
+    #[inline(always)]
+    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
+        let (d, dmin, [s0, s1, m0, m1]) = Self::super_block(row, b);
+        let bytes = _mm_setr_epi32(s0 as i32, s1 as i32, m0 as i32, m1 as i32);
+        let scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+        (
+            _mm256_mul_ps(scales, _mm256_set1_ps(d)),
+            _mm256_mul_ps(mins, _mm256_set1_ps(dmin)),
+        )
+    }
+
+    #[inline]
+    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
+        let (d, dmin, words) = Self::super_block(row, b);
+        let byte = |i: usize| (words[i / 4] >> (i % 4 * 8)) as u8 as f32;
+        (d * byte(b % 8), dmin * byte(8 + b % 8))
+    }
+}
+
+/// A q4_K super-block's eight 6-bit scales and mins (bytes 0–7 and 8–15 of the result, in
+/// little-endian words), as ggml packs them in 12 bytes (`get_scale_min_k4`): blocks 0–3 in the low 6 bits of bytes
+/// 0–3 (scales) and 4–7 (mins); blocks 4–7 in the low (scales) and high (mins) nibbles of
+/// bytes 8–11, their top two bits in the top two bits of bytes 0–3 (scales) and 4–7 (mins).
+/// Four bytes at a time, as llama.cpp unpacks them: byte by byte, this was a third of a
+/// decode's time.
+#[inline(always)]
+fn q4_k_scales([scales, mins, high]: [u32; 3]) -> [u32; 4] {
+    const LOW_6: u32 = 0x3F3F_3F3F;
+    const LOW_4: u32 = 0x0F0F_0F0F;
+    const LOW_2: u32 = 0x0303_0303;
+    [
+        scales & LOW_6,
+        (high & LOW_4) | ((scales >> 6) & LOW_2) << 4,
+        mins & LOW_6,
+        ((high >> 4) & LOW_4) | ((mins >> 6) & LOW_2) << 4,
+    ]
 }
 
 /// A `rows × cols` matrix of `F` blocks as GGUF stores them: row after row.
@@ -157,30 +313,9 @@ pub struct Matrix<F> {
 
 pub type Q8Matrix = Matrix<Q8_0>;
 pub type Q4Matrix = Matrix<Q4_0>;
+pub type Q4KMatrix = Matrix<Q4K>;
 
 impl<F: Format> Matrix<F> {
-    /// `rows × cols` values stored as GGUF blocks of this format, copied once, for the CPU's
-    /// best kernel; `None` where it runs none of ours (candle's serve there).
-    pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
-        Kernel::best_here()
-            .map(|kernel| Self::copied(blocks, rows, cols, kernel))
-            .transpose()
-    }
-
-    /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where
-    /// it runs none of ours.
-    pub fn in_place(blocks: StoredBytes, rows: usize, cols: usize) -> Result<Option<Self>> {
-        Kernel::best_here()
-            .map(|kernel| Self::new(blocks, rows, cols, kernel))
-            .transpose()
-    }
-
-    /// The blocks copied once, multiplied by `kernel`: an error where the CPU lacks its
-    /// instructions.
-    pub fn copied(blocks: &[u8], rows: usize, cols: usize, kernel: Kernel) -> Result<Self> {
-        Self::new(StoredBytes::owned(blocks.to_vec()), rows, cols, kernel)
-    }
-
     pub(super) fn new(
         blocks: StoredBytes,
         rows: usize,
@@ -193,7 +328,7 @@ impl<F: Format> Matrix<F> {
                 F::DTYPE
             )));
         }
-        check_blocks(blocks.as_slice(), rows, cols, F::BYTES)?;
+        check_blocks(blocks.as_slice(), rows, cols, F::BLOCKS * BLOCK, F::BYTES)?;
         Ok(Self {
             rows,
             cols,
@@ -224,13 +359,13 @@ impl<F: Format> Matrix<F> {
         if m == 0 {
             return Ok(Vec::new());
         }
-        let activations = Q8Rows::new(x, self.cols, F::OFFSET);
+        let activations = Q8Rows::new(x, self.cols);
         let mut out = vec![0f32; m * self.rows];
         let product = Product {
             stored: self.blocks.as_slice(),
             rows: self.rows,
             blocks_per_row: self.cols / BLOCK,
-            row_bytes: self.cols / BLOCK * F::BYTES,
+            row_bytes: row_bytes::<F>(self.cols / BLOCK),
             activation_rows: m,
             activations: &activations,
             out: Disjoint::new(&mut out),
@@ -277,7 +412,7 @@ impl Product<'_> {
         let (per_row, x) = (self.blocks_per_row, self.activations);
         XRow {
             scales: &x.scales[j * per_row..(j + 1) * per_row],
-            offsets: &x.offsets[j * per_row..(j + 1) * per_row],
+            sums: &x.sums[j * per_row..(j + 1) * per_row],
             quants: &x.quants[j * per_row * BLOCK..(j + 1) * per_row * BLOCK],
         }
     }
@@ -321,35 +456,52 @@ impl Product<'_> {
     }
 }
 
-/// Activation rows quantized to q8_0 blocks, with each block's `OFFSET·Σq` that the VNNI
-/// kernels' offset weights add to its products.
+/// Activation rows quantized to q8_0 blocks, with each block's `Σq`: the weights' offsets
+/// and mins add it (times themselves) to the block's products.
 struct Q8Rows {
     scales: Vec<f32>,
-    offsets: Vec<i32>,
+    sums: Vec<i32>,
     quants: Vec<i8>,
 }
 
 /// One quantized activation row.
 struct XRow<'a> {
     scales: &'a [f32],
-    offsets: &'a [i32],
+    sums: &'a [i32],
     quants: &'a [i8],
 }
 
+impl XRow<'_> {
+    /// Whether the row holds `blocks` blocks.
+    fn has(&self, blocks: usize) -> bool {
+        self.scales.len() == blocks
+            && self.sums.len() == blocks
+            && self.quants.len() == blocks * BLOCK
+    }
+
+    /// Block `b`'s value sum, `scale·Σq`, which a weight block's min multiplies.
+    ///
+    /// # Safety
+    /// `b` is one of the row's blocks.
+    #[inline(always)]
+    unsafe fn block_sum(&self, b: usize) -> f32 {
+        *self.scales.get_unchecked(b) * *self.sums.get_unchecked(b) as f32
+    }
+}
+
 impl Q8Rows {
-    /// `x`, whole rows of `cols` values (a multiple of 32), quantized; the weights' offset
-    /// is `offset`.
-    fn new(x: &[f32], cols: usize, offset: i32) -> Self {
+    /// `x`, whole rows of `cols` values (a multiple of 32), quantized.
+    fn new(x: &[f32], cols: usize) -> Self {
         let blocks = x.len() / BLOCK;
         assert!(x.len() == blocks * BLOCK && cols.is_multiple_of(BLOCK));
         let mut rows = Self {
             scales: vec![0.0; blocks],
-            offsets: vec![0; blocks],
+            sums: vec![0; blocks],
             quants: vec![0; blocks * BLOCK],
         };
         // SAFETY: a Matrix exists only where one of our kernels runs, and both need AVX2;
         // the lengths above are the ones quantize_avx2 reads and writes.
-        unsafe { rows.quantize_avx2(x, offset) };
+        unsafe { rows.quantize_avx2(x) };
         rows
     }
 
@@ -358,7 +510,7 @@ impl Q8Rows {
     /// llama.cpp's vector quantization (the plain form rounds them away from zero, as its
     /// reference does): the two differ only where `x / d` is exactly half an integer.
     #[target_feature(enable = "avx2")]
-    unsafe fn quantize_avx2(&mut self, x: &[f32], offset: i32) {
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
         let sign = _mm256_set1_ps(-0.0);
         // packs interleaves the 128-bit halves; this puts the 8 groups of 4 back in order.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -380,7 +532,7 @@ impl Q8Rows {
             let bytes = _mm256_permutevar8x32_epi32(bytes, order);
             _mm256_storeu_si256(self.quants.as_mut_ptr().add(b * BLOCK).cast(), bytes);
             let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            self.offsets[b] = offset * horizontal_sum_i32(sum);
+            self.sums[b] = horizontal_sum_i32(sum);
             self.scales[b] = f16::from_f32(d).to_f32();
         }
     }
@@ -411,18 +563,43 @@ unsafe fn horizontal_sum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32::<1>(quarter)))
 }
 
-/// The f16 scales of `N` blocks of the row at `base` from block `first` on, read one by one
-/// (a gather of the same is several times slower on Zen 4) for one vector conversion.
+/// The scales and mins of a tile's rows (`stored`: `lanes` whole rows of `per_row`
+/// blocks), block by block, `lanes` to a block, as the tile kernels read them (each row's
+/// eight blocks at a time, written out across the lanes).
 ///
 /// # Safety
-/// Those blocks lie inside the row.
-#[inline(always)]
-unsafe fn scale_words<F: Format, const N: usize>(base: *const u8, first: usize) -> [u16; N] {
-    std::array::from_fn(|i| {
-        base.add((first + i) * F::BYTES)
-            .cast::<u16>()
-            .read_unaligned()
-    })
+/// The CPU has AVX2 and F16C, and `scales` and `mins` hold `per_row · lanes` values.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn tile_scales<F: Format>(
+    stored: &[u8],
+    per_row: usize,
+    lanes: usize,
+    scales: &mut [f32],
+    mins: &mut [f32],
+) {
+    let row_bytes = row_bytes::<F>(per_row);
+    assert!(
+        stored.len() == lanes * row_bytes
+            && scales.len() == per_row * lanes
+            && mins.len() == per_row * lanes
+    );
+    let whole = per_row / 8 * 8;
+    for lane in 0..lanes {
+        let row = stored.as_ptr().add(lane * row_bytes);
+        for b in (0..whole).step_by(8) {
+            let (mut eight, mut eight_mins) = ([0f32; 8], [0f32; 8]);
+            let (s, m) = F::eight_scales(row, b);
+            _mm256_storeu_ps(eight.as_mut_ptr(), s);
+            _mm256_storeu_ps(eight_mins.as_mut_ptr(), m);
+            for i in 0..8 {
+                scales[(b + i) * lanes + lane] = eight[i];
+                mins[(b + i) * lanes + lane] = eight_mins[i];
+            }
+        }
+        for b in whole..per_row {
+            (scales[b * lanes + lane], mins[b * lanes + lane]) = F::scale(row, b);
+        }
+    }
 }
 
 /// Asks for the cache lines of the four blocks `PREFETCH` bytes past block `b` of the row at
@@ -430,8 +607,10 @@ unsafe fn scale_words<F: Format, const N: usize>(base: *const u8, first: usize) 
 /// prefetch past the matrix's end is harmless (it never faults), hence the wrapping address.
 #[inline(always)]
 fn prefetch_four_blocks<F: Format>(base: *const u8, b: usize) {
-    let ahead = base.wrapping_add(b * F::BYTES + PREFETCH);
-    for line in 0..(4 * F::BYTES).div_ceil(64) {
+    // Bytes per block, on average over a super-block.
+    let at = |blocks: usize| blocks * F::BYTES / F::BLOCKS;
+    let ahead = base.wrapping_add(at(b) + PREFETCH);
+    for line in 0..at(4).div_ceil(64) {
         // SAFETY: a prefetch reads nothing and never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast()) };
     }
@@ -440,6 +619,41 @@ fn prefetch_four_blocks<F: Format>(base: *const u8, b: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-wise unpacking of q4_K's scales and mins gives ggml's `get_scale_min_k4`,
+    /// byte by byte, for packings where every bit differs.
+    #[test]
+    fn q4_k_scales_unpack_as_ggml_does() {
+        let get_scale_min_k4 = |j: usize, q: &[u8; 12]| {
+            if j < 4 {
+                (q[j] & 63, q[j + 4] & 63)
+            } else {
+                (
+                    (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                    (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                )
+            }
+        };
+        for seed in 0..64u32 {
+            let packed: [u8; 12] = std::array::from_fn(|i| {
+                ((seed * 12 + i as u32).wrapping_mul(2_654_435_761) >> 24) as u8
+            });
+            let words = std::array::from_fn(|i| {
+                u32::from_le_bytes(std::array::from_fn(|k| packed[4 * i + k]))
+            });
+            let got: Vec<u8> = q4_k_scales(words)
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            for j in 0..8 {
+                assert_eq!(
+                    (got[j], got[8 + j]),
+                    get_scale_min_k4(j, &packed),
+                    "{packed:?}, {j}"
+                );
+            }
+        }
+    }
 
     /// The vector quantization gives `quantize_block`'s scales and quants, except a quant
     /// one apart where the value falls exactly halfway (halves to even there, away from zero
@@ -461,7 +675,7 @@ mod tests {
         x[3 * BLOCK] = 127.0;
         x[3 * BLOCK + 1] = 63.5;
         x[3 * BLOCK + 2] = -2.5;
-        let got = Q8Rows::new(&x, BLOCK, 128);
+        let got = Q8Rows::new(&x, BLOCK);
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let (scale, quants) = super::super::quantize_block(block);
             assert_eq!(got.scales[b], scale);
@@ -485,7 +699,7 @@ mod tests {
                 .iter()
                 .map(|&q| q as i32)
                 .sum();
-            assert_eq!(got.offsets[b], 128 * sum);
+            assert_eq!(got.sums[b], sum);
         }
         assert_eq!(&got.quants[3 * BLOCK..3 * BLOCK + 3], &[127, 64, -2]);
     }

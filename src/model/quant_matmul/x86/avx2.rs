@@ -20,9 +20,7 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use half::f16;
-
-use super::{horizontal_sum, prefetch_four_blocks, scale_words, Format, Product, XRow};
+use super::{horizontal_sum, prefetch_four_blocks, row_bytes, tile_scales, Format, Product, XRow};
 use crate::model::quant_matmul::BLOCK;
 
 /// Weight rows per prefill tile: one register of i32 lanes.
@@ -35,11 +33,12 @@ const GROUPS: usize = BLOCK / 4;
 #[repr(C, align(32))]
 struct Line([u8; 32]);
 
-/// One tile transposed: per block, its 8 lines, and the 8 rows' scales as f32.
+/// One tile transposed: per block, its 8 lines, and the 8 rows' scales and mins.
 #[derive(Default)]
 struct Scratch {
     lines: Vec<Line>,
     scales: Vec<f32>,
+    mins: Vec<f32>,
 }
 
 thread_local! {
@@ -51,8 +50,7 @@ thread_local! {
 /// Whether `F`'s unsigned weights times activations (at most 127 in magnitude) stay within
 /// i16 summed over a whole block's lines in pairs, as `vpmaddubsw` leaves them.
 const fn sums_fit_i16<F: Format>() -> bool {
-    let largest = 2 * F::OFFSET - 1;
-    (GROUPS as i32) * 2 * largest * 127 <= i16::MAX as i32
+    (GROUPS as i32) * 2 * F::UNSIGNED_MAX * 127 <= i16::MAX as i32
 }
 
 /// Unit `t`: its weight rows against every activation row; tiles of 8 rows where there are
@@ -85,14 +83,25 @@ fn tile<F: Format>(p: &Product, first: usize) {
         }
         if scratch.scales.len() < scales {
             scratch.scales.resize(scales, 0.0);
+            scratch.mins.resize(scales, 0.0);
         }
-        let (lines, scales) = (&mut scratch.lines[..lines], &mut scratch.scales[..scales]);
+        let (lines, scales, mins) = (
+            &mut scratch.lines[..lines],
+            &mut scratch.scales[..scales],
+            &mut scratch.mins[..scales],
+        );
         let stored = p.weights(first..first + ROWS);
-        assert!(stored.len() == ROWS * per_row * F::BYTES);
         // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2 and F16C; the
-        // lengths are the ones transpose reads and writes.
-        unsafe { transpose::<F>(stored, per_row, lines, scales) };
-        let tile = Tile { lines, scales };
+        // lengths are the ones transpose and tile_scales read and write.
+        unsafe {
+            transpose::<F>(stored, per_row, lines);
+            tile_scales::<F>(stored, per_row, ROWS, scales, mins);
+        }
+        let tile = Tile {
+            lines,
+            scales,
+            mins,
+        };
         let (four, one) = (
             |xs: &[XRow; 4]| tile_dots::<F, 4>(tile, xs),
             |x: &[XRow; 1]| tile_dots::<F, 1>(tile, x),
@@ -102,30 +111,24 @@ fn tile<F: Format>(p: &Product, first: usize) {
     })
 }
 
-/// 8 whole rows of `per_row` blocks (`stored`) into lines and f32 scales: per block, each
-/// row's 32 weights are one register (unsigned where `sums_fit_i16`, signed otherwise), and
-/// an 8 × 8 transposition of 4-byte groups turns them into the block's 8 lines.
+/// 8 whole rows of `per_row` blocks (`stored`) into lines: per block, each row's 32
+/// weights are one register (unsigned where `sums_fit_i16`, signed otherwise), and an 8 × 8
+/// transposition of 4-byte groups turns them into the block's 8 lines.
 ///
 /// # Safety
-/// The CPU has AVX2 and F16C, `stored` holds 8 rows of `per_row` blocks, `lines` and
-/// `scales` one block's worth per block.
+/// The CPU has AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn transpose<F: Format>(
-    stored: &[u8],
-    per_row: usize,
-    lines: &mut [Line],
-    scales: &mut [f32],
-) {
-    let row_bytes = per_row * F::BYTES;
+unsafe fn transpose<F: Format>(stored: &[u8], per_row: usize, lines: &mut [Line]) {
+    let row_bytes = row_bytes::<F>(per_row);
+    assert!(stored.len() == ROWS * row_bytes && lines.len() == per_row * GROUPS);
     let base = stored.as_ptr();
     for b in 0..per_row {
-        let block = base.add(b * F::BYTES);
         let r: [__m256i; ROWS] = std::array::from_fn(|k| {
-            let quants = block.add(k * row_bytes + 2);
+            let row = base.add(k * row_bytes);
             if sums_fit_i16::<F>() {
-                F::unsigned(quants)
+                F::unsigned(row, b)
             } else {
-                F::signed(quants)
+                F::signed(row, b)
             }
         });
         // Pairs of rows, then fours (groups g and g + 4 of rows 0-3 in u[g], of rows 4-7 in
@@ -156,10 +159,6 @@ unsafe fn transpose<F: Format>(
             _mm256_store_si256(out.add(g).cast(), low);
             _mm256_store_si256(out.add(g + 4).cast(), high);
         }
-        let words: [u16; ROWS] =
-            std::array::from_fn(|k| block.add(k * row_bytes).cast::<u16>().read_unaligned());
-        let row_scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
-        _mm256_storeu_ps(scales.as_mut_ptr().add(b * ROWS), row_scales);
     }
 }
 
@@ -168,15 +167,17 @@ unsafe fn transpose<F: Format>(
 struct Tile<'a> {
     lines: &'a [Line],
     scales: &'a [f32],
+    mins: &'a [f32],
 }
 
 /// The tile's 8 rows dotted with each of `N` activation rows.
 fn tile_dots<F: Format, const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; ROWS]; N] {
     let blocks = tile.scales.len() / ROWS;
-    let fits = |x: &XRow| {
-        x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
-    };
-    assert!(tile.lines.len() == blocks * GROUPS && xs.iter().all(fits));
+    assert!(
+        tile.lines.len() == blocks * GROUPS
+            && tile.mins.len() == tile.scales.len()
+            && xs.iter().all(|x| x.has(blocks))
+    );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2 and FMA, and the
     // assertion above keeps every read inside the slices.
     unsafe { tile_dots_avx2::<F, N>(tile, xs) }
@@ -206,7 +207,7 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
                 }
             }
             for n in 0..N {
-                let offset = _mm256_set1_epi32(*xs[n].offsets.get_unchecked(b));
+                let offset = _mm256_set1_epi32(F::OFFSET * *xs[n].sums.get_unchecked(b));
                 exact[n] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[n], ones), offset);
             }
         } else {
@@ -220,9 +221,13 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
             }
         }
         let scales = _mm256_loadu_ps(tile.scales.as_ptr().add(b * ROWS));
+        let mins = _mm256_loadu_ps(tile.mins.as_ptr().add(b * ROWS));
         for n in 0..N {
             let scale = _mm256_mul_ps(scales, _mm256_set1_ps(*xs[n].scales.get_unchecked(b)));
             acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact[n]), scale, acc[n]);
+            if F::MINS {
+                acc[n] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(xs[n].block_sum(b)), acc[n]);
+            }
         }
     }
     acc.map(|a| {
@@ -234,22 +239,24 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
 
 /// One stored weight row dotted with each of `N` quantized activation rows.
 fn dots<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
-    let blocks = row.len() / F::BYTES;
-    let fits = |x: &XRow| {
-        x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
-    };
-    assert!(row.len() == blocks * F::BYTES && xs.iter().all(fits));
+    let blocks = xs[0].scales.len();
+    assert!(
+        row.len() == row_bytes::<F>(blocks)
+            && blocks.is_multiple_of(F::BLOCKS)
+            && xs.iter().all(|x| x.has(blocks))
+    );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA and F16C,
     // and the assertion above keeps every read inside the slices.
     unsafe { dots_avx2::<F, N>(row, xs) }
 }
 
 /// Where `sums_fit_i16`, on unsigned weights as the tiles: `vpmaddubsw` with no sign trick,
-/// and the offset's share, `OFFSET·Σx` per block, scaled and taken off once per eight blocks
-/// in f32 (a subtraction per block would cost what the sign trick does).
+/// and what the unsigned weights carry beyond their values (the offset, `OFFSET·scale`, and
+/// any min) times `Σx` per block, taken off once per eight blocks in f32 (a subtraction per
+/// block would cost what the sign trick does).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
-    let blocks = row.len() / F::BYTES;
+    let blocks = xs[0].scales.len();
     let base = row.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let unsigned = sums_fit_i16::<F>();
@@ -257,16 +264,15 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
     // FMA's latency; four rows' chains interleave by themselves.
     let chains = if N == 1 { 4 } else { 1 };
     let mut acc = [[_mm256_setzero_ps(); 4]; N];
-    // The offsets' share, per activation row: eight blocks a lane, then the rest.
-    let mut offsets = [_mm256_setzero_ps(); N];
+    // The offsets' and mins' share, per activation row: eight blocks a lane, then the rest.
+    let mut beyond = [_mm256_setzero_ps(); N];
     let mut rest = [0f32; N];
     // Block `b` into chain `chain`, its weight scale times each activation row's in `scales`.
     let mut block = |b: usize, chain: usize, scales: [f32; N]| {
-        let quants = F::BYTES * b + 2;
         let (w, magnitude) = if unsigned {
-            (F::unsigned(base.add(quants)), _mm256_setzero_si256())
+            (F::unsigned(base, b), _mm256_setzero_si256())
         } else {
-            let w = F::signed(base.add(quants));
+            let w = F::signed(base, b);
             (w, _mm256_sign_epi8(w, w))
         };
         for n in 0..N {
@@ -280,19 +286,23 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
             acc[n][chain] = _mm256_fmadd_ps(sums, _mm256_set1_ps(scales[n]), acc[n][chain]);
         }
     };
+    let offset = if unsigned { F::OFFSET as f32 } else { 0.0 };
     let whole = blocks / 8 * 8;
     for b in (0..whole).step_by(8) {
         // Eight blocks' scales, weights' times activations', in one multiply per row.
-        let words: [u16; 8] = scale_words::<F, 8>(base, b);
-        let weight_scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
+        let (weight_scales, mins) = F::eight_scales(base, b);
+        let extra = _mm256_fmadd_ps(_mm256_set1_ps(offset), weight_scales, mins);
         let mut scales = [[0f32; 8]; N];
         for n in 0..N {
             let x = &xs[n];
-            let both = _mm256_mul_ps(weight_scales, _mm256_loadu_ps(x.scales.as_ptr().add(b)));
-            _mm256_storeu_ps(scales[n].as_mut_ptr(), both);
-            if unsigned {
-                let shares = _mm256_loadu_si256(x.offsets.as_ptr().add(b).cast());
-                offsets[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shares), both, offsets[n]);
+            let x_scales = _mm256_loadu_ps(x.scales.as_ptr().add(b));
+            _mm256_storeu_ps(
+                scales[n].as_mut_ptr(),
+                _mm256_mul_ps(weight_scales, x_scales),
+            );
+            if unsigned || F::MINS {
+                let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(x.sums.as_ptr().add(b).cast()));
+                beyond[n] = _mm256_fmadd_ps(extra, _mm256_mul_ps(sums, x_scales), beyond[n]);
             }
         }
         #[allow(clippy::needless_range_loop)] // `i` picks a block and each row's scale of it
@@ -304,19 +314,19 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
         }
     }
     for b in whole..blocks {
-        let at = b * F::BYTES;
-        let weight_scale = f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
-        let scales = std::array::from_fn(|n| weight_scale * xs[n].scales[b]);
-        block(b, 0, scales);
-        if unsigned {
-            for n in 0..N {
-                rest[n] += scales[n] * xs[n].offsets[b] as f32;
-            }
+        let (weight_scale, min) = F::scale(base, b);
+        block(
+            b,
+            0,
+            std::array::from_fn(|n| weight_scale * xs[n].scales[b]),
+        );
+        for n in 0..N {
+            rest[n] += (offset * weight_scale + min) * xs[n].block_sum(b);
         }
     }
     std::array::from_fn(|n| {
         let [a, b, c, d] = acc[n];
         let sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
-        sum - horizontal_sum(offsets[n]) - rest[n]
+        sum - horizontal_sum(beyond[n]) - rest[n]
     })
 }

@@ -15,9 +15,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use half::f16;
-
-use super::{horizontal_sum, prefetch_four_blocks, scale_words, Format, Product, XRow, TILE};
+use super::{
+    horizontal_sum, prefetch_four_blocks, row_bytes, tile_scales, Format, Product, XRow, TILE,
+};
 use crate::model::quant_matmul::BLOCK;
 
 /// Groups of 4 columns per block: one cache line of a tile (4 quants of each of 16 rows).
@@ -29,16 +29,17 @@ const GROUPS: usize = BLOCK / 4;
 struct Line([u8; 64]);
 
 /// One tile transposed for the kernel: per block, per group of 4 columns, one line, and per
-/// block the 16 rows' scales (padding rows: scale 0, adding nothing).
+/// block the 16 rows' scales and mins (padding rows: 0, adding nothing).
 #[derive(Default)]
 struct Scratch {
     quants: Vec<Line>,
-    scales: Vec<f16>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
 }
 
 thread_local! {
     /// Each pool thread's tile, reused product after product so a decode step allocates
-    /// nothing; one tile of Phi-2's widest matrix is 180 KB, which stays in L2.
+    /// nothing; one tile of Phi-2's widest matrix is 200 KB, which stays in L2.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
@@ -63,8 +64,8 @@ pub(super) fn prefill_unit<F: Format>(p: &Product, t: usize) {
         let rows = p.unit_rows(t);
         let tile = scratch.fill::<F>(p.weights(rows.clone()), p.blocks_per_row);
         let (four, one) = (
-            |xs: &[XRow; 4]| tile_dots(tile, xs),
-            |x: &[XRow; 1]| tile_dots(tile, x),
+            |xs: &[XRow; 4]| tile_dots::<F, 4>(tile, xs),
+            |x: &[XRow; 1]| tile_dots::<F, 1>(tile, x),
         );
         // SAFETY: the tile's rows are this unit's.
         unsafe { p.in_fours(rows, four, one) };
@@ -81,19 +82,29 @@ impl Scratch {
             self.quants.resize(lines, Line([0; 64]));
         }
         if self.scales.len() < scales {
-            self.scales.resize(scales, f16::ZERO);
+            self.scales.resize(scales, 0.0);
+            self.mins.resize(scales, 0.0);
         }
-        let (quants, scales) = (&mut self.quants[..lines], &mut self.scales[..scales]);
+        let (quants, scales, mins) = (
+            &mut self.quants[..lines],
+            &mut self.scales[..scales],
+            &mut self.mins[..scales],
+        );
         // SAFETY: a Matrix with this kernel exists only where the CPU has AVX-512 (and
-        // AVX2); the lengths above are the ones the transpositions read and write.
+        // AVX2 and F16C); the lengths above are the ones the transpositions read and write.
         unsafe {
-            if stored.len() == TILE * per_row * F::BYTES {
-                transpose_avx512::<F>(stored, per_row, quants, scales);
+            if stored.len() == TILE * row_bytes::<F>(per_row) {
+                transpose_avx512::<F>(stored, per_row, quants);
+                tile_scales::<F>(stored, per_row, TILE, scales, mins);
             } else {
-                transpose_plain::<F>(stored, per_row, quants, scales);
+                transpose_plain::<F>(stored, per_row, quants, scales, mins);
             }
         }
-        Tile { quants, scales }
+        Tile {
+            quants,
+            scales,
+            mins,
+        }
     }
 }
 
@@ -101,27 +112,28 @@ impl Scratch {
 /// reference the vector form is tested against.
 ///
 /// # Safety
-/// The CPU has AVX2 (for `F::unsigned`).
+/// The CPU has AVX2 and F16C (for `F`'s methods), `stored` holds whole rows of `per_row`
+/// blocks, and `lines`, `scales` and `mins` one block's worth per block.
 unsafe fn transpose_plain<F: Format>(
     stored: &[u8],
     per_row: usize,
     lines: &mut [Line],
-    scales: &mut [f16],
+    scales: &mut [f32],
+    mins: &mut [f32],
 ) {
-    let lanes = stored.len() / (per_row * F::BYTES);
+    let row_bytes = row_bytes::<F>(per_row);
+    let lanes = stored.len() / row_bytes;
     for b in 0..per_row {
         for lane in 0..TILE {
             let (scale, quants) = if lane < lanes {
-                let at = (lane * per_row + b) * F::BYTES;
-                let block = &stored[at..at + F::BYTES];
+                let row = stored[lane * row_bytes..].as_ptr();
                 let mut quants = [0u8; BLOCK];
-                let weights = F::unsigned(block[2..].as_ptr());
-                _mm256_storeu_si256(quants.as_mut_ptr().cast(), weights);
-                (f16::from_le_bytes([block[0], block[1]]), quants)
+                _mm256_storeu_si256(quants.as_mut_ptr().cast(), F::unsigned(row, b));
+                (F::scale(row, b), quants)
             } else {
-                (f16::ZERO, [0; BLOCK])
+                ((0.0, 0.0), [0; BLOCK])
             };
-            scales[b * TILE + lane] = scale;
+            (scales[b * TILE + lane], mins[b * TILE + lane]) = scale;
             for (g, four) in quants.chunks_exact(4).enumerate() {
                 for (i, q) in four.iter().enumerate() {
                     lines[b * GROUPS + g].0[lane * 4 + i] = *q;
@@ -131,30 +143,20 @@ unsafe fn transpose_plain<F: Format>(
     }
 }
 
-/// The tile transposition 16 rows at a time: per block, each row's 32 weights are one
+/// The tile's quants transposed 16 rows at a time: per block, each row's 32 weights are one
 /// register's half, two rows share a register (rows k and k + 8), and an 8 × 8
 /// transposition of 4-byte groups in each half turns them into the block's eight lines.
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn transpose_avx512<F: Format>(
-    stored: &[u8],
-    per_row: usize,
-    lines: &mut [Line],
-    scales: &mut [f16],
-) {
-    let row_bytes = per_row * F::BYTES;
-    assert!(
-        stored.len() == TILE * row_bytes
-            && lines.len() == per_row * GROUPS
-            && scales.len() == per_row * TILE
-    );
+unsafe fn transpose_avx512<F: Format>(stored: &[u8], per_row: usize, lines: &mut [Line]) {
+    let row_bytes = row_bytes::<F>(per_row);
+    assert!(stored.len() == TILE * row_bytes && lines.len() == per_row * GROUPS);
     let base = stored.as_ptr();
     // Lane pairs of two registers, [first low 128 bits of each half, second's] and the
     // same of the high 128 bits: the transposition's last step.
     let low = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
     let high = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     for b in 0..per_row {
-        let block = base.add(b * F::BYTES);
-        let quants = |r: usize| F::unsigned(block.add(r * row_bytes + 2));
+        let quants = |r: usize| F::unsigned(base.add(r * row_bytes), b);
         let r: [__m512i; 8] = std::array::from_fn(|k| {
             _mm512_inserti64x4::<1>(_mm512_castsi256_si512(quants(k)), quants(k + 8))
         });
@@ -186,24 +188,16 @@ unsafe fn transpose_avx512<F: Format>(
             _mm512_store_si512(out.add(g).cast(), first);
             _mm512_store_si512(out.add(g + 4).cast(), second);
         }
-        // Each row's scale is the first two bytes of its block (sixteen scalar copies: a
-        // gather is several times slower on Zen 4).
-        for (lane, scale) in scales[b * TILE..(b + 1) * TILE].iter_mut().enumerate() {
-            *scale = block.add(lane * row_bytes).cast::<f16>().read_unaligned();
-        }
     }
 }
 
 /// One stored weight row dotted with one quantized activation row.
 fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
-    let blocks = row.len() / F::BYTES;
+    let blocks = x.scales.len();
     assert!(
-        row.len() == blocks * F::BYTES
-            && x.scales.len() == blocks
-            && x.offsets.len() == blocks
-            && x.quants.len() == blocks * BLOCK
+        row.len() == row_bytes::<F>(blocks) && blocks.is_multiple_of(F::BLOCKS) && x.has(blocks)
     );
-    // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA and
+    // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA, F16C and
     // AVX-512 F, VL and VNNI, and the assertion above keeps every read inside the slices.
     unsafe { row_dot_vnni::<F>(row, x) }
 }
@@ -212,28 +206,33 @@ fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
 /// from minus the offset's share in one lane so the block's sum is exact; scaled in f32 and
 /// summed once at the end. (llama.cpp's dot products take `|w|` times `x` with `w`'s signs
 /// instead: as many instructions for q8_0, three more per block for q4_0.) The weights'
-/// scales are widened 16 blocks at a time; four accumulators, a block each in turn, hide
-/// the FMA's latency.
-#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
+/// scales (and mins, whose share is taken off per eight blocks) are widened eight blocks at
+/// a time; four accumulators, a block each in turn, hide the FMA's latency.
+#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
     let blocks = x.scales.len();
     let base = row.as_ptr();
     let block = |b: usize, scale: f32, acc: __m256| {
-        let w = F::unsigned(base.add(b * F::BYTES + 2));
+        let w = F::unsigned(base, b);
         let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-        let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-x.offsets.get_unchecked(b)));
+        let share = -F::OFFSET * x.sums.get_unchecked(b);
+        let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(share));
         let product = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(offset, w, xq));
         _mm256_fmadd_ps(product, _mm256_set1_ps(scale), acc)
     };
     let mut acc = [_mm256_setzero_ps(); 4];
-    let whole = blocks / 16 * 16;
-    let mut scales = [0f32; 16];
-    for b in (0..whole).step_by(16) {
-        let words: [u16; 16] = scale_words::<F, 16>(base, b);
-        let weights = _mm512_cvtph_ps(_mm256_loadu_si256(words.as_ptr().cast()));
-        let activations = _mm512_loadu_ps(x.scales.as_ptr().add(b));
-        _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(weights, activations));
-        for i in (0..16).step_by(4) {
+    let (mut mins, mut rest) = (_mm256_setzero_ps(), 0.0);
+    let whole = blocks / 8 * 8;
+    let mut scales = [0f32; 8];
+    for b in (0..whole).step_by(8) {
+        let (weights, weight_mins) = F::eight_scales(base, b);
+        let activations = _mm256_loadu_ps(x.scales.as_ptr().add(b));
+        _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(weights, activations));
+        if F::MINS {
+            let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(x.sums.as_ptr().add(b).cast()));
+            mins = _mm256_fmadd_ps(weight_mins, _mm256_mul_ps(sums, activations), mins);
+        }
+        for i in (0..8).step_by(4) {
             prefetch_four_blocks::<F>(base, b + i);
             for k in 0..4 {
                 acc[k] = block(b + i + k, scales[i + k], acc[k]);
@@ -241,37 +240,40 @@ unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
         }
     }
     for b in whole..blocks {
-        let at = b * F::BYTES;
-        let scale = f16::from_le_bytes([row[at], row[at + 1]]).to_f32() * x.scales[b];
-        acc[0] = block(b, scale, acc[0]);
+        let (scale, min) = F::scale(base, b);
+        acc[0] = block(b, scale * x.scales[b], acc[0]);
+        rest += min * x.block_sum(b);
     }
-    horizontal_sum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ))
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    horizontal_sum(sum) - horizontal_sum(mins) - rest
 }
 
 /// One tile's blocks, for every block of its rows.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     quants: &'a [Line],
-    scales: &'a [f16],
+    scales: &'a [f32],
+    mins: &'a [f32],
 }
 
 /// The tile's 16 rows dotted with each of `N` activation rows.
-fn tile_dots<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TILE]; N] {
+fn tile_dots<F: Format, const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TILE]; N] {
     let blocks = tile.scales.len() / TILE;
-    let fits = |x: &XRow| {
-        x.scales.len() == blocks && x.offsets.len() == blocks && x.quants.len() == blocks * BLOCK
-    };
-    assert!(tile.quants.len() == blocks * GROUPS && xs.iter().all(fits));
+    assert!(
+        tile.quants.len() == blocks * GROUPS
+            && tile.mins.len() == tile.scales.len()
+            && xs.iter().all(|x| x.has(blocks))
+    );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX-512 F and VNNI, and
     // the assertion above keeps every read inside the slices.
-    unsafe { tile_dots_vnni(tile, xs) }
+    unsafe { tile_dots_vnni::<F, N>(tile, xs) }
 }
 
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TILE]; N] {
+unsafe fn tile_dots_vnni<F: Format, const N: usize>(
+    tile: Tile,
+    xs: &[XRow; N],
+) -> [[f32; TILE]; N] {
     let mut acc = [_mm512_setzero_ps(); N];
     let lines = tile.quants.as_ptr();
     for b in 0..tile.scales.len() / TILE {
@@ -286,15 +288,17 @@ unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; T
                 products[n][g % 2] = _mm512_dpbusd_epi32(products[n][g % 2], w, x);
             }
         }
-        let scales = _mm512_cvtph_ps(_mm256_loadu_si256(
-            tile.scales.as_ptr().add(b * TILE).cast(),
-        ));
+        let scales = _mm512_loadu_ps(tile.scales.as_ptr().add(b * TILE));
+        let mins = _mm512_loadu_ps(tile.mins.as_ptr().add(b * TILE));
         for n in 0..N {
             let [even, odd] = products[n];
-            let offset = _mm512_set1_epi32(*xs[n].offsets.get_unchecked(b));
+            let offset = _mm512_set1_epi32(F::OFFSET * *xs[n].sums.get_unchecked(b));
             let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(even, odd), offset));
             let scale = _mm512_mul_ps(scales, _mm512_set1_ps(*xs[n].scales.get_unchecked(b)));
             acc[n] = _mm512_fmadd_ps(exact, scale, acc[n]);
+            if F::MINS {
+                acc[n] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(xs[n].block_sum(b)), acc[n]);
+            }
         }
     }
     acc.map(|a| {
@@ -307,7 +311,7 @@ unsafe fn tile_dots_vnni<const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::quant_matmul::x86::{Kernel, Q4_0, Q8_0};
+    use crate::model::quant_matmul::x86::{Kernel, Q4K, Q4_0, Q8_0};
 
     /// The vector transposition gives the plain one's lines and scales, byte for byte, on
     /// blocks whose every byte differs (so a lane or group out of place shows), in each
@@ -321,28 +325,34 @@ mod tests {
         unsafe {
             same_transpositions::<Q8_0>();
             same_transpositions::<Q4_0>();
+            same_transpositions::<Q4K>();
         }
     }
 
     unsafe fn same_transpositions<F: Format>() {
-        let per_row = 5;
-        let stored: Vec<u8> = (0..TILE * per_row * F::BYTES)
+        let per_row = 2 * F::BLOCKS + if F::BLOCKS == 1 { 5 } else { 0 };
+        let stored: Vec<u8> = (0..TILE * row_bytes::<F>(per_row))
             .map(|i| (i * 131 % 251) as u8)
             .collect();
+        let blocks = per_row * TILE;
         let mut want = (
             vec![Line([0; 64]); per_row * GROUPS],
-            vec![f16::ZERO; per_row * TILE],
+            vec![0f32; blocks],
+            vec![0f32; blocks],
         );
-        transpose_plain::<F>(&stored, per_row, &mut want.0, &mut want.1);
+        transpose_plain::<F>(&stored, per_row, &mut want.0, &mut want.1, &mut want.2);
         let mut got = (
             vec![Line([1; 64]); per_row * GROUPS],
-            vec![f16::ONE; per_row * TILE],
+            vec![1f32; blocks],
+            vec![1f32; blocks],
         );
-        transpose_avx512::<F>(&stored, per_row, &mut got.0, &mut got.1);
+        transpose_avx512::<F>(&stored, per_row, &mut got.0);
+        tile_scales::<F>(&stored, per_row, TILE, &mut got.1, &mut got.2);
         for (g, w) in got.0.iter().zip(&want.0) {
             assert_eq!(g.0, w.0, "{:?}", F::DTYPE);
         }
-        let bits = |s: &[f16]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&got.1), bits(&want.1));
+        let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.1), bits(&want.1), "{:?} scales", F::DTYPE);
+        assert_eq!(bits(&got.2), bits(&want.2), "{:?} mins", F::DTYPE);
     }
 }
