@@ -1,4 +1,4 @@
-//! q8_0, q4_0 and q4_K matrix products at Phi-2's shapes: each of our kernels this CPU runs
+//! q8_0, q4_0, q4_K and q6_K matrix products at Phi-2's shapes: each of our kernels this CPU runs
 //! (`model::quant_matmul`: AVX-512 VNNI, AVX2) against candle's `QMatMul` on the same blocks,
 //! for one activation row (a decode step) and 64 (a prefill). Criterion reports them in the
 //! same run, so their ratios are what to read.
@@ -37,7 +37,12 @@ fn bench(c: &mut Criterion) {
         return;
     }
     let name = |kernel: Kernel| format!("medphi {kernel:?}");
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
         // (rows, cols): attention projections, fc1, fc2.
         for (rows, cols) in [(2560, 2560), (10240, 2560), (2560, 10240)] {
             let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev).unwrap();
@@ -64,8 +69,8 @@ fn bench(c: &mut Criterion) {
             group.finish();
         }
         // A decode step reads every weight once, from memory rather than the caches:
-        // fc2-shaped matrices adding up to 670 MB as q8_0 (355 MB as q4_0 and q4_K), one
-        // activation row through each.
+        // fc2-shaped matrices adding up to 670 MB as q8_0 (355 MB as q4_0 and q4_K, 516 MB
+        // as q6_K), one activation row through each.
         let (rows, cols, count) = (2560, 10240, 24);
         let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev).unwrap();
         let blocks = QTensor::quantize(&w, dtype)

@@ -59,7 +59,7 @@ fn q4_0_gguf_matches_dequantized_reference() {
     assert!(relative_error("tiny-phi-q4_0.gguf", "logits") < 0.3);
 }
 
-/// q8_0, q4_0 and q4_K matrices reach our kernels straight from the file's blocks, where
+/// q8_0, q4_0, q4_K and q6_K matrices reach our kernels straight from the file's blocks, where
 /// this CPU runs them, and multiply as the weights candle dequantizes from the same blocks
 /// times the activations rounded to q8_0 (as our kernels quantize them): the rest is the
 /// order of f32 sums. (candle's own q4_K kernel rounds the activations per 256 values.)
@@ -71,8 +71,16 @@ fn quantized_matrices_reach_our_kernels_from_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let q4k = dir.path().join("tiny-q4k.gguf");
     write_q4k_gguf(&q4k);
+    let q6k = dir.path().join("tiny-q6k.gguf");
+    write_gguf(&q6k, false, |t| {
+        if t.rank() == 2 && t.dim(1).unwrap() % 256 == 0 {
+            GgmlDType::Q6K
+        } else {
+            GgmlDType::F32
+        }
+    });
     let tok = fixtures().join("tiny-phi/tokenizer.json");
-    // fc1's rows (32 values) are too short for q4_K's super-blocks: there fc2 is.
+    // fc1's rows (32 values) are too short for a k-quant's super-blocks: there fc2 is.
     for (file, dtype, name) in [
         (
             fixtures().join("tiny-phi-q8_0.gguf"),
@@ -85,6 +93,7 @@ fn quantized_matrices_reach_our_kernels_from_the_file() {
             "fc1",
         ),
         (q4k, GgmlDType::Q4K, "fc2"),
+        (q6k, GgmlDType::Q6K, "fc2"),
     ] {
         let ckpt = Checkpoint::open(&file, Some(&tok), DType::F32).unwrap();
         let cfg = &ckpt.config;
@@ -108,6 +117,7 @@ fn quantized_matrices_reach_our_kernels_from_the_file() {
                 (QuantMatrix::Q8(_), GgmlDType::Q8_0)
                     | (QuantMatrix::Q4(_), GgmlDType::Q4_0)
                     | (QuantMatrix::Q4K(_), GgmlDType::Q4K)
+                    | (QuantMatrix::Q6K(_), GgmlDType::Q6K)
             ),
             "{file}"
         );

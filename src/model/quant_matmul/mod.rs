@@ -1,10 +1,10 @@
 //! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
 //! threads.
 //!
-//! - `x86` (q8_0, q4_0 and q4_K on x86-64 with AVX-512 VNNI, or with AVX2): candle holds a
-//!   copy of every quantized matrix (on VNNI CPUs a repacked one beside the original), and
-//!   its q4_0 kernels ran at half llama.cpp's decode; ours use the file's blocks where they
-//!   lie.
+//! - `x86` (q8_0, q4_0, q4_K and q6_K on x86-64 with AVX-512 VNNI, or with AVX2): candle
+//!   holds a copy of every quantized matrix (on VNNI CPUs a repacked one beside the
+//!   original), and its q4_0 kernels ran at half llama.cpp's decode; ours use the file's
+//!   blocks where they lie.
 //! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
 //!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
@@ -26,7 +26,7 @@ mod x86;
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Kernel, Q4KMatrix, Q4Matrix, Q8Matrix};
+pub use x86::{Kernel, Q4KMatrix, Q4Matrix, Q6KMatrix, Q8Matrix};
 
 /// Values per q8_0 and q4_0 block (and per block of a k-quant's super-block).
 const BLOCK: usize = 32;
@@ -37,6 +37,8 @@ pub enum QuantMatrix {
     Q4(Q4Matrix),
     #[cfg(target_arch = "x86_64")]
     Q4K(Q4KMatrix),
+    #[cfg(target_arch = "x86_64")]
+    Q6K(Q6KMatrix),
 }
 
 /// `$body` with `$m` bound to the matrix, whatever its format.
@@ -47,6 +49,8 @@ macro_rules! each_format {
             QuantMatrix::Q4($m) => $body,
             #[cfg(target_arch = "x86_64")]
             QuantMatrix::Q4K($m) => $body,
+            #[cfg(target_arch = "x86_64")]
+            QuantMatrix::Q6K($m) => $body,
         }
     };
 }
@@ -54,8 +58,9 @@ macro_rules! each_format {
 impl QuantMatrix {
     /// Whether our kernels multiply matrices stored as `dtype` on this CPU.
     pub fn serves(dtype: GgmlDType) -> bool {
-        // q4_K has kernels of ours on x86-64 only.
-        let k_quant = cfg!(target_arch = "x86_64") && dtype == GgmlDType::Q4K;
+        // The k-quants have kernels of ours on x86-64 only.
+        let k_quant =
+            cfg!(target_arch = "x86_64") && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
         let format = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0) || k_quant;
         format && Q8Matrix::runs_here()
     }
@@ -132,6 +137,7 @@ impl QuantMatrix {
             GgmlDType::Q8_0 => Self::Q8(Q8Matrix::new(blocks, rows, cols, kernel)?),
             GgmlDType::Q4_0 => Self::Q4(Q4Matrix::new(blocks, rows, cols, kernel)?),
             GgmlDType::Q4K => Self::Q4K(Q4KMatrix::new(blocks, rows, cols, kernel)?),
+            GgmlDType::Q6K => Self::Q6K(Q6KMatrix::new(blocks, rows, cols, kernel)?),
             _ => return Ok(None),
         }))
     }
@@ -196,17 +202,17 @@ mod tests {
     use candle_core::Device;
     use half::f16;
 
-    use super::x86::{Format, Matrix, Q4K, Q4_0, Q8_0};
+    use super::x86::{Format, Matrix, Q4K, Q4_0, Q6K, Q8_0};
     use super::*;
     use crate::model::stored::StoredBytes;
 
-    /// The f16 words that start each stored block: its scale, or a super-block's `d` and
-    /// `dmin`.
-    fn header<F: Format>() -> usize {
-        if F::MINS {
-            4
-        } else {
-            2
+    /// Where a stored block's f16 words lie: its scale, a q4_K super-block's `d` and `dmin`,
+    /// a q6_K super-block's `d` (after its quants and scales).
+    fn f16_words<F: Format>() -> &'static [usize] {
+        match F::DTYPE {
+            GgmlDType::Q4K => &[0, 2],
+            GgmlDType::Q6K => &[208],
+            _ => &[0],
         }
     }
 
@@ -220,11 +226,12 @@ mod tests {
         };
         let mut out = Vec::new();
         for _ in 0..rows * cols / (BLOCK * F::BLOCKS) {
-            for _ in 0..header::<F>() / 2 {
+            let mut block: Vec<u8> = (0..F::BYTES).map(|_| (next() % 256) as u8).collect();
+            for &at in f16_words::<F>() {
                 let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
-                out.extend(d.to_le_bytes());
+                block[at..at + 2].copy_from_slice(&d.to_le_bytes());
             }
-            out.extend((header::<F>()..F::BYTES).map(|_| (next() % 256) as u8));
+            out.extend(block);
         }
         out
     }
@@ -281,6 +288,7 @@ mod tests {
             products_match::<Q8_0>(kernel);
             products_match::<Q4_0>(kernel);
             products_match::<Q4K>(kernel);
+            products_match::<Q6K>(kernel);
         }
     }
 
@@ -314,8 +322,9 @@ mod tests {
 
     /// Blocks of one extreme byte against activations all at ±127, where the kernels' i16
     /// pair sums come nearest to overflowing: q8_0's -128 and 127 (the sign trick's 2·128·127;
-    /// 127 would overflow offset to unsigned) and the nibbles 15 and 0 of q4_0 and q4_K (their
-    /// unsigned lines summed over a whole block; q4_K's scales and mins all 63 or all 0), for
+    /// 127 would overflow offset to unsigned), the nibbles 15 and 0 of q4_0 and q4_K (their
+    /// unsigned lines summed over a whole block; q4_K's scales and mins all 63 or all 0), and
+    /// q6_K's 31 and -32 under scales of -128 (the pair sums times the scale in i32), for
     /// decode and prefill's tiles alike.
     #[test]
     fn extreme_blocks_do_not_overflow() {
@@ -326,13 +335,20 @@ mod tests {
             extremes::<Q4_0>(kernel, 0x00);
             extremes::<Q4K>(kernel, 0xFF);
             extremes::<Q4K>(kernel, 0x00);
+            extremes::<Q6K>(kernel, 0xFF);
+            extremes::<Q6K>(kernel, 0x00);
         }
     }
 
     fn extremes<F: Format>(kernel: Kernel, byte: u8) {
         let (rows, cols) = (16, 3 * BLOCK * F::BLOCKS);
-        let mut block = f16::from_f32(0.01).to_le_bytes().repeat(header::<F>() / 2);
-        block.resize(F::BYTES, byte);
+        let mut block = vec![byte; F::BYTES];
+        if F::PAIR_SCALES {
+            block[192..208].fill(0x80);
+        }
+        for &at in f16_words::<F>() {
+            block[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        }
         let stored = block.repeat(rows * cols / (BLOCK * F::BLOCKS));
         let m = Matrix::<F>::new(StoredBytes::owned(stored.clone()), rows, cols, kernel).unwrap();
         for sign in [1.0, -1.0] {
@@ -382,6 +398,6 @@ mod tests {
         assert!(copied(GgmlDType::Q4K, &super_block[..144], 32).is_err());
         assert!(copied(GgmlDType::Q4K, &super_block, 288).is_err());
         // Formats ours do not serve are left to candle's kernels.
-        assert!(copied(GgmlDType::Q6K, &[0; 210], 256).unwrap().is_none());
+        assert!(copied(GgmlDType::Q5K, &[0; 176], 256).unwrap().is_none());
     }
 }

@@ -1,4 +1,4 @@
-//! q8_0, q4_0 and q4_K on x86-64: the file's own blocks multiplied where they lie, by
+//! q8_0, q4_0, q4_K and q6_K on x86-64: the file's own blocks multiplied where they lie, by
 //! AVX-512 VNNI kernels (`vnni`) or, on CPUs without them, by AVX2 kernels (`avx2`: most
 //! laptops' Intel CPUs, AMD before Zen 4).
 //!
@@ -13,9 +13,10 @@
 //!
 //! The kernels are written once over the block `Format`: a format says how a block's 32
 //! weights come out of its bytes, as bytes in a register, and what its scale and min are;
-//! everything after that is the same for q8_0, q4_0 and q4_K. Each activation row is
-//! quantized once per product to q8_0 blocks, as llama.cpp does for the 32-value formats,
-//! and a matrix's rows are split in units of 16 across the threads the CPU kernels share.
+//! everything after that is the same for every format (q6_K's second scale per 16 weights
+//! aside). Each activation row is quantized once per product to q8_0 blocks, as llama.cpp
+//! does for the 32-value formats, and a matrix's rows are split in units of 16 across the
+//! threads the CPU kernels share.
 
 mod avx2;
 mod vnni;
@@ -101,6 +102,11 @@ pub trait Format {
     const UNSIGNED_MAX: i32;
     /// Whether blocks carry a min besides their scale.
     const MINS: bool;
+    /// Whether blocks carry a second scale per 16 weights (`pair_scales`): the AVX2 kernels
+    /// multiply it in as an integer by `vpmaddwd` on signed weights; the VNNI kernels scale
+    /// each half's i32 sums by it in f32, the offset's share taken off per four activations
+    /// (`Q8Rows::lane_offsets`).
+    const PAIR_SCALES: bool = false;
 
     /// Block `b`'s 32 weights in order.
     unsafe fn signed(row: *const u8, b: usize) -> __m256i;
@@ -112,6 +118,15 @@ pub trait Format {
     unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256);
     /// Block `b`'s scale and min, one block alone.
     unsafe fn scale(row: *const u8, b: usize) -> (f32, f32);
+    /// Block `b`'s integer scales of weights 0–15 and 16–31, where `PAIR_SCALES`.
+    unsafe fn pair_scales(_row: *const u8, _b: usize) -> [i16; 2] {
+        [1, 1]
+    }
+    /// The same of blocks `b..b + 8` (`b` a multiple of 8) as f32: blocks `b..b + 4` in
+    /// the first register, two lanes each, the rest in the second.
+    unsafe fn sixteen_scales(_row: *const u8, _b: usize) -> [__m256; 2] {
+        [_mm256_set1_ps(1.0); 2]
+    }
 }
 
 /// Bytes of a stored row of `blocks` blocks of `F`.
@@ -283,6 +298,90 @@ impl Format for Q4K {
     }
 }
 
+/// q6_K: super-blocks of eight blocks: 128 bytes of low nibbles, 64 of high bit pairs, 16
+/// signed 8-bit scales (one per 16 weights), then an f16 `d`. The blocks come in two halves
+/// of four: block `4h + j` holds the low (`j` < 2) or high nibbles of bytes `64h + 32(j % 2)`
+/// to `+ 32`, under bits `2j` and `2j + 1` of bytes `128 + 32h` to `+ 32`, stored plus 32;
+/// its weights `16i` to `16i + 15` are scaled by `d · scales[2(4h + j) + i]`.
+pub struct Q6K;
+
+impl Q6K {
+    /// Super-block `b / 8`, where block `b` lies.
+    #[inline(always)]
+    unsafe fn super_block(row: *const u8, b: usize) -> *const u8 {
+        row.add(b / 8 * Self::BYTES)
+    }
+
+    /// Super-block `b / 8`'s `d`.
+    #[inline(always)]
+    unsafe fn d(row: *const u8, b: usize) -> f32 {
+        let d = Self::super_block(row, b)
+            .add(208)
+            .cast::<f16>()
+            .read_unaligned();
+        d.to_f32()
+    }
+}
+
+impl Format for Q6K {
+    const DTYPE: GgmlDType = GgmlDType::Q6K;
+    const BLOCKS: usize = 8;
+    const BYTES: usize = 128 + 64 + 16 + 2;
+    const OFFSET: i32 = 32;
+    const UNSIGNED_MAX: i32 = 63;
+    const MINS: bool = false;
+    const PAIR_SCALES: bool = true;
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn signed(row: *const u8, b: usize) -> __m256i {
+        _mm256_sub_epi8(Self::unsigned(row, b), _mm256_set1_epi8(32))
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
+        let block = Self::super_block(row, b);
+        let (half, j) = (b % 8 / 4, b % 4);
+        let low = _mm256_loadu_si256(block.add(64 * half + 32 * (j % 2)).cast());
+        let high = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
+        let shift = |bits: usize| _mm_cvtsi32_si128(bits as i32);
+        let low = _mm256_and_si256(
+            _mm256_srl_epi16(low, shift(4 * (j / 2))),
+            _mm256_set1_epi8(0x0F),
+        );
+        let high = _mm256_and_si256(_mm256_srl_epi16(high, shift(2 * j)), _mm256_set1_epi8(0x03));
+        _mm256_or_si256(low, _mm256_slli_epi16::<4>(high))
+    }
+
+    #[inline(always)]
+    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
+        (_mm256_set1_ps(Self::d(row, b)), _mm256_setzero_ps())
+    }
+
+    #[inline]
+    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
+        (Self::d(row, b), 0.0)
+    }
+
+    #[inline(always)]
+    unsafe fn pair_scales(row: *const u8, b: usize) -> [i16; 2] {
+        let scales = Self::super_block(row, b)
+            .add(192 + 2 * (b % 8))
+            .cast::<[i8; 2]>();
+        scales.read().map(i16::from)
+    }
+
+    #[inline(always)]
+    unsafe fn sixteen_scales(row: *const u8, b: usize) -> [__m256; 2] {
+        let scales = Self::super_block(row, b).add(192);
+        [0, 8].map(|half| {
+            let bytes = _mm_loadl_epi64(scales.add(half).cast());
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+        })
+    }
+}
+
 /// A q4_K super-block's eight 6-bit scales and mins (bytes 0–7 and 8–15 of the result, in
 /// little-endian words), as ggml packs them in 12 bytes (`get_scale_min_k4`): blocks 0–3 in the low 6 bits of bytes
 /// 0–3 (scales) and 4–7 (mins); blocks 4–7 in the low (scales) and high (mins) nibbles of
@@ -314,6 +413,7 @@ pub struct Matrix<F> {
 pub type Q8Matrix = Matrix<Q8_0>;
 pub type Q4Matrix = Matrix<Q4_0>;
 pub type Q4KMatrix = Matrix<Q4K>;
+pub type Q6KMatrix = Matrix<Q6K>;
 
 impl<F: Format> Matrix<F> {
     pub(super) fn new(
@@ -359,7 +459,8 @@ impl<F: Format> Matrix<F> {
         if m == 0 {
             return Ok(Vec::new());
         }
-        let activations = Q8Rows::new(x, self.cols);
+        let lane_offsets = (self.kernel == Kernel::Vnni && F::PAIR_SCALES).then_some(F::OFFSET);
+        let activations = Q8Rows::new(x, self.cols, lane_offsets);
         let mut out = vec![0f32; m * self.rows];
         let product = Product {
             stored: self.blocks.as_slice(),
@@ -413,6 +514,10 @@ impl Product<'_> {
         XRow {
             scales: &x.scales[j * per_row..(j + 1) * per_row],
             sums: &x.sums[j * per_row..(j + 1) * per_row],
+            lane_offsets: x
+                .lane_offsets
+                .get(j * per_row * 8..(j + 1) * per_row * 8)
+                .unwrap_or_default(),
             quants: &x.quants[j * per_row * BLOCK..(j + 1) * per_row * BLOCK],
         }
     }
@@ -462,6 +567,9 @@ struct Q8Rows {
     scales: Vec<f32>,
     sums: Vec<i32>,
     quants: Vec<i8>,
+    /// Where asked for, per block, minus the weights' offset times each four activations'
+    /// sum: what a format with a scale per 16 weights takes off each of `vpdpbusd`'s lanes.
+    lane_offsets: Vec<i32>,
 }
 
 /// One quantized activation row.
@@ -469,6 +577,7 @@ struct XRow<'a> {
     scales: &'a [f32],
     sums: &'a [i32],
     quants: &'a [i8],
+    lane_offsets: &'a [i32],
 }
 
 impl XRow<'_> {
@@ -490,18 +599,20 @@ impl XRow<'_> {
 }
 
 impl Q8Rows {
-    /// `x`, whole rows of `cols` values (a multiple of 32), quantized.
-    fn new(x: &[f32], cols: usize) -> Self {
+    /// `x`, whole rows of `cols` values (a multiple of 32), quantized; with each block's
+    /// lane offsets where the weights' `offset` is given.
+    fn new(x: &[f32], cols: usize, offset: Option<i32>) -> Self {
         let blocks = x.len() / BLOCK;
         assert!(x.len() == blocks * BLOCK && cols.is_multiple_of(BLOCK));
         let mut rows = Self {
             scales: vec![0.0; blocks],
             sums: vec![0; blocks],
             quants: vec![0; blocks * BLOCK],
+            lane_offsets: vec![0; if offset.is_some() { blocks * 8 } else { 0 }],
         };
         // SAFETY: a Matrix exists only where one of our kernels runs, and both need AVX2;
         // the lengths above are the ones quantize_avx2 reads and writes.
-        unsafe { rows.quantize_avx2(x) };
+        unsafe { rows.quantize_avx2(x, offset) };
         rows
     }
 
@@ -510,7 +621,7 @@ impl Q8Rows {
     /// llama.cpp's vector quantization (the plain form rounds them away from zero, as its
     /// reference does): the two differ only where `x / d` is exactly half an integer.
     #[target_feature(enable = "avx2")]
-    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+    unsafe fn quantize_avx2(&mut self, x: &[f32], offset: Option<i32>) {
         let sign = _mm256_set1_ps(-0.0);
         // packs interleaves the 128-bit halves; this puts the 8 groups of 4 back in order.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -533,6 +644,12 @@ impl Q8Rows {
             _mm256_storeu_si256(self.quants.as_mut_ptr().add(b * BLOCK).cast(), bytes);
             let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
             self.sums[b] = horizontal_sum_i32(sum);
+            if let Some(offset) = offset {
+                let ones = _mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes);
+                let fours = _mm256_madd_epi16(ones, _mm256_set1_epi16(1));
+                let shares = _mm256_mullo_epi32(fours, _mm256_set1_epi32(-offset));
+                _mm256_storeu_si256(self.lane_offsets.as_mut_ptr().add(b * 8).cast(), shares);
+            }
             self.scales[b] = f16::from_f32(d).to_f32();
         }
     }
@@ -656,8 +773,7 @@ mod tests {
     }
 
     /// The vector quantization gives `quantize_block`'s scales and quants, except a quant
-    /// one apart where the value falls exactly halfway (halves to even there, away from zero
-    /// in the plain form), and the offsets its quants sum to.
+    /// one apart where the value falls exactly halfway (halves to even there, away from zero    /// in the plain form), the sums its quants give, and their lane offsets.
     #[test]
     fn vector_quantization_is_the_plain_one() {
         if !Q8Matrix::runs_here() {
@@ -675,7 +791,7 @@ mod tests {
         x[3 * BLOCK] = 127.0;
         x[3 * BLOCK + 1] = 63.5;
         x[3 * BLOCK + 2] = -2.5;
-        let got = Q8Rows::new(&x, BLOCK);
+        let got = Q8Rows::new(&x, BLOCK, Some(32));
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let (scale, quants) = super::super::quantize_block(block);
             assert_eq!(got.scales[b], scale);
@@ -700,6 +816,10 @@ mod tests {
                 .map(|&q| q as i32)
                 .sum();
             assert_eq!(got.sums[b], sum);
+            for (lane, four) in got.quants[b * BLOCK..][..BLOCK].chunks_exact(4).enumerate() {
+                let four: i32 = four.iter().map(|&q| q as i32).sum();
+                assert_eq!(got.lane_offsets[b * 8 + lane], -32 * four);
+            }
         }
         assert_eq!(&got.quants[3 * BLOCK..3 * BLOCK + 3], &[127, 64, -2]);
     }

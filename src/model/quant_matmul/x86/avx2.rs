@@ -33,12 +33,14 @@ const GROUPS: usize = BLOCK / 4;
 #[repr(C, align(32))]
 struct Line([u8; 32]);
 
-/// One tile transposed: per block, its 8 lines, and the 8 rows' scales and mins.
+/// One tile transposed: per block, its 8 lines, the 8 rows' scales and mins, and where the
+/// format has them, its two lines of the rows' scales per 16 weights (`pair_scales`).
 #[derive(Default)]
 struct Scratch {
     lines: Vec<Line>,
     scales: Vec<f32>,
     mins: Vec<f32>,
+    pairs: Vec<Line>,
 }
 
 thread_local! {
@@ -47,10 +49,12 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Whether `F`'s unsigned weights times activations (at most 127 in magnitude) stay within
-/// i16 summed over a whole block's lines in pairs, as `vpmaddubsw` leaves them.
-const fn sums_fit_i16<F: Format>() -> bool {
-    (GROUPS as i32) * 2 * F::UNSIGNED_MAX * 127 <= i16::MAX as i32
+/// Whether `F`'s weights are multiplied unsigned: where its unsigned weights times
+/// activations (at most 127 in magnitude) stay within i16 summed over a whole block's lines
+/// in pairs, as `vpmaddubsw` leaves them, and one scale covers the block (with a scale per
+/// 16 weights the offset's share would be needed per 16 activations).
+const fn unsigned_weights<F: Format>() -> bool {
+    (GROUPS as i32) * 2 * F::UNSIGNED_MAX * 127 <= i16::MAX as i32 && !F::PAIR_SCALES
 }
 
 /// Unit `t`: its weight rows against every activation row; tiles of 8 rows where there are
@@ -85,10 +89,15 @@ fn tile<F: Format>(p: &Product, first: usize) {
             scratch.scales.resize(scales, 0.0);
             scratch.mins.resize(scales, 0.0);
         }
-        let (lines, scales, mins) = (
+        let pairs = if F::PAIR_SCALES { 2 * per_row } else { 0 };
+        if scratch.pairs.len() < pairs {
+            scratch.pairs.resize(pairs, Line([0; 32]));
+        }
+        let (lines, scales, mins, pairs) = (
             &mut scratch.lines[..lines],
             &mut scratch.scales[..scales],
             &mut scratch.mins[..scales],
+            &mut scratch.pairs[..pairs],
         );
         let stored = p.weights(first..first + ROWS);
         // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2 and F16C; the
@@ -96,11 +105,15 @@ fn tile<F: Format>(p: &Product, first: usize) {
         unsafe {
             transpose::<F>(stored, per_row, lines);
             tile_scales::<F>(stored, per_row, ROWS, scales, mins);
+            if F::PAIR_SCALES {
+                pair_lines::<F>(stored, per_row, pairs);
+            }
         }
         let tile = Tile {
             lines,
             scales,
             mins,
+            pairs,
         };
         let (four, one) = (
             |xs: &[XRow; 4]| tile_dots::<F, 4>(tile, xs),
@@ -112,7 +125,7 @@ fn tile<F: Format>(p: &Product, first: usize) {
 }
 
 /// 8 whole rows of `per_row` blocks (`stored`) into lines: per block, each row's 32
-/// weights are one register (unsigned where `sums_fit_i16`, signed otherwise), and an 8 × 8
+/// weights are one register (unsigned where `unsigned_weights`, signed otherwise), and an 8 × 8
 /// transposition of 4-byte groups turns them into the block's 8 lines.
 ///
 /// # Safety
@@ -125,7 +138,7 @@ unsafe fn transpose<F: Format>(stored: &[u8], per_row: usize, lines: &mut [Line]
     for b in 0..per_row {
         let r: [__m256i; ROWS] = std::array::from_fn(|k| {
             let row = base.add(k * row_bytes);
-            if sums_fit_i16::<F>() {
+            if unsigned_weights::<F>() {
                 F::unsigned(row, b)
             } else {
                 F::signed(row, b)
@@ -162,12 +175,35 @@ unsafe fn transpose<F: Format>(stored: &[u8], per_row: usize, lines: &mut [Line]
     }
 }
 
+/// Per block and half, the 8 rows' scales of that half as `vpmaddwd` multiplies a line's
+/// pair sums by them: row `r`'s in i16 lanes `2r` and `2r + 1`.
+///
+/// # Safety
+/// `stored` holds 8 whole rows of `per_row` blocks, and `pairs` two lines per block.
+unsafe fn pair_lines<F: Format>(stored: &[u8], per_row: usize, pairs: &mut [Line]) {
+    let row_bytes = row_bytes::<F>(per_row);
+    assert!(stored.len() == ROWS * row_bytes && pairs.len() == 2 * per_row);
+    for b in 0..per_row {
+        let mut halves = [[0i16; 2 * ROWS]; 2];
+        for r in 0..ROWS {
+            let scales = F::pair_scales(stored.as_ptr().add(r * row_bytes), b);
+            for (half, scale) in halves.iter_mut().zip(scales) {
+                half[2 * r..2 * r + 2].fill(scale);
+            }
+        }
+        for (line, half) in pairs[2 * b..2 * b + 2].iter_mut().zip(halves) {
+            line.0 = bytemuck::cast(half);
+        }
+    }
+}
+
 /// One tile's blocks, for every block of its rows.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     lines: &'a [Line],
     scales: &'a [f32],
     mins: &'a [f32],
+    pairs: &'a [Line],
 }
 
 /// The tile's 8 rows dotted with each of `N` activation rows.
@@ -176,6 +212,7 @@ fn tile_dots<F: Format, const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; RO
     assert!(
         tile.lines.len() == blocks * GROUPS
             && tile.mins.len() == tile.scales.len()
+            && tile.pairs.len() == if F::PAIR_SCALES { 2 * blocks } else { 0 }
             && xs.iter().all(|x| x.has(blocks))
     );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2 and FMA, and the
@@ -198,7 +235,7 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
             _mm256_set1_epi32(four.read_unaligned())
         };
         let mut exact = [_mm256_setzero_si256(); N];
-        if sums_fit_i16::<F>() {
+        if unsigned_weights::<F>() {
             let mut pairs = [_mm256_setzero_si256(); N];
             for g in 0..GROUPS {
                 let w = _mm256_load_si256(lines.add(b * GROUPS + g).cast());
@@ -214,9 +251,15 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
             for g in 0..GROUPS {
                 let w = _mm256_load_si256(lines.add(b * GROUPS + g).cast());
                 let magnitude = _mm256_sign_epi8(w, w);
+                // Groups 0-3 are the block's first 16 weights, 4-7 its last.
+                let multiplier = if F::PAIR_SCALES {
+                    _mm256_load_si256(tile.pairs.as_ptr().add(2 * b + g / 4).cast())
+                } else {
+                    ones
+                };
                 for (n, exact) in exact.iter_mut().enumerate() {
                     let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x(n, g), w));
-                    *exact = _mm256_add_epi32(*exact, _mm256_madd_epi16(pairs, ones));
+                    *exact = _mm256_add_epi32(*exact, _mm256_madd_epi16(pairs, multiplier));
                 }
             }
         }
@@ -250,7 +293,7 @@ fn dots<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
     unsafe { dots_avx2::<F, N>(row, xs) }
 }
 
-/// Where `sums_fit_i16`, on unsigned weights as the tiles: `vpmaddubsw` with no sign trick,
+/// Where `unsigned_weights`, on unsigned weights as the tiles: `vpmaddubsw` with no sign trick,
 /// and what the unsigned weights carry beyond their values (the offset, `OFFSET·scale`, and
 /// any min) times `Σx` per block, taken off once per eight blocks in f32 (a subtraction per
 /// block would cost what the sign trick does).
@@ -259,7 +302,7 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
     let blocks = xs[0].scales.len();
     let base = row.as_ptr();
     let ones = _mm256_set1_epi16(1);
-    let unsigned = sums_fit_i16::<F>();
+    let unsigned = unsigned_weights::<F>();
     // One activation row alone takes four accumulators, a block each in turn, to hide the
     // FMA's latency; four rows' chains interleave by themselves.
     let chains = if N == 1 { 4 } else { 1 };
@@ -275,6 +318,13 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
             let w = F::signed(base, b);
             (w, _mm256_sign_epi8(w, w))
         };
+        // The pair sums' i16 lanes 0-7 are the block's first 16 weights, 8-15 its last.
+        let multiplier = if F::PAIR_SCALES {
+            let [first, last] = F::pair_scales(base, b);
+            _mm256_set_m128i(_mm_set1_epi16(last), _mm_set1_epi16(first))
+        } else {
+            ones
+        };
         for n in 0..N {
             let x = _mm256_loadu_si256(xs[n].quants.as_ptr().add(b * BLOCK).cast());
             let pairs = if unsigned {
@@ -282,7 +332,7 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
             } else {
                 _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w))
             };
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, multiplier));
             acc[n][chain] = _mm256_fmadd_ps(sums, _mm256_set1_ps(scales[n]), acc[n][chain]);
         }
     };

@@ -29,12 +29,14 @@ const GROUPS: usize = BLOCK / 4;
 struct Line([u8; 64]);
 
 /// One tile transposed for the kernel: per block, per group of 4 columns, one line, and per
-/// block the 16 rows' scales and mins (padding rows: 0, adding nothing).
+/// block the 16 rows' scales and mins (padding rows: 0, adding nothing), and where the
+/// format has them, per block and half the rows' scales times their scale of that half.
 #[derive(Default)]
 struct Scratch {
     quants: Vec<Line>,
     scales: Vec<f32>,
     mins: Vec<f32>,
+    pairs: Vec<f32>,
 }
 
 thread_local! {
@@ -85,10 +87,15 @@ impl Scratch {
             self.scales.resize(scales, 0.0);
             self.mins.resize(scales, 0.0);
         }
-        let (quants, scales, mins) = (
+        let pairs = if F::PAIR_SCALES { 2 * scales } else { 0 };
+        if self.pairs.len() < pairs {
+            self.pairs.resize(pairs, 0.0);
+        }
+        let (quants, scales, mins, pairs) = (
             &mut self.quants[..lines],
             &mut self.scales[..scales],
             &mut self.mins[..scales],
+            &mut self.pairs[..pairs],
         );
         // SAFETY: a Matrix with this kernel exists only where the CPU has AVX-512 (and
         // AVX2 and F16C); the lengths above are the ones the transpositions read and write.
@@ -99,11 +106,40 @@ impl Scratch {
             } else {
                 transpose_plain::<F>(stored, per_row, quants, scales, mins);
             }
+            if F::PAIR_SCALES {
+                half_scales::<F>(stored, per_row, pairs);
+            }
         }
         Tile {
             quants,
             scales,
             mins,
+            pairs,
+        }
+    }
+}
+
+/// Per block and half, the tile's rows' scales times their scales of that half (padding
+/// rows: 0).
+///
+/// # Safety
+/// As `transpose_plain`'s, and `pairs` holds `2 · TILE` values per block.
+unsafe fn half_scales<F: Format>(stored: &[u8], per_row: usize, pairs: &mut [f32]) {
+    let row_bytes = row_bytes::<F>(per_row);
+    let lanes = stored.len() / row_bytes;
+    assert!(stored.len() == lanes * row_bytes && pairs.len() == 2 * TILE * per_row);
+    for b in 0..per_row {
+        for lane in 0..TILE {
+            let both = if lane < lanes {
+                let row = stored[lane * row_bytes..].as_ptr();
+                let scale = F::scale(row, b).0;
+                F::pair_scales(row, b).map(|s| scale * s as f32)
+            } else {
+                [0.0; 2]
+            };
+            for (half, s) in both.into_iter().enumerate() {
+                pairs[(2 * b + half) * TILE + lane] = s;
+            }
         }
     }
 }
@@ -195,7 +231,10 @@ unsafe fn transpose_avx512<F: Format>(stored: &[u8], per_row: usize, lines: &mut
 fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
     let blocks = x.scales.len();
     assert!(
-        row.len() == row_bytes::<F>(blocks) && blocks.is_multiple_of(F::BLOCKS) && x.has(blocks)
+        row.len() == row_bytes::<F>(blocks)
+            && blocks.is_multiple_of(F::BLOCKS)
+            && x.has(blocks)
+            && (!F::PAIR_SCALES || x.lane_offsets.len() == 8 * blocks)
     );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA, F16C and
     // AVX-512 F, VL and VNNI, and the assertion above keeps every read inside the slices.
@@ -207,18 +246,25 @@ fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
 /// summed once at the end. (llama.cpp's dot products take `|w|` times `x` with `w`'s signs
 /// instead: as many instructions for q8_0, three more per block for q4_0.) The weights'
 /// scales (and mins, whose share is taken off per eight blocks) are widened eight blocks at
-/// a time; four accumulators, a block each in turn, hide the FMA's latency.
+/// a time; four accumulators, a block each in turn, hide the FMA's latency. With a scale per
+/// 16 weights (q6_K), each lane starts from minus its own offset share, and lanes 0-3 and
+/// 4-7 are scaled apart.
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
     let blocks = x.scales.len();
     let base = row.as_ptr();
-    let block = |b: usize, scale: f32, acc: __m256| {
+    // Block `b` into `acc`, each i32 lane times its lane of `scale`.
+    let block = |b: usize, scale: __m256, acc: __m256| {
         let w = F::unsigned(base, b);
         let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-        let share = -F::OFFSET * x.sums.get_unchecked(b);
-        let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(share));
+        let offset = if F::PAIR_SCALES {
+            _mm256_loadu_si256(x.lane_offsets.as_ptr().add(b * 8).cast())
+        } else {
+            let share = -F::OFFSET * x.sums.get_unchecked(b);
+            _mm256_zextsi128_si256(_mm_cvtsi32_si128(share))
+        };
         let product = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(offset, w, xq));
-        _mm256_fmadd_ps(product, _mm256_set1_ps(scale), acc)
+        _mm256_fmadd_ps(product, scale, acc)
     };
     let mut acc = [_mm256_setzero_ps(); 4];
     let (mut mins, mut rest) = (_mm256_setzero_ps(), 0.0);
@@ -232,16 +278,27 @@ unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
             let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(x.sums.as_ptr().add(b).cast()));
             mins = _mm256_fmadd_ps(weight_mins, _mm256_mul_ps(sums, activations), mins);
         }
+        let pairs = F::sixteen_scales(base, b);
         for i in (0..8).step_by(4) {
             prefetch_four_blocks::<F>(base, b + i);
             for k in 0..4 {
-                acc[k] = block(b + i + k, scales[i + k], acc[k]);
+                let scale = _mm256_set1_ps(scales[i + k]);
+                let scale = if F::PAIR_SCALES {
+                    // Lanes 0-3 (weights 0-15) take the block's first scale, 4-7 its second.
+                    let lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+                    let lanes = _mm256_add_epi32(lanes, _mm256_set1_epi32(2 * k as i32));
+                    _mm256_mul_ps(_mm256_permutevar8x32_ps(pairs[i / 4], lanes), scale)
+                } else {
+                    scale
+                };
+                acc[k] = block(b + i + k, scale, acc[k]);
             }
         }
     }
+    // Only formats of one block at a time leave blocks over, and those have no pair scales.
     for b in whole..blocks {
         let (scale, min) = F::scale(base, b);
-        acc[0] = block(b, scale * x.scales[b], acc[0]);
+        acc[0] = block(b, _mm256_set1_ps(scale * x.scales[b]), acc[0]);
         rest += min * x.block_sum(b);
     }
     let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -254,6 +311,7 @@ struct Tile<'a> {
     quants: &'a [Line],
     scales: &'a [f32],
     mins: &'a [f32],
+    pairs: &'a [f32],
 }
 
 /// The tile's 16 rows dotted with each of `N` activation rows.
@@ -262,7 +320,16 @@ fn tile_dots<F: Format, const N: usize>(tile: Tile, xs: &[XRow; N]) -> [[f32; TI
     assert!(
         tile.quants.len() == blocks * GROUPS
             && tile.mins.len() == tile.scales.len()
+            && tile.pairs.len()
+                == if F::PAIR_SCALES {
+                    2 * tile.scales.len()
+                } else {
+                    0
+                }
             && xs.iter().all(|x| x.has(blocks))
+            && xs
+                .iter()
+                .all(|x| !F::PAIR_SCALES || x.lane_offsets.len() == 8 * blocks)
     );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX-512 F and VNNI, and
     // the assertion above keeps every read inside the slices.
@@ -277,16 +344,32 @@ unsafe fn tile_dots_vnni<F: Format, const N: usize>(
     let mut acc = [_mm512_setzero_ps(); N];
     let lines = tile.quants.as_ptr();
     for b in 0..tile.scales.len() / TILE {
-        // Two chains per activation row, even and odd groups: one row alone would otherwise
-        // wait out vpdpbusd's latency eight times per block.
+        // Two chains per activation row, even and odd groups (one row alone would otherwise
+        // wait out vpdpbusd's latency eight times per block), or with a scale per 16 weights,
+        // the block's halves.
         let mut products = [[_mm512_setzero_si512(); 2]; N];
         for g in 0..GROUPS {
             let w = _mm512_load_si512(lines.add(b * GROUPS + g).cast());
+            let chain = if F::PAIR_SCALES { g / 4 } else { g % 2 };
             for n in 0..N {
                 let four = xs[n].quants.as_ptr().add(b * BLOCK + g * 4).cast::<i32>();
                 let x = _mm512_set1_epi32(four.read_unaligned());
-                products[n][g % 2] = _mm512_dpbusd_epi32(products[n][g % 2], w, x);
+                products[n][chain] = _mm512_dpbusd_epi32(products[n][chain], w, x);
             }
+        }
+        if F::PAIR_SCALES {
+            for n in 0..N {
+                let x_scale = _mm512_set1_ps(*xs[n].scales.get_unchecked(b));
+                for (half, product) in products[n].into_iter().enumerate() {
+                    let lanes = xs[n].lane_offsets.get_unchecked(b * 8 + 4 * half..);
+                    let offset = _mm512_set1_epi32(lanes[..4].iter().sum());
+                    let exact = _mm512_cvtepi32_ps(_mm512_add_epi32(product, offset));
+                    let pairs = tile.pairs.as_ptr().add((2 * b + half) * TILE);
+                    let scale = _mm512_mul_ps(_mm512_loadu_ps(pairs), x_scale);
+                    acc[n] = _mm512_fmadd_ps(exact, scale, acc[n]);
+                }
+            }
+            continue;
         }
         let scales = _mm512_loadu_ps(tile.scales.as_ptr().add(b * TILE));
         let mins = _mm512_loadu_ps(tile.mins.as_ptr().add(b * TILE));
