@@ -90,10 +90,7 @@ impl QuantMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<Option<Self>> {
-        match Kernel::best_here() {
-            Some(kernel) => Self::copied(kernel, dtype, blocks, rows, cols),
-            None => Ok(None),
-        }
+        Self::in_place(dtype, StoredBytes::owned(blocks.to_vec()), rows, cols)
     }
 
     /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where
@@ -275,6 +272,24 @@ mod tests {
         out
     }
 
+    /// `m`'s product with `x` is the `reference` one on its blocks, `stored` (`cols` values
+    /// a row), within f32 rounding.
+    fn assert_matches_reference<F: Format>(
+        m: &Matrix<F>,
+        (stored, cols): (&[u8], usize),
+        x: &[f32],
+        what: &str,
+    ) {
+        let got = m.matmul(x).unwrap();
+        let want = reference(F::DTYPE, stored, m.rows(), cols, x);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{what}: {g} vs {w}"
+            );
+        }
+    }
+
     /// Rows that do not fill the last tile, 21 blocks a row (scales widened 8 at a time,
     /// and the rest) or three super-blocks, one to nine activation rows (the row kernels
     /// alone and four at a time, prefill's tiles of four rows and of one), against the plain
@@ -307,15 +322,8 @@ mod tests {
         for m in [&copied, &in_place] {
             for n in [1, 3, 4, 5, 9] {
                 let x = activations(n * cols);
-                let got = m.matmul(&x).unwrap();
-                let want = reference(F::DTYPE, &stored, rows, cols, &x);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                        "{:?} by {kernel:?}, {n} rows: {g} vs {w}",
-                        F::DTYPE
-                    );
-                }
+                let what = format!("{:?} by {kernel:?}, {n} rows", F::DTYPE);
+                assert_matches_reference(m, (&stored, cols), &x, &what);
             }
         }
     }
@@ -354,15 +362,11 @@ mod tests {
         for sign in [1.0, -1.0] {
             for n in [1, 4] {
                 let x = vec![sign; n * cols];
-                let got = m.matmul(&x).unwrap();
-                let want = reference(F::DTYPE, &stored, rows, cols, &x);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                        "{:?} of {byte:#x} by {kernel:?}, {n} rows of {sign}: {g} vs {w}",
-                        F::DTYPE
-                    );
-                }
+                let what = format!(
+                    "{:?} of {byte:#x} by {kernel:?}, {n} rows of {sign}",
+                    F::DTYPE
+                );
+                assert_matches_reference(&m, (&stored, cols), &x, &what);
             }
         }
     }

@@ -112,12 +112,28 @@ pub trait Format {
     unsafe fn signed(row: *const u8, b: usize) -> __m256i;
     /// Block `b`'s 32 weights plus `OFFSET`, in order.
     unsafe fn unsigned(row: *const u8, b: usize) -> __m256i;
-    /// The scales and mins (zero where the format has none) of blocks `b..b + 8`. (Always
+    /// The scales and mins (zero where the format has none) of blocks `b..b + 8`; by
+    /// default, of blocks each stored alone as an f16 scale and then the quants. (Always
     /// inlined, so without target features of its own: called as a function, it made the
     /// row kernels spill their accumulators around every call.)
-    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256);
-    /// Block `b`'s scale and min, one block alone.
-    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32);
+    #[inline(always)]
+    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
+        // Read one by one (a gather of the same is several times slower on Zen 4) for one
+        // vector conversion.
+        let words: [u16; 8] = std::array::from_fn(|i| {
+            row.add((b + i) * Self::BYTES)
+                .cast::<u16>()
+                .read_unaligned()
+        });
+        let scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
+        (scales, _mm256_setzero_ps())
+    }
+    /// Block `b`'s scale and min, one block alone; by default as `eight_scales`'.
+    #[inline]
+    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
+        let scale = row.add(b * Self::BYTES).cast::<f16>().read_unaligned();
+        (scale.to_f32(), 0.0)
+    }
     /// Block `b`'s integer scales of weights 0–15 and 16–31, where `PAIR_SCALES`.
     unsafe fn pair_scales(_row: *const u8, _b: usize) -> [i16; 2] {
         [1, 1]
@@ -132,30 +148,6 @@ pub trait Format {
 /// Bytes of a stored row of `blocks` blocks of `F`.
 const fn row_bytes<F: Format>(blocks: usize) -> usize {
     blocks / F::BLOCKS * F::BYTES
-}
-
-/// The eight f16 scales, widened, of the blocks `b..b + 8` of a format that stores each
-/// block alone as its scale and then its quants, read one by one (a gather of the same is
-/// several times slower on Zen 4) for one vector conversion.
-///
-/// # Safety
-/// As `Format::eight_scales`.
-#[inline(always)]
-unsafe fn f16_scales<F: Format>(row: *const u8, b: usize) -> (__m256, __m256) {
-    let words: [u16; 8] =
-        std::array::from_fn(|i| row.add((b + i) * F::BYTES).cast::<u16>().read_unaligned());
-    let scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
-    (scales, _mm256_setzero_ps())
-}
-
-/// Block `b`'s f16 scale, where each block is stored alone as its scale and then its quants.
-///
-/// # Safety
-/// As `Format::scale`.
-#[inline]
-unsafe fn f16_scale<F: Format>(row: *const u8, b: usize) -> (f32, f32) {
-    let scale = row.add(b * F::BYTES).cast::<f16>().read_unaligned();
-    (scale.to_f32(), 0.0)
 }
 
 /// q8_0: a block is its f16 scale and 32 signed bytes.
@@ -179,16 +171,6 @@ impl Format for Q8_0 {
     #[inline]
     unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
         _mm256_xor_si256(Self::signed(row, b), _mm256_set1_epi8(i8::MIN))
-    }
-
-    #[inline(always)]
-    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
-        f16_scales::<Self>(row, b)
-    }
-
-    #[inline]
-    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
-        f16_scale::<Self>(row, b)
     }
 }
 
@@ -218,16 +200,6 @@ impl Format for Q4_0 {
         let low = _mm_and_si128(bytes, nibble);
         let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
         _mm256_set_m128i(high, low)
-    }
-
-    #[inline(always)]
-    unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
-        f16_scales::<Self>(row, b)
-    }
-
-    #[inline]
-    unsafe fn scale(row: *const u8, b: usize) -> (f32, f32) {
-        f16_scale::<Self>(row, b)
     }
 }
 
