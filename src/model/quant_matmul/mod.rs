@@ -65,32 +65,23 @@ impl QuantMatrix {
         format && Q8Matrix::runs_here()
     }
 
-    /// `rows × cols` values stored as GGUF blocks of `dtype`, copied once; `None` where our
-    /// kernels do not serve them (candle's do).
-    #[cfg(target_arch = "wasm32")]
+    /// `rows × cols` values stored as GGUF blocks of `dtype`, copied once (natively, as
+    /// they lie; in the browser, into tiles); `None` where our kernels do not serve them
+    /// (candle's do).
     pub fn for_this_cpu(
         dtype: GgmlDType,
         blocks: &[u8],
         rows: usize,
         cols: usize,
     ) -> Result<Option<Self>> {
-        Ok(match dtype {
+        #[cfg(target_arch = "x86_64")]
+        return Self::in_place(dtype, StoredBytes::owned(blocks.to_vec()), rows, cols);
+        #[cfg(target_arch = "wasm32")]
+        return Ok(match dtype {
             GgmlDType::Q8_0 => Q8Matrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q8),
             GgmlDType::Q4_0 => Q4Matrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q4),
             _ => None,
-        })
-    }
-
-    /// `rows × cols` values stored as GGUF blocks of `dtype`, copied once; `None` where our
-    /// kernels do not serve them (candle's do).
-    #[cfg(target_arch = "x86_64")]
-    pub fn for_this_cpu(
-        dtype: GgmlDType,
-        blocks: &[u8],
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<Self>> {
-        Self::in_place(dtype, StoredBytes::owned(blocks.to_vec()), rows, cols)
+        });
     }
 
     /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where

@@ -682,7 +682,10 @@ unsafe fn tile_scales<F: Format>(
             _mm256_storeu_ps(eight_mins.as_mut_ptr(), m);
             for i in 0..8 {
                 scales[(b + i) * lanes + lane] = eight[i];
-                mins[(b + i) * lanes + lane] = eight_mins[i];
+                // The kernels read no mins of formats without them.
+                if F::MINS {
+                    mins[(b + i) * lanes + lane] = eight_mins[i];
+                }
             }
         }
         for b in whole..per_row {

@@ -337,6 +337,8 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
         }
     };
     let offset = if unsigned { F::OFFSET as f32 } else { 0.0 };
+    // Whether the weights carry anything beyond their values (signed q8_0 does not).
+    let beyond_share = unsigned || F::MINS;
     let whole = blocks / 8 * 8;
     for b in (0..whole).step_by(8) {
         // Eight blocks' scales, weights' times activations', in one multiply per row.
@@ -350,7 +352,7 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
                 scales[n].as_mut_ptr(),
                 _mm256_mul_ps(weight_scales, x_scales),
             );
-            if unsigned || F::MINS {
+            if beyond_share {
                 let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(x.sums.as_ptr().add(b).cast()));
                 beyond[n] = _mm256_fmadd_ps(extra, _mm256_mul_ps(sums, x_scales), beyond[n]);
             }
@@ -370,8 +372,10 @@ unsafe fn dots_avx2<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f
             0,
             std::array::from_fn(|n| weight_scale * xs[n].scales[b]),
         );
-        for n in 0..N {
-            rest[n] += (offset * weight_scale + min) * xs[n].block_sum(b);
+        if beyond_share {
+            for n in 0..N {
+                rest[n] += (offset * weight_scale + min) * xs[n].block_sum(b);
+            }
         }
     }
     std::array::from_fn(|n| {
