@@ -1,39 +1,42 @@
 //! q8_0, q4_0, q4_K and q6_K matrix products at Phi-2's shapes: each of our kernels this CPU runs
-//! (`model::quant_matmul`: AVX-512 VNNI, AVX2) against candle's `QMatMul` on the same blocks,
+//! (`model::quant_matmul`: AVX-512 VNNI, AVX2, NEON's dot product) against candle's `QMatMul` on the same blocks,
 //! for one activation row (a decode step) and 64 (a prefill). Criterion reports them in the
 //! same run, so their ratios are what to read.
 //!
 //! cargo bench --bench quant_matmul
 //!
-//! Our kernels run on x86-64 CPUs with AVX2; elsewhere this says so and stops.
+//! Our kernels run on x86-64 CPUs with AVX2 and aarch64 CPUs with the dot product
+//! instructions; elsewhere this says so and stops.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-#[cfg(target_arch = "x86_64")]
+#[cfg(native_kernels)]
 use medphi::model::quant_matmul::{Kernel, QuantMatrix};
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(native_kernels))]
 fn bench(_: &mut Criterion) {
-    eprintln!("medphi's quantized kernels are for x86-64 CPUs: nothing to compare here");
+    eprintln!(
+        "medphi's quantized kernels are for x86-64 and aarch64 CPUs: nothing to compare here"
+    );
 }
 
 /// `blocks` (a `rows × cols` matrix stored as `dtype`) for `kernel`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(native_kernels)]
 fn ours(dtype: GgmlDType, blocks: &[u8], rows: usize, cols: usize, kernel: Kernel) -> QuantMatrix {
     QuantMatrix::copied(kernel, dtype, blocks, rows, cols)
         .unwrap()
         .expect("a format our kernels serve")
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(native_kernels)]
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let kernels = Kernel::all_here();
     if kernels.is_empty() {
-        eprintln!("this CPU lacks AVX2, which medphi's quantized kernels need: nothing to compare");
+        eprintln!("this CPU lacks what medphi's quantized kernels need (AVX2; on ARM, the dot product instructions): nothing to compare");
         return;
     }
     let name = |kernel: Kernel| format!("medphi {kernel:?}");

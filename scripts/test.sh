@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test medphi has: formatting, clippy, native unit and integration tests (parity
 # with transformers and candle-transformers, GGUF, bad input, CLI, wgpu on lavapipe), the
-# browser tests (`wasm-pack test` in headless Chromium: kernels, model parity, the wasm API)
+# NEON kernels' tests on aarch64 under qemu-user, the browser tests (`wasm-pack test` in
+# headless Chromium: kernels, model parity, the wasm API)
 # and end-to-end tests of the page (playwright-core driving Debian's Chromium; the fine-tune test
 # checks the page's LoRA adapter with peft on transformers), and checks that
 # the `cuda` feature compiles.
@@ -53,6 +54,33 @@ echo "== the cuda feature compiles (nvcc from PyPI wheels; running it needs an N
 (
   source scripts/cuda-toolkit.sh
   cargo check --locked --features cuda --all-targets
+)
+
+echo "== aarch64: the NEON kernels' tests, cross-built and run under qemu-user"
+# ARM laptops (Apple's M-series) run our NEON kernels natively; here qemu emulates a CPU with
+# the dot product instructions they need. The cross linker and qemu are named here rather than
+# in .cargo/config.toml, which would also bind a native ARM build to them.
+if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing qemu-user and gcc-aarch64-linux-gnu"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
+  else
+    echo "error: need qemu-user and gcc-aarch64-linux-gnu (apt install them as root)" >&2
+    exit 1
+  fi
+fi
+rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1
+(
+  export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+  export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+  export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+  cargo clippy --locked --lib --tests --target aarch64-unknown-linux-gnu -- -D warnings
+  cargo test --locked --target aarch64-unknown-linux-gnu --lib quant_matmul 2>&1 | tee -a "$log"
+  # The GGUF tests that run a quantized model on the CPU (the rest start the CLI binary or a GPU,
+  # which qemu-user does not give them, and run natively above).
+  cargo test --locked --target aarch64-unknown-linux-gnu --test gguf -- \
+    q8_0_gguf q4_0_gguf q4_k_gguf q8_0_greedy quantized_ 2>&1 | tee -a "$log"
 )
 
 echo "== clippy for wasm32 (the browser-only code)"

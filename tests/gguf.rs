@@ -64,7 +64,7 @@ fn q4_0_gguf_matches_dequantized_reference() {
 /// times the activations rounded to q8_0 (as our kernels quantize them): the rest is the
 /// order of f32 sums. (candle's own q4_K kernel rounds the activations per 256 values.)
 #[test]
-#[cfg(target_arch = "x86_64")]
+#[cfg(native_kernels)]
 fn quantized_matrices_reach_our_kernels_from_the_file() {
     use medphi::model::quant_matmul::QuantMatrix;
 

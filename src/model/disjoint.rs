@@ -6,10 +6,7 @@ use crate::error::{Error, Result};
 
 /// How many rows of `cols` values `x` holds: an error unless it holds whole rows of a
 /// matrix with columns (`matrix` names its kind for the message).
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "wasm32")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(quant_kernels), allow(dead_code))]
 pub(super) fn rows_of(x: &[f32], cols: usize, matrix: &str) -> Result<usize> {
     if cols == 0 || !x.len().is_multiple_of(cols) {
         return Err(Error::input(format!(

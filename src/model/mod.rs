@@ -10,7 +10,7 @@ pub mod grad_kernels;
 mod kv_cache;
 pub mod names;
 mod phi;
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+#[cfg(quant_kernels)]
 pub mod quant_matmul;
 mod source;
 #[cfg(target_arch = "wasm32")]

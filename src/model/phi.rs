@@ -29,7 +29,7 @@ use super::f16_matmul::F16Matrix;
 use super::grad_kernels;
 use super::kv_cache::KvCache;
 use super::names::{expected_tensors, Site};
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+#[cfg(quant_kernels)]
 use super::quant_matmul::QuantMatrix;
 use super::source::{TensorSource, Weight};
 use crate::error::{Error, Result};
@@ -50,9 +50,9 @@ struct Linear {
 enum LinearWeight {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
-    /// q8_0 or q4_0 by our own kernels, on x86-64 with AVX2 and in wasm (quant_matmul says
-    /// why).
-    #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+    /// A block format our own kernels multiply: natively on x86-64 and aarch64, and in wasm
+    /// (quant_matmul says why).
+    #[cfg(quant_kernels)]
     Ours(QuantMatrix),
     /// Stored as f16, on an x86-64 CPU with AVX2 and F16C (f16_matmul.rs says why).
     #[cfg(target_arch = "x86_64")]
@@ -101,16 +101,13 @@ impl Linear {
 
     /// A matrix stored in a block format our kernels multiply, made for them straight from
     /// the stored blocks where they run; `None` elsewhere, and for every other matrix.
-    #[cfg_attr(
-        not(any(target_arch = "x86_64", target_arch = "wasm32")),
-        allow(unused_variables)
-    )]
+    #[cfg_attr(not(quant_kernels), allow(unused_variables))]
     fn stored_quantized(
         src: &dyn TensorSource,
         name: &str,
         shape: &[usize],
     ) -> Result<Option<LinearWeight>> {
-        #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+        #[cfg(quant_kernels)]
         if let Some(m) = src.stored_quantized(name, shape)? {
             return Ok(Some(LinearWeight::Ours(m)));
         }
@@ -120,7 +117,7 @@ impl Linear {
     fn weight(weight: Weight) -> Result<LinearWeight> {
         Ok(match weight {
             Weight::Dense(w) => LinearWeight::Dense(candle_nn::Linear::new(w, None)),
-            #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+            #[cfg(quant_kernels)]
             Weight::Quantized(q) if QuantMatrix::serves(q.dtype()) && q.device().is_cpu() => {
                 let (rows, cols) = q.shape().dims2()?;
                 match QuantMatrix::for_this_cpu(q.dtype(), &q.data()?, rows, cols)? {
@@ -138,7 +135,7 @@ impl Linear {
             LinearWeight::Dense(l) => tensor_bytes(l.weight()),
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             LinearWeight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
-            #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+            #[cfg(quant_kernels)]
             LinearWeight::Ours(q) => q.bytes(),
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => m.bytes(),
@@ -155,7 +152,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(l) => l.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
-            #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+            #[cfg(quant_kernels)]
             LinearWeight::Ours(q) => host_product(x, q.rows(), |v| q.matmul(v))?,
             #[cfg(target_arch = "x86_64")]
             LinearWeight::F16(m) => host_product(x, m.rows(), |v| m.matmul(v))?,
@@ -276,7 +273,7 @@ struct Block {
 
 /// `x`'s rows through one of our CPU kernels, which take and give plain f32 rows: the
 /// last dimension becomes `rows`.
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+#[cfg(quant_kernels)]
 fn host_product(
     x: &Tensor,
     rows: usize,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+#[cfg(quant_kernels)]
 use super::quant_matmul::QuantMatrix;
 use super::stored::StoredBytes;
 use crate::error::Result;
@@ -75,7 +75,7 @@ pub trait TensorSource {
     /// The matrix `name` (of `shape`) made straight from its stored blocks for our kernels,
     /// where it is stored in a format they multiply on this CPU (`None` where not: the
     /// caller reads it with `tensor`). No other copy of the blocks is made on the way.
-    #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+    #[cfg(quant_kernels)]
     fn stored_quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<QuantMatrix>> {
         Ok(None)
     }

@@ -17,9 +17,9 @@ use super::range_read::{read_exact, Staged};
 use super::{Bytes, RangeRead, StoredTensor, TensorSource, Weight};
 use crate::error::{Error, Result};
 use crate::model::names::{Site, TensorId};
-#[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+#[cfg(quant_kernels)]
 use crate::model::quant_matmul::QuantMatrix;
-#[cfg(target_arch = "x86_64")]
+#[cfg(native_kernels)]
 use crate::model::stored::StoredBytes;
 use crate::model::{Activation, BoxFuture, PhiConfig};
 
@@ -426,7 +426,7 @@ impl TensorSource for Gguf {
         }
     }
 
-    #[cfg(any(target_arch = "x86_64", target_arch = "wasm32"))]
+    #[cfg(quant_kernels)]
     fn stored_quantized(&self, hf: &str, shape: &[usize]) -> Result<Option<QuantMatrix>> {
         self.check_tensor(hf, shape)?;
         let &[rows, cols] = shape else {
@@ -455,7 +455,7 @@ impl TensorSource for Gguf {
         }
         // A whole file (mapped, natively) is used where it lies: loading copies nothing and
         // its pages stay the page cache's, never released.
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(native_kernels)]
         if let Data::Whole(bytes) = &self.data {
             let start = info.bytes.start as usize;
             let blocks = StoredBytes::shared(bytes.clone(), start + mine.start..start + mine.end)?;

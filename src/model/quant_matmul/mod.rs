@@ -1,32 +1,46 @@
 //! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
 //! threads.
 //!
-//! - `x86` (q8_0, q4_0, q4_K and q6_K on x86-64 with AVX-512 VNNI, or with AVX2): candle
-//!   holds a copy of every quantized matrix (on VNNI CPUs a repacked one beside the
-//!   original), and its q4_0 kernels ran at half llama.cpp's decode; ours use the file's
-//!   blocks where they lie.
+//! - Natively (`blocks`, `matrix`): the file's blocks used where they lie, q8_0, q4_0, q4_K
+//!   and q6_K. candle holds a copy of every quantized matrix (on VNNI and ARM CPUs a
+//!   repacked one beside the original), and its q4_0 kernels ran at half llama.cpp's decode
+//!   on x86; ours use the mapped file's blocks, by `x86` (AVX-512 VNNI or AVX2) or `neon`
+//!   (aarch64 with the dot product instructions).
 //! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
 //!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
 //!
-//! Both quantize each activation row once to q8_0 blocks, as llama.cpp does for its 32-value
+//! All quantize each activation row once to q8_0 blocks, as llama.cpp does for its 32-value
 //! formats, and give the same products (up to the order of f32 sums) as candle's `QMatMul`
 //! on the same blocks dequantized. Elsewhere candle's kernels serve.
 
 use candle_core::quantized::GgmlDType;
 
 use crate::error::{Error, Result};
-#[cfg(target_arch = "x86_64")]
+#[cfg(native_kernels)]
 use crate::model::stored::StoredBytes;
 
+#[cfg(target_arch = "aarch64")]
+use neon as arch;
+#[cfg(target_arch = "x86_64")]
+use x86 as arch;
+
+#[cfg(native_kernels)]
+mod blocks;
+#[cfg(native_kernels)]
+mod matrix;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "wasm32")]
 mod simd128;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(native_kernels)]
+pub use arch::Kernel;
+#[cfg(native_kernels)]
+pub use matrix::{Q4KMatrix, Q4Matrix, Q6KMatrix, Q8Matrix};
 #[cfg(target_arch = "wasm32")]
 pub use simd128::{Q4Matrix, Q8Matrix};
-#[cfg(target_arch = "x86_64")]
-pub use x86::{Kernel, Q4KMatrix, Q4Matrix, Q6KMatrix, Q8Matrix};
 
 /// Values per q8_0 and q4_0 block (and per block of a k-quant's super-block).
 const BLOCK: usize = 32;
@@ -35,9 +49,9 @@ const BLOCK: usize = 32;
 pub enum QuantMatrix {
     Q8(Q8Matrix),
     Q4(Q4Matrix),
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(native_kernels)]
     Q4K(Q4KMatrix),
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(native_kernels)]
     Q6K(Q6KMatrix),
 }
 
@@ -47,9 +61,9 @@ macro_rules! each_format {
         match $matrix {
             QuantMatrix::Q8($m) => $body,
             QuantMatrix::Q4($m) => $body,
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(native_kernels)]
             QuantMatrix::Q4K($m) => $body,
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(native_kernels)]
             QuantMatrix::Q6K($m) => $body,
         }
     };
@@ -58,9 +72,8 @@ macro_rules! each_format {
 impl QuantMatrix {
     /// Whether our kernels multiply matrices stored as `dtype` on this CPU.
     pub fn serves(dtype: GgmlDType) -> bool {
-        // The k-quants have kernels of ours on x86-64 only.
-        let k_quant =
-            cfg!(target_arch = "x86_64") && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
+        // The k-quants have kernels of ours natively only.
+        let k_quant = cfg!(native_kernels) && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
         let format = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0) || k_quant;
         format && Q8Matrix::runs_here()
     }
@@ -74,7 +87,7 @@ impl QuantMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<Option<Self>> {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(native_kernels)]
         return Self::in_place(dtype, StoredBytes::owned(blocks.to_vec()), rows, cols);
         #[cfg(target_arch = "wasm32")]
         return Ok(match dtype {
@@ -86,7 +99,7 @@ impl QuantMatrix {
 
     /// The blocks used where they lie, never copied, by the CPU's best kernel; `None` where
     /// our kernels do not serve them.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(native_kernels)]
     pub fn in_place(
         dtype: GgmlDType,
         blocks: StoredBytes,
@@ -101,7 +114,7 @@ impl QuantMatrix {
 
     /// The blocks copied once, multiplied by `kernel` (an error where the CPU lacks its
     /// instructions); `None` where our kernels do not serve `dtype`.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(native_kernels)]
     pub fn copied(
         kernel: Kernel,
         dtype: GgmlDType,
@@ -113,7 +126,7 @@ impl QuantMatrix {
         Self::by(kernel, dtype, blocks, rows, cols)
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(native_kernels)]
     fn by(
         kernel: Kernel,
         dtype: GgmlDType,
@@ -170,8 +183,8 @@ fn check_blocks(
 
 /// One block of activations quantized as llama.cpp's `quantize_row_q8_0` does: the scale is
 /// the block's largest magnitude over 127, rounded to f16 as it would be stored. (On x86-64
-/// the kernel's vector form serves; this is its reference.)
-#[cfg(any(target_arch = "wasm32", test))]
+/// a vector form serves, and this is its reference; elsewhere this serves.)
+#[cfg(any(target_arch = "wasm32", target_arch = "aarch64", test))]
 fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
     use half::f16;
     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -184,13 +197,15 @@ fn quantize_block(block: &[f32]) -> (f32, [i8; BLOCK]) {
     (f16::from_f32(d).to_f32(), quants)
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(all(test, native_kernels))]
 mod tests {
     use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
     use candle_core::Device;
     use half::f16;
 
-    use super::x86::{Format, Matrix, Q4K, Q4_0, Q6K, Q8_0};
+    use super::arch::Format;
+    use super::blocks::{Q4K, Q4_0, Q6K, Q8_0};
+    use super::matrix::Matrix;
     use super::*;
     use crate::model::stored::StoredBytes;
 
@@ -289,7 +304,11 @@ mod tests {
     #[test]
     fn products_match_the_plain_product_by_every_kernel_here() {
         let kernels = Kernel::all_here();
-        assert_eq!(kernels.is_empty(), !is_x86_feature_detected!("avx2"));
+        #[cfg(target_arch = "x86_64")]
+        let any_here = is_x86_feature_detected!("avx2");
+        #[cfg(target_arch = "aarch64")]
+        let any_here = std::arch::is_aarch64_feature_detected!("dotprod");
+        assert_eq!(kernels.is_empty(), !any_here);
         for &kernel in &kernels {
             products_match::<Q8_0>(kernel);
             products_match::<Q4_0>(kernel);
@@ -365,7 +384,7 @@ mod tests {
     #[test]
     fn wrong_sizes_are_errors() {
         // A kernel is refused where the CPU lacks its instructions.
-        for kernel in [Kernel::Vnni, Kernel::Avx2] {
+        for kernel in Kernel::EVERY {
             let made =
                 QuantMatrix::copied(kernel, GgmlDType::Q8_0, &blocks::<Q8_0>(1, 32, 2), 1, 32);
             assert_eq!(made.is_ok(), Kernel::all_here().contains(&kernel));

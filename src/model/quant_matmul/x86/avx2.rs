@@ -20,7 +20,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::{horizontal_sum, prefetch_four_blocks, row_bytes, tile_scales, Format, Product, XRow};
+use super::{horizontal_sum, prefetch_four_blocks, tile_scales, Format};
+use crate::model::quant_matmul::blocks::row_bytes;
+use crate::model::quant_matmul::matrix::{row_fits, Product, XRow};
 use crate::model::quant_matmul::BLOCK;
 
 /// Weight rows per prefill tile: one register of i32 lanes.
@@ -282,12 +284,7 @@ unsafe fn tile_dots_avx2<F: Format, const N: usize>(
 
 /// One stored weight row dotted with each of `N` quantized activation rows.
 fn dots<F: Format, const N: usize>(row: &[u8], xs: &[XRow; N]) -> [f32; N] {
-    let blocks = xs[0].scales.len();
-    assert!(
-        row.len() == row_bytes::<F>(blocks)
-            && blocks.is_multiple_of(F::BLOCKS)
-            && xs.iter().all(|x| x.has(blocks))
-    );
+    assert!(row_fits::<F>(row, xs));
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA and F16C,
     // and the assertion above keeps every read inside the slices.
     unsafe { dots_avx2::<F, N>(row, xs) }

@@ -15,9 +15,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::{
-    horizontal_sum, prefetch_four_blocks, row_bytes, tile_scales, Format, Product, XRow, TILE,
-};
+use super::{horizontal_sum, prefetch_four_blocks, tile_scales, Format};
+use crate::model::quant_matmul::blocks::row_bytes;
+use crate::model::quant_matmul::matrix::{row_fits, Product, XRow, TILE};
 use crate::model::quant_matmul::BLOCK;
 
 /// Groups of 4 columns per block: one cache line of a tile (4 quants of each of 16 rows).
@@ -229,12 +229,9 @@ unsafe fn transpose_avx512<F: Format>(stored: &[u8], per_row: usize, lines: &mut
 
 /// One stored weight row dotted with one quantized activation row.
 fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
-    let blocks = x.scales.len();
     assert!(
-        row.len() == row_bytes::<F>(blocks)
-            && blocks.is_multiple_of(F::BLOCKS)
-            && x.has(blocks)
-            && (!F::PAIR_SCALES || x.lane_offsets.len() == 8 * blocks)
+        row_fits::<F>(row, std::slice::from_ref(x))
+            && (!F::PAIR_SCALES || x.lane_offsets.len() == 8 * x.scales.len())
     );
     // SAFETY: a Matrix with this kernel exists only where the CPU has AVX2, FMA, F16C and
     // AVX-512 F, VL and VNNI, and the assertion above keeps every read inside the slices.
@@ -394,7 +391,8 @@ unsafe fn tile_dots_vnni<F: Format, const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::quant_matmul::x86::{Kernel, Q4K, Q4_0, Q8_0};
+    use crate::model::quant_matmul::blocks::{Q4K, Q4_0, Q8_0};
+    use crate::model::quant_matmul::x86::Kernel;
 
     /// The vector transposition gives the plain one's lines and scales, byte for byte, on
     /// blocks whose every byte differs (so a lane or group out of place shows), in each
