@@ -127,59 +127,67 @@ async fn cpu_forward_matches_transformers() {
     check_against_reference(CpuBackend::new(model, None).unwrap(), 1e-4, 64).await;
 }
 
-/// The wasm q8_0 and q4_0 kernels (rows split across rayon's pool) against candle's
-/// `QMatMul` on the same blocks, which quantizes activations the same way: a row count that
-/// leaves a partial group of four, decode (1 row) and prefill (5, 9 rows); wrong sizes are
-/// errors.
+/// The wasm kernels (rows split across rayon's pool) in each format, made through
+/// `QuantMatrix` as the loader makes them, against candle's reading of the same blocks: its
+/// dequantized weights times the activations rounded to q8_0 as ours are (candle's own
+/// k-quant kernels round them per 256 values). A row count that leaves a partial group of
+/// four, two super-blocks a row, decode (1 row) and prefill (5, 9 rows); wrong sizes are
+/// errors. The loader hands k-quants to ours only where there are threads to split them
+/// across (these tests run on one).
 #[wasm_bindgen_test]
 fn quantized_kernels_match_candle() {
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::Module;
-    use medphi::model::quant_matmul::{Q4Matrix, Q8Matrix};
-    let (rows, cols) = (37, 256);
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use medphi::model::quant_matmul::{Q4Matrix, Q8Matrix, QuantMatrix};
+    let (rows, cols) = (37, 512);
     let wave = |n: usize, k: f32| (0..n).map(|i| (i as f32 * k).sin() * 3.0).collect();
     let w = Tensor::from_vec(wave(rows * cols, 0.37), (rows, cols), &Device::Cpu).unwrap();
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
+        let threads = rayon::current_num_threads() > 1;
+        assert_eq!(QuantMatrix::serves(dtype), !k_quant || threads, "{dtype:?}");
         let q = QTensor::quantize(&w, dtype).unwrap();
-        let blocks = q.data().unwrap();
-        type Product = Box<dyn Fn(&[f32]) -> medphi::Result<Vec<f32>>>;
-        let ours: Product = match dtype {
-            GgmlDType::Q8_0 => {
-                let m = Q8Matrix::for_this_cpu(&blocks, rows, cols)
-                    .unwrap()
-                    .unwrap();
-                Box::new(move |x| m.matmul(x))
-            }
-            _ => {
-                let m = Q4Matrix::for_this_cpu(&blocks, rows, cols)
-                    .unwrap()
-                    .unwrap();
-                Box::new(move |x| m.matmul(x))
-            }
-        };
-        let candle = QMatMul::from_qtensor(q).unwrap();
+        let ours = QuantMatrix::for_this_cpu(dtype, &q.data().unwrap(), rows, cols)
+            .unwrap()
+            .expect("a format our kernels serve");
+        assert_eq!(ours.dtype(), dtype, "{dtype:?}");
+        let weights = q.dequantize(&Device::Cpu).unwrap();
         for m in [1, 5, 9] {
             let x: Vec<f32> = wave(m * cols, 0.11);
-            let want = candle
-                .forward(&Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap())
+            let rounded = QTensor::quantize(
+                &Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap(),
+                GgmlDType::Q8_0,
+            )
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+            let want = rounded
+                .matmul(&weights.t().unwrap())
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let got = ours(&x).unwrap();
+            let got = ours.matmul(&x).unwrap();
             assert_eq!(got.len(), want.len());
+            let largest = want.iter().fold(1f32, |m, v| m.max(v.abs()));
             for (g, w) in got.iter().zip(&want) {
                 assert!(
-                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    (g - w).abs() <= 1e-4 * largest,
                     "{dtype:?}, {m} rows: {g} vs {w}"
                 );
             }
         }
-        assert!(ours(&[0.0; 255]).is_err());
+        assert!(ours.matmul(&[0.0; 511]).is_err());
     }
     assert!(Q8Matrix::for_this_cpu(&[0; 33], 1, 32).is_err());
     assert!(Q4Matrix::for_this_cpu(&[0; 17], 1, 32).is_err());
+    // A q4_K super-block holds 256 values: a row of 32 is not one.
+    assert!(QuantMatrix::for_this_cpu(GgmlDType::Q4K, &[0; 144], 1, 32).is_err());
 }
 
 /// The q8_0 and q4_0 fixtures on the wasm CPU path: our kernels through the whole model,

@@ -47,6 +47,7 @@ pub trait Layout {
 }
 
 /// Bytes of a stored row of `blocks` blocks of `F`.
+#[cfg(any(native_kernels, test))]
 pub(super) const fn row_bytes<F: Layout>(blocks: usize) -> usize {
     blocks / F::BLOCKS * F::BYTES
 }
@@ -85,13 +86,20 @@ impl Q4K {
     /// As `Layout::scale`.
     #[inline(always)]
     pub(super) unsafe fn super_block(row: *const u8, b: usize) -> (f32, f32, [u32; 4]) {
+        let ([d, dmin], scales) = Self::stored(row, b);
+        (f16_bits_to_f32(d), f16_bits_to_f32(dmin), scales)
+    }
+
+    /// The same with `d` and `dmin` as their f16 bits.
+    ///
+    /// # Safety
+    /// As `Layout::scale`.
+    #[inline(always)]
+    pub(super) unsafe fn stored(row: *const u8, b: usize) -> ([u16; 2], [u32; 4]) {
         let block = row.add(b / 8 * Self::BYTES);
+        let [d, dmin] = block.cast::<[u16; 2]>().read_unaligned().map(u16::from_le);
         let packed = block.add(4).cast::<[u32; 3]>().read_unaligned();
-        (
-            read_f16(block),
-            read_f16(block.add(2)),
-            q4_k_scales(packed.map(u32::from_le)),
-        )
+        ([d, dmin], q4_k_scales(packed.map(u32::from_le)))
     }
 }
 
@@ -136,7 +144,18 @@ impl Q6K {
     /// Super-block `b / 8`'s `d`.
     #[inline(always)]
     pub(super) unsafe fn d(row: *const u8, b: usize) -> f32 {
-        read_f16(Self::super_block(row, b).add(208))
+        f16_bits_to_f32(Self::d_bits(row, b))
+    }
+
+    /// The same as its f16 bits.
+    #[inline(always)]
+    pub(super) unsafe fn d_bits(row: *const u8, b: usize) -> u16 {
+        u16::from_le(
+            Self::super_block(row, b)
+                .add(208)
+                .cast::<u16>()
+                .read_unaligned(),
+        )
     }
 }
 
@@ -172,18 +191,26 @@ impl Layout for Q6K {
 /// `at` points at two readable bytes.
 #[inline(always)]
 unsafe fn read_f16(at: *const u8) -> f32 {
-    let bits = u16::from_le(at.cast::<u16>().read_unaligned());
+    f16_bits_to_f32(u16::from_le(at.cast::<u16>().read_unaligned()))
+}
+
+/// An f16, given by its bits, as f32.
+#[inline(always)]
+fn f16_bits_to_f32(bits: u16) -> f32 {
     // One `fcvt`, which every ARMv8 CPU has: `half` converts out of line after checking at
     // run time for a later extension, a call per block in the kernels' loops.
     #[cfg(target_arch = "aarch64")]
     {
         let value: f32;
-        std::arch::asm!(
-            "fcvt {value:s}, {bits:h}",
-            value = lateout(vreg) value,
-            bits = in(vreg) bits,
-            options(pure, nomem, nostack),
-        );
+        // SAFETY: a conversion between registers.
+        unsafe {
+            std::arch::asm!(
+                "fcvt {value:s}, {bits:h}",
+                value = lateout(vreg) value,
+                bits = in(vreg) bits,
+                options(pure, nomem, nostack),
+            )
+        };
         value
     }
     #[cfg(not(target_arch = "aarch64"))]

@@ -1,13 +1,15 @@
 //! Quantized weight matrices multiplied by our own kernels, where candle's cost memory or
 //! threads.
 //!
-//! - Natively (`blocks`, `matrix`): the file's blocks used where they lie, q8_0, q4_0, q4_K
-//!   and q6_K. candle holds a copy of every quantized matrix (on VNNI and ARM CPUs a
-//!   repacked one beside the original), and its q4_0 kernels ran at half llama.cpp's decode
-//!   on x86; ours use the mapped file's blocks, by `x86` (AVX-512 VNNI or AVX2) or `neon`
-//!   (aarch64 with the dot product instructions).
-//! - `simd128` (q8_0 and q4_0 on wasm32): candle's kernels run on one thread in the browser;
-//!   ours split the rows across rayon's pool, which the threaded build runs on Web Workers.
+//! - Natively (`matrix`): the file's blocks used where they lie, q8_0, q4_0, q4_K and q6_K
+//!   (`blocks`: their layout, which the browser's kernels read too). candle holds a copy of
+//!   every quantized matrix (on VNNI and ARM CPUs a repacked one beside the original), and
+//!   its q4_0 kernels ran at half llama.cpp's decode on x86; ours use the mapped file's
+//!   blocks, by `x86` (AVX-512 VNNI or AVX2) or `neon` (aarch64 with the dot product
+//!   instructions).
+//! - `simd128` (the same four formats on wasm32): candle's kernels run on one thread in the
+//!   browser; ours split the rows across rayon's pool, which the threaded build runs on Web
+//!   Workers.
 //!
 //! All quantize each activation row once to q8_0 blocks, as llama.cpp does for its 32-value
 //! formats, and give the same products (up to the order of f32 sums) as candle's `QMatMul`
@@ -24,7 +26,6 @@ use neon as arch;
 #[cfg(target_arch = "x86_64")]
 use x86 as arch;
 
-#[cfg(native_kernels)]
 mod blocks;
 #[cfg(native_kernels)]
 mod matrix;
@@ -40,7 +41,7 @@ pub use arch::Kernel;
 #[cfg(native_kernels)]
 pub use matrix::{Q4KMatrix, Q4Matrix, Q6KMatrix, Q8Matrix};
 #[cfg(target_arch = "wasm32")]
-pub use simd128::{Q4Matrix, Q8Matrix};
+pub use simd128::{Q4KMatrix, Q4Matrix, Q6KMatrix, Q8Matrix};
 
 /// Values per q8_0 and q4_0 block (and per block of a k-quant's super-block).
 const BLOCK: usize = 32;
@@ -49,9 +50,7 @@ const BLOCK: usize = 32;
 pub enum QuantMatrix {
     Q8(Q8Matrix),
     Q4(Q4Matrix),
-    #[cfg(native_kernels)]
     Q4K(Q4KMatrix),
-    #[cfg(native_kernels)]
     Q6K(Q6KMatrix),
 }
 
@@ -61,9 +60,7 @@ macro_rules! each_format {
         match $matrix {
             QuantMatrix::Q8($m) => $body,
             QuantMatrix::Q4($m) => $body,
-            #[cfg(native_kernels)]
             QuantMatrix::Q4K($m) => $body,
-            #[cfg(native_kernels)]
             QuantMatrix::Q6K($m) => $body,
         }
     };
@@ -72,9 +69,16 @@ macro_rules! each_format {
 impl QuantMatrix {
     /// Whether our kernels multiply matrices stored as `dtype` on this CPU.
     pub fn serves(dtype: GgmlDType) -> bool {
-        // The k-quants have kernels of ours natively only.
-        let k_quant = cfg!(native_kernels) && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
-        let format = matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0) || k_quant;
+        let format = match dtype {
+            GgmlDType::Q8_0 | GgmlDType::Q4_0 => true,
+            // In the browser on one thread (a page without cross-origin isolation) candle's
+            // k-quant kernels are faster than ours (407M Q4_K_M: decode 13.7-14.1 tok/s
+            // against 10.6-11.0), which win from two threads on (26-27 against 13-15).
+            GgmlDType::Q4K | GgmlDType::Q6K => {
+                cfg!(native_kernels) || rayon::current_num_threads() > 1
+            }
+            _ => false,
+        };
         format && Q8Matrix::runs_here()
     }
 
@@ -93,6 +97,8 @@ impl QuantMatrix {
         return Ok(match dtype {
             GgmlDType::Q8_0 => Q8Matrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q8),
             GgmlDType::Q4_0 => Q4Matrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q4),
+            GgmlDType::Q4K => Q4KMatrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q4K),
+            GgmlDType::Q6K => Q6KMatrix::for_this_cpu(blocks, rows, cols)?.map(Self::Q6K),
             _ => None,
         });
     }
@@ -145,6 +151,16 @@ impl QuantMatrix {
 
     pub fn rows(&self) -> usize {
         each_format!(self, m => m.rows())
+    }
+
+    /// The block format its matrix is stored in.
+    pub fn dtype(&self) -> GgmlDType {
+        match self {
+            Self::Q8(_) => GgmlDType::Q8_0,
+            Self::Q4(_) => GgmlDType::Q4_0,
+            Self::Q4K(_) => GgmlDType::Q4K,
+            Self::Q6K(_) => GgmlDType::Q6K,
+        }
     }
 
     /// Bytes held (and read by each product).

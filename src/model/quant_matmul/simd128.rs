@@ -1,17 +1,23 @@
-//! q8_0 and q4_0 on wasm32 with SIMD128, rows split across rayon's pool.
+//! q8_0, q4_0, q4_K and q6_K on wasm32 with SIMD128, rows split across rayon's pool.
 //!
 //! Why: candle's kernels run on one thread in the browser, where a laptop has 4–16 cores;
 //! the threaded build (`initThreadPool`) gives rayon Web Workers sharing the module's
-//! memory, and the single-threaded build runs the same code on the caller's thread.
+//! memory, and the single-threaded build runs the same code on the caller's thread. (On one
+//! thread candle's k-quant kernels are the faster: they sum a super-block in integers against
+//! activations rounded per 256. `QuantMatrix::serves` leaves k-quants to them there.)
 //!
-//! How: the file's blocks are repacked once into tiles of four rows, block by block (the
-//! four rows' f16 scales, then their quants: the stored size), so a product reads the matrix
-//! as one stream. Each tile meets each activation row: a block's weights are widened to
-//! i16 as they load (`v128.load8x8_s` for q8_0; nibbles masked, shifted and offset by 8 for
-//! q4_0), and `i32x4.dot_i16x8_s` multiplies them into the activations, which were quantized
-//! to q8_0 and widened to i16 once per product (llama.cpp pairs both formats with q8_0
-//! activations too). Scales come from a table of every f16's f32 (256 KB, as llama.cpp keeps
-//! one where the CPU cannot convert f16).
+//! How: the file's blocks are repacked once into tiles of four rows, stored unit by stored
+//! unit (a block, or a k-quant's super-block of eight: the four rows' units as stored, so the
+//! tiles are the file's size), so a product reads the matrix as one stream. Each tile meets
+//! each activation row: a block's weights are widened to i16 as they load (`v128.load8x8_s`
+//! for q8_0; nibbles masked and shifted, q4_0's offset by 8; q6_K's six bits less 32, times
+//! their scale per 16 weights, which fits i16), and `i32x4.dot_i16x8_s` multiplies them into
+//! the activations, which were quantized to q8_0 and widened to i16 once per product
+//! (llama.cpp pairs its 32-value formats with q8_0 activations too). A q4_K block's min comes
+//! off as `min·Σx`. Scales stored as one f16 per block come from a table of every f16's f32
+//! (256 KB, as llama.cpp keeps one where the CPU cannot convert f16), and so do a
+//! super-block's `d` and `dmin` (`half`'s conversion, in software here, had cost a quarter of
+//! a Q4_K_M decode); its packed scales are unpacked once per unit and row.
 
 use std::arch::wasm32::*;
 use std::marker::PhantomData;
@@ -19,6 +25,7 @@ use std::sync::OnceLock;
 
 use half::f16;
 
+use super::blocks::{Layout, Q4K, Q4_0, Q6K, Q8_0};
 use super::{check_blocks, quantize_block, BLOCK};
 use crate::error::Result;
 use crate::model::disjoint::{rows_of, Disjoint};
@@ -27,44 +34,113 @@ use crate::model::spin_pool;
 /// Weight rows per tile: they share each activation load.
 const ROWS: usize = 4;
 
-/// A GGML block format: its quant bytes per block of 32 weights, and how they widen.
-pub trait Format {
-    /// Bytes of quants per block (after the f16 scale).
-    const QUANTS: usize;
-    /// The block's 32 weights at `q`, as four i16x8 vectors in order.
-    ///
-    /// # Safety
-    /// `q` must point at `QUANTS` readable bytes.
-    unsafe fn widen(q: *const u8) -> [v128; 4];
-}
-
-/// q8_0: 32 signed bytes.
-pub struct Q8_0;
-
-impl Format for Q8_0 {
-    const QUANTS: usize = BLOCK;
-    unsafe fn widen(q: *const u8) -> [v128; 4] {
-        [0, 8, 16, 24].map(|k| i16x8_load_extend_i8x8(q.add(k).cast()))
+/// How the kernel reads a block format (`Layout`: what lies where) from one stored unit
+/// (`Layout::BLOCKS` blocks, `Layout::BYTES` bytes) of a tile's row.
+///
+/// # Safety (every method)
+/// `unit` points at a whole stored unit, and `k` is one of its blocks.
+pub trait Format: Layout {
+    /// Block `k`'s 32 weights, signed, as four i16x8 vectors in order (times their scale
+    /// per 16 weights, where the format has one).
+    unsafe fn widen(unit: *const u8, k: usize) -> [v128; 4];
+    /// The unit's blocks' scales and mins, in the first `BLOCKS` lanes; by default a lone
+    /// block's f16 scale, from the table.
+    #[inline(always)]
+    unsafe fn unit_scales(unit: *const u8, table: &[f32; 1 << 16]) -> ([f32; 8], [f32; 8]) {
+        let bits = u16::from_le_bytes([*unit, *unit.add(1)]);
+        let mut scales = [0.0; 8];
+        scales[0] = table[bits as usize];
+        (scales, [0.0; 8])
     }
 }
 
-/// q4_0: 16 bytes, weight `j` in the low nibble of byte `j` and weight `j + 16` in its high
-/// nibble, both stored plus 8.
-pub struct Q4_0;
+/// Sixteen bytes as two i16x8 vectors, in order.
+#[inline(always)]
+fn widen_bytes(bytes: v128) -> [v128; 2] {
+    [
+        i16x8_extend_low_i8x16(bytes),
+        i16x8_extend_high_i8x16(bytes),
+    ]
+}
+
+impl Format for Q8_0 {
+    #[inline(always)]
+    unsafe fn widen(unit: *const u8, _k: usize) -> [v128; 4] {
+        [0, 8, 16, 24].map(|at| i16x8_load_extend_i8x8(unit.add(2 + at).cast()))
+    }
+}
 
 impl Format for Q4_0 {
-    const QUANTS: usize = BLOCK / 2;
-    unsafe fn widen(q: *const u8) -> [v128; 4] {
-        let bytes = v128_load(q.cast());
+    #[inline(always)]
+    unsafe fn widen(unit: *const u8, _k: usize) -> [v128; 4] {
+        let bytes = v128_load(unit.add(2).cast());
         let eight = i8x16_splat(8);
-        let low = i8x16_sub(v128_and(bytes, u8x16_splat(0x0F)), eight);
-        let high = i8x16_sub(u8x16_shr(bytes, 4), eight);
-        [
-            i16x8_extend_low_i8x16(low),
-            i16x8_extend_high_i8x16(low),
-            i16x8_extend_low_i8x16(high),
-            i16x8_extend_high_i8x16(high),
-        ]
+        let [a, b] = widen_bytes(i8x16_sub(v128_and(bytes, u8x16_splat(0x0F)), eight));
+        let [c, d] = widen_bytes(i8x16_sub(u8x16_shr(bytes, 4), eight));
+        [a, b, c, d]
+    }
+}
+
+impl Format for Q4K {
+    #[inline(always)]
+    unsafe fn widen(unit: *const u8, k: usize) -> [v128; 4] {
+        let bytes = unit.add(16 + k / 2 * 32);
+        let nibbles = |at: usize| {
+            let v = v128_load(bytes.add(at).cast());
+            if k.is_multiple_of(2) {
+                v128_and(v, u8x16_splat(0x0F))
+            } else {
+                u8x16_shr(v, 4)
+            }
+        };
+        let [a, b] = widen_bytes(nibbles(0));
+        let [c, d] = widen_bytes(nibbles(16));
+        [a, b, c, d]
+    }
+
+    /// `d` and `dmin` from the table, the 6-bit scales and mins widened in two vectors.
+    #[inline(always)]
+    unsafe fn unit_scales(unit: *const u8, table: &[f32; 1 << 16]) -> ([f32; 8], [f32; 8]) {
+        let ([d, dmin], [s0, s1, m0, m1]) = Self::stored(unit, 0);
+        let eight = |low: u32, high: u32, by: u16| {
+            let bytes = u16x8_extend_low_u8x16(u32x4(low, high, 0, 0));
+            let by = f32x4_splat(table[by as usize]);
+            let widen = |v: v128| f32x4_mul(f32x4_convert_u32x4(v), by);
+            let halves = [
+                widen(u32x4_extend_low_u16x8(bytes)),
+                widen(u32x4_extend_high_u16x8(bytes)),
+            ];
+            std::mem::transmute::<[v128; 2], [f32; 8]>(halves)
+        };
+        (eight(s0, s1, d), eight(m0, m1, dmin))
+    }
+}
+
+impl Format for Q6K {
+    #[inline(always)]
+    unsafe fn widen(unit: *const u8, k: usize) -> [v128; 4] {
+        let (half, j) = (k / 4, k % 4);
+        let low = unit.add(64 * half + 32 * (j % 2));
+        let high = unit.add(128 + 32 * half);
+        let scales = Self::pair_scales(unit, k);
+        let sixteen = |at: usize| {
+            let low = u8x16_shr(v128_load(low.add(at).cast()), 4 * (j as u32 / 2));
+            let high = u8x16_shr(v128_load(high.add(at).cast()), 2 * j as u32);
+            let w = v128_or(
+                v128_and(low, u8x16_splat(0x0F)),
+                i8x16_shl(v128_and(high, u8x16_splat(3)), 4),
+            );
+            let scale = i16x8_splat(scales[at / 16]);
+            widen_bytes(i8x16_sub(w, i8x16_splat(32))).map(|w| i16x8_mul(w, scale))
+        };
+        let [a, b] = sixteen(0);
+        let [c, d] = sixteen(16);
+        [a, b, c, d]
+    }
+
+    #[inline(always)]
+    unsafe fn unit_scales(unit: *const u8, table: &[f32; 1 << 16]) -> ([f32; 8], [f32; 8]) {
+        ([table[Self::d_bits(unit, 0) as usize]; 8], [0.0; 8])
     }
 }
 
@@ -72,17 +148,21 @@ impl Format for Q4_0 {
 pub struct Tiled<F> {
     rows: usize,
     cols: usize,
-    /// Per tile, per block: four f16 scales, then four rows' quants.
+    /// Per tile, per stored unit: the four rows' units as stored.
     tiles: Vec<u8>,
     format: PhantomData<fn() -> F>,
 }
 
 pub type Q8Matrix = Tiled<Q8_0>;
 pub type Q4Matrix = Tiled<Q4_0>;
+pub type Q4KMatrix = Tiled<Q4K>;
+pub type Q6KMatrix = Tiled<Q6K>;
 
-/// Activation rows quantized to q8_0 blocks, quants widened to i16.
+/// Activation rows quantized to q8_0 blocks, quants widened to i16, with each block's sum
+/// (`scale·Σq`, what a weight block's min multiplies).
 struct Activations {
     scales: Vec<f32>,
+    sums: Vec<f32>,
     quants: Vec<i16>,
 }
 
@@ -90,11 +170,14 @@ impl Activations {
     fn new(x: &[f32]) -> Self {
         let mut out = Self {
             scales: Vec::with_capacity(x.len() / BLOCK),
+            sums: Vec::with_capacity(x.len() / BLOCK),
             quants: Vec::with_capacity(x.len()),
         };
         for block in x.chunks_exact(BLOCK) {
             let (scale, quants) = quantize_block(block);
             out.scales.push(scale);
+            out.sums
+                .push(scale * quants.iter().map(|&q| i32::from(q)).sum::<i32>() as f32);
             out.quants.extend(quants.map(i16::from));
         }
         out
@@ -114,23 +197,20 @@ fn f16_table() -> &'static [f32; 1 << 16] {
 }
 
 impl<F: Format> Tiled<F> {
-    /// Bytes of one block of a tile: four scales, then four rows' quants.
-    const TILE_BLOCK: usize = ROWS * (2 + F::QUANTS);
+    /// Bytes of one stored unit of a tile: the four rows'.
+    const TILE_UNIT: usize = ROWS * F::BYTES;
 
     /// `rows × cols` values stored as GGUF blocks of this format (SIMD128 is part of every
     /// wasm build, so there is always a matrix).
     pub fn for_this_cpu(blocks: &[u8], rows: usize, cols: usize) -> Result<Option<Self>> {
-        let stored = 2 + F::QUANTS;
-        check_blocks(blocks, rows, cols, BLOCK, stored)?;
-        let per_row = cols / BLOCK;
-        let mut tiles = vec![0; rows.div_ceil(ROWS) * per_row * Self::TILE_BLOCK];
-        for (n, block) in blocks.chunks_exact(stored).enumerate() {
-            let (r, b) = (n / per_row, n % per_row);
-            let tile =
-                &mut tiles[(r / ROWS * per_row + b) * Self::TILE_BLOCK..][..Self::TILE_BLOCK];
-            let i = r % ROWS;
-            tile[2 * i..2 * i + 2].copy_from_slice(&block[..2]);
-            tile[2 * ROWS + F::QUANTS * i..][..F::QUANTS].copy_from_slice(&block[2..]);
+        check_blocks(blocks, rows, cols, BLOCK * F::BLOCKS, F::BYTES)?;
+        let units = cols / (BLOCK * F::BLOCKS);
+        // Padding rows stay zeros: scales of zero, outputs never written.
+        let mut tiles = vec![0; rows.div_ceil(ROWS) * units * Self::TILE_UNIT];
+        for (n, unit) in blocks.chunks_exact(F::BYTES).enumerate() {
+            let (r, u) = (n / units, n % units);
+            let at = (r / ROWS * units + u) * Self::TILE_UNIT + r % ROWS * F::BYTES;
+            tiles[at..at + F::BYTES].copy_from_slice(unit);
         }
         Ok(Some(Self {
             rows,
@@ -193,37 +273,53 @@ impl<F: Format> Tiled<F> {
     /// Tile `t`'s four rows dotted with activation row `j`.
     fn dots(&self, t: usize, xq: &Activations, j: usize, table: &[f32; 1 << 16]) -> [f32; ROWS] {
         let (cols, per_row) = (self.cols, self.cols / BLOCK);
-        let tile = &self.tiles[t * per_row * Self::TILE_BLOCK..][..per_row * Self::TILE_BLOCK];
+        let units = per_row / F::BLOCKS;
+        let tile = &self.tiles[t * units * Self::TILE_UNIT..][..units * Self::TILE_UNIT];
         let x = xq.quants[j * cols..][..cols].as_ptr();
         let x_scales = &xq.scales[j * per_row..][..per_row];
+        let x_sums = &xq.sums[j * per_row..][..per_row];
         let mut acc = [f32x4_splat(0.0); ROWS];
-        for (b, (&x_scale, block)) in x_scales
-            .iter()
-            .zip(tile.chunks_exact(Self::TILE_BLOCK))
-            .enumerate()
-        {
-            let quants = block[2 * ROWS..].as_ptr();
-            // SAFETY: `x` starts `per_row` blocks of 32 activations, read as four loads of
-            // eight i16 of block `b`; `quants` starts four rows of `F::QUANTS` bytes.
+        let mut mins = [0f32; ROWS];
+        for (u, unit) in tile.chunks_exact(Self::TILE_UNIT).enumerate() {
+            let row_unit = |i: usize| unit[i * F::BYTES..].as_ptr();
+            // SAFETY: `unit` holds the four rows' whole units, each `F::BYTES` long; `x`
+            // starts `per_row` blocks of 32 activations, read as four loads of eight i16 of
+            // block `b`, one of the row's.
             unsafe {
-                let xs = [0, 8, 16, 24].map(|k| v128_load(x.add(b * BLOCK + k).cast()));
-                for (i, scale) in block[..2 * ROWS].chunks_exact(2).enumerate() {
-                    let ws = F::widen(quants.add(i * F::QUANTS));
-                    let mut sum = i32x4_dot_i16x8(ws[0], xs[0]);
-                    for (&w, &xk) in ws.iter().zip(&xs).skip(1) {
-                        sum = i32x4_add(sum, i32x4_dot_i16x8(w, xk));
+                let scales: [_; ROWS] = std::array::from_fn(|i| F::unit_scales(row_unit(i), table));
+                if F::MINS {
+                    let sums = &x_sums[u * F::BLOCKS..][..F::BLOCKS];
+                    for (min, (_, weight_mins)) in mins.iter_mut().zip(&scales) {
+                        *min += sums
+                            .iter()
+                            .zip(weight_mins)
+                            .map(|(s, m)| s * m)
+                            .sum::<f32>();
                     }
-                    let bits = u16::from_le_bytes([scale[0], scale[1]]);
-                    let scale = f32x4_splat(table[bits as usize] * x_scale);
-                    acc[i] = f32x4_add(acc[i], f32x4_mul(f32x4_convert_i32x4(sum), scale));
+                }
+                for k in 0..F::BLOCKS {
+                    let b = u * F::BLOCKS + k;
+                    let xs = [0, 8, 16, 24].map(|c| v128_load(x.add(b * BLOCK + c).cast()));
+                    let x_scale = x_scales[b];
+                    for (i, (weight_scales, _)) in scales.iter().enumerate() {
+                        let ws = F::widen(row_unit(i), k);
+                        let mut sum = i32x4_dot_i16x8(ws[0], xs[0]);
+                        for (&w, &xk) in ws.iter().zip(&xs).skip(1) {
+                            sum = i32x4_add(sum, i32x4_dot_i16x8(w, xk));
+                        }
+                        let scale = f32x4_splat(weight_scales[k] * x_scale);
+                        acc[i] = f32x4_add(acc[i], f32x4_mul(f32x4_convert_i32x4(sum), scale));
+                    }
                 }
             }
         }
-        acc.map(|a| {
+        std::array::from_fn(|i| {
+            let a = acc[i];
             f32x4_extract_lane::<0>(a)
                 + f32x4_extract_lane::<1>(a)
                 + f32x4_extract_lane::<2>(a)
                 + f32x4_extract_lane::<3>(a)
+                - mins[i]
         })
     }
 }
