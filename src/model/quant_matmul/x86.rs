@@ -38,7 +38,7 @@ const PREFETCH: usize = 2048;
 /// Which instructions multiply a matrix, chosen once by what the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX-512 F, VL and VNNI (Intel's servers since Ice Lake, AMD since Zen 4).
+    /// AVX-512 F, BW, VL and VNNI (Intel's servers since Ice Lake, AMD since Zen 4).
     Vnni,
     /// AVX2, FMA and F16C (x86-64 CPUs since 2013–2015).
     Avx2,
@@ -55,6 +55,7 @@ impl Kernel {
         match self {
             Self::Vnni => {
                 avx2 && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
@@ -92,8 +93,10 @@ impl Kernel {
 /// taken off per four activations (`Q8Rows::lane_offsets`).
 ///
 /// # Safety (every method)
-/// As `Layout`'s (for `eight_scales`, blocks `b` to `b + 7`, `b` a multiple of 8), and the
-/// CPU has AVX2 and F16C.
+/// As `Layout`'s (for `eight_scales` and `sixteen_scales`, blocks `b` to `b + 7`, `b` a
+/// multiple of 8; for `unsigned_pair`, `b` and `b + 1`, `b` even), and the CPU has AVX2 and
+/// F16C (for `unsigned_pair` and `sixteen_scales`, which only VNNI's kernels call, AVX-512 F
+/// and BW).
 pub trait Format: Layout {
     /// What `unsigned` adds to each weight.
     const OFFSET: i32;
@@ -120,12 +123,19 @@ pub trait Format: Layout {
         let scales = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
         (scales, _mm256_setzero_ps())
     }
-    /// `pair_scales` of blocks `b..b + 8` (`b` a multiple of 8) as f32: blocks `b..b + 4`
-    /// in the first register, two lanes each, the rest in the second.
-    unsafe fn sixteen_scales(_row: *const u8, _b: usize) -> [__m256; 2] {
-        [_mm256_set1_ps(1.0); 2]
+    /// Blocks `b` and `b + 1` as `unsigned` gives them, the first in the register's low half:
+    /// what VNNI's row kernel multiplies at once.
+    unsafe fn unsigned_pair(row: *const u8, b: usize) -> __m512i;
+    /// `pair_scales` of blocks `b..b + 8` as f32, in order (two a block).
+    #[inline(always)]
+    unsafe fn sixteen_scales(_row: *const u8, _b: usize) -> __m512 {
+        _mm512_set1_ps(1.0)
     }
 }
+
+/// The upper sixteen of a 512-bit register's 16-bit lanes: where `unsigned_pair` puts a
+/// pair's second block.
+const SECOND_OF_PAIR: __mmask32 = 0xFFFF_0000;
 
 impl Format for Q8_0 {
     const OFFSET: i32 = 128;
@@ -141,6 +151,13 @@ impl Format for Q8_0 {
     #[inline]
     unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
         _mm256_xor_si256(Self::signed(row, b), _mm256_set1_epi8(i8::MIN))
+    }
+
+    #[inline(always)]
+    unsafe fn unsigned_pair(row: *const u8, b: usize) -> __m512i {
+        let first = _mm512_castsi256_si512(Self::signed(row, b));
+        let both = _mm512_inserti64x4::<1>(first, Self::signed(row, b + 1));
+        _mm512_xor_si512(both, _mm512_set1_epi8(i8::MIN))
     }
 }
 
@@ -163,6 +180,19 @@ impl Format for Q4_0 {
         let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
         _mm256_set_m128i(high, low)
     }
+
+    #[inline(always)]
+    unsafe fn unsigned_pair(row: *const u8, b: usize) -> __m512i {
+        let quants = |b: usize| _mm_loadu_si128(row.add(b * Self::BYTES + 2).cast());
+        let both = _mm256_set_m128i(quants(b + 1), quants(b));
+        // Each block's 16 bytes twice, [b, b, b + 1, b + 1]: low nibbles, then high.
+        let twice = _mm512_shuffle_i64x2::<0b01_01_00_00>(
+            _mm512_castsi256_si512(both),
+            _mm512_castsi256_si512(both),
+        );
+        let shifted = _mm512_mask_srli_epi16::<4>(twice, 0xFF00_FF00, twice);
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
+    }
 }
 
 impl Format for Q4K {
@@ -179,19 +209,28 @@ impl Format for Q4K {
     #[inline]
     unsafe fn unsigned(row: *const u8, b: usize) -> __m256i {
         let bytes = _mm256_loadu_si256(row.add(b / 8 * Self::BYTES + 16 + b % 8 / 2 * 32).cast());
-        let shift = _mm_cvtsi32_si128(b as i32 % 2 * 4);
+        let shift = _mm_cvtsi32_si128((b % 2 * 4) as i32);
         _mm256_and_si256(_mm256_srl_epi16(bytes, shift), _mm256_set1_epi8(0x0F))
     }
 
     #[inline(always)]
+    unsafe fn unsigned_pair(row: *const u8, b: usize) -> __m512i {
+        // The pair's 32 bytes: the first block's low nibbles, the second's high.
+        let at = row.add(b / 8 * Self::BYTES + 16 + b % 8 / 2 * 32);
+        let bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(at.cast()));
+        let shifted = _mm512_mask_srli_epi16::<4>(bytes, SECOND_OF_PAIR, bytes);
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
+    }
+
+    #[inline(always)]
     unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
-        let (d, dmin, [s0, s1, m0, m1]) = Self::super_block(row, b);
+        let ([d, dmin], [s0, s1, m0, m1]) = Self::stored(row, b);
         let bytes = _mm_setr_epi32(s0 as i32, s1 as i32, m0 as i32, m1 as i32);
         let scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
         let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
         (
-            _mm256_mul_ps(scales, _mm256_set1_ps(d)),
-            _mm256_mul_ps(mins, _mm256_set1_ps(dmin)),
+            _mm256_mul_ps(scales, f16_everywhere(d)),
+            _mm256_mul_ps(mins, f16_everywhere(dmin)),
         )
     }
 }
@@ -224,17 +263,48 @@ impl Format for Q6K {
 
     #[inline(always)]
     unsafe fn eight_scales(row: *const u8, b: usize) -> (__m256, __m256) {
-        (_mm256_set1_ps(Self::d(row, b)), _mm256_setzero_ps())
+        (f16_everywhere(Self::d_bits(row, b)), _mm256_setzero_ps())
     }
 
     #[inline(always)]
-    unsafe fn sixteen_scales(row: *const u8, b: usize) -> [__m256; 2] {
-        let scales = Self::super_block(row, b).add(192);
-        [0, 8].map(|half| {
-            let bytes = _mm_loadl_epi64(scales.add(half).cast());
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
-        })
+    unsafe fn unsigned_pair(row: *const u8, b: usize) -> __m512i {
+        let block = Self::super_block(row, b);
+        // Blocks 0 and 1 of a half super-block are the low nibbles of its 64 low-bit bytes,
+        // 2 and 3 the high; all four take their high bits from the same 32 bytes, two each.
+        let (half, first) = (b % 8 / 4, b % 4);
+        let low = _mm512_loadu_si512(block.add(64 * half).cast());
+        let high = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * half).cast()));
+        // Each weight's high bits (2·j and 2·j + 1 of its byte, block j) to bits 4 and 5.
+        let (low, high) = if first == 0 {
+            let second =
+                _mm512_mask_slli_epi16::<2>(_mm512_slli_epi16::<4>(high), SECOND_OF_PAIR, high);
+            (low, second)
+        } else {
+            (
+                _mm512_srli_epi16::<4>(low),
+                _mm512_mask_srli_epi16::<2>(high, SECOND_OF_PAIR, high),
+            )
+        };
+        let high = _mm512_and_si512(high, _mm512_set1_epi8(0x30));
+        // low & 0x0F | high, as one ternary-logic table (a: low, b: high, c: the mask).
+        _mm512_ternarylogic_epi32::<0xEC>(low, high, _mm512_set1_epi8(0x0F))
     }
+
+    #[inline(always)]
+    unsafe fn sixteen_scales(row: *const u8, b: usize) -> __m512 {
+        let scales = _mm_loadu_si128(Self::super_block(row, b).add(192).cast());
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scales))
+    }
+}
+
+/// An f16 in every lane, by F16C: `half`'s conversion checks for F16C at run time, a load
+/// and a branch per super-block in the row kernels.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[inline(always)]
+unsafe fn f16_everywhere(bits: u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
 }
 
 /// `x` quantized into `rows` (sized for it by `Q8Rows::new`), with its lane offsets where

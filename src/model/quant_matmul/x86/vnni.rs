@@ -238,68 +238,88 @@ fn row_dot<F: Format>(row: &[u8], x: &XRow) -> f32 {
     unsafe { row_dot_vnni::<F>(row, x) }
 }
 
-/// Per block, the offset weights times `x` into eight i32 lanes by `vpdpbusd`, starting
-/// from minus the offset's share in one lane so the block's sum is exact; scaled in f32 and
-/// summed once at the end. (llama.cpp's dot products take `|w|` times `x` with `w`'s signs
-/// instead: as many instructions for q8_0, three more per block for q4_0.) The weights'
-/// scales (and mins, whose share is taken off per eight blocks) are widened eight blocks at
-/// a time; four accumulators, a block each in turn, hide the FMA's latency. With a scale per
-/// 16 weights (q6_K), each lane starts from minus its own offset share, and lanes 0-3 and
-/// 4-7 are scaled apart.
-#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
+/// Per pair of blocks, the offset weights times `x` into sixteen i32 lanes (eight a block) by
+/// one 512-bit `vpdpbusd`, starting from minus the offset's share so each block's sum is
+/// exact; scaled in f32 and summed once at the end. (llama.cpp's dot products take `|w|`
+/// times `x` with `w`'s signs instead: as many instructions for q8_0, three more per block
+/// for q4_0.) The weights' scales (and mins, whose share is taken off per eight blocks) are
+/// widened eight blocks at a time and spread over a pair's halves by one permutation; four
+/// accumulators, a pair each in turn, hide the FMA's latency. With a scale per 16 weights
+/// (q6_K), each lane starts from minus its own offset share, and each four lanes take their
+/// own scale. (A block a 256-bit register, as the AVX2 kernels go, left q4_K and q6_K short of
+/// the memory's speed on two cores, 27.9 and 26.8 GB/s against q4_0's 32.6: the instructions
+/// per weight, not the reads, were the limit.)
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
     let blocks = x.scales.len();
     let base = row.as_ptr();
-    // Block `b` into `acc`, each i32 lane times its lane of `scale`.
-    let block = |b: usize, scale: __m256, acc: __m256| {
-        let w = F::unsigned(base, b);
-        let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-        let offset = if F::PAIR_SCALES {
-            _mm256_loadu_si256(x.lane_offsets.as_ptr().add(b * 8).cast())
-        } else {
-            let share = -F::OFFSET * x.sums.get_unchecked(b);
-            _mm256_zextsi128_si256(_mm_cvtsi32_si128(share))
-        };
-        let product = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(offset, w, xq));
-        _mm256_fmadd_ps(product, scale, acc)
-    };
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let (mut mins, mut rest) = (_mm256_setzero_ps(), 0.0);
-    let whole = blocks / 8 * 8;
-    let mut scales = [0f32; 8];
-    for b in (0..whole).step_by(8) {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut mins = _mm256_setzero_ps();
+    for eight in 0..blocks / 8 {
+        // As a multiple of 8 the compiler sees, so each pair's place in a super-block is known.
+        let b = 8 * eight;
         let (weights, weight_mins) = F::eight_scales(base, b);
         let activations = _mm256_loadu_ps(x.scales.as_ptr().add(b));
-        _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(weights, activations));
+        let scales = _mm512_castps256_ps512(_mm256_mul_ps(weights, activations));
+        let sums = _mm256_loadu_si256(x.sums.as_ptr().add(b).cast());
         if F::MINS {
-            let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(x.sums.as_ptr().add(b).cast()));
-            mins = _mm256_fmadd_ps(weight_mins, _mm256_mul_ps(sums, activations), mins);
+            let values = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), activations);
+            mins = _mm256_fmadd_ps(weight_mins, values, mins);
         }
-        let pairs = F::sixteen_scales(base, b);
-        for i in (0..8).step_by(4) {
-            prefetch_four_blocks::<F>(base, b + i);
-            for k in 0..4 {
-                let scale = _mm256_set1_ps(scales[i + k]);
-                let scale = if F::PAIR_SCALES {
-                    // Lanes 0-3 (weights 0-15) take the block's first scale, 4-7 its second.
-                    let lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-                    let lanes = _mm256_add_epi32(lanes, _mm256_set1_epi32(2 * k as i32));
-                    _mm256_mul_ps(_mm256_permutevar8x32_ps(pairs[i / 4], lanes), scale)
-                } else {
-                    scale
-                };
-                acc[k] = block(b + i + k, scale, acc[k]);
+        let shares = _mm256_mullo_epi32(sums, _mm256_set1_epi32(-F::OFFSET));
+        // With a scale per 16 weights, each 16's whole scale: its block's times its own.
+        let sixteens = if F::PAIR_SCALES {
+            let spread = _mm512_permutexvar_ps(lanes(|l| l as i32 / 2), scales);
+            _mm512_mul_ps(F::sixteen_scales(base, b), spread)
+        } else {
+            _mm512_setzero_ps()
+        };
+        for (k, acc) in acc.iter_mut().enumerate() {
+            if k % 2 == 0 {
+                prefetch_four_blocks::<F>(base, b + 2 * k);
             }
+            let pair = b + 2 * k;
+            // Lanes 0-7 take the pair's first block's, 8-15 its second's.
+            let halves = lanes(|l| (2 * k + l / 8) as i32);
+            let start = if F::PAIR_SCALES {
+                _mm512_loadu_si512(x.lane_offsets.as_ptr().add(pair * 8).cast())
+            } else if F::OFFSET != 0 {
+                _mm512_maskz_permutexvar_epi32(0x0101, halves, _mm512_castsi256_si512(shares))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let xq = _mm512_loadu_si512(x.quants.as_ptr().add(pair * BLOCK).cast());
+            let product = _mm512_dpbusd_epi32(start, F::unsigned_pair(base, pair), xq);
+            let scale = if F::PAIR_SCALES {
+                // Each four lanes (16 weights) take their 16's: the pair's are 4k to 4k + 3.
+                _mm512_permutexvar_ps(lanes(|l| (4 * k + l / 4) as i32), sixteens)
+            } else {
+                _mm512_permutexvar_ps(halves, scales)
+            };
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(product), scale, *acc);
         }
     }
-    // Only formats of one block at a time leave blocks over, and those have no pair scales.
-    for b in whole..blocks {
-        let (scale, min) = F::scale(base, b);
-        acc[0] = block(b, _mm256_set1_ps(scale * x.scales[b]), acc[0]);
-        rest += min * x.block_sum(b);
+    // Only formats of one block at a time leave blocks over, and those have neither mins
+    // nor pair scales.
+    let mut tail = _mm256_setzero_ps();
+    for b in blocks / 8 * 8..blocks {
+        let (scale, _) = F::scale(base, b);
+        let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+        let share = -F::OFFSET * x.sums.get_unchecked(b);
+        let start = _mm256_zextsi128_si256(_mm_cvtsi32_si128(share));
+        let product = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, F::unsigned(base, b), xq));
+        tail = _mm256_fmadd_ps(product, _mm256_set1_ps(scale * x.scales[b]), tail);
     }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    horizontal_sum(sum) - horizontal_sum(mins) - rest
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum) + horizontal_sum(tail) - horizontal_sum(mins)
+}
+
+/// A register of sixteen i32 lanes, lane `l` holding `f(l)` (constants, once the loop that
+/// asks is unrolled).
+#[inline(always)]
+unsafe fn lanes(f: impl Fn(usize) -> i32) -> __m512i {
+    let values: [i32; 16] = std::array::from_fn(f);
+    _mm512_loadu_si512(values.as_ptr().cast())
 }
 
 /// One tile's blocks, for every block of its rows.
