@@ -299,8 +299,10 @@ unsafe fn row_dot_vnni<F: Format>(row: &[u8], x: &XRow) -> f32 {
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(product), scale, *acc);
         }
     }
-    // Only formats of one block at a time leave blocks over, and those have neither mins
-    // nor pair scales.
+    // Only formats of one block at a time leave blocks over, and the tail below takes none
+    // of their mins or pair scales: a format with either would be summed wrong, so it does
+    // not build.
+    const { assert!(F::BLOCKS > 1 || !(F::MINS || F::PAIR_SCALES)) };
     let mut tail = _mm256_setzero_ps();
     for b in blocks / 8 * 8..blocks {
         let (scale, _) = F::scale(base, b);
